@@ -1,0 +1,1 @@
+"""valrun front end: trusted, async (trio)."""

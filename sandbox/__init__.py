@@ -1,0 +1,1 @@
+"""What runs inside an untrusted valrun worker: standard library and RestrictedPython only."""
