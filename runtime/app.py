@@ -1,0 +1,147 @@
+"""The ASGI app: the one place where a request is routed and where errors become responses.
+
+Read top-down: `__call__` -> `respond` routes by Host -> the API (`runtime.api`) or a val
+(`serve_val`, via the pool) -> CORS finalization for web hosts and Run/Eval -> send.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+
+from runtime.api import Api, parse_version
+from runtime.config import Config
+from runtime.cors import finalize_cors
+from runtime.errors import HTTPError, NotFoundError, WorkerError
+from runtime.hosts import ApiHost, UnknownHost, ValHost, route_host, val_host
+from runtime.http import HTTPRequest, HTTPResponse, read_body, send_response
+from runtime.pool import Pool, ValSpec
+from runtime.store import AsyncStore, Store
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("valrun.access")
+
+
+class App:
+    def __init__(
+        self, config: Config, store: AsyncStore, pool: Pool, health: dict[str, object]
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.pool = pool
+        self.api = Api(config, store, pool, health)
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] == "lifespan":
+            # Hypercorn's trio worker fails to start unless the app answers lifespan.
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        elif scope["type"] == "http":
+            await self.serve_http(scope, receive, send)
+        else:  # websockets: not part of valrun (yet); refuse the handshake
+            await send({"type": "websocket.close", "code": 1003, "reason": ""})
+
+    async def serve_http(
+        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        started = trio.current_time()
+        method = scope["method"]
+        response = await self.respond(scope, receive)
+        if response.cors:
+            response.headers = finalize_cors(method, list(scope["headers"]), response.headers)
+        await send_response(send, response, method)
+        host = _host_header(scope) or "-"
+        access_logger.info(
+            "%s %s %s %d %.1fms %dB",
+            method,
+            host,
+            scope["path"],
+            response.status,
+            (trio.current_time() - started) * 1000,
+            len(response.body),
+        )
+
+    async def respond(self, scope: HTTPScope, receive: ASGIReceiveCallable) -> HTTPResponse:
+        server = self.config.server
+        cors = True  # the front end's errors on web (and unknown) hosts get CORS too
+        try:
+            route = route_host(_host_header(scope), server.api_host, server.web_domain)
+            cors = not isinstance(route, ApiHost)
+            if isinstance(route, UnknownHost):
+                raise NotFoundError(
+                    f"no valrun service at {route.host!r}: vals live at "
+                    f"USER-VAL.{server.web_domain}, the API at {server.api_host}",
+                    "unknown_host",
+                )
+            body = await read_body(scope, receive, self.config.limits.max_request_body_bytes)
+            request = HTTPRequest(
+                method=scope["method"],
+                scheme=scope["scheme"],
+                host=_host_header(scope) or "",
+                path=scope["path"],
+                raw_path=(scope.get("raw_path") or scope["path"].encode()).decode("latin-1"),
+                query_string=scope["query_string"].decode("latin-1"),
+                headers=list(scope["headers"]),
+                body=body,
+            )
+            if isinstance(route, ValHost):
+                return await self.serve_val(route, request)
+            return await self.api.handle(request)
+        except HTTPError as exc:
+            return HTTPResponse.from_error(exc, cors=cors)
+        except Exception:
+            # A bug in valrun, not the client's or the val's fault: log it, answer JSON.
+            logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            error = HTTPError("valrun failed on this request; its log has the details")
+            return HTTPResponse.from_error(error, cors=cors)
+
+    async def serve_val(self, route: ValHost, request: HTTPRequest) -> HTTPResponse:
+        resolved = await self.store.run(Store.resolve, route.user, route.val, None)
+        if resolved is None:
+            raise NotFoundError(f"no val {route.user}/{route.val}", "unknown_val")
+        val, env = resolved
+        spec = ValSpec(
+            val_id=val.val_id,
+            version=val.version,
+            owner=val.owner,
+            name=val.name,
+            code=val.code,
+            env=tuple(sorted(env.items())),
+            host=val_host(val.owner, val.name, self.config.server.web_domain),
+        )
+        head: dict[str, object] = {
+            "op": "http",
+            "method": request.method,
+            "url": f"{self.config.server.public_scheme}://{request.host}{_with_query(request)}",
+            "path": request.raw_path,
+            "query": request.query_string,
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.headers],
+        }
+        reply = await self.pool.invoke(spec, head, request.body)
+        if isinstance(reply.outcome, WorkerError):
+            raise reply.outcome
+        result = reply.outcome
+        return HTTPResponse(result.status, result.headers, result.body, cors=True)
+
+
+def _with_query(request: HTTPRequest) -> str:
+    return request.raw_path + (f"?{request.query_string}" if request.query_string else "")
+
+
+def _host_header(scope: HTTPScope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"host":
+            return value.decode("latin-1")
+    return None
+
+
+__all__ = ["App", "parse_version"]

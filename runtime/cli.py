@@ -1,0 +1,208 @@
+"""The `valrun` command: serve, admin tasks on the store, and val commands over the API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from runtime.config import Config, load_config, with_bind
+from runtime.demo import seed_demo
+from runtime.errors import ConfigError, HTTPError
+from runtime.server import serve_valrun
+from runtime.store import Store
+
+logger = logging.getLogger("valrun")
+
+
+async def _wait_for_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            logger.info(
+                "received %s: finishing in-flight requests, then stopping",
+                signal.Signals(signum).name,
+            )
+            return
+
+
+def cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    if args.bind:
+        config = with_bind(config, tuple(args.bind))
+    if args.demo:
+        store = Store(config.store.sqlite_path)
+        try:
+            token = seed_demo(store)
+        finally:
+            store.close()
+        port = config.server.bind[0].rpartition(":")[2]
+        print(f"demo vals: http://demo-hello.{config.server.web_domain}:{port}/?name=you")
+        print(f"demo token (for the API at http://{config.server.api_host}:{port}/): {token}")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            urls = await nursery.start(
+                lambda task_status: serve_valrun(
+                    config, shutdown_trigger=_wait_for_signal, task_status=task_status
+                )
+            )
+            logger.info("valrun is serving on %s", ", ".join(urls))
+
+    trio.run(main)
+    return 0
+
+
+def cmd_user_create(config: Config, args: argparse.Namespace) -> int:
+    store = Store(config.store.sqlite_path)
+    try:
+        token = store.create_user(args.name)
+    finally:
+        store.close()
+    print(f"created user {args.name}; its token (shown only once):")
+    print(token)
+    return 0
+
+
+def cmd_config_check(config: Config, args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    print(json.dumps(asdict(config), indent=2))
+    return 0
+
+
+class ApiClient:
+    """A small synchronous client for the management API (the CLI needs nothing more)."""
+
+    def __init__(self, config: Config, server: str | None, token: str | None) -> None:
+        bind = config.server.bind[0]
+        host, _, port = bind.rpartition(":")
+        if host in ("0.0.0.0", "::", "[::]"):
+            host = "127.0.0.1"
+        self.base = (server or f"http://{host}:{port}").rstrip("/")
+        # Connect to the bound address and name the API host in the Host header: *.localhost
+        # does not resolve everywhere outside browsers.
+        self.host_header = f"{config.server.api_host}:{port}"
+        self.token = token or os.environ.get("VALRUN_TOKEN")
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "text/plain; charset=utf-8",
+    ) -> object:
+        request = urllib.request.Request(self.base + path, data=body, method=method)
+        request.add_header("Host", self.host_header)
+        if body is not None:
+            request.add_header("Content-Type", content_type)
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode("utf-8", errors="replace")
+            raise SystemExit(f"valrun: {method} {path} answered {exc.code}: {detail}") from None
+        except urllib.error.URLError as exc:
+            raise SystemExit(f"valrun: cannot reach {self.base}: {exc.reason}") from None
+
+
+def _user_val(text: str) -> tuple[str, str]:
+    user, slash, val = text.partition("/")
+    if not slash or not user or not val:
+        raise SystemExit(f"valrun: expected USER/VAL, got {text!r}")
+    return user, val
+
+
+def cmd_val(config: Config, args: argparse.Namespace) -> int:
+    client = ApiClient(config, args.server, args.token)
+    if args.val_command == "list":
+        result = client.call("GET", f"/v1/vals/{args.user}")
+    else:
+        user, val = _user_val(args.target)
+        path = f"/v1/vals/{user}/{val}"
+        if args.val_command == "put":
+            code = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+            payload = {"code": code, **({"privacy": args.privacy} if args.privacy else {})}
+            result = client.call("PUT", path, json.dumps(payload).encode(), "application/json")
+        elif args.val_command == "get":
+            result = client.call("GET", path + (f"?v={args.v}" if args.v else ""))
+            if isinstance(result, dict) and not args.json:
+                print(result.get("code", ""), end="")
+                return 0
+        else:
+            result = client.call("DELETE", path)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="valrun", description=__doc__)
+    parser.add_argument("--config", help="path to valrun.toml (default: built-in defaults)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the service")
+    serve.add_argument(
+        "--bind",
+        action="append",
+        metavar="HOST:PORT",
+        help="address to listen on (repeatable; overrides server.bind)",
+    )
+    serve.add_argument("--demo", action="store_true", help="seed a demo user and vals")
+    serve.set_defaults(func=cmd_serve)
+
+    user = commands.add_parser("user", help="users (directly on the store)")
+    user_commands = user.add_subparsers(dest="user_command", required=True)
+    create = user_commands.add_parser("create", help="create a user; prints its token last")
+    create.add_argument("name")
+    create.set_defaults(func=cmd_user_create)
+
+    config = commands.add_parser("config", help="configuration")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="validate and print the effective config")
+    check.set_defaults(func=cmd_config_check)
+
+    val = commands.add_parser("val", help="vals, through the management API")
+    val.add_argument("--server", help="base URL of a running valrun (default: from server.bind)")
+    val.add_argument("--token", help="API token (default: $VALRUN_TOKEN)")
+    val_commands = val.add_subparsers(dest="val_command", required=True)
+    put = val_commands.add_parser("put", help="save a new version from FILE (- for stdin)")
+    put.add_argument("target", metavar="USER/VAL")
+    put.add_argument("file")
+    put.add_argument("--privacy", choices=("public", "unlisted", "private"))
+    get = val_commands.add_parser("get", help="print a val's code (--json for metadata)")
+    get.add_argument("target", metavar="USER/VAL")
+    get.add_argument("--v", type=int, help="a pinned version")
+    get.add_argument("--json", action="store_true")
+    listing = val_commands.add_parser("list", help="list a user's vals")
+    listing.add_argument("user")
+    delete = val_commands.add_parser("delete", help="delete a val and all its versions")
+    delete.add_argument("target", metavar="USER/VAL")
+    for sub in (put, get, listing, delete):
+        sub.set_defaults(func=cmd_val)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = load_config(args.config)
+        return int(args.func(config, args))
+    except (ConfigError, HTTPError) as exc:
+        print(f"valrun: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""valrun.toml, parsed by a pure function into frozen values.
+
+Unknown keys are errors that name the key (hypercorn silently drops them; a typo in a limit
+should not silently leave the default in force).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from runtime.errors import ConfigError
+from runtime.hosts import normalize_hostname
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    bind: tuple[str, ...] = ("127.0.0.1:8080",)
+    api_host: str = "api.localhost"
+    web_domain: str = "web.localhost"
+    #: `http` or `https`: the scheme used in redirects and val URLs (behind a TLS proxy).
+    public_scheme: str = "http"
+    #: How long graceful shutdown waits for in-flight requests.
+    shutdown_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.bind:
+            raise ConfigError("server.bind needs at least one HOST:PORT")
+        for name in ("api_host", "web_domain"):
+            value = getattr(self, name)
+            if normalize_hostname(value) != value:
+                raise ConfigError(f"server.{name} {value!r} must be a lower-case host name")
+        api, web = self.api_host, self.web_domain
+        if api == web or api.endswith("." + web) or web.endswith("." + api):
+            # SPEC §3: a val's HTML must never be same-site with the API host, or its
+            # scripts get the API host's cookies (the Val Town exploit in seeds/002).
+            raise ConfigError(
+                f"server.web_domain {web!r} must not be the API host {api!r} nor a parent or "
+                "child of it; use a separate registrable domain (e.g. api.example.com and "
+                "example-vals.net)"
+            )
+        if self.public_scheme not in ("http", "https"):
+            raise ConfigError("server.public_scheme must be 'http' or 'https'")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: str = "sqlite:///valrun.db"
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith("sqlite:///"):
+            raise ConfigError(f"store.url {self.url!r}: only sqlite:///PATH is supported so far")
+
+    @property
+    def sqlite_path(self) -> str:
+        return self.url.removeprefix("sqlite:///")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    wall_time_s: float = 10.0
+    memory_mb: int = 256
+    cpu_time_s: int = 10
+    worker_cpu_time_s: int = 600
+    max_request_body_bytes: int = 2 * MIB
+    max_response_body_bytes: int = 5 * MIB
+    max_response_headers: int = 100
+    max_response_header_bytes: int = 64 * 1024
+    max_log_bytes: int = 64 * 1024
+    max_source_bytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ConfigError(f"limits.{f.name} must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    #: Requests waiting for one val version's worker before new ones get 503.
+    max_queue_per_val: int = 64
+    #: Warm workers kept across all vals; the least recently used idle one goes first.
+    max_workers: int = 64
+    #: A warm worker idle this long exits.
+    idle_timeout_s: float = 300.0
+    #: A new worker must load its val within this time.
+    load_timeout_s: float = 10.0
+    #: Let workers write to the service's stderr (for debugging the sandbox itself).
+    inherit_worker_stderr: bool = False
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.type != "bool" and getattr(self, f.name) <= 0:
+                raise ConfigError(f"pool.{f.name} must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+
+T = TypeVar("T")
+
+
+def _coerce(section: str, key: str, expected: object, value: object) -> object:
+    # Types are checked by hand, not by a schema library: there are a dozen keys.
+    if expected == "tuple[str, ...]":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{section}.{key} must be a string or a list of strings")
+        return tuple(value)
+    if expected == "float" and type(value) in (int, float):
+        return float(value)  # type: ignore[arg-type]
+    if expected == "int" and type(value) is int:
+        return value
+    if expected == "bool" and isinstance(value, bool):
+        return value
+    if expected == "str" and isinstance(value, str):
+        return value
+    raise ConfigError(f"{section}.{key} must be {expected}, not {type(value).__name__}")
+
+
+def _section(cls: type[T], section: str, raw: object) -> T:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"[{section}] must be a table")
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(
+                f"unknown key {section}.{key}; known keys: {', '.join(sorted(known))}"
+            )
+        values[key] = _coerce(section, key, known[key].type, value)
+    return cls(**values)
+
+
+def parse_config(raw: Mapping[str, object]) -> Config:
+    """valrun.toml as a mapping -> Config. Raises ConfigError naming the offending key."""
+    known = [f.name for f in fields(Config)]
+    for name in raw:
+        if name not in known:
+            raise ConfigError(f"unknown section [{name}]; known: {', '.join(known)}")
+    return Config(
+        server=_section(ServerConfig, "server", raw.get("server", {})),
+        store=_section(StoreConfig, "store", raw.get("store", {})),
+        limits=_section(LimitsConfig, "limits", raw.get("limits", {})),
+        pool=_section(PoolConfig, "pool", raw.get("pool", {})),
+    )
+
+
+def load_config(path: str | Path | None) -> Config:
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return parse_config(raw)
+
+
+def with_bind(config: Config, bind: tuple[str, ...]) -> Config:
+    return replace(config, server=replace(config.server, bind=bind))

@@ -1,0 +1,96 @@
+"""The front end's own request and response values, and the ASGI edge that reads and writes them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope
+
+from runtime.errors import BadRequestError, HTTPError, PayloadTooLargeError
+from runtime.hosts import split_host
+
+Headers = list[tuple[bytes, bytes]]
+JSON_HEADERS: tuple[tuple[bytes, bytes], ...] = ((b"content-type", b"application/json"),)
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRequest:
+    method: str
+    scheme: str
+    host: str  # the Host header as sent
+    path: str  # percent-decoded, for API routing
+    raw_path: str  # as sent, for vals and redirects
+    query_string: str
+    headers: Headers
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        key = name.lower().encode()
+        values = [v.decode("latin-1") for k, v in self.headers if k.lower() == key]
+        return ", ".join(values) if values else None
+
+    @property
+    def port(self) -> int | None:
+        return split_host(self.host)[1]
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise BadRequestError(
+                f"the request body is not valid JSON: {exc}", "bad_json"
+            ) from None
+
+
+@dataclass(slots=True)
+class HTTPResponse:
+    status: int
+    headers: Headers = field(default_factory=list)
+    body: bytes = b""
+    #: Whether the CORS finalizer applies (web hosts, Run and Eval).
+    cors: bool = False
+
+    @classmethod
+    def json(cls, obj: object, status: int = 200, *, cors: bool = False) -> HTTPResponse:
+        body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+        return cls(status, list(JSON_HEADERS), body, cors)
+
+    @classmethod
+    def from_error(cls, error: HTTPError, *, cors: bool) -> HTTPResponse:
+        response = cls.json(error.body(), error.status, cors=cors)
+        response.headers += [(k.encode(), v.encode()) for k, v in error.headers]
+        return response
+
+
+async def read_body(scope: HTTPScope, receive: ASGIReceiveCallable, max_bytes: int) -> bytes:
+    """The whole request body, refused with 413 as soon as it is known to be over the limit."""
+    for name, value in scope["headers"]:
+        if name.lower() == b"content-length" and value.isdigit() and int(value) > max_bytes:
+            raise _too_large(max_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            break
+        chunk = message["body"]
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _too_large(max_bytes: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"the request body is over the {max_bytes}-byte limit")
+
+
+async def send_response(send: ASGISendCallable, response: HTTPResponse, method: str) -> None:
+    headers = [*response.headers, (b"content-length", str(len(response.body)).encode())]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    body = b"" if method == "HEAD" else response.body
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,174 @@
+"""Validation of what a worker sends back. Pure.
+
+A worker is hostile, as h11 treats its peer: every field of its reply is checked for type,
+range and size before any of it becomes a response. A reply that breaks a rule is the
+worker's fault: the caller gets 502 and the worker is killed, never reused.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from runtime.config import LimitsConfig
+from runtime.errors import WorkerError
+from sandbox.wire import Frame
+
+# RFC 9110 §5.1: a field name is a token.
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 9110 §5.5: field values are visible ASCII, obs-text, and SP/HTAB inside. No CR, LF,
+# NUL or other controls: those split a header in two (response splitting).
+_FIELD_VALUE_RE = re.compile(
+    rb"[\x21-\x7e\x80-\xff]([\x20\x09\x21-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?"
+)
+
+# Framing and hop-by-hop headers belong to the server: the front end computes them, and a
+# val's value (a wrong Content-Length, a Transfer-Encoding) would desynchronize the
+# connection. They are dropped, not refused, because setting Content-Length right is common.
+FRONT_END_HEADERS = frozenset(
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"keep-alive",
+        b"upgrade",
+        b"te",
+        b"trailer",
+        b"proxy-connection",
+        b"date",
+        b"server",
+    }
+)
+
+# What a worker may report as the reason a val failed; anything else is a protocol error.
+VAL_ERROR_TYPES = frozenset({"val_error", "memory_limit", "response_too_large"})
+MAX_MESSAGE_CHARS = 4096
+MAX_TRACEBACK_LINES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ValResponse:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    log: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A checked reply: a response, or the val's failure; `retire` if the worker is done."""
+
+    outcome: ValResponse | WorkerError
+    log: str
+    retire: bool
+
+
+def protocol_error(what: str) -> WorkerError:
+    return WorkerError(f"the worker broke the protocol: {what}", "protocol_error")
+
+
+def _bounded_log(raw: object, limits: LimitsConfig) -> str:
+    if not isinstance(raw, str):
+        raise protocol_error("'log' is not a string")
+    if len(raw.encode("utf-8", errors="replace")) <= limits.max_log_bytes + 64:
+        return raw
+    cut = raw.encode("utf-8", errors="replace")[: limits.max_log_bytes]
+    return (
+        cut.decode("utf-8", errors="ignore") + f"\n[log truncated at {limits.max_log_bytes} bytes]"
+    )
+
+
+def _cookie_domain(value: bytes) -> bytes | None:
+    for attribute in value.split(b";")[1:]:
+        name, _, domain = attribute.partition(b"=")
+        if name.strip().lower() == b"domain":
+            return domain.strip().lstrip(b".").lower()
+    return None
+
+
+def check_headers(raw: object, limits: LimitsConfig, host: str) -> list[tuple[bytes, bytes]]:
+    if not isinstance(raw, list):
+        raise protocol_error("'headers' is not a list")
+    if len(raw) > limits.max_response_headers:
+        raise WorkerError(
+            f"the val set {len(raw)} headers; the limit is {limits.max_response_headers}",
+            "bad_response",
+        )
+    own_host = host.encode()
+    headers: list[tuple[bytes, bytes]] = []
+    total = 0
+    for pair in raw:
+        if not (
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)
+        ):
+            raise protocol_error("a header is not a [name, value] pair of strings")
+        try:
+            name, value = pair[0].encode("ascii"), pair[1].encode("latin-1")
+        except UnicodeEncodeError:
+            raise WorkerError(
+                f"header {pair[0]!r} has characters HTTP cannot carry", "bad_response"
+            ) from None
+        value = value.strip(b" \t")
+        if not _TOKEN_RE.fullmatch(name):
+            raise WorkerError(f"invalid header name {pair[0]!r}", "bad_response")
+        if value and not _FIELD_VALUE_RE.fullmatch(value):
+            raise WorkerError(
+                f"header {pair[0]!r} has a value with CR, LF, NUL or another control character",
+                "bad_response",
+            )
+        total += len(name) + len(value) + 4
+        if total > limits.max_response_header_bytes:
+            raise WorkerError(
+                f"the val's headers are over the {limits.max_response_header_bytes}-byte limit",
+                "bad_response",
+            )
+        name = name.lower()
+        if name in FRONT_END_HEADERS:
+            continue
+        if name == b"set-cookie":
+            domain = _cookie_domain(value)
+            # SPEC §8: a cookie for a wider domain would reach every other user's vals.
+            if domain is not None and domain != own_host:
+                continue
+        headers.append((name, value))
+    return headers
+
+
+def check_reply(frame: Frame, request_id: int, limits: LimitsConfig, host: str) -> Reply:
+    """Check a worker's reply to request `request_id`. Raises WorkerError on a violation."""
+    head = frame.head
+    if head.get("id") != request_id:
+        raise protocol_error(f"reply for request {head.get('id')!r}, expected {request_id}")
+    retire = head.get("retire", False)
+    if type(retire) is not bool:
+        raise protocol_error("'retire' is not a boolean")
+    log = _bounded_log(head.get("log", ""), limits)
+    if head.get("op") == "error":
+        return Reply(check_failure(head), log, retire)
+    if head.get("op") != "response":
+        raise protocol_error(f"unexpected op {head.get('op')!r}")
+    status = head.get("status")
+    if type(status) is not int or not 200 <= status <= 599:
+        raise WorkerError(
+            f"the val answered with status {status!r}; allowed: 200-599", "bad_response"
+        )
+    if len(frame.body) > limits.max_response_body_bytes:
+        raise WorkerError(
+            f"the response body is over the {limits.max_response_body_bytes}-byte limit",
+            "response_too_large",
+        )
+    headers = check_headers(head.get("headers"), limits, host)
+    return Reply(ValResponse(status, headers, frame.body, log), log, retire)
+
+
+def check_failure(head: dict[str, object]) -> WorkerError:
+    """The val's failure as reported by a worker (op "error"), checked."""
+    kind, message, frames = head.get("type"), head.get("message"), head.get("traceback", [])
+    if kind not in VAL_ERROR_TYPES or not isinstance(message, str):
+        raise protocol_error("malformed error reply")
+    if not isinstance(frames, list) or not all(isinstance(f, str) for f in frames):
+        raise protocol_error("'traceback' is not a list of strings")
+    details: dict[str, object] = {}
+    if kind == "val_error":
+        details["traceback"] = [f[:200] for f in frames[-MAX_TRACEBACK_LINES:]]
+    return WorkerError(message[:MAX_MESSAGE_CHARS], str(kind), details=details)

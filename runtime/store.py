@@ -1,0 +1,309 @@
+"""The store: users, token hashes, vals, immutable versions, env. SQLite in WAL mode.
+
+`Store` is plain synchronous SQL (the CLI uses it directly). The front end goes through
+`AsyncStore.run(Store.method, ...)`, which runs the call in a worker thread so a slow disk
+never blocks the event loop. One connection, one thread at a time: SQLite serializes
+writers anyway, and every call here takes well under a millisecond.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
+
+import trio
+
+from runtime.errors import BadRequestError, ConflictError, NotFoundError
+from runtime.hosts import USER_RE
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+PRIVACY = ("public", "unlisted", "private")
+TOKEN_PREFIX = "vr_"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    hash BLOB NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    revoked_at REAL
+);
+-- AUTOINCREMENT: a val id is never reused, so a deleted val's warm workers can never be
+-- mistaken for those of a new val with the same name.
+CREATE TABLE IF NOT EXISTS vals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    name_key TEXT NOT NULL,
+    privacy TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    UNIQUE (user_id, name_key)
+);
+CREATE TABLE IF NOT EXISTS versions (
+    val_id INTEGER NOT NULL REFERENCES vals(id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (val_id, version)
+);
+CREATE TABLE IF NOT EXISTS env (
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (user_id, key)
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ValVersion:
+    val_id: int
+    owner: str
+    name: str
+    privacy: str
+    version: int
+    code: str
+    created_at: float
+
+
+def hash_token(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class Store:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _write(self, sql_and_params: list[tuple[str, tuple[object, ...]]]) -> list[sqlite3.Cursor]:
+        with self._db:  # one transaction: all or nothing
+            self._db.execute("BEGIN IMMEDIATE")
+            return [self._db.execute(sql, params) for sql, params in sql_and_params]
+
+    # Users and tokens
+
+    def create_user(self, name: str) -> str:
+        """Create a user; return a new token (the only time it is seen)."""
+        if not USER_RE.fullmatch(name):
+            raise BadRequestError(
+                f"{name!r} is not a valid username: [a-z][a-z0-9_]*, at most 39 characters",
+                "bad_name",
+            )
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        now = time.time()
+        try:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                cur = self._db.execute(
+                    "INSERT INTO users (name, created_at) VALUES (?, ?)", (name, now)
+                )
+                self._db.execute(
+                    "INSERT INTO tokens (user_id, hash, created_at) VALUES (?, ?, ?)",
+                    (cur.lastrowid, hash_token(token), now),
+                )
+        except sqlite3.IntegrityError:
+            raise ConflictError(f"user {name!r} already exists", "user_exists") from None
+        return token
+
+    def create_token(self, username: str) -> str:
+        user = self.user(username)
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        self._write(
+            [
+                (
+                    "INSERT INTO tokens (user_id, hash, created_at) VALUES (?, ?, ?)",
+                    (user.id, hash_token(token), time.time()),
+                )
+            ]
+        )
+        return token
+
+    def user(self, name: str) -> User:
+        row = self._db.execute("SELECT id, name FROM users WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no user {name!r}")
+        return User(*row)
+
+    def user_exists(self, name: str) -> bool:
+        return bool(self._db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone())
+
+    def user_for_token(self, token: str) -> User | None:
+        digest = hash_token(token)
+        row = self._db.execute(
+            "SELECT u.id, u.name, t.hash FROM tokens t JOIN users u ON u.id = t.user_id "
+            "WHERE t.hash = ? AND t.revoked_at IS NULL",
+            (digest,),
+        ).fetchone()
+        # The lookup is by an index on the hash; the compare is constant-time regardless.
+        if row is None or not hmac.compare_digest(row[2], digest):
+            return None
+        return User(row[0], row[1])
+
+    # Vals and versions
+
+    _VERSION_SELECT = (
+        "SELECT v.id, u.name, v.name, v.privacy, ver.version, ver.code, ver.created_at "
+        "FROM vals v JOIN users u ON u.id = v.user_id "
+        "JOIN versions ver ON ver.val_id = v.id "
+    )
+
+    def get_val(self, owner: str, name: str, version: int | None) -> ValVersion | None:
+        where = "WHERE u.name = ? AND v.name_key = ? "
+        if version is None:
+            sql = self._VERSION_SELECT + where + "ORDER BY ver.version DESC LIMIT 1"
+            row = self._db.execute(sql, (owner, name.lower())).fetchone()
+        else:
+            sql = self._VERSION_SELECT + where + "AND ver.version = ?"
+            row = self._db.execute(sql, (owner, name.lower(), version)).fetchone()
+        return ValVersion(*row) if row else None
+
+    def resolve(
+        self, owner: str, name: str, version: int | None
+    ) -> tuple[ValVersion, dict[str, str]] | None:
+        val = self.get_val(owner, name, version)
+        return None if val is None else (val, self.env(val.owner))
+
+    def put_val(
+        self, owner: str, name: str, code: str, privacy: str | None
+    ) -> tuple[ValVersion, bool]:
+        if privacy is not None and privacy not in PRIVACY:
+            raise BadRequestError(f"privacy must be one of {', '.join(PRIVACY)}", "bad_privacy")
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            user = self.user(owner)
+            row = self._db.execute(
+                "SELECT id, name FROM vals WHERE user_id = ? AND name_key = ?",
+                (user.id, name.lower()),
+            ).fetchone()
+            created = row is None
+            if created:
+                cur = self._db.execute(
+                    "INSERT INTO vals (user_id, name, name_key, privacy, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (user.id, name, name.lower(), privacy or "public", now),
+                )
+                val_id, version = cur.lastrowid, 1
+            else:
+                val_id, name = row
+                if privacy is not None:
+                    self._db.execute("UPDATE vals SET privacy = ? WHERE id = ?", (privacy, val_id))
+                (last,) = self._db.execute(
+                    "SELECT MAX(version) FROM versions WHERE val_id = ?", (val_id,)
+                ).fetchone()
+                version = last + 1
+            self._db.execute(
+                "INSERT INTO versions (val_id, version, code, created_at) VALUES (?, ?, ?, ?)",
+                (val_id, version, code, now),
+            )
+        saved = self.get_val(owner, name, version)
+        assert saved is not None
+        return saved, created
+
+    def versions(self, owner: str, name: str) -> list[ValVersion]:
+        sql = self._VERSION_SELECT + "WHERE u.name = ? AND v.name_key = ? ORDER BY ver.version"
+        return [ValVersion(*row) for row in self._db.execute(sql, (owner, name.lower()))]
+
+    def list_vals(self, owner: str, privacies: tuple[str, ...]) -> list[ValVersion]:
+        marks = ",".join("?" for _ in privacies)
+        sql = (
+            self._VERSION_SELECT + f"WHERE u.name = ? AND v.privacy IN ({marks}) "
+            "AND ver.version = (SELECT MAX(version) FROM versions WHERE val_id = v.id) "
+            "ORDER BY v.name_key"
+        )
+        return [ValVersion(*row) for row in self._db.execute(sql, (owner, *privacies))]
+
+    def set_privacy(self, owner: str, name: str, privacy: str) -> None:
+        if privacy not in PRIVACY:
+            raise BadRequestError(f"privacy must be one of {', '.join(PRIVACY)}", "bad_privacy")
+        self._write(
+            [
+                (
+                    "UPDATE vals SET privacy = ? WHERE name_key = ? "
+                    "AND user_id = (SELECT id FROM users WHERE name = ?)",
+                    (privacy, name.lower(), owner),
+                )
+            ]
+        )
+
+    def delete_val(self, owner: str, name: str) -> int | None:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute(
+                "SELECT v.id FROM vals v JOIN users u ON u.id = v.user_id "
+                "WHERE u.name = ? AND v.name_key = ?",
+                (owner, name.lower()),
+            ).fetchone()
+            if row is None:
+                return None
+            self._db.execute("DELETE FROM vals WHERE id = ?", (row[0],))
+            return int(row[0])
+
+    # Env
+
+    def env(self, owner: str) -> dict[str, str]:
+        rows = self._db.execute(
+            "SELECT e.key, e.value FROM env e JOIN users u ON u.id = e.user_id "
+            "WHERE u.name = ? ORDER BY e.key",
+            (owner,),
+        )
+        return dict(rows.fetchall())
+
+    def set_env(self, owner: str, key: str, value: str) -> None:
+        user = self.user(owner)
+        self._write(
+            [
+                (
+                    "INSERT INTO env (user_id, key, value) VALUES (?, ?, ?) "
+                    "ON CONFLICT (user_id, key) DO UPDATE SET value = excluded.value",
+                    (user.id, key, value),
+                )
+            ]
+        )
+
+    def delete_env(self, owner: str, key: str) -> bool:
+        user = self.user(owner)
+        (cur,) = self._write([("DELETE FROM env WHERE user_id = ? AND key = ?", (user.id, key))])
+        return cur.rowcount > 0
+
+
+class AsyncStore:
+    """The front end's handle: `await store.run(Store.get_val, owner, name, None)`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def run(
+        self, method: Callable[Concatenate[Store, P], R], *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        return await trio.to_thread.run_sync(
+            lambda: method(self.store, *args, **kwargs), limiter=self._limiter
+        )

@@ -1,0 +1,57 @@
+"""Errors on the worker side, and how a val's exception is described to the front end.
+
+    SandboxError
+    ├── ValError            the val is wrong: compile error, no export, bad return value
+    └── BadMessageError     the front end sent a message this worker cannot serve
+
+A val's own exception is not wrapped: `describe` turns any BaseException into the
+`{"type", "message", "traceback"}` that crosses the wire, naming only the val's own lines.
+"""
+
+from __future__ import annotations
+
+import traceback
+from types import TracebackType
+
+
+class SandboxError(Exception):
+    pass
+
+
+class ValError(SandboxError):
+    """The val itself is at fault; the message says what to change."""
+
+
+class BadMessageError(SandboxError):
+    pass
+
+
+def _val_frames(tb: TracebackType | None, filename: str) -> list[str]:
+    # Host frames (this package, RestrictedPython, the stdlib) are dropped: their paths
+    # describe the host, and the val's author can do nothing with them.
+    return [
+        f"line {frame.lineno}, in {frame.name}"
+        for frame in traceback.extract_tb(tb)
+        if frame.filename == filename
+    ]
+
+
+def describe(exc: BaseException, filename: str) -> dict[str, object]:
+    """The wire description of a failed invocation. Never raises."""
+    if isinstance(exc, MemoryError):
+        kind, message = "memory_limit", "the val ran out of memory"
+    elif isinstance(exc, ValError):
+        kind, message = "val_error", str(exc)
+    else:
+        try:
+            text = str(exc)
+        except BaseException:  # a val's exception whose __str__ itself raises
+            text = "<unprintable exception>"
+        kind = "val_error"
+        message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        if isinstance(exc, SyntaxError) and exc.filename == filename and exc.lineno:
+            message = f"SyntaxError: {exc.msg} (line {exc.lineno})"
+    frames = _val_frames(exc.__traceback__, filename)
+    if frames and kind == "val_error":
+        message = f"{message} ({frames[-1]})"
+    return {"type": kind, "message": message, "traceback": frames}

@@ -1,0 +1,215 @@
+"""`Request` and `Response`: the objects val code sees, with the Fetch API's names.
+
+Everything here is handed to untrusted code, so each class keeps its state in underscore slots
+(RestrictedPython refuses `_` attributes at compile time), holds only plain values (str, bytes,
+tuples), and never a reference to a host object: there is nothing to walk back from.
+"""
+
+from __future__ import annotations
+
+import json as _json
+from collections.abc import Iterable, Iterator, Mapping
+from typing import ClassVar
+from urllib.parse import parse_qsl
+
+JSON_TYPE = "application/json"
+HTML_TYPE = "text/html; charset=utf-8"
+TEXT_TYPE = "text/plain; charset=utf-8"
+BYTES_TYPE = "application/octet-stream"
+
+
+class _MultiMap:
+    """A read-only multi-value mapping (the Fetch API's `URLSearchParams`/`Headers` habits)."""
+
+    __slots__ = ("_items",)
+    _items: tuple[tuple[str, str], ...]
+    _fold: ClassVar[bool] = False
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        fold = type(self)._fold
+        pairs = tuple((k.lower() if fold else k, v) for k, v in items)
+        object.__setattr__(self, "_items", pairs)
+
+    def _key(self, name: str) -> str:
+        return name.lower() if self._fold else name
+
+    def getall(self, name: str) -> list[str]:
+        key = self._key(name)
+        return [v for k, v in self._items if k == key]
+
+    def keys(self) -> list[str]:
+        return list(dict.fromkeys(k for k, _ in self._items))
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._items)
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        raise NotImplementedError
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and any(k == self._key(name) for k, _ in self._items)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({list(self._items)!r})"
+
+
+class Query(_MultiMap):
+    """Query parameters; `get` gives the first value, as `URLSearchParams.get` does."""
+
+    __slots__ = ()
+    _fold = False
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        values = self.getall(name)
+        return values[0] if values else default
+
+
+class Headers(_MultiMap):
+    """Case-insensitive headers; `get` joins repeated values with ", " as `Headers.get` does."""
+
+    __slots__ = ()
+    _fold = True
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        values = self.getall(name)
+        return ", ".join(values) if values else default
+
+
+class Request:
+    __slots__ = ("_body", "_headers", "_method", "_path", "_query", "_url")
+
+    def __init__(
+        self,
+        method: str,
+        url: str,
+        path: str,
+        query_string: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+    ) -> None:
+        self._method = method
+        self._url = url
+        self._path = path
+        self._query = Query(parse_qsl(query_string, keep_blank_values=True))
+        self._headers = Headers(headers)
+        self._body = body
+
+    method = property(lambda self: self._method)
+    url = property(lambda self: self._url)
+    path = property(lambda self: self._path)
+    query = property(lambda self: self._query)
+    headers = property(lambda self: self._headers)
+    body = property(lambda self: self._body)
+
+    def text(self) -> str:
+        return self._body.decode("utf-8", errors="replace")
+
+    def json(self) -> object:
+        return _json.loads(self._body)
+
+    def form(self) -> Query:
+        """Fields of an `application/x-www-form-urlencoded` body."""
+        return Query(parse_qsl(self.text(), keep_blank_values=True))
+
+    def __repr__(self) -> str:
+        return f"<Request {self._method} {self._url}>"
+
+
+HeaderInput = Mapping[str, str] | Iterable[tuple[str, str]] | None
+
+
+def _header_pairs(headers: HeaderInput) -> tuple[tuple[str, str], ...]:
+    if headers is None:
+        return ()
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    pairs = []
+    for item in items:
+        if not (isinstance(item, tuple | list) and len(item) == 2):
+            raise TypeError("Response headers must be a mapping or a list of (name, value) pairs")
+        name, value = item
+        if not isinstance(name, str) or not isinstance(value, str | int):
+            raise TypeError(f"header {name!r}: names must be str and values str or int")
+        pairs.append((name, str(value)))
+    return tuple(pairs)
+
+
+def _has_header(pairs: Iterable[tuple[str, str]], name: str) -> bool:
+    return any(k.lower() == name for k, _ in pairs)
+
+
+class Response:
+    """`Response(body="", status=200, headers=None)`; `Response.json(...)`; `.redirect(...)`."""
+
+    __slots__ = ("_body", "_headers", "_status")
+
+    def __init__(self, body: str | bytes = "", status: int = 200, headers: HeaderInput = None):
+        if type(status) is not int or not 200 <= status <= 599:
+            raise ValueError(f"Response status must be an int from 200 to 599, not {status!r}")
+        pairs = _header_pairs(headers)
+        if isinstance(body, str):
+            if body and not _has_header(pairs, "content-type"):
+                pairs += (("content-type", TEXT_TYPE),)
+            body = body.encode()
+        elif not isinstance(body, bytes | bytearray):
+            raise TypeError(f"Response body must be str or bytes, not {type(body).__name__}")
+        self._body = bytes(body)
+        self._status = status
+        self._headers = pairs
+
+    @classmethod
+    def json(cls, obj: object, status: int = 200, headers: HeaderInput = None) -> Response:
+        pairs = _header_pairs(headers)
+        if not _has_header(pairs, "content-type"):
+            pairs += (("content-type", JSON_TYPE),)
+        return cls(dumps_json(obj).encode(), status, pairs)
+
+    @classmethod
+    def redirect(cls, url: str, status: int = 302) -> Response:
+        if status not in (301, 302, 303, 307, 308):
+            raise ValueError(f"redirect status must be 301, 302, 303, 307 or 308, not {status!r}")
+        return cls(b"", status, [("location", str(url))])
+
+    status = property(lambda self: self._status)
+    headers = property(lambda self: Headers(self._headers))
+    body = property(lambda self: self._body)
+
+    def header_pairs(self) -> list[list[str]]:
+        return [[k, v] for k, v in self._headers]
+
+    def __repr__(self) -> str:
+        return f"<Response {self._status}, {len(self._body)} bytes>"
+
+
+def dumps_json(obj: object) -> str:
+    # allow_nan=False: NaN and Infinity are not JSON, and browsers' JSON.parse rejects them.
+    return _json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def to_response(value: object) -> Response:
+    """Turn what an HTTP val returned into a Response (SPEC §2)."""
+    if isinstance(value, Response):
+        return value
+    if isinstance(value, str):
+        return Response(value.encode(), 200, [("content-type", HTML_TYPE)])
+    if isinstance(value, bytes | bytearray):
+        return Response(bytes(value), 200, [("content-type", BYTES_TYPE)])
+    if isinstance(value, dict | list):
+        return Response.json(value)
+    raise TypeError(
+        f"an HTTP val must return a Response, str, bytes, dict or list, not {type(value).__name__}"
+    )

@@ -1,0 +1,61 @@
+"""Resource limits a worker applies to itself before it runs any val code.
+
+Only the OS stops a val that spins in a C loop (`all(range(10**12))`) or swallows every
+exception: RLIMIT_CPU sends SIGXCPU at the soft limit and SIGKILL at the hard one, and no
+Python code runs in between. The front end's wall-time kill is the other half.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLimits:
+    memory_mb: int = 256
+    cpu_time_s: int = 10  # per invocation
+    worker_cpu_time_s: int = 600  # over the worker's life; it retires before reaching it
+    max_log_bytes: int = 64 * 1024
+    max_response_body_bytes: int = 5 * MIB
+    open_files: int = 64
+
+    @classmethod
+    def from_head(cls, raw: object) -> WorkerLimits:
+        if not isinstance(raw, dict):
+            return cls()
+        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        if not all(type(v) is int and v > 0 for v in known.values()):
+            raise ValueError(f"limits must be positive ints: {raw!r}")
+        return cls(**known)
+
+
+def apply_limits(limits: WorkerLimits) -> None:
+    """Lower this process's rlimits; one-way for an unprivileged process."""
+    memory = limits.memory_mb * MIB
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # Vals have no files to write; the protocol pipes are not regular files.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
+    hard = limits.worker_cpu_time_s
+    resource.setrlimit(resource.RLIMIT_CPU, (min(hard, cpu_used_s() + limits.cpu_time_s), hard))
+    # Below the front end, so a val spinning at 100 % CPU slows its neighbours least.
+    os.nice(10)
+
+
+def cpu_used_s() -> int:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return int(usage.ru_utime + usage.ru_stime) + 1
+
+
+def arm_cpu_limit(limits: WorkerLimits) -> bool:
+    """Give the next invocation its CPU budget; False when the worker's life budget is spent."""
+    used = cpu_used_s()
+    if used + limits.cpu_time_s > limits.worker_cpu_time_s:
+        return False
+    resource.setrlimit(resource.RLIMIT_CPU, (used + limits.cpu_time_s, limits.worker_cpu_time_s))
+    return True

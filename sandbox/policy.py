@@ -1,0 +1,275 @@
+"""The RestrictedPython policy: how a val's source becomes a callable export. The only `exec`.
+
+Policy is data here, as in RestrictedPython itself: the builtins a val gets, the guards its
+compiled code calls (`_getattr_`, `_write_`, ...) and the import facades. Each guard exists
+because RestrictedPython rewrites an operation into a call to it; a missing guard is a
+`NameError` at run time, a lax one is an escape. Every change here re-runs tests/test_attacks.
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import io
+import operator
+import types
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from RestrictedPython.compile import compile_restricted_exec
+from RestrictedPython.Guards import (
+    full_write_guard,
+    guarded_iter_unpack_sequence,
+    guarded_unpack_sequence,
+    safe_builtins,
+    safer_getattr_raise,
+)
+
+from sandbox.errors import ValError
+from sandbox.facades import import_facade
+from sandbox.http import Request, Response
+
+MAX_SOURCE_BYTES = 256 * 1024
+
+# `id` leaks addresses (a help to memory-corruption exploits); `setattr`/`delattr` are
+# re-added below through our own write guard rather than RestrictedPython's.
+# RestrictedPython's guard, with the types it has but does not declare.
+_restricted_getattr = cast(Callable[[object, str], object], safer_getattr_raise)
+
+_REMOVED_BUILTINS = {"id", "setattr", "delattr"}
+
+# Builtins beyond RestrictedPython's `safe_builtins` that vals reasonably need. None of them
+# reaches frames, globals or the import system; `type`, `vars`, `dir`, `globals`, `open`,
+# `getattr` (real), `super` without guards and `object` are deliberately absent.
+_EXTRA_BUILTINS: dict[str, object] = {
+    name: getattr(builtins, name)
+    for name in [
+        *("all", "any", "ascii", "bin", "bytearray", "bytes", "classmethod", "dict"),
+        *("enumerate", "filter", "format", "frozenset", "iter", "list", "map", "max", "min"),
+        *("next", "property", "reversed", "set", "sorted", "staticmethod", "sum", "tuple"),
+        *("zip", "StopAsyncIteration", "RecursionError"),
+    ]
+}
+
+# Attribute reads refused on top of RestrictedPython's rules. `obj` on an AttributeError is
+# the object the lookup failed on (CVE-2024-47532 handed back the real `string` module);
+# `mro` walks to `object`, the start of every subclass walk.
+_REFUSED_ATTRIBUTES: dict[type, frozenset[str]] = {
+    BaseException: frozenset({"obj", "with_traceback"}),
+    type: frozenset({"mro"}),
+}
+
+_INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
+    "+=": operator.iadd,
+    "-=": operator.isub,
+    "*=": operator.imul,
+    "/=": operator.itruediv,
+    "//=": operator.ifloordiv,
+    "%=": operator.imod,
+    "**=": operator.ipow,
+    "<<=": operator.ilshift,
+    ">>=": operator.irshift,
+    "&=": operator.iand,
+    "|=": operator.ior,
+    "^=": operator.ixor,
+    "@=": operator.imatmul,
+}
+
+# Types whose instances a val may write into. Host tables (a module's dict, a cache) are
+# never reachable through the facades (tests/test_facades.py walks them), so a container
+# of these types that a val holds is one it made.
+_WRITABLE_TYPES = frozenset(
+    {dict, list, set, bytearray, collections.Counter, collections.OrderedDict}
+    | {collections.defaultdict, collections.deque, collections.ChainMap}
+)
+
+
+class LogBuffer:
+    """The captured `print` output of one invocation, capped and marked when cut."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._parts: list[str] = []
+        self._size = 0
+        self.truncated = False
+
+    def write(self, text: str) -> None:
+        if self.truncated:
+            return
+        room = self.max_bytes - self._size
+        encoded = text.encode("utf-8", errors="replace")
+        if len(encoded) > room:
+            encoded = encoded[:room]
+            self.truncated = True
+        self._parts.append(encoded.decode("utf-8", errors="ignore"))
+        self._size += len(encoded)
+
+    def take(self) -> str:
+        """The text so far (with a marker when cut), and start afresh."""
+        text = "".join(self._parts)
+        if self.truncated:
+            text += f"\n[log truncated at {self.max_bytes} bytes]"
+        self._parts, self._size, self.truncated = [], 0, False
+        return text
+
+
+class _Printer:
+    """What RestrictedPython's rewritten `print(...)` calls: `_print_(_getattr_)._call_print`."""
+
+    __slots__ = ("_log",)
+
+    def __init__(self, log: LogBuffer) -> None:
+        self._log = log
+
+    def _call_print(self, *objects: object, sep: str | None = " ", end: str | None = "\n") -> None:
+        out = io.StringIO()
+        print(*objects, sep=sep, end=end, file=out)
+        self._log.write(out.getvalue())
+
+    def __call__(self) -> str:
+        # `printed` in RestrictedPython reads back what this scope printed; the log is the
+        # invocation's, so give nothing back rather than another scope's output.
+        return ""
+
+
+_NO_DEFAULT = object()
+
+
+def guarded_getattr(obj: object, name: str, default: object = _NO_DEFAULT) -> object:
+    for owner, refused in _REFUSED_ATTRIBUTES.items():
+        if name in refused and isinstance(obj, owner):
+            raise AttributeError(f"{name!r} is not available to vals")
+    if isinstance(obj, types.ModuleType):
+        # Facades are never modules; a real module here means a hole elsewhere: don't widen it.
+        raise AttributeError("modules are not available to vals")
+    if default is _NO_DEFAULT:
+        return _restricted_getattr(obj, name)
+    try:
+        return _restricted_getattr(obj, name)
+    except AttributeError:
+        return default
+
+
+def _getitem(obj: Any, key: object) -> object:
+    return obj[key]
+
+
+def _apply(func: Callable[..., object], *args: object, **kwargs: object) -> object:
+    return func(*args, **kwargs)
+
+
+def _inplacevar(op: str, target: Any, value: Any) -> object:
+    return _INPLACE_OPERATORS[op](target, value)
+
+
+def _facade_import(
+    name: str,
+    globals: object = None,
+    locals: object = None,
+    fromlist: tuple[str, ...] | None = None,
+    level: int = 0,
+) -> object:
+    return import_facade(name, fromlist, level)
+
+
+class _ValClasses:
+    """Classes the val defined: their instances are the val's own, so it may write to them."""
+
+    def __init__(self) -> None:
+        self.classes: weakref.WeakSet[type] = weakref.WeakSet()
+
+    def metaclass(self, name: str, bases: tuple[type, ...], namespace: dict[str, Any]) -> type:
+        cls = type(name, bases, namespace)
+        self.classes.add(cls)
+        return cls
+
+    def write_guard(self, obj: object) -> object:
+        kind = type(obj)
+        if kind in _WRITABLE_TYPES or kind in self.classes:
+            return obj
+        if isinstance(obj, type) and obj in self.classes:
+            return obj
+        return full_write_guard(obj)
+
+
+def make_globals(name: str, env: Mapping[str, str], log: LogBuffer) -> dict[str, Any]:
+    """A fresh namespace for one val: nothing in it is shared with another val or the host."""
+    val_classes = _ValClasses()
+    safe = {k: v for k, v in safe_builtins.items() if k not in _REMOVED_BUILTINS}
+
+    def setattr_(obj: object, attr: str, value: object) -> None:
+        setattr(val_classes.write_guard(obj), attr, value)
+
+    def delattr_(obj: object, attr: str) -> None:
+        delattr(val_classes.write_guard(obj), attr)
+
+    def getattr_(obj: object, attr: str, *default: object) -> object:
+        return guarded_getattr(obj, attr, *default)
+
+    def hasattr_(obj: object, attr: str) -> bool:
+        try:
+            guarded_getattr(obj, attr)
+        except AttributeError:
+            return False
+        return True
+
+    safe.update(_EXTRA_BUILTINS)
+    safe.update(
+        __import__=_facade_import,
+        setattr=setattr_,
+        delattr=delattr_,
+        getattr=getattr_,
+        hasattr=hasattr_,
+    )
+    return {
+        "__builtins__": safe,
+        "__name__": name,
+        "__metaclass__": val_classes.metaclass,
+        "_getattr_": guarded_getattr,
+        "_getitem_": _getitem,
+        "_getiter_": iter,
+        "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
+        "_unpack_sequence_": guarded_unpack_sequence,
+        "_write_": val_classes.write_guard,
+        "_inplacevar_": _inplacevar,
+        "_apply_": _apply,
+        "_print_": lambda _getattr=None: _Printer(log),
+        "Request": Request,
+        "Response": Response,
+        # A read-only view of a copy: the val cannot change its env nor reach the host's dict.
+        "env": types.MappingProxyType(dict(env)),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedVal:
+    name: str
+    export: object
+
+
+def compile_val(source: str, filename: str) -> types.CodeType:
+    """Compile under RestrictedPython. Raises ValError with every problem found."""
+    if len(source.encode("utf-8", errors="replace")) > MAX_SOURCE_BYTES:
+        raise ValError(f"source is over the {MAX_SOURCE_BYTES}-byte limit")
+    try:
+        result = compile_restricted_exec(source, filename=filename)
+    except (RecursionError, MemoryError) as exc:
+        # Deeply nested source blows up the parser rather than failing as a SyntaxError.
+        raise ValError(f"source is too deeply nested to compile ({type(exc).__name__})") from None
+    if result.errors or result.code is None:
+        raise ValError("; ".join(result.errors) or "source did not compile")
+    code: types.CodeType = result.code
+    return code
+
+
+def load_val(source: str, name: str, env: Mapping[str, str], log: LogBuffer) -> LoadedVal:
+    """Compile and run the module once; find its export (the top-level name equal to `name`)."""
+    filename = f"<val {name}>"
+    code = compile_val(source, filename)
+    namespace = make_globals(name, env, log)
+    exec(code, namespace)
+    if name not in namespace:
+        raise ValError(f"the val defines no top-level {name!r} to export")
+    return LoadedVal(name, namespace[name])

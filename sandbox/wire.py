@@ -1,0 +1,133 @@
+"""The wire protocol between the front end and a worker: the only thing the two sides share.
+
+A frame is an 8-byte prefix, a JSON head and a raw body::
+
+    +----------------+----------------+--------------------+-------------+
+    | head length u32| body length u32| head: UTF-8 JSON   | body: bytes |
+    +----------------+----------------+--------------------+-------------+
+
+The head is always a JSON object (``{"op": ...}``); bodies travel as raw bytes so a 5 MiB
+response is never base64-inflated or re-parsed. Never pickle: a worker is hostile, and
+unpickling is code execution.
+
+This module is sans-IO, as h11 is: `encode_frame` makes bytes, `FrameDecoder` turns bytes into
+frames and knows nothing of sockets or pipes. Both limits are checked from the 8-byte prefix,
+before the payload is buffered, so a peer that announces 4 GiB costs nothing but the prefix.
+
+Messages (``op`` values), front end -> worker:
+    load   head: name, env, limits          body: the val's source (UTF-8)
+    http   head: id, method, url, headers   body: the request body
+Worker -> front end:
+    loaded  head: (nothing else)
+    response head: id, status, headers, log  body: the response body
+    error    head: id (absent for a failed load), type, message, log
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+PREFIX = struct.Struct(">II")
+
+#: Heads carry headers (at most 64 KiB of them by default), a log (64 KiB) and the env.
+DEFAULT_MAX_HEAD_BYTES = 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a well-formed frame."""
+
+
+class FrameTooLargeError(ProtocolError):
+    """The peer announced a head or body over the limit."""
+
+    def __init__(self, part: str, size: int, limit: int) -> None:
+        super().__init__(f"frame {part} of {size} bytes is over the {limit}-byte limit")
+        self.part = part
+        self.size = size
+        self.limit = limit
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    head: dict[str, object]
+    body: bytes = field(default=b"", repr=False)
+
+    @property
+    def op(self) -> object:
+        return self.head.get("op")
+
+
+def encode_frame(frame: Frame) -> bytes:
+    head = json.dumps(frame.head, separators=(",", ":"), ensure_ascii=False).encode()
+    return PREFIX.pack(len(head), len(frame.body)) + head + frame.body
+
+
+def decode_head(raw: bytes) -> dict[str, object]:
+    try:
+        head = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"frame head is not valid JSON: {exc}") from None
+    if not isinstance(head, dict):
+        raise ProtocolError(f"frame head is a JSON {type(head).__name__}, not an object")
+    return head
+
+
+class FrameDecoder:
+    """Incremental decoder: `feed` bytes as they arrive, take frames with `next_frame`."""
+
+    def __init__(
+        self,
+        max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
+        self.max_head_bytes = max_head_bytes
+        self.max_body_bytes = max_body_bytes
+        self._buffer = bytearray()
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_frame(self) -> Frame | None:
+        """The next whole frame, or None until more bytes arrive. Raises ProtocolError."""
+        if len(self._buffer) < PREFIX.size:
+            return None
+        head_len, body_len = PREFIX.unpack_from(self._buffer)
+        if head_len > self.max_head_bytes:
+            raise FrameTooLargeError("head", head_len, self.max_head_bytes)
+        if body_len > self.max_body_bytes:
+            raise FrameTooLargeError("body", body_len, self.max_body_bytes)
+        end = PREFIX.size + head_len + body_len
+        if len(self._buffer) < end:
+            return None
+        head = decode_head(bytes(self._buffer[PREFIX.size : PREFIX.size + head_len]))
+        body = bytes(self._buffer[PREFIX.size + head_len : end])
+        del self._buffer[:end]
+        return Frame(head, body)
+
+
+# Blocking helpers for the worker side, which is synchronous and serves one frame at a time.
+
+
+def read_frame(stream: BinaryIO, decoder: FrameDecoder) -> Frame | None:
+    """Read one frame; None on a clean end of stream between frames."""
+    while (frame := decoder.next_frame()) is None:
+        chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
+        if not chunk:
+            if decoder.pending_bytes:
+                raise ProtocolError("stream ended in the middle of a frame")
+            return None
+        decoder.feed(chunk)
+    return frame
+
+
+def write_frame(stream: BinaryIO, frame: Frame) -> None:
+    stream.write(encode_frame(frame))
+    stream.flush()
