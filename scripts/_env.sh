@@ -1,0 +1,30 @@
+# Sourced by the other scripts: create .venv and install the project into it when needed.
+# Reinstalls only when pyproject.toml changed (a stamp file holds its hash).
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+ensure_venv() {  # ensure_venv [EXTRA]
+  local extra=${1:-}
+  local python=${PYTHON:-python3}
+  if [ ! -x .venv/bin/python ]; then
+    echo "scripts: creating .venv with $($python --version 2>&1)" >&2
+    "$python" -m venv .venv
+    .venv/bin/python -m pip install --quiet --upgrade pip
+  fi
+  local stamp=".venv/.installed-${extra:-base}-$(sha256sum pyproject.toml | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    echo "scripts: installing valrun${extra:+[$extra]} into .venv" >&2
+    .venv/bin/python -m pip install --quiet -e ".${extra:+[$extra]}"
+    touch "$stamp"
+  fi
+}
+
+ensure_chromium() {  # the browser tests drive Debian's Chromium (no browser download works here)
+  if [ -x /usr/bin/chromium ]; then return; fi
+  echo "scripts: installing Debian's chromium for the browser tests" >&2
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+}

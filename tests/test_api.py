@@ -1,0 +1,203 @@
+"""The management API (SPEC §4.4) and the CLI around it, through the real server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.conftest import Service
+from tests.test_service import HELLO, assert_json_error
+
+
+async def test_me_names_the_tokens_user(service: Service) -> None:
+    response = await service.api("GET", "/v1/me", user="bob")
+    assert response.json() == {"username": "bob"}
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer nope", "Basic abc", "Bearer", "bearer  x"])
+async def test_missing_or_bad_token_is_401(service: Service, authorization: str | None) -> None:
+    headers = {} if authorization is None else {"authorization": authorization}
+    response = await service.api("GET", "/v1/me", user=None, headers=headers)
+    assert_json_error(response, 401, "unauthorized")
+
+
+async def test_only_the_owner_writes_a_val(service: Service) -> None:
+    await service.put_val("hello", HELLO)
+    for method, kwargs in (
+        ("PUT", {"content": b"def hello(req):\n    return 'pwned'"}),
+        ("PATCH", {"json": {"privacy": "private"}}),
+        ("DELETE", {}),
+    ):
+        response = await service.api(method, "/v1/vals/alice/hello", user="bob", **kwargs)
+        assert_json_error(response, 403, "forbidden")
+    current = await service.api("GET", "/v1/vals/alice/hello", user="bob")
+    assert (current.json()["version"], current.json()["privacy"]) == (1, "public")
+
+
+async def test_versions_are_immutable_and_listed_oldest_first(service: Service) -> None:
+    for n in (1, 2, 3):
+        saved = await service.put_val("hello", HELLO + f"\n# v{n}\n")
+        assert saved.json()["version"] == n
+    versions = (await service.api("GET", "/v1/vals/alice/hello/versions")).json()["versions"]
+    assert [v["version"] for v in versions] == [1, 2, 3]
+    pinned = (await service.api("GET", "/v1/vals/alice/hello?v=2")).json()
+    assert pinned["version"] == 2 and pinned["code"].endswith("# v2\n")
+    latest = (await service.api("GET", "/v1/vals/alice/hello")).json()
+    assert latest["version"] == 3
+    assert_json_error(await service.api("GET", "/v1/vals/alice/hello?v=9"), 404, "not_found")
+    assert_json_error(await service.api("GET", "/v1/vals/alice/hello?v=x"), 400, "bad_version")
+
+
+async def test_source_as_plain_text_or_json(service: Service) -> None:
+    text = await service.api("PUT", "/v1/vals/alice/hello", content=HELLO.encode())
+    assert text.status_code == 201
+    as_json = await service.api(
+        "PUT", "/v1/vals/alice/hello", json={"code": HELLO, "privacy": "unlisted"}
+    )
+    assert (as_json.status_code, as_json.json()["privacy"]) == (200, "unlisted")
+
+
+async def test_listing_shows_others_only_public_vals(service: Service) -> None:
+    await service.put_val("pub", "def pub(req):\n    return 1", privacy="public")
+    await service.put_val("unl", "def unl(req):\n    return 1", privacy="unlisted")
+    await service.put_val("prv", "def prv(req):\n    return 1", privacy="private")
+    own = (await service.api("GET", "/v1/vals/alice")).json()["vals"]
+    assert [v["name"] for v in own] == ["prv", "pub", "unl"]
+    for viewer in ("bob", None):
+        seen = (await service.api("GET", "/v1/vals/alice", user=viewer)).json()["vals"]
+        assert [v["name"] for v in seen] == ["pub"]
+    assert_json_error(await service.api("GET", "/v1/vals/nobody"), 404, "not_found")
+
+
+async def test_private_code_is_hidden_as_not_found(service: Service) -> None:
+    await service.put_val("prv", "def prv(req):\n    return 1", privacy="private")
+    assert (await service.api("GET", "/v1/vals/alice/prv")).status_code == 200
+    for viewer in ("bob", None):
+        response = await service.api("GET", "/v1/vals/alice/prv", user=viewer)
+        assert_json_error(response, 404, "not_found")
+
+
+async def test_patch_changes_privacy(service: Service) -> None:
+    await service.put_val("hello", HELLO)
+    patched = await service.api("PATCH", "/v1/vals/alice/hello", json={"privacy": "private"})
+    assert patched.json()["privacy"] == "private"
+    bad = await service.api("PATCH", "/v1/vals/alice/hello", json={"privacy": "secret"})
+    assert_json_error(bad, 400, "bad_privacy")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "error_type"),
+    [
+        ("PUT", "/v1/vals/alice/9lives", {"content": b"x"}, 400, "bad_name"),
+        ("PUT", "/v1/vals/alice/has-hyphen", {"content": b"x"}, 400, "bad_name"),
+        ("PUT", "/v1/vals/Alice/hello", {"content": b"x"}, 400, "bad_name"),
+        (
+            "PUT",
+            "/v1/vals/alice/hello",
+            {"content": b"{nope", "headers": {"content-type": "application/json"}},
+            400,
+            "bad_json",
+        ),
+        ("PUT", "/v1/vals/alice/hello", {"json": {"code": 5}}, 400, "bad_request"),
+        ("PUT", "/v1/vals/alice/hello", {"json": {"code": "x", "extra": 1}}, 400, "bad_request"),
+        ("PUT", "/v1/vals/alice/hello", {"content": b"   "}, 400, "bad_request"),
+        ("PUT", "/v1/vals/alice/hello", {"content": b"\xff\xfe"}, 400, "bad_request"),
+        ("PUT", "/v1/env/1BAD", {"content": b"v"}, 400, "bad_name"),
+        ("POST", "/v1/vals/alice/hello", {}, 405, "method_not_allowed"),
+        ("GET", "/v1/nothing", {}, 404, "not_found"),
+        ("DELETE", "/v1/vals/alice/nosuch", {}, 404, "not_found"),
+        ("DELETE", "/v1/env/NOSUCH", {}, 404, "not_found"),
+    ],
+)
+async def test_bad_api_input_gets_a_clear_json_error(
+    service: Service,
+    method: str,
+    path: str,
+    kwargs: dict[str, object],
+    status: int,
+    error_type: str,
+) -> None:
+    response = await service.api(method, path, **kwargs)  # type: ignore[arg-type]
+    assert_json_error(response, status, error_type)
+
+
+async def test_method_not_allowed_names_the_allowed_methods(service: Service) -> None:
+    response = await service.api("POST", "/v1/env")
+    assert response.headers["allow"] == "GET"
+
+
+async def test_source_over_the_limit_is_413(service: Service) -> None:
+    big = b"#" * (service.config.limits.max_source_bytes + 1)
+    assert_json_error(
+        await service.api("PUT", "/v1/vals/alice/big", content=big), 413, "request_too_large"
+    )
+
+
+async def test_healthz_reports_isolation_layers(service: Service) -> None:
+    health = (await service.api("GET", "/healthz", user=None)).json()
+    assert health["status"] == "ok"
+    assert health["isolation"]["restricted_python"] == "active"
+
+
+# The CLI, as a user runs it: a real process against the real server.
+
+
+async def valrun(
+    service: Service, *args: str, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    config = service.db_path.with_suffix(".toml")
+    config.write_text(
+        f'[server]\nbind = ["127.0.0.1:{service.port}"]\n'
+        f'[store]\nurl = "sqlite:///{service.db_path}"\n'
+    )
+    with trio.fail_after(30):
+        return await trio.run_process(
+            [sys.executable, "-m", "runtime.cli", "--config", str(config), *args],
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
+
+async def test_cli_user_create_prints_a_working_token_last(service: Service) -> None:
+    done = await valrun(service, "user", "create", "carol")
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.decode().splitlines()[-1]
+    me = await service.api("GET", "/v1/me", user=None, headers={"authorization": f"Bearer {token}"})
+    assert me.json() == {"username": "carol"}
+    again = await valrun(service, "user", "create", "carol")
+    assert again.returncode == 2 and b"already exists" in again.stderr
+
+
+async def test_cli_val_put_get_list_delete(service: Service, tmp_path: Path) -> None:
+    source = tmp_path / "hello.py"
+    source.write_text(HELLO)
+    token = ("--token", service.tokens["alice"])
+    put = await valrun(service, "val", *token, "put", "alice/hello", str(source))
+    assert put.returncode == 0, put.stderr
+    got = await valrun(service, "val", *token, "get", "alice/hello")
+    assert got.stdout.decode() == HELLO
+    listed = await valrun(service, "val", *token, "list", "alice")
+    assert b'"name": "hello"' in listed.stdout
+    deleted = await valrun(service, "val", *token, "delete", "alice/hello")
+    assert deleted.returncode == 0
+    gone = await valrun(service, "val", *token, "get", "alice/hello")
+    assert gone.returncode != 0 and b"404" in gone.stderr
+
+
+async def test_config_check_refuses_unknown_keys(tmp_path: Path) -> None:
+    config = tmp_path / "valrun.toml"
+    config.write_text("[limits]\nwal_time_s = 5\n")
+    done = await trio.run_process(
+        [sys.executable, "-m", "runtime.cli", "--config", str(config), "config", "check"],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert b"limits.wal_time_s" in done.stderr
