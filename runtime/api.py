@@ -64,6 +64,8 @@ def match_route(method: str, path: str) -> Match:
             if route_method == method or (method == "HEAD" and route_method == "GET"):
                 return Match(handler, found.groupdict())
             allowed.append(route_method)
+            if route_method == "GET":
+                allowed.append("HEAD")
     if allowed:
         raise MethodNotAllowedError(
             f"{method} is not allowed on {path}; allowed: {', '.join(allowed)}",
@@ -82,8 +84,8 @@ def express_redirect(
     user, val = found["user"].lower(), found["val"]
     check_names(user, val)
     netloc = val_host(user, val, web_domain) + (f":{port}" if port else "")
-    rest = (found["rest"] or "/").lstrip("/")
-    return f"{scheme}://{netloc}/{rest}" + (f"?{query_string}" if query_string else "")
+    rest = found["rest"] or "/"
+    return f"{scheme}://{netloc}{rest}" + (f"?{query_string}" if query_string else "")
 
 
 def check_names(user: str, val: str | None = None) -> None:
@@ -318,7 +320,8 @@ def parse_version(query_string: str) -> int | None:
     values = parse_qs(query_string).get("v")
     if not values:
         return None
-    if not values[0].isdigit() or int(values[0]) < 1:
+    text = values[0]
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) < 2**31):
         raise BadRequestError(
             f"v must be a version number (1, 2, ...), not {values[0]!r}", "bad_version"
         )

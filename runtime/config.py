@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from runtime.errors import ConfigError
-from runtime.hosts import normalize_hostname
+from runtime.hosts import is_hostname
 
 MIB = 1024 * 1024
 
@@ -33,8 +33,11 @@ class ServerConfig:
             raise ConfigError("server.bind needs at least one HOST:PORT")
         for name in ("api_host", "web_domain"):
             value = getattr(self, name)
-            if normalize_hostname(value) != value:
-                raise ConfigError(f"server.{name} {value!r} must be a lower-case host name")
+            if not is_hostname(value) or value != value.lower() or value.endswith("."):
+                raise ConfigError(
+                    f"server.{name} {value!r} must be a lower-case host name, "
+                    "without port or trailing dot"
+                )
         api, web = self.api_host, self.web_domain
         if api == web or api.endswith("." + web) or web.endswith("." + api):
             # SPEC §3: a val's HTML must never be same-site with the API host, or its
@@ -46,6 +49,8 @@ class ServerConfig:
             )
         if self.public_scheme not in ("http", "https"):
             raise ConfigError("server.public_scheme must be 'http' or 'https'")
+        if not self.shutdown_timeout_s >= 0:
+            raise ConfigError("server.shutdown_timeout_s must be zero or more")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +81,7 @@ class LimitsConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if getattr(self, f.name) <= 0:
+            if not getattr(self, f.name) > 0:  # `not >`: NaN is refused too
                 raise ConfigError(f"limits.{f.name} must be positive")
 
 
@@ -95,7 +100,7 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.type != "bool" and getattr(self, f.name) <= 0:
+            if f.type != "bool" and not getattr(self, f.name) > 0:
                 raise ConfigError(f"pool.{f.name} must be positive")
 
 

@@ -43,6 +43,10 @@ def normalize_hostname(name: str) -> str:
     return name.lower().removesuffix(".")
 
 
+def is_hostname(name: str) -> bool:
+    return bool(_HOSTNAME_RE.fullmatch(name)) and ".." not in name
+
+
 def split_host(header: str) -> tuple[str, int | None]:
     """`Host` header -> (normalized host name or IP literal, port). Raises BadRequestError."""
     header = header.strip()
@@ -64,11 +68,11 @@ def split_host(header: str) -> tuple[str, int | None]:
             host, port_text = header, ""
         port = port_text if colon else None
         host = normalize_hostname(host)
-        if not _HOSTNAME_RE.fullmatch(host) or ".." in host:
+        if not is_hostname(host):
             raise BadRequestError(f"malformed Host header {header!r}", "bad_host")
     if port is None:
         return host, None
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         raise BadRequestError(f"malformed port in Host header {header!r}", "bad_host")
     return host, int(port)
 

@@ -70,20 +70,30 @@ def protocol_error(what: str) -> WorkerError:
 def _bounded_log(raw: object, limits: LimitsConfig) -> str:
     if not isinstance(raw, str):
         raise protocol_error("'log' is not a string")
-    if len(raw.encode("utf-8", errors="replace")) <= limits.max_log_bytes + 64:
-        return raw
-    cut = raw.encode("utf-8", errors="replace")[: limits.max_log_bytes]
+    encoded = raw.encode("utf-8", errors="replace")
+    # The worker caps the log and appends its own marker; the slack lets that through.
+    if len(encoded) <= limits.max_log_bytes + 64:
+        return encoded.decode("utf-8")
+    cut = encoded[: limits.max_log_bytes]
     return (
         cut.decode("utf-8", errors="ignore") + f"\n[log truncated at {limits.max_log_bytes} bytes]"
     )
 
 
-def _cookie_domain(value: bytes) -> bytes | None:
+def _cookie_domains(value: bytes) -> list[bytes]:
+    # Every Domain attribute, not just the first: browsers use the last one (RFC 6265
+    # §5.3 step 4), so `Domain=own; Domain=wider` must not pass as `own`.
+    domains = []
     for attribute in value.split(b";")[1:]:
         name, _, domain = attribute.partition(b"=")
         if name.strip().lower() == b"domain":
-            return domain.strip().lstrip(b".").lower()
-    return None
+            domains.append(domain.strip().lstrip(b".").lower())
+    return domains
+
+
+def clean_text(text: str) -> str:
+    """A worker's string, safe to re-encode: JSON lets it smuggle in lone surrogates."""
+    return text.encode("utf-8", errors="replace").decode("utf-8")
 
 
 def check_headers(raw: object, limits: LimitsConfig, host: str) -> list[tuple[bytes, bytes]]:
@@ -125,11 +135,9 @@ def check_headers(raw: object, limits: LimitsConfig, host: str) -> list[tuple[by
         name = name.lower()
         if name in FRONT_END_HEADERS:
             continue
-        if name == b"set-cookie":
-            domain = _cookie_domain(value)
-            # SPEC §8: a cookie for a wider domain would reach every other user's vals.
-            if domain is not None and domain != own_host:
-                continue
+        # SPEC §8: a cookie for a wider domain would reach every other user's vals.
+        if name == b"set-cookie" and any(d != own_host for d in _cookie_domains(value)):
+            continue
         headers.append((name, value))
     return headers
 
@@ -137,7 +145,7 @@ def check_headers(raw: object, limits: LimitsConfig, host: str) -> list[tuple[by
 def check_reply(frame: Frame, request_id: int, limits: LimitsConfig, host: str) -> Reply:
     """Check a worker's reply to request `request_id`. Raises WorkerError on a violation."""
     head = frame.head
-    if head.get("id") != request_id:
+    if type(head.get("id")) is not int or head.get("id") != request_id:
         raise protocol_error(f"reply for request {head.get('id')!r}, expected {request_id}")
     retire = head.get("retire", False)
     if type(retire) is not bool:
@@ -164,11 +172,11 @@ def check_reply(frame: Frame, request_id: int, limits: LimitsConfig, host: str) 
 def check_failure(head: dict[str, object]) -> WorkerError:
     """The val's failure as reported by a worker (op "error"), checked."""
     kind, message, frames = head.get("type"), head.get("message"), head.get("traceback", [])
-    if kind not in VAL_ERROR_TYPES or not isinstance(message, str):
+    if not isinstance(kind, str) or kind not in VAL_ERROR_TYPES or not isinstance(message, str):
         raise protocol_error("malformed error reply")
     if not isinstance(frames, list) or not all(isinstance(f, str) for f in frames):
         raise protocol_error("'traceback' is not a list of strings")
     details: dict[str, object] = {}
     if kind == "val_error":
-        details["traceback"] = [f[:200] for f in frames[-MAX_TRACEBACK_LINES:]]
-    return WorkerError(message[:MAX_MESSAGE_CHARS], str(kind), details=details)
+        details["traceback"] = [clean_text(f[:200]) for f in frames[-MAX_TRACEBACK_LINES:]]
+    return WorkerError(clean_text(message[:MAX_MESSAGE_CHARS]), kind, details=details)

@@ -127,7 +127,7 @@ async def test_bad_api_input_gets_a_clear_json_error(
 
 async def test_method_not_allowed_names_the_allowed_methods(service: Service) -> None:
     response = await service.api("POST", "/v1/env")
-    assert response.headers["allow"] == "GET"
+    assert response.headers["allow"] == "GET, HEAD"
 
 
 async def test_source_over_the_limit_is_413(service: Service) -> None:
