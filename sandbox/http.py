@@ -64,6 +64,9 @@ class _MultiMap:
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"{type(self).__name__} is read-only")
 
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({list(self._items)!r})"
 

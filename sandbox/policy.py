@@ -152,6 +152,14 @@ def guarded_getattr(obj: object, name: str, default: object = _NO_DEFAULT) -> ob
         return default
 
 
+def _public_name(name: object) -> str:
+    if type(name) is not str:
+        raise TypeError("attribute names must be str")
+    if name.startswith("_"):
+        raise AttributeError(f"{name!r} starts with '_': vals may not set or delete it")
+    return name
+
+
 def _getitem(obj: Any, key: object) -> object:
     return obj[key]
 
@@ -199,11 +207,14 @@ def make_globals(name: str, env: Mapping[str, str], log: LogBuffer) -> dict[str,
     val_classes = _ValClasses()
     safe = {k: v for k, v in safe_builtins.items() if k not in _REMOVED_BUILTINS}
 
+    # The compiler refuses `x._y = v`; these are the run-time doors to the same thing. A
+    # dunder planted on a val's class (`__str__`, `__eq__`, `__del__`) would run inside host
+    # code that formats or compares the val's objects.
     def setattr_(obj: object, attr: str, value: object) -> None:
-        setattr(val_classes.write_guard(obj), attr, value)
+        setattr(val_classes.write_guard(obj), _public_name(attr), value)
 
     def delattr_(obj: object, attr: str) -> None:
-        delattr(val_classes.write_guard(obj), attr)
+        delattr(val_classes.write_guard(obj), _public_name(attr))
 
     def getattr_(obj: object, attr: str, *default: object) -> object:
         return guarded_getattr(obj, attr, *default)
@@ -259,7 +270,8 @@ def compile_val(source: str, filename: str) -> types.CodeType:
         # Deeply nested source blows up the parser rather than failing as a SyntaxError.
         raise ValError(f"source is too deeply nested to compile ({type(exc).__name__})") from None
     if result.errors or result.code is None:
-        raise ValError("; ".join(result.errors) or "source did not compile")
+        message = "; ".join(result.errors) or "source did not compile"
+        raise ValError(message if len(message) <= 2000 else message[:2000] + " [...]")
     code: types.CodeType = result.code
     return code
 

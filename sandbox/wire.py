@@ -15,8 +15,8 @@ frames and knows nothing of sockets or pipes. Both limits are checked from the 8
 before the payload is buffered, so a peer that announces 4 GiB costs nothing but the prefix.
 
 Messages (``op`` values), front end -> worker:
-    load   head: name, env, limits          body: the val's source (UTF-8)
-    http   head: id, method, url, headers   body: the request body
+    load   head: name, env, limits                           body: the val's source (UTF-8)
+    http   head: id, method, url, path, query, headers       body: the request body
 Worker -> front end:
     loaded  head: (nothing else)
     response head: id, status, headers, log  body: the response body
@@ -68,9 +68,12 @@ def encode_frame(frame: Frame) -> bytes:
 
 def decode_head(raw: bytes) -> dict[str, object]:
     try:
-        head = json.loads(raw)
+        # Decode first: json.loads(bytes) would also guess UTF-16 and UTF-32.
+        head = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"frame head is not valid JSON: {exc}") from None
+    except RecursionError:  # `[[[[...]]]]` is valid JSON and fits in the size limit
+        raise ProtocolError("frame head is nested too deeply") from None
     if not isinstance(head, dict):
         raise ProtocolError(f"frame head is a JSON {type(head).__name__}, not an object")
     return head
