@@ -27,6 +27,9 @@ class ServerConfig:
     public_scheme: str = "http"
     #: How long graceful shutdown waits for in-flight requests.
     shutdown_timeout_s: float = 10.0
+    #: The Eval API runs arbitrary code as the token's user; without a token it would run
+    #: as nobody, with no env. Off unless an operator opts in.
+    anonymous_eval: bool = False
 
     def __post_init__(self) -> None:
         if not self.bind:
@@ -56,8 +59,12 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     url: str = "sqlite:///valrun.db"
+    #: Invocation records kept per val; older ones are deleted as new ones arrive.
+    max_runs_per_val: int = 100
 
     def __post_init__(self) -> None:
+        if not self.max_runs_per_val > 0:
+            raise ConfigError("store.max_runs_per_val must be positive")
         if not self.url.startswith("sqlite:///"):
             raise ConfigError(f"store.url {self.url!r}: only sqlite:///PATH is supported so far")
 

@@ -12,7 +12,7 @@ import itertools
 import logging
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,9 @@ from sandbox.wire import Frame
 logger = logging.getLogger(__name__)
 
 
+SlotKey = tuple[int, int, tuple[tuple[str, str], ...]]
+
+
 @dataclass(frozen=True, slots=True)
 class ValSpec:
     """Everything a worker needs to become one val version."""
@@ -39,14 +42,19 @@ class ValSpec:
     code: str
     env: tuple[tuple[str, str], ...]
     host: str
+    #: "module": run the module once, then serve requests; "eval": statements and a final
+    #: expression whose value is the export (the Eval API).
+    mode: str = "module"
 
     @property
-    def key(self) -> tuple[int, int]:
-        return (self.val_id, self.version)
+    def key(self) -> SlotKey:
+        # The env is part of the key: a changed env means a fresh worker on the next request.
+        return (self.val_id, self.version, self.env)
 
 
 class _Slot:
-    def __init__(self) -> None:
+    def __init__(self, owner: str = "") -> None:
+        self.owner = owner
         self.lock = trio.Lock()
         self.worker: WorkerProcess | None = None
         self.last_used = trio.current_time()
@@ -61,7 +69,7 @@ class Pool:
         self.limits = config.limits
         self.nursery = nursery
         self.workdir = workdir
-        self._slots: dict[tuple[int, int], _Slot] = {}
+        self._slots: dict[SlotKey, _Slot] = {}
         self._request_ids = itertools.count(1)
 
     @property
@@ -71,7 +79,7 @@ class Pool:
     async def invoke(self, spec: ValSpec, head: dict[str, object], body: bytes) -> Reply:
         slot = self._slots.get(spec.key)
         if slot is None:
-            slot = self._slots[spec.key] = _Slot()
+            slot = self._slots[spec.key] = _Slot(spec.owner)
         waiting = slot.lock.statistics().tasks_waiting
         if slot.lock.locked() and waiting >= self.config.pool.max_queue_per_val:
             raise OverloadedError(
@@ -89,9 +97,26 @@ class Pool:
                 if slot.retired and slot.worker is not None:
                     self._close(slot)
 
+    async def invoke_once(self, spec: ValSpec, head: dict[str, object], body: bytes) -> Reply:
+        """Run one request in a fresh worker that serves nothing else (the Eval API)."""
+        slot = _Slot(spec.owner)
+        async with slot.lock:
+            slot.worker = await self._start(spec)
+            try:
+                return await self._exchange(slot, slot.worker, spec, head, body)
+            finally:
+                self._close(slot)
+
     def retire(self, val_id: int) -> None:
         """Retire every worker of a val (deleted, or a new version saved)."""
-        for key in [key for key in self._slots if key[0] == val_id]:
+        self._retire_where(lambda key, spec_owner: key[0] == val_id)
+
+    def retire_owner(self, owner: str) -> None:
+        """Retire every worker of an owner's vals (their env changed)."""
+        self._retire_where(lambda key, spec_owner: spec_owner == owner)
+
+    def _retire_where(self, doomed: Callable[[SlotKey, str], bool]) -> None:
+        for key in [key for key, slot in self._slots.items() if doomed(key, slot.owner)]:
             slot = self._slots.pop(key)
             slot.retired = True
             if not slot.lock.locked() and slot.worker is not None:
@@ -112,7 +137,13 @@ class Pool:
             "max_response_body_bytes": self.limits.max_response_body_bytes,
         }
         load = Frame(
-            {"op": "load", "name": spec.name, "env": dict(spec.env), "limits": limits},
+            {
+                "op": "load",
+                "name": spec.name,
+                "mode": spec.mode,
+                "env": dict(spec.env),
+                "limits": limits,
+            },
             spec.code.encode(),
         )
         done = False
