@@ -94,10 +94,16 @@ class LimitsConfig:
 
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
-    #: Requests waiting for one val version's worker before new ones get 503.
+    #: Generic workers kept forked, confined and ready for whichever val is called next.
+    prewarm_workers: int = 4
+    #: Warm workers one val version may have, each serving one request at a time.
+    max_workers_per_val: int = 2
+    #: Requests waiting for one val version's workers before new ones get 503.
     max_queue_per_val: int = 64
     #: Warm workers kept across all vals; the least recently used idle one goes first.
     max_workers: int = 64
+    #: A worker retires after this many requests (bounds slow leaks in module state).
+    max_requests_per_worker: int = 10000
     #: A warm worker idle this long exits.
     idle_timeout_s: float = 300.0
     #: A new worker must load its val within this time.

@@ -1,9 +1,15 @@
-"""The worker pool: one warm worker per active val version, reused across requests.
+"""The worker pool: prewarmed generic workers, and per-val pools of warm specialized ones.
 
-A worker is specialized once, for one version of one val, and dies with it (SPEC §8). Each
-val version has a slot: a lock that serializes its requests, a bounded wait behind it, and at
-most one worker. A worker that timed out, crashed, broke the protocol or ran out of memory is
-killed and never reused; the next request starts a fresh one.
+A worker is specialized once, for one version of one val with one env, and dies with it
+(SPEC §8). Generic workers wait ready (forked, confined, with nothing of any val in them);
+specializing one is sending it a `load` frame. Per val version:
+
+    requests --(bounded queue: 503 beyond it)--> up to `max_workers_per_val` workers
+                                                 each serving one request at a time
+
+Across vals, at most `max_workers` specialized workers live; the least recently used idle
+one makes room. A worker that timed out, crashed, broke the protocol, ran out of memory, or
+served `max_requests_per_worker` requests is retired and never reused.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import itertools
 import logging
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +28,14 @@ import trio
 
 from runtime.config import Config
 from runtime.errors import OverloadedError, WorkerTimeoutError
-from runtime.process import WorkerProcess
+from runtime.process import ForkServer, SpawnedWorker, WorkerProcess
 from runtime.reply import Reply, check_failure, check_reply, protocol_error
 from sandbox.wire import Frame
 
 logger = logging.getLogger(__name__)
 
-
 SlotKey = tuple[int, int, tuple[tuple[str, str], ...]]
+WorkerFactory = Callable[[], Awaitable[WorkerProcess]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,83 +59,140 @@ class ValSpec:
         return (self.val_id, self.version, self.env)
 
 
-class _Slot:
-    def __init__(self, owner: str = "") -> None:
-        self.owner = owner
-        self.lock = trio.Lock()
-        self.worker: WorkerProcess | None = None
-        self.last_used = trio.current_time()
-        # Set when the val is deleted or replaced: the in-flight request finishes, then the
-        # worker goes.
+@dataclass(eq=False)
+class _Warm:
+    worker: WorkerProcess
+    owner: _ValPool
+    last_used: float
+    requests: int = 0
+
+
+class _ValPool:
+    """The warm workers of one val version, and the requests waiting for them."""
+
+    def __init__(self, spec: ValSpec, max_workers: int) -> None:
+        self.spec = spec
+        self.capacity = trio.Semaphore(max_workers)
+        self.idle: list[_Warm] = []  # most recently used last
         self.retired = False
 
 
 class Pool:
-    def __init__(self, config: Config, nursery: trio.Nursery, workdir: Path) -> None:
+    def __init__(self, config: Config, nursery: trio.Nursery, factory: WorkerFactory) -> None:
         self.config = config
         self.limits = config.limits
         self.nursery = nursery
-        self.workdir = workdir
-        self._slots: dict[SlotKey, _Slot] = {}
+        self.factory = factory
+        self._vals: dict[SlotKey, _ValPool] = {}
+        self._warm_count = 0
+        self._room = trio.Event()  # set whenever a warm worker becomes idle or goes away
+        self._ready: list[WorkerProcess] = []
+        self._want_ready = trio.Event()
         self._request_ids = itertools.count(1)
+        self.stats: Counter[str] = Counter()
 
     @property
     def worker_count(self) -> int:
-        return sum(1 for slot in self._slots.values() if slot.worker is not None)
+        return self._warm_count
+
+    @property
+    def ready_count(self) -> int:
+        return len(self._ready)
 
     async def invoke(self, spec: ValSpec, head: dict[str, object], body: bytes) -> Reply:
-        slot = self._slots.get(spec.key)
-        if slot is None:
-            slot = self._slots[spec.key] = _Slot(spec.owner)
-        waiting = slot.lock.statistics().tasks_waiting
-        if slot.lock.locked() and waiting >= self.config.pool.max_queue_per_val:
+        pool = self._vals.get(spec.key)
+        if pool is None:
+            pool = self._vals[spec.key] = _ValPool(spec, self.config.pool.max_workers_per_val)
+        waiting = pool.capacity.statistics().tasks_waiting
+        if pool.capacity.value == 0 and waiting >= self.config.pool.max_queue_per_val:
+            self.stats["rejected_queue_full"] += 1
             raise OverloadedError(
                 f"{spec.owner}/{spec.name} has {waiting} requests waiting; retry shortly",
                 headers=(("retry-after", "1"),),
             )
-        async with slot.lock:
+        async with pool.capacity:
+            warm = pool.idle.pop() if pool.idle else await self._specialize(pool)
+            reply = None
             try:
-                if slot.worker is None or not slot.worker.alive:
-                    slot.worker = None
-                    slot.worker = await self._start(spec)
-                return await self._exchange(slot, slot.worker, spec, head, body)
+                reply = await self._exchange(warm.worker, spec, head, body)
+                return reply
             finally:
-                slot.last_used = trio.current_time()
-                if slot.retired and slot.worker is not None:
-                    self._close(slot)
+                self._release(warm, reply)
 
     async def invoke_once(self, spec: ValSpec, head: dict[str, object], body: bytes) -> Reply:
         """Run one request in a fresh worker that serves nothing else (the Eval API)."""
-        slot = _Slot(spec.owner)
-        async with slot.lock:
-            slot.worker = await self._start(spec)
-            try:
-                return await self._exchange(slot, slot.worker, spec, head, body)
-            finally:
-                self._close(slot)
+        worker = await self._generic_worker()
+        try:
+            await self._load(worker, spec)
+            return await self._exchange(worker, spec, head, body)
+        finally:
+            self._close(worker)
 
     def retire(self, val_id: int) -> None:
         """Retire every worker of a val (deleted, or a new version saved)."""
-        self._retire_where(lambda key, spec_owner: key[0] == val_id)
+        self._retire_where(lambda pool: pool.spec.val_id == val_id)
 
     def retire_owner(self, owner: str) -> None:
         """Retire every worker of an owner's vals (their env changed)."""
-        self._retire_where(lambda key, spec_owner: spec_owner == owner)
+        self._retire_where(lambda pool: pool.spec.owner == owner)
 
-    def _retire_where(self, doomed: Callable[[SlotKey, str], bool]) -> None:
-        for key in [key for key, slot in self._slots.items() if doomed(key, slot.owner)]:
-            slot = self._slots.pop(key)
-            slot.retired = True
-            if not slot.lock.locked() and slot.worker is not None:
-                self._close(slot)
+    def _retire_where(self, doomed: Callable[[_ValPool], bool]) -> None:
+        for key in [key for key, pool in self._vals.items() if doomed(pool)]:
+            pool = self._vals.pop(key)
+            pool.retired = True  # busy workers go when their request is done
+            for warm in pool.idle:
+                self._drop(warm)
+            pool.idle.clear()
 
-    async def _start(self, spec: ValSpec) -> WorkerProcess:
-        self._evict_lru()
-        worker = await WorkerProcess.spawn(
-            cwd=self.workdir,
-            max_body_bytes=self.limits.max_response_body_bytes,
-            inherit_stderr=self.config.pool.inherit_worker_stderr,
+    # Workers: generic (prewarmed) -> specialized (warm, in a _ValPool) -> closed.
+
+    async def _generic_worker(self) -> WorkerProcess:
+        self._want_ready.set()
+        while self._ready:
+            worker = self._ready.pop(0)
+            if worker.alive:
+                self.stats["prewarmed_used"] += 1
+                return worker
+        self.stats["forked_on_demand"] += 1
+        return await self.factory()
+
+    async def _specialize(self, pool: _ValPool) -> _Warm:
+        await self._make_room()
+        self._warm_count += 1
+        try:
+            worker = await self._generic_worker()
+            try:
+                await self._load(worker, pool.spec)
+            except BaseException:
+                self._close(worker)
+                raise
+        except BaseException:
+            self._warm_count -= 1
+            self._room.set()
+            raise
+        self.stats["cold_starts"] += 1
+        return _Warm(worker, pool, trio.current_time())
+
+    async def _make_room(self) -> None:
+        """Wait until one more warm worker fits under `max_workers`, evicting LRU idle ones."""
+        with trio.move_on_after(self.config.pool.load_timeout_s):
+            while self._warm_count >= self.config.pool.max_workers:
+                idle = [w for pool in self._vals.values() for w in pool.idle]
+                if idle:
+                    oldest = min(idle, key=lambda w: w.last_used)
+                    oldest.owner.idle.remove(oldest)
+                    self.stats["evicted_lru"] += 1
+                    self._drop(oldest)
+                    continue
+                self._room = trio.Event()
+                await self._room.wait()
+            return
+        raise OverloadedError(
+            f"all {self.config.pool.max_workers} workers are busy; retry shortly",
+            headers=(("retry-after", "1"),),
         )
+
+    async def _load(self, worker: WorkerProcess, spec: ValSpec) -> None:
         limits = {
             "memory_mb": self.limits.memory_mb,
             "cpu_time_s": self.limits.cpu_time_s,
@@ -136,76 +200,71 @@ class Pool:
             "max_log_bytes": self.limits.max_log_bytes,
             "max_response_body_bytes": self.limits.max_response_body_bytes,
         }
-        load = Frame(
-            {
-                "op": "load",
-                "name": spec.name,
-                "mode": spec.mode,
-                "env": dict(spec.env),
-                "limits": limits,
-            },
-            spec.code.encode(),
+        head = {"op": "load", "name": spec.name, "mode": spec.mode, "env": dict(spec.env)}
+        with trio.move_on_after(self.config.pool.load_timeout_s):
+            await worker.send(Frame({**head, "limits": limits}, spec.code.encode()))
+            frame = await worker.receive()
+            if frame.op == "error":
+                raise check_failure(frame.head)
+            if frame.op != "loaded":
+                raise protocol_error(f"expected 'loaded', got {frame.op!r}")
+            return
+        raise WorkerTimeoutError(
+            f"{spec.owner}/{spec.name} took over {self.config.pool.load_timeout_s} s to load"
         )
-        done = False
-        try:
-            with trio.move_on_after(self.config.pool.load_timeout_s):
-                await worker.send(load)
-                frame = await worker.receive()
-                if frame.op == "error":
-                    raise check_failure(frame.head)
-                if frame.op != "loaded":
-                    raise protocol_error(f"expected 'loaded', got {frame.op!r}")
-                done = True
-                return worker
-            raise WorkerTimeoutError(
-                f"{spec.owner}/{spec.name} took over {self.config.pool.load_timeout_s} s to load"
-            )
-        finally:
-            if not done:
-                self._kill(worker)
 
     async def _exchange(
-        self,
-        slot: _Slot,
-        worker: WorkerProcess,
-        spec: ValSpec,
-        head: dict[str, object],
-        body: bytes,
+        self, worker: WorkerProcess, spec: ValSpec, head: dict[str, object], body: bytes
     ) -> Reply:
         request_id = next(self._request_ids)
-        clean = False
-        try:
-            with trio.move_on_after(self.limits.wall_time_s):
-                await worker.send(Frame({**head, "id": request_id}, body))
-                frame = await worker.receive()
-                reply = check_reply(frame, request_id, self.limits, spec.host)
-                clean = not reply.retire
-                return reply
-            raise WorkerTimeoutError(
-                f"{spec.owner}/{spec.name} ran longer than the {self.limits.wall_time_s} s "
-                "wall-time limit and was stopped"
-            )
-        finally:
+        with trio.move_on_after(self.limits.wall_time_s):
+            await worker.send(Frame({**head, "id": request_id}, body))
+            frame = await worker.receive()
+            return check_reply(frame, request_id, self.limits, spec.host)
+        self.stats["killed_timeout"] += 1
+        raise WorkerTimeoutError(
+            f"{spec.owner}/{spec.name} ran longer than the {self.limits.wall_time_s} s "
+            "wall-time limit and was stopped"
+        )
+
+    def _release(self, warm: _Warm, reply: Reply | None) -> None:
+        """After a request: back to idle, or gone if anything about it was off."""
+        warm.requests += 1
+        warm.last_used = trio.current_time()
+        if reply is None:
             # Whatever went wrong (timeout, garbage, a cancelled client), the worker's state
             # is unknown: it is never handed another request.
-            if not clean:
-                self._kill(worker)
-                slot.worker = None
+            self.stats["killed_unclean"] += 1
+            warm.worker.kill()
+        if (
+            reply is None
+            or reply.retire  # it said it is done (out of memory, CPU budget spent)
+            or warm.owner.retired
+            or warm.requests >= self.config.pool.max_requests_per_worker
+        ):
+            self._drop(warm)
+        else:
+            warm.owner.idle.append(warm)
+            self._room.set()
 
-    def _kill(self, worker: WorkerProcess) -> None:
-        worker.kill()
+    def _drop(self, warm: _Warm) -> None:
+        self._warm_count -= 1
+        self._room.set()
+        self._close(warm.worker)
+
+    def _close(self, worker: WorkerProcess) -> None:
         self.nursery.start_soon(worker.aclose)
 
-    def _close(self, slot: _Slot) -> None:
-        worker, slot.worker = slot.worker, None
-        if worker is not None:
-            self.nursery.start_soon(worker.aclose)
+    # Background tasks
 
-    def _evict_lru(self) -> None:
-        idle = [s for s in self._slots.values() if s.worker is not None and not s.lock.locked()]
-        excess = self.worker_count - self.config.pool.max_workers + 1
-        for slot in sorted(idle, key=lambda s: s.last_used)[: max(excess, 0)]:
-            self._close(slot)
+    async def serve_prewarm(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Keep `prewarm_workers` generic workers ready."""
+        task_status.started()
+        while True:
+            while len(self._ready) < self.config.pool.prewarm_workers:
+                self._ready.append(await self.factory())
+            self._want_ready = trio.Event()
+            await self._want_ready.wait()
 
     async def serve_idle_expiry(self, *, task_status: trio.TaskStatus[None]) -> None:
         timeout = self.config.pool.idle_timeout_s
@@ -213,32 +272,66 @@ class Pool:
         while True:
             await trio.sleep(max(timeout / 4, 0.05))
             now = trio.current_time()
-            for key, slot in list(self._slots.items()):
-                if not slot.lock.locked() and now - slot.last_used >= timeout:
-                    del self._slots[key]
-                    self._close(slot)
+            for key, pool in list(self._vals.items()):
+                for warm in [w for w in pool.idle if now - w.last_used >= timeout]:
+                    pool.idle.remove(warm)
+                    self._drop(warm)
+                if not pool.idle and pool.capacity.value == self.config.pool.max_workers_per_val:
+                    del self._vals[key]
 
     async def aclose(self) -> None:
-        slots, self._slots = list(self._slots.values()), {}
+        vals, self._vals = list(self._vals.values()), {}
+        ready, self._ready = self._ready, []
         async with trio.open_nursery() as nursery:
-            for slot in slots:
-                if slot.worker is not None:
-                    nursery.start_soon(slot.worker.aclose)
-                    slot.worker = None
+            for worker in ready + [w.worker for pool in vals for w in pool.idle]:
+                nursery.start_soon(worker.aclose)
 
 
 @asynccontextmanager
-async def open_pool(config: Config) -> AsyncIterator[Pool]:
+async def open_pool(
+    config: Config, *, worker_command: tuple[str, ...] | None = None
+) -> AsyncIterator[Pool]:
+    """The pool, with its fork server; `worker_command` spawns workers instead (for tests)."""
     workdir = Path(tempfile.mkdtemp(prefix="valrun-workers-"))
+    workdir.chmod(0o711)  # workers may run as another user; they need to reach their own dir
+    inherit = config.pool.inherit_worker_stderr
+    max_body = config.limits.max_response_body_bytes
     try:
+        # `nursery` holds what must outlive the requests: the fork server's control reader
+        # and the workers' closing; `background` holds what stops first.
         async with trio.open_nursery() as nursery:
-            pool = Pool(config, nursery, workdir)
-            await nursery.start(pool.serve_idle_expiry)
+            fork_server: ForkServer | None = None
+            factory: WorkerFactory
+            if worker_command is None:
+                fork_server = await ForkServer.start(
+                    nursery, workdir=workdir, max_body_bytes=max_body, inherit_stderr=inherit
+                )
+                factory = fork_server.spawn
+            else:
+
+                async def factory() -> WorkerProcess:
+                    return await SpawnedWorker.spawn(
+                        nursery,
+                        cwd=workdir,
+                        max_body_bytes=max_body,
+                        command=worker_command,
+                        inherit_stderr=inherit,
+                    )
+
+            pool = Pool(config, nursery, factory)
             try:
-                yield pool
+                async with trio.open_nursery() as background:
+                    await background.start(pool.serve_prewarm)
+                    await background.start(pool.serve_idle_expiry)
+                    try:
+                        yield pool
+                    finally:
+                        background.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True):
                     await pool.aclose()
+                    if fork_server is not None:
+                        await fork_server.aclose()
                 nursery.cancel_scope.cancel()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -1,14 +1,24 @@
-"""A handle on one worker subprocess: spawn it, exchange frames with it, kill it.
+"""Handles on worker processes: exchange frames with one, kill it, learn how it ended.
 
-The handle knows nothing of vals or HTTP; it moves frames and turns every way a process can
+Two kinds, one interface (`WorkerProcess`):
+- `ForkedWorker`: made by the fork server (sandbox/forkserver.py), the normal path. The front
+  end holds the worker's socket and a pidfd; the fork server reaps it and reports its exit.
+- `SpawnedWorker`: a direct subprocess running any command; used to test the front end
+  against fake, hostile workers.
+
+A handle knows nothing of vals or HTTP; it moves frames and turns every way a process can
 misbehave (EOF, garbage, an oversized frame) into a WorkerError.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
+import json
 import logging
+import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,50 +32,36 @@ logger = logging.getLogger(__name__)
 
 # -I: isolated mode, no PYTHON* variables, no user site, no cwd on sys.path.
 WORKER_COMMAND = (sys.executable, "-I", "-m", "sandbox.worker")
+FORK_SERVER_COMMAND = (sys.executable, "-I", "-m", "sandbox.forkserver")
 RECEIVE_CHUNK_BYTES = 65536
 
 
 class WorkerProcess:
-    def __init__(self, process: trio.Process, decoder: FrameDecoder) -> None:
-        self.process = process
-        self.decoder = decoder
-        self.pid = process.pid
-
-    @classmethod
-    async def spawn(
-        cls,
-        *,
-        cwd: Path,
-        max_body_bytes: int,
-        command: tuple[str, ...] = WORKER_COMMAND,
-        inherit_stderr: bool = False,
-    ) -> WorkerProcess:
-        process = await trio.lowlevel.open_process(
-            list(command),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            # A worker's stderr is its own business; inheriting it would let a val flood
-            # the service's log.
-            stderr=None if inherit_stderr else subprocess.DEVNULL,
-            # No secret reaches a worker through its environment (SPEC §8).
-            env={},
-            cwd=cwd,
-        )
-        return cls(process, FrameDecoder(max_body_bytes=max_body_bytes))
+    def __init__(self, pid: int, stream: trio.abc.HalfCloseableStream, max_body_bytes: int):
+        self.pid = pid
+        self.stream = stream
+        self.decoder = FrameDecoder(max_body_bytes=max_body_bytes)
+        self.returncode: int | None = None
+        self._exited = trio.Event()
 
     @property
     def alive(self) -> bool:
-        return self.process.returncode is None
+        return self.returncode is None
+
+    def exited(self, returncode: int) -> None:
+        self.returncode = returncode
+        self._exited.set()
+
+    def kill(self) -> None:
+        raise NotImplementedError
 
     async def send(self, frame: Frame) -> None:
-        assert self.process.stdin is not None
         try:
-            await self.process.stdin.send_all(encode_frame(frame))
+            await self.stream.send_all(encode_frame(frame))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise await self._died("while being sent a request") from None
 
     async def receive(self) -> Frame:
-        assert self.process.stdout is not None
         while True:
             try:
                 frame = self.decoder.next_frame()
@@ -79,7 +75,7 @@ class WorkerProcess:
             if frame is not None:
                 return frame
             try:
-                chunk = await self.process.stdout.receive_some(RECEIVE_CHUNK_BYTES)
+                chunk = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 chunk = b""
             if not chunk:
@@ -88,29 +84,180 @@ class WorkerProcess:
 
     async def _died(self, when: str) -> WorkerError:
         with trio.move_on_after(1):
-            await self.process.wait()
-        code = self.process.returncode
+            await self._exited.wait()
+        code = self.returncode
         if code is not None and code < 0:
-            how = f"was killed by signal {-code}"
             if -code == signal.SIGXCPU:  # the soft RLIMIT_CPU the worker armed
-                return WorkerError(f"the worker {how} {when}: CPU time limit", "cpu_limit")
+                return WorkerError(f"the worker hit its CPU time limit {when}", "cpu_limit")
+            how = f"was killed by signal {-code}"
         else:
             how = f"exited with status {code}"
         return WorkerError(f"the worker {how} {when}", "worker_crashed")
+
+    async def aclose(self, grace_s: float = 2.0) -> None:
+        """Ask the worker to exit (EOF on its input), then kill it if it does not."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(grace_s):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.stream.send_eof()
+                await self._exited.wait()
+            if self.alive:
+                self.kill()
+                with trio.move_on_after(grace_s):
+                    await self._exited.wait()
+            await self.stream.aclose()
+
+
+class SpawnedWorker(WorkerProcess):
+    def __init__(self, process: trio.Process, max_body_bytes: int) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        stream = trio.StapledStream(process.stdin, process.stdout)
+        super().__init__(process.pid, stream, max_body_bytes)
+        self.process = process
+
+    @classmethod
+    async def spawn(
+        cls,
+        nursery: trio.Nursery,
+        *,
+        cwd: Path,
+        max_body_bytes: int,
+        command: tuple[str, ...] = WORKER_COMMAND,
+        inherit_stderr: bool = False,
+    ) -> SpawnedWorker:
+        process = await trio.lowlevel.open_process(
+            list(command),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None if inherit_stderr else subprocess.DEVNULL,
+            env={},  # no secret reaches a worker through its environment (SPEC §8)
+            cwd=cwd,
+        )
+        worker = cls(process, max_body_bytes)
+        nursery.start_soon(worker._reap)
+        return worker
+
+    async def _reap(self) -> None:
+        # Shielded like the fork server's reader: `aclose` kills the process if need be.
+        with trio.CancelScope(shield=True):
+            self.exited(await self.process.wait())
 
     def kill(self) -> None:
         if self.alive:
             self.process.kill()
 
-    async def aclose(self, grace_s: float = 2.0) -> None:
-        """Ask the worker to exit (EOF on its stdin), then kill it if it does not."""
-        assert self.process.stdin is not None
-        with trio.move_on_after(grace_s) as scope:
-            scope.shield = True
-            with contextlib.suppress(trio.BrokenResourceError):
-                await self.process.stdin.aclose()
-            await self.process.wait()
-        if scope.cancelled_caught:
-            self.kill()
+
+class ForkedWorker(WorkerProcess):
+    def __init__(self, pid: int, sock: trio.socket.SocketType, pidfd: int, max_body_bytes: int):
+        super().__init__(pid, trio.SocketStream(sock), max_body_bytes)
+        self.pidfd = pidfd
+
+    def exited(self, returncode: int) -> None:
+        super().exited(returncode)
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+
+    def kill(self) -> None:
+        if self.alive:
+            # Through the pidfd: it names this process, never a later one that reused the pid.
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+
+class ForkServerError(Exception):
+    pass
+
+
+class ForkServer:
+    """The front end's handle on sandbox/forkserver.py."""
+
+    def __init__(self, process: trio.Process, control: trio.socket.SocketType, max_body: int):
+        self.process = process
+        self.control = control
+        self.max_body_bytes = max_body
+        self.workers: dict[int, ForkedWorker] = {}
+        self._spawn_lock = trio.Lock()
+        send, self._spawned = trio.open_memory_channel[ForkedWorker](1)
+        self._spawned_send = send
+
+    @classmethod
+    async def start(
+        cls, nursery: trio.Nursery, *, workdir: Path, max_body_bytes: int, inherit_stderr: bool
+    ) -> ForkServer:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            process = await trio.lowlevel.open_process(
+                list(FORK_SERVER_COMMAND),
+                stdin=theirs.fileno(),
+                stdout=subprocess.DEVNULL,
+                stderr=None if inherit_stderr else subprocess.DEVNULL,
+                env={},  # the fork server and its workers never see the front end's secrets
+                cwd=workdir,
+            )
+        server = cls(process, trio.socket.from_stdlib_socket(ours), max_body_bytes)
+        await server.control.send(json.dumps({"op": "configure", "workdir": str(workdir)}).encode())
+        nursery.start_soon(server._serve_control)
+        return server
+
+    async def spawn(self) -> ForkedWorker:
+        async with self._spawn_lock:  # replies come in request order
+            try:
+                await self.control.send(b'{"op": "spawn"}')
+            except OSError as exc:
+                raise ForkServerError(f"the fork server is gone: {exc}") from None
+            try:
+                return await self._spawned.receive()
+            except trio.EndOfChannel:
+                raise ForkServerError("the fork server exited") from None
+
+    async def _serve_control(self) -> None:
+        fd_space = socket.CMSG_SPACE(2 * array.array("i").itemsize)
+        # Shielded: closing workers needs their exit reports even while the service is being
+        # cancelled. It ends at the fork server's EOF, which `aclose` brings about.
+        try:
             with trio.CancelScope(shield=True):
+                await self._read_control(fd_space)
+        finally:
+            await self._spawned_send.aclose()
+            # Its workers die with it (PR_SET_PDEATHSIG); nobody will report their exits.
+            for worker in self.workers.values():
+                worker.exited(-signal.SIGKILL)
+            self.control.close()
+
+    async def _read_control(self, fd_space: int) -> None:
+        while True:
+            message, ancillary, _flags, _addr = await self.control.recvmsg(65536, fd_space)
+            if not message:
+                return
+            fds = _received_fds(ancillary)
+            head = json.loads(message)
+            if head["op"] == "spawned":
+                sock_fd, pidfd = fds
+                sock = trio.socket.from_stdlib_socket(socket.socket(fileno=sock_fd))
+                worker = ForkedWorker(head["pid"], sock, pidfd, self.max_body_bytes)
+                self.workers[worker.pid] = worker
+                await self._spawned_send.send(worker)
+            elif head["op"] == "exited":
+                exited = self.workers.pop(head["pid"], None)
+                if exited is not None:
+                    exited.exited(head["status"])
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            # EOF, not close: the control reader is waiting on this socket, and sees the
+            # fork server's own EOF once it has gone.
+            with contextlib.suppress(OSError):
+                self.control.shutdown(socket.SHUT_WR)
+            with trio.move_on_after(5):
                 await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+
+
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)

@@ -320,7 +320,7 @@ async def test_preflight_reaches_the_val_and_mirrors_requested_headers(service: 
 
 
 async def test_full_queue_answers_503_with_retry_after(start_service: StartService) -> None:
-    service = await start_service(max_queue_per_val=1)
+    service = await start_service(max_queue_per_val=1, max_workers_per_val=1)
     await service.put_val(
         "slow", "import time\ndef slow(req):\n    time.sleep(0.5)\n    return 'ok'"
     )

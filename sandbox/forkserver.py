@@ -1,0 +1,153 @@
+"""The fork server: one single-threaded process, with the sandbox preloaded, that forks workers.
+
+Spawning `python` and importing RestrictedPython costs ~70 ms; forking a process that already
+did costs ~2 ms. So the front end starts this once (`python -I -m sandbox.forkserver`, empty
+environment, no secrets, none of the front end's memory) and asks it for workers.
+
+Control channel: a SOCK_SEQPACKET socket on fd 0 (message boundaries for free, and it can
+carry descriptors). Front end -> fork server, one JSON object per message:
+    {"op": "configure", "limits": {...}, "workdir": "..."}   once, first
+    {"op": "spawn"}                                          one new generic worker
+Fork server -> front end:
+    {"op": "spawned", "pid": N}  + SCM_RIGHTS [worker socket, pidfd]
+    {"op": "exited", "pid": N, "status": S}    (S < 0: killed by signal -S)
+
+A worker is forked, confined (sandbox.limits), and then waits, generic, for its `load` frame on
+its own socket: `sandbox.worker.serve` does the rest. The pidfd lets the front end kill
+exactly that process, with no pid-reuse race, though it is not the worker's parent; this
+process reaps the worker and reports how it ended.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+
+# Everything a worker will need is imported here, before any fork, so children share it
+# copy-on-write and never import after they are confined (they could not read the files).
+import sandbox.worker
+from sandbox.errors import BadMessageError
+
+MAX_MESSAGE_BYTES = 65536
+PR_SET_PDEATHSIG = 1  # prctl(2): signal this process when its parent dies
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class ForkServer:
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.workdir = ""
+        self.children: dict[int, str] = {}  # pid -> its private working directory
+
+    def serve(self) -> None:
+        # SIGCHLD wakes the select loop through a pipe (signal.set_wakeup_fd), so exits are
+        # reaped and reported promptly even while no spawn request arrives.
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        while True:
+            ready, _, _ = select.select([self.control.fileno(), wake_r], [], [])
+            if wake_r in ready:
+                while _drain(wake_r):
+                    pass
+                self.reap()
+            if self.control.fileno() in ready:
+                message = self.control.recv(MAX_MESSAGE_BYTES)
+                if not message:
+                    return  # the front end is gone: so are we (workers follow via PDEATHSIG)
+                self.handle(json.loads(message))
+
+    def handle(self, message: dict[str, object]) -> None:
+        op = message.get("op")
+        if op == "configure":
+            workdir = message.get("workdir")
+            if not isinstance(workdir, str):
+                raise BadMessageError("configure needs a workdir")
+            self.workdir = workdir
+        elif op == "spawn":
+            self.spawn()
+        else:
+            raise BadMessageError(f"unknown op {op!r}")
+
+    def spawn(self) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cwd = tempfile.mkdtemp(prefix="w-", dir=self.workdir)
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                parent_end.close()
+                self.control.close()
+                code = run_worker(child_end, cwd)
+            finally:
+                os._exit(code)
+        child_end.close()
+        self.children[pid] = cwd
+        pidfd = os.pidfd_open(pid)
+        try:
+            payload = json.dumps({"op": "spawned", "pid": pid}).encode()
+            socket.send_fds(self.control, [payload], [parent_end.fileno(), pidfd])
+        finally:
+            os.close(pidfd)
+            parent_end.close()
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            shutil.rmtree(self.children.pop(pid, ""), ignore_errors=True)
+            code = os.waitstatus_to_exitcode(status)
+            self.control.send(json.dumps({"op": "exited", "pid": pid, "status": code}).encode())
+
+
+def _drain(fd: int) -> bool:
+    try:
+        return bool(os.read(fd, 512))
+    except BlockingIOError:
+        return False
+
+
+def run_worker(sock: socket.socket, cwd: str) -> int:
+    """In the forked child: become a worker on `sock`. Returns the exit code."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _die_with_parent()
+    os.chdir(cwd)
+    fd = sock.detach()
+    inp = os.fdopen(fd, "rb", buffering=0)
+    out = os.fdopen(os.dup(fd), "wb")
+    try:
+        return sandbox.worker.serve(inp, out)
+    except Exception as exc:  # a protocol violation by the front end: say so, exit non-zero
+        print(f"valrun worker: {exc}", file=sys.stderr)
+        return 2
+
+
+def main() -> int:
+    _die_with_parent()
+    control = socket.socket(fileno=0)
+    # Objects that exist now are shared with every child; freezing them keeps the GC from
+    # touching (and so copying) their pages in each child.
+    gc.freeze()
+    ForkServer(control).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
