@@ -1,0 +1,74 @@
+"""A fake worker that speaks the wire protocol, then breaks it on request.
+
+The request path picks the misbehaviour; `/ok` answers properly, so a test can show the pool
+recovering with a fresh worker of the same kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import time
+
+from sandbox.wire import Frame, FrameDecoder, encode_frame, read_frame
+
+
+def reply(out: int, frame: Frame) -> None:
+    os.write(out, encode_frame(frame))
+
+
+def main() -> int:
+    inp, out = os.fdopen(0, "rb", buffering=0), 1
+    decoder = FrameDecoder()
+    load = read_frame(inp, decoder)
+    if load is None:
+        return 0
+    reply(out, Frame({"op": "loaded", "log": ""}))
+    while (frame := read_frame(inp, decoder)) is not None:
+        rid, path = frame.head["id"], frame.head["path"]
+        ok = Frame({"op": "response", "id": rid, "status": 200, "headers": [], "log": ""}, b"ok")
+        if path == "/ok":
+            reply(out, ok)
+        elif path == "/garbage":
+            os.write(out, b"\x00\x00\x00\x05\x00\x00\x00\x00{not json at all")
+        elif path == "/not-an-object":
+            os.write(out, struct.pack(">II", 2, 0) + b"[]")
+        elif path == "/huge-head":
+            os.write(out, struct.pack(">II", 2**31, 0))
+        elif path == "/huge-body":
+            os.write(out, struct.pack(">II", 2, 2**31) + b"{}")
+        elif path == "/wrong-id":
+            reply(out, Frame({**ok.head, "id": rid + 1000}, b"ok"))
+        elif path == "/string-id":
+            reply(out, Frame({**ok.head, "id": str(rid)}, b"ok"))
+        elif path == "/bad-status":
+            reply(out, Frame({**ok.head, "status": 99}, b"ok"))
+        elif path == "/unknown-op":
+            reply(out, Frame({**ok.head, "op": "surprise"}))
+        elif path == "/fake-error-type":
+            reply(
+                out, Frame({"op": "error", "id": rid, "type": "all_good", "message": "", "log": ""})
+            )
+        elif path == "/half-then-hang":
+            data = encode_frame(ok)
+            os.write(out, data[: len(data) // 2])
+            time.sleep(3600)
+        elif path == "/exit-mid-reply":
+            data = encode_frame(ok)
+            os.write(out, data[:10])
+            return 3
+        elif path == "/silent-exit":
+            return 0
+        elif path == "/flood":
+            chunk = json.dumps({"op": "response"}).encode() * 1000
+            while True:
+                os.write(out, chunk)
+        else:
+            reply(out, Frame({**ok.head, "status": 500}, b"unknown fake path"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""A worker that lies, floods, hangs or dies costs exactly its own request a 502 (or 504).
+
+The pool is driven with a fake worker (tests/fakes/hostile_worker.py) spawned directly; each
+case breaks the protocol one way, then a normal request proves the pool recovered.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from runtime.config import Config, LimitsConfig, PoolConfig
+from runtime.errors import HTTPError
+from runtime.pool import Pool, ValSpec, open_pool
+from runtime.reply import ValResponse
+
+# Run by path: workers start in an empty directory, where `tests` is not importable.
+FAKE = (sys.executable, str(Path(__file__).parent / "fakes" / "hostile_worker.py"))
+SPEC = ValSpec(1, 1, "alice", "fake", "unused", (), "alice-fake.web.localhost")
+CONFIG = Config(
+    limits=LimitsConfig(wall_time_s=1.5),
+    pool=PoolConfig(prewarm_workers=1, max_workers_per_val=1),
+)
+
+
+def request(path: str) -> dict[str, object]:
+    return {"op": "http", "method": "GET", "url": path, "path": path, "query": "", "headers": []}
+
+
+async def ok(pool: Pool) -> bytes:
+    reply = await pool.invoke(SPEC, request("/ok"), b"")
+    assert isinstance(reply.outcome, ValResponse)
+    return reply.outcome.body
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "error_type"),
+    [
+        ("/garbage", 502, "protocol_error"),
+        ("/not-an-object", 502, "protocol_error"),
+        ("/huge-head", 502, "protocol_error"),
+        ("/huge-body", 502, "response_too_large"),
+        ("/wrong-id", 502, "protocol_error"),
+        ("/string-id", 502, "protocol_error"),
+        ("/bad-status", 502, "bad_response"),
+        ("/unknown-op", 502, "protocol_error"),
+        ("/fake-error-type", 502, "protocol_error"),
+        ("/half-then-hang", 504, "timeout"),
+        ("/exit-mid-reply", 502, "worker_crashed"),
+        ("/silent-exit", 502, "worker_crashed"),
+        ("/flood", 502, "protocol_error"),
+    ],
+)
+async def test_hostile_worker_costs_one_error_and_the_pool_recovers(
+    path: str, status: int, error_type: str
+) -> None:
+    with trio.fail_after(20):
+        async with open_pool(CONFIG, worker_command=FAKE) as pool:
+            assert await ok(pool) == b"ok"
+            with pytest.raises(HTTPError) as caught:
+                await pool.invoke(SPEC, request(path), b"")
+            assert (caught.value.status, caught.value.type) == (status, error_type)
+            assert pool.stats["killed_unclean"] == 1
+            assert await ok(pool) == b"ok"
+            assert pool.stats["cold_starts"] == 2  # the liar was never reused
+
+
+async def test_hostile_worker_does_not_delay_another_vals_request() -> None:
+    other = ValSpec(2, 1, "bob", "fake", "unused", (), "bob-fake.web.localhost")
+    with trio.fail_after(20):
+        async with open_pool(CONFIG, worker_command=FAKE) as pool, trio.open_nursery() as nursery:
+            nursery.start_soon(pool.invoke, SPEC, request("/half-then-hang"), b"")
+            await trio.sleep(0.2)
+            started = trio.current_time()
+            reply = await pool.invoke(other, request("/ok"), b"")
+            assert isinstance(reply.outcome, ValResponse)
+            assert trio.current_time() - started < 1.0
+            nursery.cancel_scope.cancel()
