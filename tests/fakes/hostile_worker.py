@@ -27,7 +27,7 @@ def main() -> int:
         return 0
     reply(out, Frame({"op": "loaded", "log": ""}))
     while (frame := read_frame(inp, decoder)) is not None:
-        rid, path = frame.head["id"], frame.head["path"]
+        rid, path = int(str(frame.head["id"])), frame.head["path"]
         ok = Frame({"op": "response", "id": rid, "status": 200, "headers": [], "log": ""}, b"ok")
         if path == "/ok":
             reply(out, ok)
