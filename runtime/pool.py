@@ -27,7 +27,7 @@ from pathlib import Path
 import trio
 
 from runtime.config import Config
-from runtime.errors import OverloadedError, WorkerTimeoutError
+from runtime.errors import HTTPError, OverloadedError, WorkerTimeoutError
 from runtime.process import ForkServer, SpawnedWorker, WorkerProcess
 from runtime.reply import Reply, check_failure, check_reply, protocol_error
 from sandbox.wire import Frame
@@ -95,9 +95,16 @@ class Pool:
     def worker_count(self) -> int:
         return self._warm_count
 
-    @property
-    def ready_count(self) -> int:
-        return len(self._ready)
+    def gauges(self) -> dict[str, int]:
+        """Workers by state and queued requests, for /metrics and /healthz."""
+        pools = self._vals.values()
+        idle = sum(len(pool.idle) for pool in pools)
+        return {
+            "ready": len(self._ready),
+            "idle": idle,
+            "busy": self._warm_count - idle,
+            "queued": sum(pool.capacity.statistics().tasks_waiting for pool in pools),
+        }
 
     async def invoke(self, spec: ValSpec, head: dict[str, object], body: bytes) -> Reply:
         pool = self._vals.get(spec.key)
@@ -112,12 +119,16 @@ class Pool:
             )
         async with pool.capacity:
             warm = pool.idle.pop() if pool.idle else await self._specialize(pool)
-            reply = None
+            self.stats["invocations"] += 1
+            reply, failure = None, "cancelled"
             try:
                 reply = await self._exchange(warm.worker, spec, head, body)
                 return reply
+            except HTTPError as exc:
+                failure = exc.type
+                raise
             finally:
-                self._release(warm, reply)
+                self._release(warm, reply, failure)
 
     async def invoke_once(self, spec: ValSpec, head: dict[str, object], body: bytes) -> Reply:
         """Run one request in a fresh worker that serves nothing else (the Eval API)."""
@@ -221,21 +232,25 @@ class Pool:
             await worker.send(Frame({**head, "id": request_id}, body))
             frame = await worker.receive()
             return check_reply(frame, request_id, self.limits, spec.host)
-        self.stats["killed_timeout"] += 1
         raise WorkerTimeoutError(
             f"{spec.owner}/{spec.name} ran longer than the {self.limits.wall_time_s} s "
             "wall-time limit and was stopped"
         )
 
-    def _release(self, warm: _Warm, reply: Reply | None) -> None:
+    def _release(self, warm: _Warm, reply: Reply | None, failure: str) -> None:
         """After a request: back to idle, or gone if anything about it was off."""
         warm.requests += 1
         warm.last_used = trio.current_time()
         if reply is None:
             # Whatever went wrong (timeout, garbage, a cancelled client), the worker's state
             # is unknown: it is never handed another request.
-            self.stats["killed_unclean"] += 1
+            self.stats[f"killed_{failure}"] += 1
             warm.worker.kill()
+        elif reply.retire:
+            outcome = reply.outcome
+            self.stats[
+                f"killed_{outcome.type if isinstance(outcome, HTTPError) else 'retired'}"
+            ] += 1
         if (
             reply is None
             or reply.retire  # it said it is done (out of memory, CPU budget spent)

@@ -63,7 +63,7 @@ async def test_hostile_worker_costs_one_error_and_the_pool_recovers(
             with pytest.raises(HTTPError) as caught:
                 await pool.invoke(SPEC, request(path), b"")
             assert (caught.value.status, caught.value.type) == (status, error_type)
-            assert pool.stats["killed_unclean"] == 1
+            assert pool.stats[f"killed_{error_type}"] == 1
             assert await ok(pool) == b"ok"
             assert pool.stats["cold_starts"] == 2  # the liar was never reused
 
