@@ -28,7 +28,7 @@ import trio
 
 from runtime.config import Config
 from runtime.errors import HTTPError, OverloadedError, WorkerTimeoutError
-from runtime.process import ForkServer, SpawnedWorker, WorkerProcess
+from runtime.process import SpawnedWorker, SupervisedForkServer, WorkerProcess
 from runtime.reply import Reply, check_failure, check_reply, protocol_error
 from sandbox.wire import Frame
 
@@ -90,6 +90,7 @@ class Pool:
         self._want_ready = trio.Event()
         self._request_ids = itertools.count(1)
         self.stats: Counter[str] = Counter()
+        self.fork_server: SupervisedForkServer | None = None
 
     @property
     def worker_count(self) -> int:
@@ -161,7 +162,7 @@ class Pool:
         self._want_ready.set()
         while self._ready:
             worker = self._ready.pop(0)
-            if worker.alive:
+            if worker.still_running():
                 self.stats["prewarmed_used"] += 1
                 return worker
         self.stats["forked_on_demand"] += 1
@@ -315,12 +316,13 @@ async def open_pool(
         # `nursery` holds what must outlive the requests: the fork server's control reader
         # and the workers' closing; `background` holds what stops first.
         async with trio.open_nursery() as nursery:
-            fork_server: ForkServer | None = None
+            fork_server: SupervisedForkServer | None = None
             factory: WorkerFactory
             if worker_command is None:
-                fork_server = await ForkServer.start(
+                fork_server = SupervisedForkServer(
                     nursery, workdir=workdir, max_body_bytes=max_body, inherit_stderr=inherit
                 )
+                await fork_server.start()
                 factory = fork_server.spawn
             else:
 
@@ -334,6 +336,7 @@ async def open_pool(
                     )
 
             pool = Pool(config, nursery, factory)
+            pool.fork_server = fork_server
             try:
                 async with trio.open_nursery() as background:
                     await background.start(pool.serve_prewarm)

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -54,6 +55,10 @@ class WorkerProcess:
 
     def kill(self) -> None:
         raise NotImplementedError
+
+    def still_running(self) -> bool:
+        """Ask the kernel, not the exit report, which may still be on its way."""
+        return self.alive
 
     async def send(self, frame: Frame) -> None:
         try:
@@ -146,6 +151,9 @@ class SpawnedWorker(WorkerProcess):
         if self.alive:
             self.process.kill()
 
+    def still_running(self) -> bool:
+        return self.alive and self.process.poll() is None
+
 
 class ForkedWorker(WorkerProcess):
     def __init__(self, pid: int, sock: trio.socket.SocketType, pidfd: int, max_body_bytes: int):
@@ -156,6 +164,14 @@ class ForkedWorker(WorkerProcess):
         super().exited(returncode)
         with contextlib.suppress(OSError):
             os.close(self.pidfd)
+
+    def still_running(self) -> bool:
+        # A pidfd becomes readable when its process exits (pidfd_open(2)).
+        if not self.alive:
+            return False
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return not poller.poll(0)
 
     def kill(self) -> None:
         if self.alive:
@@ -176,6 +192,7 @@ class ForkServer:
         self.control = control
         self.max_body_bytes = max_body
         self.workers: dict[int, ForkedWorker] = {}
+        self.closed = False
         self._spawn_lock = trio.Lock()
         send, self._spawned = trio.open_memory_channel[ForkedWorker](1)
         self._spawned_send = send
@@ -218,6 +235,7 @@ class ForkServer:
             with trio.CancelScope(shield=True):
                 await self._read_control(fd_space)
         finally:
+            self.closed = True
             await self._spawned_send.aclose()
             # Its workers die with it (PR_SET_PDEATHSIG); nobody will report their exits.
             for worker in self.workers.values():
@@ -261,3 +279,55 @@ def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     return list(fds)
+
+
+class SupervisedForkServer:
+    """A fork server that is started again if it dies, so one lost process (a val that
+    escaped and killed its parent, an operator's stray `kill`) cannot take valrun down."""
+
+    def __init__(
+        self, nursery: trio.Nursery, *, workdir: Path, max_body_bytes: int, inherit_stderr: bool
+    ) -> None:
+        self.nursery = nursery
+        self.workdir = workdir
+        self.max_body_bytes = max_body_bytes
+        self.inherit_stderr = inherit_stderr
+        self.server: ForkServer | None = None
+        self.restarts = 0
+        self._lock = trio.Lock()  # one restart, however many tasks notice the death
+
+    async def start(self) -> ForkServer:
+        server = await ForkServer.start(
+            self.nursery,
+            workdir=self.workdir,
+            max_body_bytes=self.max_body_bytes,
+            inherit_stderr=self.inherit_stderr,
+        )
+        self.server = server
+        return server
+
+    async def _current(self) -> ForkServer:
+        async with self._lock:
+            old = self.server
+            if old is not None and not old.closed:
+                return old
+            if old is not None:
+                self.restarts += 1
+                logger.error("the fork server died; starting a new one")
+                if old.process.returncode is None:
+                    old.process.kill()
+            return await self.start()
+
+    async def spawn(self) -> WorkerProcess:
+        for _attempt in range(2):
+            server = await self._current()
+            try:
+                return await server.spawn()
+            except ForkServerError as exc:
+                logger.error("%s", exc)
+                server.closed = True
+        raise ForkServerError("the fork server failed twice in a row; see the log")
+
+    async def aclose(self) -> None:
+        if self.server is not None:
+            await self.server.aclose()

@@ -1,0 +1,79 @@
+"""The pool with the real fork server: prewarming, reuse, retirement, restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import trio
+
+from runtime.config import Config, LimitsConfig, PoolConfig
+from runtime.pool import Pool, ValSpec, open_pool
+from runtime.reply import ValResponse
+
+CONFIG = Config(limits=LimitsConfig(wall_time_s=3.0), pool=PoolConfig(prewarm_workers=2))
+COUNTER = "n = 0\ndef c(req):\n    global n\n    n += 1\n    return str(n)\n"
+
+
+def spec(
+    val_id: int = 1, version: int = 1, code: str = COUNTER, env: tuple[tuple[str, str], ...] = ()
+) -> ValSpec:
+    return ValSpec(val_id, version, "alice", "c", code, env, "alice-c.web.localhost")
+
+
+REQUEST: dict[str, object] = {
+    "op": "http",
+    "method": "GET",
+    "url": "/",
+    "path": "/",
+    "query": "",
+    "headers": [],
+}
+
+
+async def body(pool: Pool, val: ValSpec) -> bytes:
+    reply = await pool.invoke(val, REQUEST, b"")
+    assert isinstance(reply.outcome, ValResponse), reply.outcome
+    return reply.outcome.body
+
+
+async def test_prewarmed_workers_are_used_and_refilled() -> None:
+    with trio.fail_after(20):
+        async with open_pool(CONFIG) as pool:
+            while pool.gauges()["ready"] < 2:
+                await trio.sleep(0.01)
+            assert await body(pool, spec(1)) == b"1"
+            assert await body(pool, spec(2)) == b"1"
+            assert pool.stats["prewarmed_used"] == 2
+            while pool.gauges()["ready"] < 2:  # refilled in the background
+                await trio.sleep(0.01)
+
+
+async def test_warm_worker_is_reused_and_a_changed_env_gets_a_new_one() -> None:
+    with trio.fail_after(20):
+        async with open_pool(CONFIG) as pool:
+            assert [await body(pool, spec()) for _ in range(3)] == [b"1", b"2", b"3"]
+            assert await body(pool, spec(env=(("K", "v"),))) == b"1"
+            assert pool.stats["cold_starts"] == 2
+
+
+async def test_retired_val_gets_a_fresh_worker() -> None:
+    with trio.fail_after(20):
+        async with open_pool(CONFIG) as pool:
+            assert await body(pool, spec()) == b"1"
+            pool.retire(1)
+            assert await body(pool, spec()) == b"1"
+
+
+async def test_fork_server_killed_is_restarted() -> None:
+    with trio.fail_after(20):
+        async with open_pool(CONFIG) as pool:
+            assert await body(pool, spec(1)) == b"1"
+            assert pool.fork_server is not None and pool.fork_server.server is not None
+            zygote = pool.fork_server.server.process
+            os.kill(zygote.pid, signal.SIGKILL)
+            await zygote.wait()
+            # Ready workers died with it (PR_SET_PDEATHSIG); new vals still get workers.
+            for val_id in (2, 3, 4):
+                assert await body(pool, spec(val_id)) == b"1"
+            assert pool.fork_server.restarts == 1
