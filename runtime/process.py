@@ -193,6 +193,7 @@ class ForkServer:
         self.max_body_bytes = max_body
         self.workers: dict[int, ForkedWorker] = {}
         self.closed = False
+        self.gone = trio.Event()  # its control channel ended: it and its workers are dead
         self._spawn_lock = trio.Lock()
         send, self._spawned = trio.open_memory_channel[ForkedWorker](1)
         self._spawned_send = send
@@ -241,6 +242,7 @@ class ForkServer:
             for worker in self.workers.values():
                 worker.exited(-signal.SIGKILL)
             self.control.close()
+            self.gone.set()
 
     async def _read_control(self, fd_space: int) -> None:
         while True:

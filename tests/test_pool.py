@@ -70,9 +70,9 @@ async def test_fork_server_killed_is_restarted() -> None:
         async with open_pool(CONFIG) as pool:
             assert await body(pool, spec(1)) == b"1"
             assert pool.fork_server is not None and pool.fork_server.server is not None
-            zygote = pool.fork_server.server.process
-            os.kill(zygote.pid, signal.SIGKILL)
-            await zygote.wait()
+            zygote = pool.fork_server.server
+            os.kill(zygote.process.pid, signal.SIGKILL)
+            await zygote.gone.wait()
             # Ready workers died with it (PR_SET_PDEATHSIG); new vals still get workers.
             for val_id in (2, 3, 4):
                 assert await body(pool, spec(val_id)) == b"1"
