@@ -7,6 +7,7 @@ worker's fault: the caller gets 502 and the worker is killed, never reused.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -55,10 +56,19 @@ class ValResponse:
 
 
 @dataclass(frozen=True, slots=True)
-class Reply:
-    """A checked reply: a response, or the val's failure; `retire` if the worker is done."""
+class ValResult:
+    """A Run or Eval result: `body` is checked to be UTF-8 JSON, forwarded as it is."""
 
-    outcome: ValResponse | WorkerError
+    body: bytes
+    log: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A checked reply: a response, a result, or the val's failure; `retire` if the worker is
+    done."""
+
+    outcome: ValResponse | ValResult | WorkerError
     log: str
     retire: bool
 
@@ -153,6 +163,8 @@ def check_reply(frame: Frame, request_id: int, limits: LimitsConfig, host: str) 
     log = _bounded_log(head.get("log", ""), limits)
     if head.get("op") == "error":
         return Reply(check_failure(head), log, retire)
+    if head.get("op") == "result":
+        return Reply(ValResult(check_result_body(frame.body, limits), log), log, retire)
     if head.get("op") != "response":
         raise protocol_error(f"unexpected op {head.get('op')!r}")
     status = head.get("status")
@@ -167,6 +179,28 @@ def check_reply(frame: Frame, request_id: int, limits: LimitsConfig, host: str) 
         )
     headers = check_headers(head.get("headers"), limits, host)
     return Reply(ValResponse(status, headers, frame.body, log), log, retire)
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def check_result_body(body: bytes, limits: LimitsConfig) -> bytes:
+    """A result body: within the response limit, and really JSON (RFC 8259: UTF-8, no NaN)."""
+    if len(body) > limits.max_response_body_bytes:
+        raise WorkerError(
+            f"the result is over the {limits.max_response_body_bytes}-byte limit",
+            "response_too_large",
+        )
+    try:
+        # Parsed only to be checked: the worker's bytes are what the client gets. Decoding
+        # first refuses what json.loads(bytes) would guess as UTF-16 or UTF-32.
+        json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError):
+        raise protocol_error("the result is not UTF-8 JSON") from None
+    except RecursionError:
+        raise protocol_error("the result is nested too deeply") from None
+    return body
 
 
 def check_failure(head: dict[str, object]) -> WorkerError:

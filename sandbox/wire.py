@@ -15,12 +15,23 @@ frames and knows nothing of sockets or pipes. Both limits are checked from the 8
 before the payload is buffered, so a peer that announces 4 GiB costs nothing but the prefix.
 
 Messages (``op`` values), front end -> worker:
-    load   head: name, env, limits                           body: the val's source (UTF-8)
+    load   head: name, mode, env, limits                     body: the val's source (UTF-8)
     http   head: id, method, url, path, query, headers       body: the request body
+    call   head: id                                          body: the args, a JSON array,
+                                                                   or empty: "do not call"
 Worker -> front end:
-    loaded  head: (nothing else)
-    response head: id, status, headers, log  body: the response body
-    error    head: id (absent for a failed load), type, message, log
+    loaded   head: log
+    response head: id, status, headers, log, retire          body: the response body
+    result   head: id, log, retire                           body: the value as UTF-8 JSON
+    error    head: id (absent for a failed load), type, message, traceback, log, retire
+
+``mode`` is ``"module"`` (a val: run the module once, its export is the top-level name equal
+to ``name``) or ``"eval"`` (the Eval API: compile statements and a final expression; each
+``call`` runs them in a fresh namespace and the expression's value is the export). On
+``call``, a callable export is called with the args and its return value is the result; a
+non-callable export is the result itself; with an empty body the export is the result even
+when callable (Eval without args). The args travel in the body, not the head: they may be as
+large as a request body (2 MiB by default), over the head limit below.
 """
 
 from __future__ import annotations
