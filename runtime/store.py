@@ -1,4 +1,5 @@
-"""The store: users, token hashes, vals, immutable versions, env. SQLite in WAL mode.
+"""The store: users, token hashes, vals, immutable versions, env, invocation records.
+SQLite in WAL mode.
 
 `Store` is plain synchronous SQL (the CLI uses it directly). The front end goes through
 `AsyncStore.run(Store.method, ...)`, which runs the call in a worker thread so a slow disk
@@ -66,6 +67,24 @@ CREATE TABLE IF NOT EXISTS env (
     value TEXT NOT NULL,
     PRIMARY KEY (user_id, key)
 );
+-- Invocation records. A val's have val_id (and no user_id: the val names its owner); an
+-- Eval's have no val_id and the token's user_id (none for an anonymous Eval). Each such
+-- bucket keeps its newest store.max_runs_per_val records. Never request bodies nor env
+-- values; the log is capped by the worker and the front end.
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    val_id INTEGER REFERENCES vals(id) ON DELETE CASCADE,
+    user_id INTEGER REFERENCES users(id) ON DELETE CASCADE,
+    source TEXT NOT NULL,
+    version INTEGER,
+    started_at REAL NOT NULL,
+    duration_ms REAL NOT NULL,
+    status INTEGER NOT NULL,
+    log TEXT NOT NULL,
+    error_type TEXT,
+    error_message TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_by_bucket ON runs (val_id, user_id, id);
 """
 
 
@@ -84,6 +103,45 @@ class ValVersion:
     version: int
     code: str
     created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """What is known of a token after its creation: never the token, never its hash."""
+
+    id: int
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One invocation: a val's (web or run) or an Eval's."""
+
+    val_id: int | None  # None for an Eval
+    owner: str | None  # the val's owner, or the Eval's token user (None: anonymous)
+    source: str  # "web", "run" or "eval"
+    version: int | None  # None for an Eval
+    started_at: float  # Unix time
+    duration_ms: float
+    status: int  # the HTTP status the client got
+    log: str
+    error_type: str | None = None
+    error_message: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        error = None
+        if self.error_type is not None:
+            error = {"type": self.error_type, "message": self.error_message or ""}
+        return {
+            "time": self.started_at,
+            "source": self.source,
+            "version": self.version,
+            "status": self.status,
+            "duration_ms": round(self.duration_ms, 3),
+            "log": self.log,
+            "error": error,
+        }
 
 
 def hash_token(token: str) -> bytes:
@@ -144,6 +202,26 @@ class Store:
             ]
         )
         return token
+
+    def tokens(self, username: str) -> list[TokenInfo]:
+        user = self.user(username)
+        rows = self._db.execute(
+            "SELECT id, created_at, revoked_at FROM tokens WHERE user_id = ? ORDER BY id",
+            (user.id,),
+        )
+        return [TokenInfo(*row) for row in rows]
+
+    def revoke_token(self, token_id: int) -> None:
+        (cur,) = self._write(
+            [
+                (
+                    "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                    (time.time(), token_id),
+                )
+            ]
+        )
+        if cur.rowcount == 0:
+            raise NotFoundError(f"no active token with id {token_id}")
 
     def user(self, name: str) -> User:
         row = self._db.execute("SELECT id, name FROM users WHERE name = ?", (name,)).fetchone()
@@ -292,6 +370,66 @@ class Store:
         user = self.user(owner)
         (cur,) = self._write([("DELETE FROM env WHERE user_id = ? AND key = ?", (user.id, key))])
         return cur.rowcount > 0
+
+    # Invocation records
+
+    def add_runs(self, records: list[Record], keep: int) -> None:
+        """Write records and trim each affected bucket to its newest `keep`, in one
+        transaction."""
+        buckets: set[tuple[int | None, int | None]] = set()
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            for r in records:
+                values = (
+                    *(r.source, r.version, r.started_at, r.duration_ms, r.status, r.log),
+                    *(r.error_type, r.error_message),
+                )
+                if r.val_id is not None:
+                    # The val may have been deleted since: then its record goes with it.
+                    cur = self._db.execute(
+                        "INSERT INTO runs (val_id, source, version, started_at, duration_ms, "
+                        "status, log, error_type, error_message) "
+                        "SELECT id, ?, ?, ?, ?, ?, ?, ?, ? FROM vals WHERE id = ?",
+                        (*values, r.val_id),
+                    )
+                    if cur.rowcount:
+                        buckets.add((r.val_id, None))
+                else:
+                    user_id = self._user_id(r.owner) if r.owner else None
+                    self._db.execute(
+                        "INSERT INTO runs (user_id, source, version, started_at, duration_ms, "
+                        "status, log, error_type, error_message) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (user_id, *values),
+                    )
+                    buckets.add((None, user_id))
+            for val_id, user_id in buckets:
+                self._db.execute(
+                    "DELETE FROM runs WHERE val_id IS ? AND user_id IS ? AND id <= ("
+                    "  SELECT id FROM runs WHERE val_id IS ? AND user_id IS ? "
+                    "  ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    (val_id, user_id, val_id, user_id, keep),
+                )
+
+    def _user_id(self, name: str) -> int | None:
+        row = self._db.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()
+        return None if row is None else int(row[0])
+
+    _RUN_SELECT = (
+        "SELECT val_id, ?, source, version, started_at, duration_ms, status, log, "
+        "error_type, error_message FROM runs "
+    )
+
+    def runs(self, val: ValVersion, limit: int) -> list[Record]:
+        """A val's records, newest first."""
+        sql = self._RUN_SELECT + "WHERE val_id = ? AND user_id IS NULL ORDER BY id DESC LIMIT ?"
+        return [Record(*row) for row in self._db.execute(sql, (val.owner, val.val_id, limit))]
+
+    def eval_runs(self, owner: str, limit: int) -> list[Record]:
+        """The records of a user's Evals, newest first."""
+        user = self.user(owner)
+        sql = self._RUN_SELECT + "WHERE val_id IS NULL AND user_id = ? ORDER BY id DESC LIMIT ?"
+        return [Record(*row) for row in self._db.execute(sql, (owner, user.id, limit))]
 
 
 class AsyncStore:

@@ -1,0 +1,125 @@
+"""Invocation records (SPEC §4.4 `/runs`, §9): queued in memory, written in batches.
+
+A store write per request would put a disk transaction on every invocation's path. Instead
+`Recorder.add` appends to a bounded in-memory queue (no I/O, no await) and `serve` writes the
+queue in one transaction when `batch_size` records are waiting or `flush_interval_s` after the
+first one arrived, trimming each val to its newest `store.max_runs_per_val` in the same
+transaction. A reader calls `flush` first, so a client that invoked and then reads sees its
+record; `open_recorder` flushes once more at shutdown.
+
+What a record holds is decided by `runtime.run_api.Runner`: never a request body, never an env
+value (`mask_env` takes them out of logs and error messages).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+import trio
+
+from runtime.store import AsyncStore, Record, Store
+
+logger = logging.getLogger(__name__)
+
+#: Env values shorter than this are not masked: masking "1" or "on" would garble every log.
+MIN_MASKED_CHARS = 4
+
+
+def mask_env(text: str, env: Iterable[tuple[str, str]]) -> str:
+    """`text` with every env value (of MIN_MASKED_CHARS or more) replaced by `[env KEY]`."""
+    # Longest first, so a value that contains another is masked whole.
+    for key, value in sorted(env, key=lambda pair: len(pair[1]), reverse=True):
+        if len(value) >= MIN_MASKED_CHARS and value in text:
+            text = text.replace(value, f"[env {key}]")
+    return text
+
+
+class Recorder:
+    def __init__(
+        self,
+        store: AsyncStore,
+        *,
+        keep_per_val: int,
+        flush_interval_s: float = 0.1,
+        batch_size: int = 256,
+        max_pending: int = 10_000,
+        max_pending_bytes: int = 32 * 1024 * 1024,
+    ) -> None:
+        self.store = store
+        self.keep_per_val = keep_per_val
+        self.flush_interval_s = flush_interval_s
+        self.batch_size = batch_size
+        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self._pending: deque[Record] = deque()
+        self._pending_bytes = 0
+        self._dropped = 0
+        self._lock = trio.Lock()  # one flush at a time: a reader waits for one in progress
+        self._arrived = trio.Event()
+        self._batch_ready = trio.Event()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, record: Record) -> None:
+        """Queue a record. Never blocks; when the store falls behind, the oldest go."""
+        self._pending.append(record)
+        self._pending_bytes += _size(record)
+        while len(self._pending) > self.max_pending or self._pending_bytes > self.max_pending_bytes:
+            self._pending_bytes -= _size(self._pending.popleft())
+            self._dropped += 1
+        self._arrived.set()
+        if len(self._pending) >= self.batch_size:
+            self._batch_ready.set()
+
+    async def flush(self) -> None:
+        """Write every queued record; when this returns, all records added before are stored."""
+        async with self._lock:
+            if self._dropped:
+                logger.warning(
+                    "dropped %d invocation records: the store did not keep up", self._dropped
+                )
+                self._dropped = 0
+            if not self._pending:
+                return
+            batch = list(self._pending)
+            self._pending.clear()
+            self._pending_bytes = 0
+            try:
+                await self.store.run(Store.add_runs, batch, self.keep_per_val)
+            except sqlite3.Error:
+                # Records are worth less than serving: log and go on.
+                logger.exception("could not write %d invocation records", len(batch))
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._arrived.wait()  # idle: no wake-ups at all
+            with trio.move_on_after(self.flush_interval_s):
+                await self._batch_ready.wait()
+            self._arrived = trio.Event()
+            self._batch_ready = trio.Event()
+            await self.flush()
+
+
+def _size(record: Record) -> int:
+    return 200 + len(record.log) + len(record.error_message or "")
+
+
+@asynccontextmanager
+async def open_recorder(store: AsyncStore, *, keep_per_val: int) -> AsyncIterator[Recorder]:
+    recorder = Recorder(store, keep_per_val=keep_per_val)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recorder.serve)
+        try:
+            yield recorder
+        finally:
+            # Requests have finished (the server stops first): what they recorded is kept.
+            with trio.CancelScope(shield=True):
+                await recorder.flush()
+            nursery.cancel_scope.cancel()
