@@ -1,7 +1,20 @@
-"""The API host: management (SPEC §4.4), legacy Express redirects (§4.1), health.
+"""The API host: Run (SPEC §4.2), Eval (§4.3), management (§4.4), legacy Express redirects
+(§4.1), health.
 
 Routes are a table of (method, path pattern, handler name); `match_route` is pure and
-answers 404 or 405 itself. Handlers are methods of `Api`, which holds the store and the pool.
+answers 404 or 405 itself. Handlers are methods of `Api` (management) and of
+`runtime.run_api.RunApi` (Run and Eval, which invoke vals).
+
+Who may do what, by privacy (SPEC §1). A private val is invisible to everyone but its owner:
+404, never 403, so its existence is not revealed.
+
+                     public        unlisted      private
+    run (Run API)    anyone        anyone        owner (others 404)
+    read code        anyone        anyone        owner (others 404)
+    listed           to anyone     to owner      to owner
+    write            owner (another user 403, no token 401)
+    read records     owner (another user 403; for a private val 404; no token 401)
+    web endpoint     anyone        anyone        anyone (the code is private, not the endpoint)
 """
 
 from __future__ import annotations
@@ -9,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, quote
 
 from runtime.config import Config
@@ -23,13 +37,22 @@ from runtime.errors import (
 from runtime.hosts import USER_RE, VAL_RE, val_host
 from runtime.http import HTTPRequest, HTTPResponse
 from runtime.pool import Pool
+from runtime.records import Recorder
 from runtime.store import AsyncStore, Store, User, ValVersion
+
+if TYPE_CHECKING:  # run_api imports this module
+    from runtime.run_api import RunApi
 
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 MAX_ENV_VALUE_BYTES = 64 * 1024
+DEFAULT_RUNS_LIMIT = 100
+MAX_RUNS_LIMIT = 1000
 
 _USER = r"(?P<user>[^/]+)"
 _VAL = r"(?P<val>[^/]+)"
+_RUN = r"/v1/run/(?P<target>[^/]+)"
+# Eval's code is the rest of the path, slashes and newlines included (`1/2`, `x = 1\nx`).
+_EVAL = r"/v1/eval/(?P<code>(?s:.*))"
 ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple(
     (method, re.compile(pattern), handler)
     for method, pattern, handler in (
@@ -41,11 +64,23 @@ ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple(
         ("PATCH", rf"/v1/vals/{_USER}/{_VAL}", "patch_val"),
         ("DELETE", rf"/v1/vals/{_USER}/{_VAL}", "delete_val"),
         ("GET", rf"/v1/vals/{_USER}/{_VAL}/versions", "list_versions"),
+        ("GET", rf"/v1/vals/{_USER}/{_VAL}/runs", "list_runs"),
+        ("GET", r"/v1/me/evals", "list_evals"),
         ("GET", r"/v1/env", "list_env"),
         ("PUT", r"/v1/env/(?P<key>[^/]+)", "put_env"),
         ("DELETE", r"/v1/env/(?P<key>[^/]+)", "delete_env"),
+        ("GET", _RUN, "run_val"),
+        ("POST", _RUN, "run_val"),
+        ("OPTIONS", _RUN, "preflight"),
+        ("POST", r"/v1/eval", "eval_code"),
+        ("OPTIONS", r"/v1/eval", "preflight"),
+        ("GET", _EVAL, "eval_code"),
+        ("OPTIONS", _EVAL, "preflight"),
     )
 )
+# Run and Eval (`RunApi`'s handlers) answer browsers on other origins (SPEC §5): their
+# answers, errors included, get the CORS defaults, and their preflights an answer.
+RUN_API_HANDLERS = frozenset({"run_val", "eval_code", "preflight"})
 # SPEC §4.1: the legacy Express paths, any method. The val part stops at the first `/`.
 EXPRESS_RE = re.compile(r"/(?:v1/express/|express/@)(?P<user>[^/.]+)\.(?P<val>[^/]+)(?P<rest>/.*)?")
 
@@ -72,6 +107,13 @@ def match_route(method: str, path: str) -> Match:
             headers=(("allow", ", ".join(allowed)),),
         )
     raise NotFoundError(f"no API route {path}")
+
+
+def answers_with_cors(path: str) -> bool:
+    """Whether every answer on this API path gets CORS (Run and Eval), whatever the method."""
+    return any(
+        handler in RUN_API_HANDLERS and pattern.fullmatch(path) for _, pattern, handler in ROUTES
+    )
 
 
 def express_redirect(
@@ -103,6 +145,21 @@ def check_names(user: str, val: str | None = None) -> None:
         )
 
 
+def may_read(val: ValVersion, caller: User | None) -> bool:
+    """Whether `caller` may run the val through the API and read its code and versions."""
+    return val.privacy != "private" or (caller is not None and caller.name == val.owner)
+
+
+def parse_limit(query_string: str) -> int:
+    values = parse_qs(query_string).get("limit")
+    if not values:
+        return DEFAULT_RUNS_LIMIT
+    text = values[0]
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_RUNS_LIMIT):
+        raise BadRequestError(f"limit must be a number from 1 to {MAX_RUNS_LIMIT}")
+    return int(text)
+
+
 def val_summary(val: ValVersion, url: str) -> dict[str, object]:
     return {
         "user": val.owner,
@@ -117,13 +174,42 @@ def val_summary(val: ValVersion, url: str) -> dict[str, object]:
 Handler = Callable[[HTTPRequest, dict[str, str]], Awaitable[HTTPResponse]]
 
 
+async def authenticate(store: AsyncStore, request: HTTPRequest) -> User:
+    """The token's user; 401 without a valid token."""
+    header = request.header("authorization")
+    if header is None:
+        raise UnauthorizedError("this needs a token: send 'Authorization: Bearer <token>'")
+    scheme, _, token = header.partition(" ")
+    user = None
+    if scheme.lower() == "bearer" and token.strip():
+        user = await store.run(Store.user_for_token, token.strip())
+    if user is None:
+        raise UnauthorizedError("the token is not valid (revoked, mistyped or expired)")
+    return user
+
+
+async def optional_user(store: AsyncStore, request: HTTPRequest) -> User | None:
+    """The token's user, None without a token; a token that is sent must be valid (401)."""
+    if request.header("authorization") is None:
+        return None
+    return await authenticate(store, request)
+
+
 class Api:
     def __init__(
-        self, config: Config, store: AsyncStore, pool: Pool, health: dict[str, object]
+        self,
+        config: Config,
+        store: AsyncStore,
+        pool: Pool,
+        run_api: RunApi,
+        recorder: Recorder,
+        health: dict[str, object],
     ) -> None:
         self.config = config
         self.store = store
         self.pool = pool
+        self.run_api = run_api
+        self.recorder = recorder
         self.health = health
 
     async def handle(self, request: HTTPRequest) -> HTTPResponse:
@@ -139,7 +225,8 @@ class Api:
             # 308 keeps the method and the body, unlike 301/302 (RFC 9110 §15.4.9).
             return HTTPResponse(308, [(b"location", target.encode())], cors=True)
         match = match_route(request.method, request.path)
-        handler: Handler = getattr(self, match.handler)
+        owner = self.run_api if match.handler in RUN_API_HANDLERS else self
+        handler: Handler = getattr(owner, match.handler)
         return await handler(request, match.params)
 
     def url_for(self, request: HTTPRequest, val: ValVersion) -> str:
@@ -148,21 +235,10 @@ class Api:
         return f"{self.config.server.public_scheme}://{netloc}" + (f":{port}/" if port else "/")
 
     async def authenticate(self, request: HTTPRequest) -> User:
-        header = request.header("authorization")
-        if header is None:
-            raise UnauthorizedError("this needs a token: send 'Authorization: Bearer <token>'")
-        scheme, _, token = header.partition(" ")
-        user = None
-        if scheme.lower() == "bearer" and token.strip():
-            user = await self.store.run(Store.user_for_token, token.strip())
-        if user is None:
-            raise UnauthorizedError("the token is not valid (revoked, mistyped or expired)")
-        return user
+        return await authenticate(self.store, request)
 
     async def optional_user(self, request: HTTPRequest) -> User | None:
-        if request.header("authorization") is None:
-            return None
-        return await self.authenticate(request)
+        return await optional_user(self.store, request)
 
     async def owner_only(self, request: HTTPRequest, owner: str) -> User:
         user = await self.authenticate(request)
@@ -173,14 +249,10 @@ class Api:
     async def readable_val(self, request: HTTPRequest, params: dict[str, str]) -> ValVersion:
         owner, name = params["user"], params["val"]
         check_names(owner, name)
+        caller = await self.optional_user(request)
         version = parse_version(request.query_string)
         val = await self.store.run(Store.get_val, owner, name, version)
-        if val is not None and val.privacy == "private":
-            # A private val's existence is not revealed to others (SPEC §4.2).
-            user = await self.optional_user(request)
-            if user is None or user.name != owner:
-                val = None
-        if val is None:
+        if val is None or not may_read(val, caller):
             raise NotFoundError(
                 f"no val {owner}/{name}" + (f" version {version}" if version else "")
             )
@@ -280,6 +352,27 @@ class Api:
             {"versions": [{"version": v.version, "created_at": v.created_at} for v in versions]}
         )
 
+    async def list_runs(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
+        owner, name = params["user"], params["val"]
+        check_names(owner, name)
+        caller = await self.authenticate(request)
+        limit = parse_limit(request.query_string)
+        val = await self.store.run(Store.get_val, owner, name, None)
+        if val is None or not may_read(val, caller):
+            raise NotFoundError(f"no val {owner}/{name}")
+        if caller.name != owner:
+            raise ForbiddenError(f"only {owner} may read the invocation records of {owner}/{name}")
+        await self.recorder.flush()  # what was invoked before this request is in the answer
+        runs = await self.store.run(Store.runs, val, limit)
+        return HTTPResponse.json({"runs": [run.to_json() for run in runs]})
+
+    async def list_evals(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
+        caller = await self.authenticate(request)
+        limit = parse_limit(request.query_string)
+        await self.recorder.flush()
+        runs = await self.store.run(Store.eval_runs, caller.name, limit)
+        return HTTPResponse.json({"runs": [run.to_json() for run in runs]})
+
     async def list_env(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         user = await self.authenticate(request)
         env = await self.store.run(Store.env, user.name)
@@ -295,6 +388,9 @@ class Api:
         except UnicodeDecodeError:
             raise BadRequestError("env values must be UTF-8 text") from None
         await self.store.run(Store.set_env, user.name, key, value)
+        # The next invocation of any of this user's vals sees the new env: the env is part
+        # of a warm worker's identity, and the old workers (holding the old value) go now.
+        self.pool.retire_owner(user.name)
         return HTTPResponse.json({"key": key})
 
     async def delete_env(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
@@ -302,6 +398,7 @@ class Api:
         key = _env_key(params["key"])
         if not await self.store.run(Store.delete_env, user.name, key):
             raise NotFoundError(f"no env key {key}")
+        self.pool.retire_owner(user.name)
         return HTTPResponse.json({"deleted": key})
 
 

@@ -1,7 +1,8 @@
 """The ASGI app: the one place where a request is routed and where errors become responses.
 
 Read top-down: `__call__` -> `respond` routes by Host -> the API (`runtime.api`) or a val
-(`serve_val`, via the pool) -> CORS finalization for web hosts and Run/Eval -> send.
+(`serve_val`, via `runtime.run_api.Runner` and the pool) -> CORS finalization for web hosts
+and Run/Eval -> send.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ import logging
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
-from runtime.api import Api, parse_version
+from runtime.api import Api, answers_with_cors, parse_version
 from runtime.config import Config
 from runtime.cors import finalize_cors
-from runtime.errors import HTTPError, NotFoundError, WorkerError
-from runtime.hosts import ApiHost, UnknownHost, ValHost, route_host, val_host
+from runtime.errors import BadRequestError, HTTPError, NotFoundError
+from runtime.hosts import ApiHost, UnknownHost, ValHost, route_host
 from runtime.http import HTTPRequest, HTTPResponse, read_body, send_response
-from runtime.pool import Pool, ValSpec
+from runtime.pool import Pool
+from runtime.records import Recorder
+from runtime.reply import ValResponse
+from runtime.run_api import RunApi, Runner, val_spec
 from runtime.store import AsyncStore, Store
 
 logger = logging.getLogger(__name__)
@@ -26,12 +30,19 @@ access_logger = logging.getLogger("valrun.access")
 
 class App:
     def __init__(
-        self, config: Config, store: AsyncStore, pool: Pool, health: dict[str, object]
+        self,
+        config: Config,
+        store: AsyncStore,
+        pool: Pool,
+        recorder: Recorder,
+        health: dict[str, object],
     ) -> None:
         self.config = config
         self.store = store
         self.pool = pool
-        self.api = Api(config, store, pool, health)
+        self.runner = Runner(config, pool, recorder)
+        run_api = RunApi(config, store, self.runner)
+        self.api = Api(config, store, pool, run_api, recorder, health)
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -75,7 +86,7 @@ class App:
         cors = True  # the front end's errors on web (and unknown) hosts get CORS too
         try:
             route = route_host(_host_header(scope), server.api_host, server.web_domain)
-            cors = not isinstance(route, ApiHost)
+            cors = not isinstance(route, ApiHost) or answers_with_cors(scope["path"])
             if isinstance(route, UnknownHost):
                 raise NotFoundError(
                     f"no valrun service at {route.host!r}: vals live at "
@@ -105,19 +116,15 @@ class App:
             return HTTPResponse.from_error(error, cors=cors)
 
     async def serve_val(self, route: ValHost, request: HTTPRequest) -> HTTPResponse:
-        resolved = await self.store.run(Store.resolve, route.user, route.val, None)
+        # Privacy does not apply here: a private val's code is private, its endpoint is not.
+        version = web_version(request.query_string)
+        resolved = await self.store.run(Store.resolve, route.user, route.val, version)
         if resolved is None:
-            raise NotFoundError(f"no val {route.user}/{route.val}", "unknown_val")
-        val, env = resolved
-        spec = ValSpec(
-            val_id=val.val_id,
-            version=val.version,
-            owner=val.owner,
-            name=val.name,
-            code=val.code,
-            env=tuple(sorted(env.items())),
-            host=val_host(val.owner, val.name, self.config.server.web_domain),
-        )
+            raise NotFoundError(
+                f"no val {route.user}/{route.val}" + (f" version {version}" if version else ""),
+                "unknown_val",
+            )
+        spec = val_spec(*resolved, self.config.server.web_domain)
         head: dict[str, object] = {
             "op": "http",
             "method": request.method,
@@ -126,11 +133,19 @@ class App:
             "query": request.query_string,
             "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.headers],
         }
-        reply = await self.pool.invoke(spec, head, request.body)
-        if isinstance(reply.outcome, WorkerError):
-            raise reply.outcome
-        result = reply.outcome
-        return HTTPResponse(result.status, result.headers, result.body, cors=True)
+        response = await self.runner.invoke(
+            spec, head, request.body, source="web", expect=ValResponse
+        )
+        return HTTPResponse(response.status, response.headers, response.body, cors=True)
+
+
+def web_version(query_string: str) -> int | None:
+    """`?v=N` pins a version on a web host too; the val still sees its whole query."""
+    try:
+        return parse_version(query_string)
+    except BadRequestError:
+        # The query is the val's: a `v` that is no version number is its own business.
+        return None
 
 
 def _with_query(request: HTTPRequest) -> str:
@@ -144,4 +159,4 @@ def _host_header(scope: HTTPScope) -> str | None:
     return None
 
 
-__all__ = ["App", "parse_version"]
+__all__ = ["App", "parse_version", "web_version"]

@@ -1,4 +1,5 @@
-"""Start the whole service: store, worker pool, and hypercorn's trio server around the app."""
+"""Start the whole service: store, worker pool, invocation recorder, and hypercorn's trio
+server around the app."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from hypercorn.trio import serve
 from runtime.app import App
 from runtime.config import Config
 from runtime.pool import open_pool
+from runtime.records import open_recorder
 from runtime.store import AsyncStore, Store
 
 logger = logging.getLogger(__name__)
@@ -51,8 +53,14 @@ async def serve_valrun(
     """Run valrun until `shutdown_trigger` returns (or forever); report the bound URLs."""
     store = Store(config.store.sqlite_path)
     try:
-        async with open_pool(config) as pool:
-            app = App(config, AsyncStore(store), pool, isolation_report())
+        async_store = AsyncStore(store)
+        async with (
+            open_pool(config) as pool,
+            # Inside the pool: at shutdown the server finishes its requests, then the
+            # recorder writes what they recorded, then the workers stop.
+            open_recorder(async_store, keep_per_val=config.store.max_runs_per_val) as recorder,
+        ):
+            app = App(config, async_store, pool, recorder, isolation_report())
             await serve(
                 app,
                 hypercorn_config(config),
