@@ -8,10 +8,12 @@ import logging
 import os
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import trio
 
@@ -69,6 +71,29 @@ def cmd_user_create(config: Config, args: argparse.Namespace) -> int:
     print(f"created user {args.name}; its token (shown only once):")
     print(token)
     return 0
+
+
+def cmd_token(config: Config, args: argparse.Namespace) -> int:
+    store = Store(config.store.sqlite_path)
+    try:
+        if args.token_command == "create":
+            token = store.create_token(args.name)
+            print(f"a new token for {args.name} (shown only once):")
+            print(token)
+        elif args.token_command == "list":
+            for info in store.tokens(args.name):
+                state = "active" if info.revoked_at is None else f"revoked {_when(info.revoked_at)}"
+                print(f"{info.id}\tcreated {_when(info.created_at)}\t{state}")
+        else:
+            store.revoke_token(args.id)
+            print(f"revoked token {args.id}")
+    finally:
+        store.close()
+    return 0
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 def cmd_config_check(config: Config, args: argparse.Namespace) -> int:
@@ -144,6 +169,81 @@ def cmd_val(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_arg(text: str) -> object:
+    """A command-line arg: JSON when it is JSON (`1`, `true`, `[1]`, `"1"`), else a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _print_json(result: object) -> None:
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+
+
+def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    client = ApiClient(config, args.server, args.token)
+    user, dot, val = args.target.partition(".")
+    if not dot or not user or not val:
+        raise SystemExit(f"valrun: expected USER.VAL, got {args.target!r}")
+    path = f"/v1/run/{user}.{val}" + (f"?v={args.v}" if args.v else "")
+    body = json.dumps([_json_arg(a) for a in args.args]).encode()
+    _print_json(client.call("POST", path, body, "application/json"))
+    return 0
+
+
+def cmd_eval(config: Config, args: argparse.Namespace) -> int:
+    client = ApiClient(config, args.server, args.token)
+    payload: dict[str, object] = {"code": args.code}
+    if args.args:
+        payload["args"] = [_json_arg(a) for a in args.args]
+    body = json.dumps(payload).encode()
+    _print_json(client.call("POST", "/v1/eval", body, "application/json"))
+    return 0
+
+
+def cmd_env(config: Config, args: argparse.Namespace) -> int:
+    client = ApiClient(config, args.server, args.token)
+    if args.env_command == "list":
+        result = client.call("GET", "/v1/env")
+        keys = result.get("keys", []) if isinstance(result, dict) else []
+        print("\n".join(str(key) for key in keys))
+        return 0
+    path = f"/v1/env/{quote(args.key, safe='')}"
+    if args.env_command == "unset":
+        client.call("DELETE", path)
+        return 0
+    # From stdin unless given: a secret on the command line ends up in the shell's history.
+    value = sys.stdin.read().removesuffix("\n") if args.value is None else args.value
+    client.call("PUT", path, value.encode())
+    return 0
+
+
+def cmd_logs(config: Config, args: argparse.Namespace) -> int:
+    client = ApiClient(config, args.server, args.token)
+    if args.target is None:
+        path = "/v1/me/evals"
+    else:
+        user, val = _user_val(args.target)
+        path = f"/v1/vals/{user}/{val}/runs"
+    result = client.call("GET", f"{path}?limit={args.limit}")
+    runs = result.get("runs", []) if isinstance(result, dict) else []
+    if args.json:
+        _print_json(runs)
+        return 0
+    for run in reversed(runs):  # oldest first, as a log reads
+        version = f"v{run['version']}" if run["version"] is not None else "-"
+        print(
+            f"{_when(run['time'])} {run['source']:4} {version:>4} {run['status']} "
+            f"{run['duration_ms']:.1f}ms"
+        )
+        if run["error"]:
+            print(f"  error {run['error']['type']}: {run['error']['message']}")
+        for line in run["log"].splitlines():
+            print(f"  | {line}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="valrun", description=__doc__)
     parser.add_argument("--config", help="path to valrun.toml (default: built-in defaults)")
@@ -164,6 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     create = user_commands.add_parser("create", help="create a user; prints its token last")
     create.add_argument("name")
     create.set_defaults(func=cmd_user_create)
+
+    token = commands.add_parser("token", help="API tokens (directly on the store)")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    token_create = token_commands.add_parser("create", help="a new token; printed last, once")
+    token_create.add_argument("name")
+    token_list = token_commands.add_parser("list", help="a user's tokens (ids, never tokens)")
+    token_list.add_argument("name")
+    token_revoke = token_commands.add_parser("revoke", help="revoke a token by its id")
+    token_revoke.add_argument("id", type=int)
+    for sub in (token_create, token_list, token_revoke):
+        sub.set_defaults(func=cmd_token)
 
     config = commands.add_parser("config", help="configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -188,6 +299,44 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("target", metavar="USER/VAL")
     for sub in (put, get, listing, delete):
         sub.set_defaults(func=cmd_val)
+
+    # Commands over the API take the same --server and --token as `val`.
+    api = argparse.ArgumentParser(add_help=False)
+    api.add_argument("--server", help="base URL of a running valrun (default: from server.bind)")
+    api.add_argument("--token", help="API token (default: $VALRUN_TOKEN)")
+    arg_help = "JSON if it parses as JSON, else a string"
+
+    run = commands.add_parser("run", parents=[api], help="call a val through the Run API")
+    run.add_argument("target", metavar="USER.VAL")
+    run.add_argument("args", nargs="*", metavar="ARG", help=arg_help)
+    run.add_argument("--v", type=int, help="a pinned version")
+    run.set_defaults(func=cmd_run)
+
+    evaluate = commands.add_parser("eval", parents=[api], help="evaluate code (Eval API)")
+    evaluate.add_argument("code")
+    evaluate.add_argument(
+        "args", nargs="*", metavar="ARG", help=f"{arg_help}; given: a callable value is called"
+    )
+    evaluate.set_defaults(func=cmd_eval)
+
+    env = commands.add_parser("env", help="your env (values are never shown)")
+    env_commands = env.add_subparsers(dest="env_command", required=True)
+    env_set = env_commands.add_parser("set", parents=[api], help="set KEY (VALUE or stdin)")
+    env_set.add_argument("key")
+    env_set.add_argument("value", nargs="?", help="default: read from stdin")
+    env_unset = env_commands.add_parser("unset", parents=[api], help="delete KEY")
+    env_unset.add_argument("key")
+    env_list = env_commands.add_parser("list", parents=[api], help="list the keys")
+    for sub in (env_set, env_unset, env_list):
+        sub.set_defaults(func=cmd_env)
+
+    logs = commands.add_parser(
+        "logs", parents=[api], help="invocation records of a val (or, without one, your evals)"
+    )
+    logs.add_argument("target", metavar="USER/VAL", nargs="?")
+    logs.add_argument("--limit", type=int, default=20)
+    logs.add_argument("--json", action="store_true")
+    logs.set_defaults(func=cmd_logs)
     return parser
 
 
