@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from runtime.errors import ConfigError
 from runtime.hosts import is_hostname
+from sandbox.confine import LAYERS
 
 MIB = 1024 * 1024
 
@@ -118,11 +119,32 @@ class PoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SandboxConfig:
+    #: Confinement layers valrun refuses to start without (SPEC §8). Every layer the probe
+    #: finds is applied whether required or not; requiring one turns "unavailable" into a
+    #: refusal to start. The default is everything these machines support. `drop_user` is
+    #: met without a drop when the service does not run as root.
+    require: tuple[str, ...] = LAYERS
+    #: The unprivileged user (and group) workers drop to when the service runs as root.
+    worker_uid: int = 65534
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.require) - set(LAYERS))
+        if unknown:
+            raise ConfigError(
+                f"sandbox.require names unknown layers {unknown}; known: {', '.join(LAYERS)}"
+            )
+        if not 0 < self.worker_uid < 2**31:
+            raise ConfigError("sandbox.worker_uid must be a positive uid")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 T = TypeVar("T")
@@ -172,6 +194,7 @@ def parse_config(raw: Mapping[str, object]) -> Config:
         store=_section(StoreConfig, "store", raw.get("store", {})),
         limits=_section(LimitsConfig, "limits", raw.get("limits", {})),
         pool=_section(PoolConfig, "pool", raw.get("pool", {})),
+        sandbox=_section(SandboxConfig, "sandbox", raw.get("sandbox", {})),
     )
 
 

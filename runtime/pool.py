@@ -28,6 +28,7 @@ import trio
 
 from runtime.config import Config
 from runtime.errors import HTTPError, OverloadedError, WorkerTimeoutError
+from runtime.isolation import check_required, health, log_table, probe_layers
 from runtime.process import SpawnedWorker, SupervisedForkServer, WorkerProcess
 from runtime.reply import Reply, check_failure, check_reply, protocol_error
 from sandbox.wire import Frame
@@ -91,6 +92,8 @@ class Pool:
         self._request_ids = itertools.count(1)
         self.stats: Counter[str] = Counter()
         self.fork_server: SupervisedForkServer | None = None
+        #: The /healthz view of the confinement layers in force.
+        self.isolation: dict[str, dict[str, object]] = {}
 
     @property
     def worker_count(self) -> int:
@@ -308,8 +311,21 @@ async def open_pool(
     config: Config, *, worker_command: tuple[str, ...] | None = None
 ) -> AsyncIterator[Pool]:
     """The pool, with its fork server; `worker_command` spawns workers instead (for tests)."""
+    isolation = await trio.to_thread.run_sync(probe_layers, config.sandbox.worker_uid)
+    if worker_command is None:
+        log_table(isolation)
+        check_required(isolation, config.sandbox)
+    plan: dict[str, object] = {
+        "memory_mb": config.limits.memory_mb,
+        # The hard CPU limit: the worker lowers its soft limit per invocation, never past this.
+        "cpu_time_s": config.limits.worker_cpu_time_s,
+        "open_files": 64,
+        "drop_to_uid": config.sandbox.worker_uid,
+        # Everything available is applied, required or not.
+        "layers": sorted(layer for layer, status in isolation.items() if status.active),
+    }
     workdir = Path(tempfile.mkdtemp(prefix="valrun-workers-"))
-    workdir.chmod(0o711)  # workers may run as another user; they need to reach their own dir
+    workdir.chmod(0o711)  # workers run as another user; they need to reach their own dir
     inherit = config.pool.inherit_worker_stderr
     max_body = config.limits.max_response_body_bytes
     try:
@@ -320,7 +336,11 @@ async def open_pool(
             factory: WorkerFactory
             if worker_command is None:
                 fork_server = SupervisedForkServer(
-                    nursery, workdir=workdir, max_body_bytes=max_body, inherit_stderr=inherit
+                    nursery,
+                    workdir=workdir,
+                    plan=plan,
+                    max_body_bytes=max_body,
+                    inherit_stderr=inherit,
                 )
                 await fork_server.start()
                 factory = fork_server.spawn
@@ -337,6 +357,7 @@ async def open_pool(
 
             pool = Pool(config, nursery, factory)
             pool.fork_server = fork_server
+            pool.isolation = health(isolation) if worker_command is None else {}
             try:
                 async with trio.open_nursery() as background:
                     await background.start(pool.serve_prewarm)

@@ -200,7 +200,13 @@ class ForkServer:
 
     @classmethod
     async def start(
-        cls, nursery: trio.Nursery, *, workdir: Path, max_body_bytes: int, inherit_stderr: bool
+        cls,
+        nursery: trio.Nursery,
+        *,
+        workdir: Path,
+        plan: dict[str, object],
+        max_body_bytes: int,
+        inherit_stderr: bool,
     ) -> ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
@@ -213,7 +219,8 @@ class ForkServer:
                 cwd=workdir,
             )
         server = cls(process, trio.socket.from_stdlib_socket(ours), max_body_bytes)
-        await server.control.send(json.dumps({"op": "configure", "workdir": str(workdir)}).encode())
+        configure = {"op": "configure", "workdir": str(workdir), "plan": plan}
+        await server.control.send(json.dumps(configure).encode())
         nursery.start_soon(server._serve_control)
         return server
 
@@ -288,10 +295,17 @@ class SupervisedForkServer:
     escaped and killed its parent, an operator's stray `kill`) cannot take valrun down."""
 
     def __init__(
-        self, nursery: trio.Nursery, *, workdir: Path, max_body_bytes: int, inherit_stderr: bool
+        self,
+        nursery: trio.Nursery,
+        *,
+        workdir: Path,
+        plan: dict[str, object],
+        max_body_bytes: int,
+        inherit_stderr: bool,
     ) -> None:
         self.nursery = nursery
         self.workdir = workdir
+        self.plan = plan
         self.max_body_bytes = max_body_bytes
         self.inherit_stderr = inherit_stderr
         self.server: ForkServer | None = None
@@ -302,6 +316,7 @@ class SupervisedForkServer:
         server = await ForkServer.start(
             self.nursery,
             workdir=self.workdir,
+            plan=self.plan,
             max_body_bytes=self.max_body_bytes,
             inherit_stderr=self.inherit_stderr,
         )

@@ -6,13 +6,14 @@ environment, no secrets, none of the front end's memory) and asks it for workers
 
 Control channel: a SOCK_SEQPACKET socket on fd 0 (message boundaries for free, and it can
 carry descriptors). Front end -> fork server, one JSON object per message:
-    {"op": "configure", "limits": {...}, "workdir": "..."}   once, first
-    {"op": "spawn"}                                          one new generic worker
+    {"op": "configure", "workdir": "...", "plan": {...}}   once, first: how to confine
+    {"op": "spawn"}                                         one new generic worker
 Fork server -> front end:
     {"op": "spawned", "pid": N}  + SCM_RIGHTS [worker socket, pidfd]
     {"op": "exited", "pid": N, "status": S}    (S < 0: killed by signal -S)
 
-A worker is forked, confined (sandbox.limits), and then waits, generic, for its `load` frame on
+A worker is forked, confined (sandbox.confine: every layer the front end asks for, applied
+before the worker reads a byte of any val), and then waits, generic, for its `load` frame on
 its own socket: `sandbox.worker.serve` does the rest. The pidfd lets the front end kill
 exactly that process, with no pid-reuse race, though it is not the worker's parent; this
 process reaps the worker and reports how it ended.
@@ -21,6 +22,7 @@ process reaps the worker and reports how it ended.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -29,11 +31,11 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 
 # Everything a worker will need is imported here, before any fork, so children share it
 # copy-on-write and never import after they are confined (they could not read the files).
 import sandbox.worker
+from sandbox.confine import ConfineError, ConfinePlan, confine
 from sandbox.errors import BadMessageError
 
 MAX_MESSAGE_BYTES = 65536
@@ -49,6 +51,8 @@ class ForkServer:
     def __init__(self, control: socket.socket) -> None:
         self.control = control
         self.workdir = ""
+        self.plan: ConfinePlan | None = None
+        self.spawned = 0
         self.children: dict[int, str] = {}  # pid -> its private working directory
 
     def serve(self) -> None:
@@ -72,25 +76,40 @@ class ForkServer:
     def handle(self, message: dict[str, object]) -> None:
         op = message.get("op")
         if op == "configure":
-            workdir = message.get("workdir")
-            if not isinstance(workdir, str):
-                raise BadMessageError("configure needs a workdir")
+            workdir, plan = message.get("workdir"), message.get("plan")
+            if not isinstance(workdir, str) or not isinstance(plan, dict):
+                raise BadMessageError("configure needs a workdir and a plan")
             self.workdir = workdir
+            # Checked once, here; each worker gets a copy with its own workdir and socket.
+            self.plan = ConfinePlan(
+                workdir=workdir,
+                memory_mb=int(plan["memory_mb"]),
+                cpu_time_s=int(plan["cpu_time_s"]),
+                open_files=int(plan["open_files"]),
+                drop_to_uid=plan["drop_to_uid"]
+                if plan["drop_to_uid"] is None
+                else int(plan["drop_to_uid"]),
+                layers=frozenset(str(layer) for layer in plan["layers"]),
+            )
         elif op == "spawn":
             self.spawn()
         else:
             raise BadMessageError(f"unknown op {op!r}")
 
     def spawn(self) -> None:
+        if self.plan is None:
+            raise BadMessageError("spawn before configure")
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        cwd = tempfile.mkdtemp(prefix="w-", dir=self.workdir)
+        self.spawned += 1
+        # Not created here: confine() makes it, empty, 0700, owned by the user it drops to.
+        cwd = os.path.join(self.workdir, f"w{os.getpid()}-{self.spawned}")
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 parent_end.close()
                 self.control.close()
-                code = run_worker(child_end, cwd)
+                code = run_worker(child_end, cwd, self.plan)
             finally:
                 os._exit(code)
         child_end.close()
@@ -123,12 +142,20 @@ def _drain(fd: int) -> bool:
         return False
 
 
-def run_worker(sock: socket.socket, cwd: str) -> int:
-    """In the forked child: become a worker on `sock`. Returns the exit code."""
+CONFINE_FAILED = 70  # EX_SOFTWARE: the worker could not be confined and ran nothing
+
+
+def run_worker(sock: socket.socket, cwd: str, plan: ConfinePlan) -> int:
+    """In the forked child: confine, then become a worker on `sock`. Returns the exit code."""
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     _die_with_parent()
-    os.chdir(cwd)
+    fd = sock.fileno()
+    try:
+        confine(dataclasses.replace(plan, workdir=cwd, keep_fds=(fd, 2)))
+    except (ConfineError, ValueError, OSError) as exc:
+        print(f"valrun worker: not confined, so not serving: {exc}", file=sys.stderr)
+        return CONFINE_FAILED
     fd = sock.detach()
     inp = os.fdopen(fd, "rb", buffering=0)
     out = os.fdopen(os.dup(fd), "wb")

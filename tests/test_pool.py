@@ -77,3 +77,31 @@ async def test_fork_server_killed_is_restarted() -> None:
             for val_id in (2, 3, 4):
                 assert await body(pool, spec(val_id)) == b"1"
             assert pool.fork_server.restarts == 1
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+async def test_workers_run_confined() -> None:
+    with trio.fail_after(20):
+        async with open_pool(CONFIG) as pool:
+            assert await body(pool, spec()) == b"1"
+            assert pool.fork_server is not None and pool.fork_server.server is not None
+            pids = list(pool.fork_server.server.workers)
+            assert pids
+            for pid in pids:
+                status = proc_status(pid)
+                assert status["NoNewPrivs"] == "1"
+                assert status["Seccomp"] == "2"  # filter mode
+                if os.geteuid() == 0:
+                    assert status["Uid"].split()[0] == "65534"
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    assert f.read().strip(b"\0") == b""
+                assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+                assert cwd.startswith("/tmp/valrun-workers-") and cwd.rsplit("/", 1)[1].startswith(
+                    "w"
+                )
+            assert all(entry["active"] for entry in pool.isolation.values())
