@@ -142,6 +142,7 @@ class Pool:
             return await self._exchange(worker, spec, head, body)
         finally:
             self._close(worker)
+            self._want_ready.set()
 
     def retire(self, val_id: int) -> None:
         """Retire every worker of a val (deleted, or a new version saved)."""
@@ -162,7 +163,8 @@ class Pool:
     # Workers: generic (prewarmed) -> specialized (warm, in a _ValPool) -> closed.
 
     async def _generic_worker(self) -> WorkerProcess:
-        self._want_ready.set()
+        # The refill (a fork plus ~2 ms of confinement) is asked for after this request, in
+        # `_release`: started now, it would compete with this request for the CPU.
         while self._ready:
             worker = self._ready.pop(0)
             if worker.still_running():
@@ -243,6 +245,8 @@ class Pool:
 
     def _release(self, warm: _Warm, reply: Reply | None, failure: str) -> None:
         """After a request: back to idle, or gone if anything about it was off."""
+        if len(self._ready) < self.config.pool.prewarm_workers:
+            self._want_ready.set()
         warm.requests += 1
         warm.last_used = trio.current_time()
         if reply is None:

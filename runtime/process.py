@@ -253,7 +253,11 @@ class ForkServer:
 
     async def _read_control(self, fd_space: int) -> None:
         while True:
-            message, ancillary, _flags, _addr = await self.control.recvmsg(65536, fd_space)
+            try:
+                message, ancillary, _flags, _addr = await self.control.recvmsg(65536, fd_space)
+            except OSError as exc:  # ECONNRESET when it died with our messages unread
+                logger.error("the fork server's control channel failed: %s", exc)
+                return
             if not message:
                 return
             fds = _received_fds(ancillary)

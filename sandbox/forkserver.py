@@ -37,6 +37,10 @@ import sys
 import sandbox.worker
 from sandbox.confine import ConfineError, ConfinePlan, confine
 from sandbox.errors import BadMessageError
+from sandbox.http import Request, to_response
+from sandbox.limits import SERVING_NICE
+from sandbox.policy import LogBuffer, load_val
+from sandbox.wire import Frame, encode_frame
 
 MAX_MESSAGE_BYTES = 65536
 PR_SET_PDEATHSIG = 1  # prctl(2): signal this process when its parent dies
@@ -144,6 +148,25 @@ def _drain(fd: int) -> bool:
 
 CONFINE_FAILED = 70  # EX_SOFTWARE: the worker could not be confined and ran nothing
 
+# Run once by each generic worker while it waits: the first request through a freshly forked
+# process pays page faults for every copy-on-write page it touches (RestrictedPython, the
+# guards, json). Paying them here, before any val is known, takes them off the cold path.
+_WARM_UP_VAL = """
+import json
+def warm(req):
+    total = sum(x * 2 for x in range(10)) + len(req.query.get("q", ""))
+    return Response.json({"ok": json.loads("[1]"), "total": total, "path": req.path})
+"""
+
+
+def _warm_up() -> None:
+    log = LogBuffer(1024)
+    val = load_val(_WARM_UP_VAL, "warm", {}, log)
+    request = Request("GET", "http://warm/", "/", "q=1", [("host", "warm")], b"")
+    response = to_response(val.export(request))  # type: ignore[operator]
+    encode_frame(Frame({"op": "response", "headers": response.header_pairs()}, response.body))
+    log.take()
+
 
 def run_worker(sock: socket.socket, cwd: str, plan: ConfinePlan) -> int:
     """In the forked child: confine, then become a worker on `sock`. Returns the exit code."""
@@ -156,6 +179,7 @@ def run_worker(sock: socket.socket, cwd: str, plan: ConfinePlan) -> int:
     except (ConfineError, ValueError, OSError) as exc:
         print(f"valrun worker: not confined, so not serving: {exc}", file=sys.stderr)
         return CONFINE_FAILED
+    _warm_up()
     fd = sock.detach()
     inp = os.fdopen(fd, "rb", buffering=0)
     out = os.fdopen(os.dup(fd), "wb")
@@ -168,6 +192,10 @@ def run_worker(sock: socket.socket, cwd: str, plan: ConfinePlan) -> int:
 
 def main() -> int:
     _die_with_parent()
+    # Forking and confining spare workers is background work: below the front end, like the
+    # workers themselves (sandbox.limits.SERVING_NICE). Going lower (19) for idle workers
+    # would need RLIMIT_NICE raised to come back, which needs CAP_SYS_RESOURCE.
+    os.setpriority(os.PRIO_PROCESS, 0, SERVING_NICE)
     control = socket.socket(fileno=0)
     # Objects that exist now are shared with every child; freezing them keeps the GC from
     # touching (and so copying) their pages in each child.

@@ -7,11 +7,13 @@ Python code runs in between. The front end's wall-time kill is the other half.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 from dataclasses import dataclass
 
 MIB = 1024 * 1024
+SERVING_NICE = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +45,10 @@ def apply_limits(limits: WorkerLimits) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
     hard = limits.worker_cpu_time_s
     resource.setrlimit(resource.RLIMIT_CPU, (min(hard, cpu_used_s() + limits.cpu_time_s), hard))
-    # Below the front end, so a val spinning at 100 % CPU slows its neighbours least.
-    os.nice(10)
+    # Below the front end, so a val spinning at 100 % CPU slows its neighbours least. Forked
+    # workers are there already (the fork server runs at this nice); spawned ones move now.
+    with contextlib.suppress(PermissionError):
+        os.setpriority(os.PRIO_PROCESS, 0, SERVING_NICE)
 
 
 def cpu_used_s() -> int:
