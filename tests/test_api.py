@@ -201,3 +201,61 @@ async def test_config_check_refuses_unknown_keys(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert b"limits.wal_time_s" in done.stderr
+
+
+# Env (SPEC §1): a change reaches the very next invocation.
+
+SHOW_COLOR = "def {name}(req=None):\n    return env.get('COLOR', 'none')"
+
+
+async def workers(service: Service) -> int:
+    count: int = (await service.api("GET", "/healthz", user=None)).json()["workers"]
+    return count
+
+
+async def test_a_changed_env_reaches_the_next_invocation_and_retires_warm_workers(
+    service: Service,
+) -> None:
+    await service.api("PUT", "/v1/env/COLOR", content=b"red")
+    await service.put_val("color", SHOW_COLOR.format(name="color"))
+    await service.put_val("bobs", SHOW_COLOR.format(name="bobs"), user="bob")
+    with trio.fail_after(20):
+        assert (await service.web("alice", "color")).text == "red"
+        assert (await service.web("bob", "bobs")).text == "none"
+        assert await workers(service) == 2
+        await service.api("PUT", "/v1/env/COLOR", content=b"blue")
+        assert await workers(service) == 1  # alice's warm worker went at once; bob's stays
+        assert (await service.web("alice", "color")).text == "blue"
+        assert (await service.api("GET", "/v1/run/alice.color")).json() == "blue"
+        await service.api("DELETE", "/v1/env/COLOR")
+        assert (await service.api("GET", "/v1/run/alice.color")).json() == "none"
+        assert (await service.web("bob", "bobs")).text == "none"
+
+
+async def test_env_values_never_appear_in_listings_or_errors(service: Service) -> None:
+    await service.api("PUT", "/v1/env/TOKEN", content=b"tok-123456")
+    await service.put_val("fail", "def fail(req=None):\n    raise KeyError(env['TOKEN'])")
+    with trio.fail_after(15):
+        failed = await service.api("GET", "/v1/run/alice.fail")
+    listing = await service.api("GET", "/v1/env")
+    val = await service.api("GET", "/v1/vals/alice/fail")
+    for response in (failed, listing, val):
+        assert "tok-123456" not in response.text
+    assert "[env TOKEN]" in failed.json()["error"]["message"]
+
+
+async def test_cli_env_set_list_unset(service: Service) -> None:
+    token = ("--token", service.tokens["alice"])
+    from_stdin = await valrun(service, "env", "set", *token, "API_KEY", stdin=b"s3cret\n")
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    given = await valrun(service, "env", "set", *token, "OTHER", "value")
+    assert given.returncode == 0, given.stderr
+    await service.put_val("key", "def key(req=None):\n    return env['API_KEY']")
+    with trio.fail_after(15):
+        assert (await service.api("GET", "/v1/run/alice.key")).json() == "s3cret"
+    listed = await valrun(service, "env", "list", *token)
+    assert listed.stdout.decode().splitlines() == ["API_KEY", "OTHER"]
+    assert b"s3cret" not in listed.stdout
+    unset = await valrun(service, "env", "unset", *token, "OTHER")
+    assert unset.returncode == 0, unset.stderr
+    assert (await valrun(service, "env", "list", *token)).stdout == b"API_KEY\n"

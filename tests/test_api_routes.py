@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.api import check_names, express_redirect, match_route, parse_version
+from runtime.api import (
+    answers_with_cors,
+    check_names,
+    express_redirect,
+    match_route,
+    parse_version,
+)
 from runtime.errors import BadRequestError, MethodNotAllowedError, NotFoundError
 
 # match_route
@@ -29,6 +35,18 @@ from runtime.errors import BadRequestError, MethodNotAllowedError, NotFoundError
         ("GET", "/v1/env", "list_env", {}),
         ("PUT", "/v1/env/API_KEY", "put_env", {"key": "API_KEY"}),
         ("DELETE", "/v1/env/API_KEY", "delete_env", {"key": "API_KEY"}),
+        ("GET", "/v1/vals/alice/hello/runs", "list_runs", {"user": "alice", "val": "hello"}),
+        ("GET", "/v1/me/evals", "list_evals", {}),
+        ("GET", "/v1/run/alice.hello", "run_val", {"target": "alice.hello"}),
+        ("POST", "/v1/run/alice.hello", "run_val", {"target": "alice.hello"}),
+        ("OPTIONS", "/v1/run/alice.hello", "preflight", {"target": "alice.hello"}),
+        ("GET", "/v1/run/alice", "run_val", {"target": "alice"}),  # 400 bad_name, not 404
+        ("POST", "/v1/eval", "eval_code", {}),
+        ("OPTIONS", "/v1/eval", "preflight", {}),
+        ("GET", "/v1/eval/1+1", "eval_code", {"code": "1+1"}),
+        ("GET", "/v1/eval/x = 1\nx / 2", "eval_code", {"code": "x = 1\nx / 2"}),
+        ("GET", "/v1/eval/", "eval_code", {"code": ""}),  # 400: the code is empty
+        ("OPTIONS", "/v1/eval/1", "preflight", {"code": "1"}),
     ],
 )
 def test_api_route_matches_its_handler_and_params(
@@ -99,6 +117,10 @@ def test_unknown_api_path_is_not_found(method: str, path: str) -> None:
         ("GET", "/v1/env/API_KEY", {"PUT", "DELETE"}),
         ("HEAD", "/v1/env/API_KEY", {"PUT", "DELETE"}),
         ("get", "/v1/me", {"GET", "HEAD"}),
+        ("DELETE", "/v1/run/alice.hello", {"GET", "HEAD", "POST", "OPTIONS"}),
+        ("PUT", "/v1/eval", {"POST", "OPTIONS"}),
+        ("POST", "/v1/eval/1", {"GET", "HEAD", "OPTIONS"}),
+        ("POST", "/v1/vals/alice/hello/runs", {"GET", "HEAD"}),
     ],
 )
 def test_wrong_method_on_api_route_is_405_with_allow(
@@ -109,6 +131,43 @@ def test_wrong_method_on_api_route_is_405_with_allow(
     assert (caught.value.status, caught.value.type) == (405, "method_not_allowed")
     allow = dict(caught.value.headers)["allow"]
     assert {m.strip() for m in allow.split(",")} == allowed
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        pytest.param("GET", "/v1/vals/alice/hello/runs", id="runs"),
+        pytest.param("GET", "/v1/run/alice.hello", id="run-get"),
+        pytest.param("POST", "/v1/run/alice.hello", id="run-post"),
+        pytest.param("GET", "/v1/eval/1%2B1", id="eval-get"),
+        pytest.param("POST", "/v1/eval", id="eval-post"),
+    ],
+)
+def test_every_spec_api_route_is_routed(method: str, path: str) -> None:
+    # SPEC §4.2 (Run), §4.3 (Eval) and §4.4 (runs) name these on the API host.
+    assert match_route(method, path).handler
+
+
+@pytest.mark.parametrize(
+    ("path", "cors"),
+    [
+        ("/v1/run/alice.hello", True),
+        ("/v1/run/alice", True),
+        ("/v1/eval", True),
+        ("/v1/eval/1+1", True),
+        ("/v1/eval/", True),
+        ("/v1/me", False),
+        ("/v1/vals/alice/hello", False),
+        ("/v1/vals/alice/hello/runs", False),
+        ("/v1/env/KEY", False),
+        ("/v1/run", False),
+        ("/v1/runs/alice.hello", False),
+        ("/v1/evaluate", False),
+        ("/healthz", False),
+    ],
+)
+def test_run_and_eval_answers_get_cors_and_management_answers_do_not(path: str, cors: bool) -> None:
+    assert answers_with_cors(path) is cors
 
 
 # express_redirect

@@ -4,22 +4,17 @@ worker's `call` op and eval mode as a subprocess, and both APIs through the real
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import trio
 
-from runtime.config import Config, ServerConfig, StoreConfig
 from runtime.errors import HTTPError, WorkerError
 from runtime.http import HTTPRequest
 from runtime.reply import ValResult, check_reply, check_result_body
 from runtime.run_api import eval_input, run_args
-from runtime.server import serve_valrun
-from runtime.store import Store
 from sandbox.errors import ValError
 from sandbox.evaluate import compile_eval, evaluate
 from sandbox.policy import LogBuffer
@@ -27,41 +22,9 @@ from sandbox.wire import Frame
 from sandbox.worker import result_json
 from tests.conftest import TEST_LIMITS, Service, StartService
 from tests.test_api import valrun
+from tests.test_records import configured_service
 from tests.test_service import COUNTER, assert_json_error, counter_code
 from tests.test_worker import load_frame, run_worker
-
-# A service with any config, for what `start_service` cannot set ([server], [store]).
-StartConfigured = Callable[..., Awaitable[Service]]
-
-
-@pytest.fixture
-async def start_configured(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[StartConfigured]:
-    clients: list[httpx.AsyncClient] = []
-
-    async def start(
-        server: dict[str, Any] | None = None, store: dict[str, Any] | None = None
-    ) -> Service:
-        db_path = tmp_path / f"configured-{len(clients)}.db"
-        config = Config(
-            server=ServerConfig(bind=("127.0.0.1:0",), **(server or {})),
-            store=StoreConfig(url=f"sqlite:///{db_path}", **(store or {})),
-            limits=TEST_LIMITS,
-        )
-        db = Store(db_path)
-        tokens = {name: db.create_user(name) for name in ("alice", "bob")}
-        db.close()
-        with trio.fail_after(20):
-            urls: list[str] = await nursery.start(
-                lambda task_status: serve_valrun(config, task_status=task_status)
-            )
-        port = int(urls[0].rpartition(":")[2])
-        client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30)
-        clients.append(client)
-        return Service(config, port, client, tokens, db_path)
-
-    yield start
-    for client in clients:
-        await client.aclose()
 
 
 def request(
@@ -547,16 +510,14 @@ async def test_eval_needs_a_token_by_default(
     assert response.headers["access-control-allow-origin"] == "*"
 
 
-async def test_anonymous_eval_when_configured_runs_with_no_env(
-    start_configured: StartConfigured,
-) -> None:
-    service = await start_configured(server={"anonymous_eval": True})
-    await service.api("PUT", "/v1/env/K", content=b"alice-value")
-    with trio.fail_after(15):
-        anonymous = await service.api("GET", "/v1/eval/dict(env)", user=None)
-        bad_token = await service.api(
-            "GET", "/v1/eval/1", user=None, headers={"authorization": "Bearer nope"}
-        )
+async def test_anonymous_eval_when_configured_runs_with_no_env(tmp_path: Path) -> None:
+    async with configured_service(tmp_path, server={"anonymous_eval": True}) as service:
+        await service.api("PUT", "/v1/env/K", content=b"alice-value")
+        with trio.fail_after(15):
+            anonymous = await service.api("GET", "/v1/eval/dict(env)", user=None)
+            bad_token = await service.api(
+                "GET", "/v1/eval/1", user=None, headers={"authorization": "Bearer nope"}
+            )
     assert anonymous.json() == {}
     assert_json_error(bad_token, 401, "unauthorized")  # a token that is sent must be valid
 
