@@ -2,7 +2,11 @@
 
 Everything here is handed to untrusted code, so each class keeps its state in underscore slots
 (RestrictedPython refuses `_` attributes at compile time), holds only plain values (str, bytes,
-tuples), and never a reference to a host object: there is nothing to walk back from.
+tuples), and never a reference to a host object: there is nothing to walk back from. The
+classes refuse subclasses: the worker reads a Response's `status`, `body` and `header_pairs()`
+after the val's code has returned, and a val's override there would run outside the val's
+error handling and skip the checks in `__init__`. Strings from vals are copied to exact `str`
+before use, so a `str` subclass's own `lower()` or `encode()` never decides anything here.
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ JSON_TYPE = "application/json"
 HTML_TYPE = "text/html; charset=utf-8"
 TEXT_TYPE = "text/plain; charset=utf-8"
 BYTES_TYPE = "application/octet-stream"
+# RFC 9110 §15.3.5, §15.3.6, §15.4.5: these responses end at their header section. With a
+# body the front end would still send its Content-Length, and a proxy that trusts it on a
+# 204 takes the next response's first bytes as this body. Fetch refuses them too.
+NULL_BODY_STATUSES = frozenset({204, 205, 304})
 
 
 class _MultiMap:
@@ -71,11 +79,20 @@ class _MultiMap:
         return f"{type(self).__name__}({list(self._items)!r})"
 
 
+def _exact_str(text: str) -> str:
+    # `str.__str__` copies a subclass's characters into a plain str and calls none of its
+    # methods (a val's `str` subclass may define `lower`, `encode`, `startswith`, ...).
+    return str.__str__(text)
+
+
 class Query(_MultiMap):
     """Query parameters; `get` gives the first value, as `URLSearchParams.get` does."""
 
     __slots__ = ()
     _fold = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        raise TypeError("Query cannot be subclassed")
 
     def get(self, name: str, default: str | None = None) -> str | None:
         values = self.getall(name)
@@ -88,6 +105,9 @@ class Headers(_MultiMap):
     __slots__ = ()
     _fold = True
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        raise TypeError("Headers cannot be subclassed")
+
     def get(self, name: str, default: str | None = None) -> str | None:
         values = self.getall(name)
         return ", ".join(values) if values else default
@@ -95,6 +115,9 @@ class Headers(_MultiMap):
 
 class Request:
     __slots__ = ("_body", "_headers", "_method", "_path", "_query", "_url")
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        raise TypeError("Request cannot be subclassed")
 
     def __init__(
         self,
@@ -147,7 +170,9 @@ def _header_pairs(headers: HeaderInput) -> tuple[tuple[str, str], ...]:
         name, value = item
         if not isinstance(name, str) or not isinstance(value, str | int):
             raise TypeError(f"header {name!r}: names must be str and values str or int")
-        pairs.append((name, str(value)))
+        pairs.append(
+            (_exact_str(name), _exact_str(value) if isinstance(value, str) else str(value))
+        )
     return tuple(pairs)
 
 
@@ -160,6 +185,9 @@ class Response:
 
     __slots__ = ("_body", "_headers", "_status")
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        raise TypeError("Response cannot be subclassed")
+
     def __init__(self, body: str | bytes = "", status: int = 200, headers: HeaderInput = None):
         if type(status) is not int or not 200 <= status <= 599:
             raise ValueError(f"Response status must be an int from 200 to 599, not {status!r}")
@@ -167,9 +195,11 @@ class Response:
         if isinstance(body, str):
             if body and not _has_header(pairs, "content-type"):
                 pairs += (("content-type", TEXT_TYPE),)
-            body = body.encode()
+            body = str.encode(body)
         elif not isinstance(body, bytes | bytearray):
             raise TypeError(f"Response body must be str or bytes, not {type(body).__name__}")
+        if body and status in NULL_BODY_STATUSES:
+            raise ValueError(f"a {status} response cannot have a body; use Response('', {status})")
         self._body = bytes(body)
         self._status = status
         self._headers = pairs
@@ -208,7 +238,7 @@ def to_response(value: object) -> Response:
     if isinstance(value, Response):
         return value
     if isinstance(value, str):
-        return Response(value.encode(), 200, [("content-type", HTML_TYPE)])
+        return Response(str.encode(value), 200, [("content-type", HTML_TYPE)])
     if isinstance(value, bytes | bytearray):
         return Response(bytes(value), 200, [("content-type", BYTES_TYPE)])
     if isinstance(value, dict | list):

@@ -8,13 +8,15 @@ because RestrictedPython rewrites an operation into a call to it; a missing guar
 
 from __future__ import annotations
 
+import abc
 import builtins
 import collections
 import io
 import operator
+import re
 import types
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -55,10 +57,13 @@ _EXTRA_BUILTINS: dict[str, object] = {
 
 # Attribute reads refused on top of RestrictedPython's rules. `obj` on an AttributeError is
 # the object the lookup failed on (CVE-2024-47532 handed back the real `string` module);
-# `mro` walks to `object`, the start of every subclass walk.
+# `mro` walks to `object`, the start of every subclass walk; `register` on an ABC
+# (`collections.ChainMap`) writes into the process-wide ABC registry that every host
+# `isinstance(x, Mapping)` consults.
 _REFUSED_ATTRIBUTES: dict[type, frozenset[str]] = {
     BaseException: frozenset({"obj", "with_traceback"}),
     type: frozenset({"mro"}),
+    abc.ABCMeta: frozenset({"register"}),
 }
 
 _INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
@@ -123,7 +128,18 @@ class _Printer:
     def __init__(self, log: LogBuffer) -> None:
         self._log = log
 
-    def _call_print(self, *objects: object, sep: str | None = " ", end: str | None = "\n") -> None:
+    def _call_print(
+        self,
+        *objects: object,
+        sep: str | None = " ",
+        end: str | None = "\n",
+        file: object = None,
+        flush: bool = False,  # accepted and ignored: the log has no buffer to flush
+    ) -> None:
+        if file is not None:
+            # RestrictedPython's own collector would call `file.write`: a val object's
+            # method, or a host stream's if one ever leaked. The log is the only output.
+            raise TypeError("print(file=...) is not available to vals; print goes to the log")
         out = io.StringIO()
         print(*objects, sep=sep, end=end, file=out)
         self._log.write(out.getvalue())
@@ -132,6 +148,45 @@ class _Printer:
         # `printed` in RestrictedPython reads back what this scope printed; the log is the
         # invocation's, so give nothing back rather than another scope's output.
         return ""
+
+
+class Env(Mapping[str, str]):
+    """The owner's env as vals see it: read-only, and holding nothing a val can write to.
+
+    Not a `mappingproxy`: `proxy == obj` compares the proxied dict with `obj`, `dict.__eq__`
+    declines a non-dict, and Python calls the reflected `obj.__eq__(that dict)`. A val class's
+    `__eq__` (RestrictedPython allows defining it) then holds the dict, which the write guard
+    lets it change. `Mapping.__eq__` compares fresh copies, so no dict of ours reaches vals.
+    """
+
+    __slots__ = ("_data",)
+    _data: dict[str, str]
+
+    def __init__(self, data: Mapping[str, str]) -> None:
+        object.__setattr__(self, "_data", dict(data))
+
+    def __getitem__(self, key: str) -> str:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._data))
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def copy(self) -> dict[str, str]:
+        """A plain dict of the env, as `mappingproxy.copy()` gives: the val's own to change."""
+        return dict(self._data)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("env is read-only")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("env is read-only")
+
+    def __repr__(self) -> str:
+        # Keys only: a repr lands in logs and error messages, env values never may (SPEC §1).
+        return f"<env keys={sorted(self._data)!r}>"
 
 
 _NO_DEFAULT = object()
@@ -144,6 +199,11 @@ def guarded_getattr(obj: object, name: str, default: object = _NO_DEFAULT) -> ob
     if isinstance(obj, types.ModuleType):
         # Facades are never modules; a real module here means a hole elsewhere: don't widen it.
         raise AttributeError("modules are not available to vals")
+    if name == "groupindex" and isinstance(obj, re.Pattern):
+        # A mappingproxy of the pattern's own dict, and `re` caches compiled patterns for
+        # the whole process: a val comparing it with its object (reflected `__eq__`) would
+        # get that dict and could rename another user of the pattern's groups. A copy.
+        return dict(obj.groupindex)
     if default is _NO_DEFAULT:
         return _restricted_getattr(obj, name)
     try:
@@ -164,7 +224,8 @@ def _getitem(obj: Any, key: object) -> object:
     return obj[key]
 
 
-def _apply(func: Callable[..., object], *args: object, **kwargs: object) -> object:
+def _apply(func: Callable[..., object], /, *args: object, **kwargs: object) -> object:
+    # Positional-only: `g(**{"func": 1})` must reach g, not collide with this parameter.
     return func(*args, **kwargs)
 
 
@@ -249,8 +310,8 @@ def make_globals(name: str, env: Mapping[str, str], log: LogBuffer) -> dict[str,
         "_print_": lambda _getattr=None: _Printer(log),
         "Request": Request,
         "Response": Response,
-        # A read-only view of a copy: the val cannot change its env nor reach the host's dict.
-        "env": types.MappingProxyType(dict(env)),
+        # A read-only copy: the val cannot change its env nor reach the host's dict.
+        "env": Env(env),
     }
 
 

@@ -147,6 +147,16 @@ def test_print_goes_to_the_log_buffer() -> None:
     assert log.take() == ""  # take() starts afresh
 
 
+def test_print_accepts_flush_and_file_none_but_no_file_object() -> None:
+    log = LogBuffer(100)
+    call("def f():\n    print('a', flush=True)\n    print('b', file=None)\n", log=log)
+    assert log.take() == "a\nb\n"
+    with pytest.raises(TypeError, match="print goes to the log"):
+        call(
+            "class W:\n    def write(self, s):\n        pass\ndef f():\n    print('x', file=W())\n"
+        )
+
+
 def test_print_is_capped_and_marked_when_over_the_limit() -> None:
     log = LogBuffer(100)
     call("def f():\n    for i in range(50):\n        print('x' * 10)\n", log=log)
@@ -198,6 +208,34 @@ def test_writing_to_env_fails(body: str) -> None:
     with pytest.raises((TypeError, AttributeError)):
         call(source)
     assert ENV == {"API_KEY": "s3cret", "REGION": "eu"}
+
+
+def test_env_is_not_handed_over_by_a_reflected_comparison() -> None:
+    # `mappingproxy == obj` ends in `obj.__eq__(the proxied dict)`; vals may define __eq__.
+    source = """
+        class Thief:
+            def __eq__(self, other):
+                self.loot = other
+                return True
+        def f():
+            thief = Thief()
+            env == thief
+            env.keys() == thief
+            thief.loot["API_KEY"] = "changed"
+        """
+    with pytest.raises(TypeError, match="does not support item"):
+        call(source)
+
+
+def test_env_compares_copies_and_shows_only_keys() -> None:
+    assert call(
+        """
+        def f():
+            copy = env.copy()
+            copy["NEW"] = "mine"
+            return env == {"API_KEY": "s3cret", "REGION": "eu"}, sorted(copy), repr(env)
+        """
+    ) == (True, ["API_KEY", "NEW", "REGION"], "<env keys=['API_KEY', 'REGION']>")
 
 
 def test_env_is_a_copy_not_the_host_mapping() -> None:
@@ -361,6 +399,40 @@ def test_mro_on_a_class_is_refused(expression: str) -> None:
         call(f"class C:\n    pass\ndef f():\n    return {expression}\n")
 
 
+def test_groupindex_is_a_copy_not_the_cached_patterns_dict() -> None:
+    # re caches compiled patterns process-wide: the proxied dict is shared with every user.
+    assert call(
+        """
+        import re
+        def f():
+            groups = re.compile("(?P<word>a)").groupindex
+            groups["word"] = 2
+            return re.compile("(?P<word>a)").groupindex, re.match("(?P<word>a)", "a").group("word")
+        """
+    ) == ({"word": 1}, "a")
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        pytest.param("collections.ChainMap.register(list)", id="abc_class"),
+        pytest.param("getattr(collections.ChainMap, 'register')", id="via_getattr"),
+        pytest.param("Own.register(int)", id="own_subclass"),
+    ],
+)
+def test_abc_register_is_refused(expression: str) -> None:
+    # ABCMeta.register writes the process-wide registry every isinstance(x, Mapping) reads.
+    source = f"""
+        import collections
+        class Own(collections.ChainMap):
+            pass
+        def f():
+            {expression}
+        """
+    with pytest.raises(AttributeError, match="register"):
+        call(source)
+
+
 # Writes
 
 
@@ -474,6 +546,12 @@ def test_star_args_and_kwargs_calls_work() -> None:
             return g(*args, **kwargs), g(0, c=1), max(*[3, 9])
         """
     assert call(source) == ((1, 2, (3,), 4, {"d": 5}), (0, 0, (), 1, {}), 9)
+
+
+def test_keyword_named_like_the_apply_guards_parameter_reaches_the_callee() -> None:
+    assert call("def g(**kw):\n    return kw\ndef f():\n    return g(**{'func': 1})\n") == {
+        "func": 1
+    }
 
 
 # Language features

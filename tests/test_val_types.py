@@ -254,6 +254,17 @@ def test_response_refuses_statuses_out_of_range(status: int) -> None:
         Response("", status)
 
 
+@pytest.mark.parametrize("status", [204, 205, 304])
+def test_response_refuses_a_body_on_a_status_that_has_none(status: int) -> None:
+    # The front end would still send a Content-Length; a proxy trusting it on a 204 would
+    # take the next response's first bytes as this body.
+    assert Response("", status).body == b""
+    with pytest.raises(ValueError, match="cannot have a body"):
+        Response("x", status)
+    with pytest.raises(ValueError, match="cannot have a body"):
+        Response.json({}, status)
+
+
 @pytest.mark.parametrize(
     "status",
     [
@@ -416,3 +427,30 @@ def test_dumps_json_refuses_values_json_has_no_spelling_for(value: object) -> No
 
 def test_dumps_json_is_compact_utf8() -> None:
     assert dumps_json({"a": ["é", 1]}) == '{"a":["é",1]}'
+
+
+# What vals may not bend
+
+
+@pytest.mark.parametrize("cls", [Request, Response, Headers, Query])
+def test_val_facing_classes_refuse_subclasses(cls: type) -> None:
+    # The worker reads a Response's status, body and header_pairs() after the val returned,
+    # outside its error handling: a val's override must not be what it reads.
+    with pytest.raises(TypeError, match="cannot be subclassed"):
+        type("Sneaky", (cls,), {})
+
+
+class _LyingStr(str):
+    def lower(self) -> str:
+        return "x-not-content-type"
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"forged"
+
+
+def test_response_copies_str_subclasses_to_plain_str() -> None:
+    response = Response(_LyingStr("body"), 200, [(_LyingStr("Content-Type"), _LyingStr("a/b"))])
+    assert response.body == b"body"
+    assert response.header_pairs() == [["Content-Type", "a/b"]]
+    assert all(type(part) is str for pair in response.header_pairs() for part in pair)
+    assert to_response(_LyingStr("<p>")).body == b"<p>"
