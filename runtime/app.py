@@ -75,7 +75,7 @@ class App:
             "%s %s %s %d %.1fms %dB",
             method,
             host,
-            scope["path"],
+            loggable_path(scope["path"]),
             response.status,
             (trio.current_time() - started) * 1000,
             len(response.body),
@@ -146,6 +146,12 @@ def web_version(query_string: str) -> int | None:
     except BadRequestError:
         # The query is the val's: a `v` that is no version number is its own business.
         return None
+
+
+def loggable_path(path: str) -> str:
+    """The path for the access log: Eval's code is its request's payload, and payloads are
+    not logged (it may hold a secret, and it may be 64 KiB long)."""
+    return "/v1/eval/…" if path.startswith("/v1/eval/") else path
 
 
 def _with_query(request: HTTPRequest) -> str:

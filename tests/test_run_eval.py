@@ -6,15 +6,20 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
 
+from runtime.app import loggable_path
+from runtime.config import Config
 from runtime.errors import HTTPError, WorkerError
 from runtime.http import HTTPRequest
-from runtime.reply import ValResult, check_reply, check_result_body
-from runtime.run_api import eval_input, run_args
+from runtime.pool import Pool, ValSpec
+from runtime.records import Recorder
+from runtime.reply import Reply, ValResponse, ValResult, check_reply, check_result_body
+from runtime.run_api import Runner, eval_input, run_args
+from runtime.store import AsyncStore, Store
 from sandbox.errors import ValError
 from sandbox.evaluate import compile_eval, evaluate
 from sandbox.policy import LogBuffer
@@ -565,3 +570,70 @@ async def test_cli_run_and_eval(service: Service) -> None:
     assert json.loads(called.stdout) == [[2], 1]
     failed = await valrun(service, "run", *token, "alice.add")
     assert failed.returncode != 0 and b"502" in failed.stderr
+
+
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        ("/v1/eval/'sk-live-123'[:2]", "/v1/eval/…"),
+        ("/v1/eval/", "/v1/eval/…"),
+        ("/v1/eval", "/v1/eval"),
+        ("/v1/run/alice.hello", "/v1/run/alice.hello"),
+    ],
+)
+def test_eval_code_stays_out_of_the_access_log(path: str, logged: str) -> None:
+    assert loggable_path(path) == logged
+
+
+# The Runner, with a pool that answers what a hostile worker could
+
+
+class FakePool:
+    def __init__(self, outcome: ValResponse | ValResult | WorkerError) -> None:
+        self.outcome = outcome
+        self.retired: list[int] = []
+
+    async def invoke(self, spec: ValSpec, head: dict[str, object], body: bytes) -> Reply:
+        return Reply(self.outcome, "log of the secret-value\n", retire=False)
+
+    def retire(self, val_id: int) -> None:
+        self.retired.append(val_id)
+
+
+SPEC = ValSpec(1, 1, "alice", "f", "f = 1", (("KEY", "secret-value"),), "alice-f.web.localhost")
+
+
+async def runner_with(
+    outcome: ValResponse | ValResult | WorkerError, tmp_path: Path
+) -> tuple[Runner, FakePool, Recorder]:
+    store = Store(tmp_path / "runner.db")
+    store.create_user("alice")
+    store.put_val("alice", "f", "f = 1", None)  # val 1, as in SPEC
+    pool = FakePool(outcome)
+    recorder = Recorder(AsyncStore(store), keep_per_val=10)
+    return Runner(Config(), cast(Pool, pool), recorder), pool, recorder
+
+
+async def test_a_reply_of_the_wrong_kind_is_refused_and_its_worker_retired(
+    tmp_path: Path,
+) -> None:
+    runner, pool, recorder = await runner_with(ValResponse(200, [], b"<html>", ""), tmp_path)
+    with pytest.raises(WorkerError) as caught:
+        await runner.invoke(SPEC, {"op": "call"}, b"[]", source="run", expect=ValResult)
+    assert (caught.value.status, caught.value.type) == (502, "protocol_error")
+    assert pool.retired == [1]
+    assert recorder.pending == 1
+
+
+async def test_a_vals_error_and_log_lose_its_env_values(tmp_path: Path) -> None:
+    failure = WorkerError("KeyError: 'secret-value'", "val_error", details={"traceback": []})
+    runner, _, recorder = await runner_with(failure, tmp_path)
+    with pytest.raises(WorkerError) as caught:
+        await runner.invoke(SPEC, {"op": "call"}, b"[]", source="run", expect=ValResult)
+    assert caught.value.message == "KeyError: '[env KEY]'"
+    assert caught.value.details == {"traceback": []}
+    await recorder.flush()
+    val = recorder.store.store.get_val("alice", "f", None)
+    assert val is not None
+    (record,) = recorder.store.store.runs(val, 10)
+    assert (record.log, record.error_message) == ("log of the [env KEY]\n", "KeyError: '[env KEY]'")
