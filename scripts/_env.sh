@@ -28,3 +28,12 @@ ensure_chromium() {  # the browser tests drive Debian's Chromium (no browser dow
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
 }
+
+ensure_wrk() {  # scripts/bench drives the servers with Debian's wrk (one C client for all runs)
+  if command -v wrk >/dev/null; then return; fi
+  echo "scripts: installing Debian's wrk for the benchmark" >&2
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk >/dev/null
+}

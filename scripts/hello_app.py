@@ -1,0 +1,60 @@
+"""The baseline for scripts/bench: a bare hypercorn-trio ASGI app that answers what the hello
+val answers, with the hypercorn settings valrun uses (runtime.server.hypercorn_config).
+
+    python scripts/hello_app.py --bind 127.0.0.1:8099
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+from collections.abc import Sequence
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+
+BODY = json.dumps({"greeting": "hi world"}).encode()
+HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
+
+
+async def hello(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    if scope["type"] == "lifespan":
+        # Hypercorn's trio worker fails to start unless the app answers lifespan.
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    elif scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        await send({"type": "http.response.body", "body": BODY, "more_body": False})
+
+
+async def _wait_for_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            return
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bind", default="127.0.0.1:8099", metavar="HOST:PORT")
+    args = parser.parse_args(argv)
+    config = Config()
+    config.bind = [args.bind]
+    config.accesslog = None
+    config.include_server_header = False
+
+    async def run() -> None:
+        await serve(hello, config, shutdown_trigger=_wait_for_signal)
+
+    trio.run(run)
+
+
+if __name__ == "__main__":
+    main()
