@@ -193,6 +193,16 @@ _NO_DEFAULT = object()
 
 
 def guarded_getattr(obj: object, name: str, default: object = _NO_DEFAULT) -> object:
+    """`_getattr_` for compiled code and the `getattr` builtin; a default covers every refusal."""
+    if default is _NO_DEFAULT:
+        return _checked_getattr(obj, name)
+    try:
+        return _checked_getattr(obj, name)
+    except AttributeError:
+        return default
+
+
+def _checked_getattr(obj: object, name: str) -> object:
     for owner, refused in _REFUSED_ATTRIBUTES.items():
         if name in refused and isinstance(obj, owner):
             raise AttributeError(f"{name!r} is not available to vals")
@@ -204,12 +214,7 @@ def guarded_getattr(obj: object, name: str, default: object = _NO_DEFAULT) -> ob
         # the whole process: a val comparing it with its object (reflected `__eq__`) would
         # get that dict and could rename another user of the pattern's groups. A copy.
         return dict(obj.groupindex)
-    if default is _NO_DEFAULT:
-        return _restricted_getattr(obj, name)
-    try:
-        return _restricted_getattr(obj, name)
-    except AttributeError:
-        return default
+    return _restricted_getattr(obj, name)
 
 
 def _public_name(name: object) -> str:

@@ -334,6 +334,17 @@ def test_getattr_with_a_default_does_not_leak_underscore_attributes() -> None:
     assert call("def f():\n    return hasattr(1, '__class__')\n") is False
 
 
+def test_getattr_default_covers_valruns_own_refusals_too() -> None:
+    source = """
+        def f():
+            try:
+                'x'.nope
+            except AttributeError as e:
+                return getattr(e, 'obj', 'refused'), hasattr(e, 'obj'), getattr(int, 'mro', 0)
+        """
+    assert call(source) == ("refused", False, 0)
+
+
 @pytest.mark.parametrize(
     "statement",
     [
