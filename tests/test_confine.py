@@ -30,15 +30,17 @@ from typing import Any
 import pytest
 
 import sandbox
-from sandbox import confine
-from sandbox.confine import ALL_LAYERS, LAYERS, NOBODY, ConfinePlan, probe, seccomp_program
+from sandbox.confine import ALL_LAYERS, LAYERS, NOBODY, ConfinePlan, probe
+from sandbox.landlock import landlock_abi
+from sandbox.seccomp import seccomp_program
+from sandbox.syscalls import SYSCALLS
 
 REPO = Path(sandbox.__file__).resolve().parent.parent
 SECRET = "hunter2-valrun-secret"
 IS_ROOT = os.geteuid() == 0
 
 pytestmark = pytest.mark.skipif(
-    sys.platform != "linux" or confine.landlock_abi() < 6 or not IS_ROOT,
+    sys.platform != "linux" or landlock_abi() < 6 or not IS_ROOT,
     reason="needs Linux with Landlock ABI >= 6, run as root (the machines valrun targets)",
 )
 
@@ -657,7 +659,7 @@ def test_syscall_numbers_match_the_kernel_headers(column: int, header: Path) -> 
     known = _header_numbers(header)
     if not known:
         pytest.skip(f"no {header}")
-    table = {name: numbers[column] for name, numbers in confine._SYSCALLS.items()}
+    table = {name: numbers[column] for name, numbers in SYSCALLS.items()}
     checked = {name: nr for name, nr in table.items() if name in known}
     assert len(checked) > 80  # older headers lack only the newest calls
     assert checked == {name: known[name] for name in checked}
