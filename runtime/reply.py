@@ -152,11 +152,22 @@ def check_headers(raw: object, limits: LimitsConfig, host: str) -> list[tuple[by
     return headers
 
 
-def check_reply(frame: Frame, request_id: int, limits: LimitsConfig, host: str) -> Reply:
-    """Check a worker's reply to request `request_id`. Raises WorkerError on a violation."""
+#: The reply each request op is answered with (or "error").
+REPLY_OPS = {"http": "response", "call": "result"}
+
+
+def check_reply(
+    frame: Frame, request_id: int, request_op: str, limits: LimitsConfig, host: str
+) -> Reply:
+    """Check a worker's reply to request `request_id` (an `request_op` request).
+
+    Raises WorkerError on any violation, a reply of the wrong kind included.
+    """
     head = frame.head
     if type(head.get("id")) is not int or head.get("id") != request_id:
         raise protocol_error(f"reply for request {head.get('id')!r}, expected {request_id}")
+    if head.get("op") not in ("error", REPLY_OPS[request_op]):
+        raise protocol_error(f"a {head.get('op')!r} reply to a {request_op!r} request")
     retire = head.get("retire", False)
     if type(retire) is not bool:
         raise protocol_error("'retire' is not a boolean")

@@ -125,9 +125,8 @@ class Runner:
             record(error.status, reply.log, error)
             raise error
         if not isinstance(outcome, expect):
-            # Our worker never answers an http op with a result or the other way round.
-            if spec.mode != "eval":
-                self.pool.retire(spec.val_id)
+            # The pool already refuses (and kills) a worker that answers with the wrong kind
+            # of reply; this guards the Runner's own contract.
             error = protocol_error(f"a {type(outcome).__name__} where a {expect.__name__} was due")
             record(error.status, error=error)
             raise error

@@ -45,7 +45,7 @@ def error_head(**overrides: object) -> dict[str, object]:
 
 
 def check(head: dict[str, object], body: bytes = b"", limits: LimitsConfig = LIMITS) -> ValResponse:
-    outcome = check_reply(Frame(head, body), REQUEST_ID, limits, HOST).outcome
+    outcome = check_reply(Frame(head, body), REQUEST_ID, "http", limits, HOST).outcome
     assert isinstance(outcome, ValResponse), outcome
     return outcome
 
@@ -54,7 +54,7 @@ def refused(
     head: dict[str, object], body: bytes = b"", limits: LimitsConfig = LIMITS
 ) -> WorkerError:
     with pytest.raises(WorkerError) as caught:
-        check_reply(Frame(head, body), REQUEST_ID, limits, HOST)
+        check_reply(Frame(head, body), REQUEST_ID, "http", limits, HOST)
     assert caught.value.status == 502
     return caught.value
 
@@ -68,7 +68,7 @@ def headers_refused(raw: object, limits: LimitsConfig = LIMITS) -> WorkerError:
 
 def test_well_formed_reply_becomes_a_response() -> None:
     head = response_head(status=201, headers=[["Content-Type", "text/plain"]], log="hi\n")
-    reply = check_reply(Frame(head, b"body"), REQUEST_ID, LIMITS, HOST)
+    reply = check_reply(Frame(head, b"body"), REQUEST_ID, "http", LIMITS, HOST)
     assert reply.outcome == ValResponse(201, [(b"content-type", b"text/plain")], b"body", "hi\n")
     assert (reply.log, reply.retire) == ("hi\n", False)
 
@@ -99,7 +99,7 @@ def test_reply_to_another_request_is_a_protocol_error(
 def test_reply_id_true_is_not_request_one() -> None:
     # JSON `true` == 1 in Python; the id is schema-checked like the status (an int, not bool).
     with pytest.raises(WorkerError) as caught:
-        check_reply(Frame(response_head(id=True)), 1, LIMITS, HOST)
+        check_reply(Frame(response_head(id=True)), 1, "http", LIMITS, HOST)
     assert (caught.value.status, caught.value.type) == (502, "protocol_error")
 
 
@@ -118,7 +118,7 @@ def test_retire_that_is_not_a_bool_is_a_protocol_error(retire: object, make_head
 
 @pytest.mark.parametrize(("retire", "expected"), [(True, True), (False, False), (MISSING, False)])
 def test_retire_is_reported(retire: object, expected: bool) -> None:
-    reply = check_reply(Frame(response_head(retire=retire)), REQUEST_ID, LIMITS, HOST)
+    reply = check_reply(Frame(response_head(retire=retire)), REQUEST_ID, "http", LIMITS, HOST)
     assert reply.retire is expected
 
 
@@ -133,7 +133,7 @@ def test_log_that_is_not_a_string_is_a_protocol_error(log: object, make_head: Ma
 )
 def test_log_within_the_limit_is_kept_verbatim(log: object) -> None:
     limits = LimitsConfig(max_log_bytes=1000)
-    reply = check_reply(Frame(response_head(log=log)), REQUEST_ID, limits, HOST)
+    reply = check_reply(Frame(response_head(log=log)), REQUEST_ID, "http", limits, HOST)
     assert reply.log == ("" if log is MISSING else log)
 
 
@@ -150,7 +150,7 @@ def test_log_within_the_limit_is_kept_verbatim(log: object) -> None:
 @pytest.mark.parametrize("make_head", [response_head, error_head], ids=["response", "error"])
 def test_log_over_the_limit_is_truncated_and_marked(log: str, make_head: MakeHead) -> None:
     limits = LimitsConfig(max_log_bytes=1000)
-    reply = check_reply(Frame(make_head(log=log)), REQUEST_ID, limits, HOST)
+    reply = check_reply(Frame(make_head(log=log)), REQUEST_ID, "http", limits, HOST)
     kept, _, marker = reply.log.rpartition("\n")
     assert "truncated" in marker
     assert log.startswith(kept)
@@ -483,7 +483,7 @@ def test_only_the_wide_cookie_of_several_is_dropped() -> None:
     ],
 )
 def test_error_reply_becomes_the_vals_failure(head: dict[str, object], expected_type: str) -> None:
-    reply = check_reply(Frame(head), REQUEST_ID, LIMITS, HOST)
+    reply = check_reply(Frame(head), REQUEST_ID, "http", LIMITS, HOST)
     assert isinstance(reply.outcome, WorkerError)
     assert (reply.outcome.status, reply.outcome.type) == (502, expected_type)
     assert reply.outcome.message == head["message"]
@@ -491,7 +491,7 @@ def test_error_reply_becomes_the_vals_failure(head: dict[str, object], expected_
 
 def test_val_error_carries_its_traceback() -> None:
     frames = ['  File "<val alice/hello>", line 1, in <module>', "  line 2"]
-    reply = check_reply(Frame(error_head(traceback=frames)), REQUEST_ID, LIMITS, HOST)
+    reply = check_reply(Frame(error_head(traceback=frames)), REQUEST_ID, "http", LIMITS, HOST)
     assert isinstance(reply.outcome, WorkerError)
     assert reply.outcome.details["traceback"] == frames
     assert reply.outcome.body()["error"] == {
@@ -503,7 +503,7 @@ def test_val_error_carries_its_traceback() -> None:
 
 def test_error_reply_keeps_log_and_retire() -> None:
     head = error_head(log="printed\n", retire=True)
-    reply = check_reply(Frame(head), REQUEST_ID, LIMITS, HOST)
+    reply = check_reply(Frame(head), REQUEST_ID, "http", LIMITS, HOST)
     assert (reply.log, reply.retire) == ("printed\n", True)
 
 
@@ -535,7 +535,7 @@ def test_malformed_error_reply_is_a_protocol_error(overrides: dict[str, object])
 
 def test_huge_error_message_and_traceback_are_bounded() -> None:
     head = error_head(message="m" * 1_000_000, traceback=["f" * 10_000] * 10_000)
-    reply = check_reply(Frame(head), REQUEST_ID, LIMITS, HOST)
+    reply = check_reply(Frame(head), REQUEST_ID, "http", LIMITS, HOST)
     assert isinstance(reply.outcome, WorkerError)
     assert len(reply.outcome.message) < 10_000
     frames = reply.outcome.details["traceback"]
@@ -555,10 +555,21 @@ def test_error_text_with_lone_surrogates_can_be_sent_as_utf8(
     overrides: dict[str, object],
 ) -> None:
     # JSON allows "\ud800" escapes; the front end answers with UTF-8 JSON (HTTPResponse.json).
-    reply = check_reply(Frame(error_head(**overrides)), REQUEST_ID, LIMITS, HOST)
+    reply = check_reply(Frame(error_head(**overrides)), REQUEST_ID, "http", LIMITS, HOST)
     assert isinstance(reply.outcome, WorkerError)
     error = reply.outcome.body()["error"]
     assert isinstance(error, dict)
     for text in (error["message"], *error.get("traceback", [])):
         assert isinstance(text, str)
         text.encode("utf-8")
+
+
+@pytest.mark.parametrize(
+    ("request_op", "reply_op"),
+    [("http", "result"), ("call", "response"), ("http", "loaded"), ("call", "loaded")],
+)
+def test_reply_of_the_wrong_kind_is_a_protocol_error(request_op: str, reply_op: str) -> None:
+    head = {**response_head(), "op": reply_op}
+    with pytest.raises(WorkerError) as caught:
+        check_reply(Frame(head, b"[1]"), REQUEST_ID, request_op, LIMITS, HOST)
+    assert (caught.value.status, caught.value.type) == (502, "protocol_error")
