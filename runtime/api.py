@@ -36,6 +36,7 @@ from runtime.errors import (
 )
 from runtime.hosts import USER_RE, VAL_RE, val_host
 from runtime.http import HTTPRequest, HTTPResponse
+from runtime.metrics import Metrics
 from runtime.pool import Pool
 from runtime.records import Recorder
 from runtime.store import AsyncStore, Store, User, ValVersion
@@ -43,6 +44,8 @@ from runtime.store import AsyncStore, Store, User, ValVersion
 if TYPE_CHECKING:  # run_api imports this module
     from runtime.run_api import RunApi
 
+# The Prometheus text exposition format.
+PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 MAX_ENV_VALUE_BYTES = 64 * 1024
 DEFAULT_RUNS_LIMIT = 100
@@ -57,6 +60,7 @@ ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple(
     (method, re.compile(pattern), handler)
     for method, pattern, handler in (
         ("GET", r"/healthz", "healthz"),
+        ("GET", r"/metrics", "serve_metrics"),
         ("GET", r"/v1/me", "me"),
         ("GET", rf"/v1/vals/{_USER}", "list_vals"),
         ("PUT", rf"/v1/vals/{_USER}/{_VAL}", "put_val"),
@@ -203,14 +207,14 @@ class Api:
         pool: Pool,
         run_api: RunApi,
         recorder: Recorder,
-        health: dict[str, object],
+        metrics: Metrics,
     ) -> None:
         self.config = config
         self.store = store
         self.pool = pool
         self.run_api = run_api
         self.recorder = recorder
-        self.health = health
+        self.metrics = metrics
 
     async def handle(self, request: HTTPRequest) -> HTTPResponse:
         server = self.config.server
@@ -261,7 +265,18 @@ class Api:
     # Handlers, in ROUTES order.
 
     async def healthz(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
-        return HTTPResponse.json({**self.health, "workers": self.pool.worker_count})
+        isolation: dict[str, object] = {
+            "restricted_python": {"active": True, "detail": "RestrictedPython policy, guards"},
+            "facade_imports": {"active": True, "detail": "imports are vetted facades only"},
+            **self.pool.isolation,
+        }
+        return HTTPResponse.json(
+            {"status": "ok", "isolation": isolation, "workers": self.pool.gauges()}
+        )
+
+    async def serve_metrics(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
+        text = self.metrics.render(self.pool.stats, self.pool.gauges())
+        return HTTPResponse(200, [(b"content-type", PROMETHEUS_TYPE)], text.encode())
 
     async def me(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         user = await self.authenticate(request)

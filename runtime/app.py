@@ -16,13 +16,14 @@ from runtime.api import Api, answers_with_cors, parse_version
 from runtime.config import Config
 from runtime.cors import finalize_cors
 from runtime.errors import BadRequestError, HTTPError, NotFoundError
-from runtime.hosts import ApiHost, UnknownHost, ValHost, route_host
+from runtime.hosts import ApiHost, Route, UnknownHost, ValHost, route_host
 from runtime.http import HTTPRequest, HTTPResponse, read_body, send_response
+from runtime.metrics import Metrics
 from runtime.pool import Pool
 from runtime.records import Recorder
 from runtime.reply import ValResponse
 from runtime.run_api import RunApi, Runner, val_spec
-from runtime.store import AsyncStore, Store
+from runtime.store import AsyncStore
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("valrun.access")
@@ -35,14 +36,15 @@ class App:
         store: AsyncStore,
         pool: Pool,
         recorder: Recorder,
-        health: dict[str, object],
+        metrics: Metrics,
     ) -> None:
         self.config = config
         self.store = store
         self.pool = pool
+        self.metrics = metrics
         self.runner = Runner(config, pool, recorder)
         run_api = RunApi(config, store, self.runner)
-        self.api = Api(config, store, pool, run_api, recorder, health)
+        self.api = Api(config, store, pool, run_api, recorder, metrics)
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -70,6 +72,8 @@ class App:
         if response.cors:
             response.headers = finalize_cors(method, list(scope["headers"]), response.headers)
         await send_response(send, response, method)
+        elapsed = trio.current_time() - started
+        self.metrics.observe(response.kind, response.status, elapsed)
         host = _host_header(scope) or "-"
         access_logger.info(
             "%s %s %s %d %.1fms %dB",
@@ -77,16 +81,18 @@ class App:
             host,
             loggable_path(scope["path"]),
             response.status,
-            (trio.current_time() - started) * 1000,
+            elapsed * 1000,
             len(response.body),
         )
 
     async def respond(self, scope: HTTPScope, receive: ASGIReceiveCallable) -> HTTPResponse:
         server = self.config.server
         cors = True  # the front end's errors on web (and unknown) hosts get CORS too
+        kind = "unknown"
         try:
             route = route_host(_host_header(scope), server.api_host, server.web_domain)
             cors = not isinstance(route, ApiHost) or answers_with_cors(scope["path"])
+            kind = request_kind(route, scope["path"])
             if isinstance(route, UnknownHost):
                 raise NotFoundError(
                     f"no valrun service at {route.host!r}: vals live at "
@@ -105,20 +111,23 @@ class App:
                 body=body,
             )
             if isinstance(route, ValHost):
-                return await self.serve_val(route, request)
-            return await self.api.handle(request)
+                response = await self.serve_val(route, request)
+            else:
+                response = await self.api.handle(request)
         except HTTPError as exc:
-            return HTTPResponse.from_error(exc, cors=cors)
+            response = HTTPResponse.from_error(exc, cors=cors)
         except Exception:
             # A bug in valrun, not the client's or the val's fault: log it, answer JSON.
             logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
             error = HTTPError("valrun failed on this request; its log has the details")
-            return HTTPResponse.from_error(error, cors=cors)
+            response = HTTPResponse.from_error(error, cors=cors)
+        response.kind = kind
+        return response
 
     async def serve_val(self, route: ValHost, request: HTTPRequest) -> HTTPResponse:
         # Privacy does not apply here: a private val's code is private, its endpoint is not.
         version = web_version(request.query_string)
-        resolved = await self.store.run(Store.resolve, route.user, route.val, version)
+        resolved = await self.store.resolve(route.user, route.val, version)
         if resolved is None:
             raise NotFoundError(
                 f"no val {route.user}/{route.val}" + (f" version {version}" if version else ""),
@@ -137,6 +146,19 @@ class App:
             spec, head, request.body, source="web", expect=ValResponse
         )
         return HTTPResponse(response.status, response.headers, response.body, cors=True)
+
+
+def request_kind(route: Route, path: str) -> str:
+    """The `kind` label of /metrics: web (a val's host), run, eval, api, or unknown."""
+    if isinstance(route, ValHost):
+        return "web"
+    if isinstance(route, UnknownHost):
+        return "unknown"
+    if path.startswith("/v1/run/"):
+        return "run"
+    if path.startswith("/v1/eval"):
+        return "eval"
+    return "api"
 
 
 def web_version(query_string: str) -> int | None:

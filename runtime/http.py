@@ -51,6 +51,8 @@ class HTTPResponse:
     body: bytes = b""
     #: Whether the CORS finalizer applies (web hosts, Run and Eval).
     cors: bool = False
+    #: What answered, for /metrics: web, run, eval, api or unknown.
+    kind: str = "unknown"
 
     @classmethod
     def json(cls, obj: object, status: int = 200, *, cors: bool = False) -> HTTPResponse:

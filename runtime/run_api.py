@@ -176,7 +176,7 @@ class RunApi:
         caller = await optional_user(self.store, request)
         args = run_args(request)
         version = parse_version(request.query_string)
-        resolved = await self.store.run(Store.resolve, owner, name, version)
+        resolved = await self.store.resolve(owner, name, version)
         if resolved is None or not may_read(resolved[0], caller):
             # Also for a private val that is not the caller's: its existence is not revealed.
             raise NotFoundError(

@@ -12,6 +12,7 @@ from hypercorn.trio import serve
 
 from runtime.app import App
 from runtime.config import Config
+from runtime.metrics import Metrics
 from runtime.pool import open_pool
 from runtime.records import open_recorder
 from runtime.store import AsyncStore, Store
@@ -31,19 +32,6 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     return hconfig
 
 
-def isolation_report() -> dict[str, object]:
-    """What /healthz says about the sandbox layers in force."""
-    return {
-        "status": "ok",
-        "isolation": {
-            "restricted_python": "active",
-            "facade_imports": "active",
-            "rlimits": "active",
-            "empty_environment": "active",
-        },
-    }
-
-
 async def serve_valrun(
     config: Config,
     *,
@@ -60,7 +48,7 @@ async def serve_valrun(
             # recorder writes what they recorded, then the workers stop.
             open_recorder(async_store, keep_per_val=config.store.max_runs_per_val) as recorder,
         ):
-            app = App(config, async_store, pool, recorder, isolation_report())
+            app = App(config, async_store, pool, recorder, Metrics())
             await serve(
                 app,
                 hypercorn_config(config),

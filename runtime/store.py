@@ -144,6 +144,9 @@ class Record:
         }
 
 
+Resolved = tuple[ValVersion, dict[str, str]]
+
+
 def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
@@ -262,9 +265,8 @@ class Store:
             row = self._db.execute(sql, (owner, name.lower(), version)).fetchone()
         return ValVersion(*row) if row else None
 
-    def resolve(
-        self, owner: str, name: str, version: int | None
-    ) -> tuple[ValVersion, dict[str, str]] | None:
+    def resolve(self, owner: str, name: str, version: int | None) -> Resolved | None:
+        """A val version and its owner's env (not to be mutated: the front end caches it)."""
         val = self.get_val(owner, name, version)
         return None if val is None else (val, self.env(val.owner))
 
@@ -433,15 +435,51 @@ class Store:
 
 
 class AsyncStore:
-    """The front end's handle: `await store.run(Store.get_val, owner, name, None)`."""
+    """The front end's handle: `await store.run(Store.get_val, owner, name, None)`.
+
+    `resolve`, on every val request's path, is cached: a trip to the store thread costs
+    about a quarter of the front end's time per request. Writes made through `run` that
+    change what a val host resolves to empty the cache at once; entries also expire after
+    `RESOLVE_TTL_S`, which bounds how long a write made elsewhere (another front-end node
+    on a shared store) can go unseen.
+    """
+
+    RESOLVE_TTL_S = 2.0
+    RESOLVE_CACHE_ENTRIES = 10_000
+    #: Store methods after which cached resolutions may be wrong.
+    INVALIDATES = frozenset({"put_val", "delete_val", "set_privacy", "set_env", "delete_env"})
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._limiter = trio.CapacityLimiter(1)
+        self._resolved: dict[tuple[str, str, int | None], tuple[float, Resolved | None]] = {}
+        # Bumped by every invalidating write: a resolve that started before the write must
+        # not put what it read into the cache after the write emptied it.
+        self._generation = 0
 
     async def run(
         self, method: Callable[Concatenate[Store, P], R], *args: P.args, **kwargs: P.kwargs
     ) -> R:
-        return await trio.to_thread.run_sync(
-            lambda: method(self.store, *args, **kwargs), limiter=self._limiter
-        )
+        try:
+            return await trio.to_thread.run_sync(
+                lambda: method(self.store, *args, **kwargs), limiter=self._limiter
+            )
+        finally:
+            if method.__name__ in self.INVALIDATES:
+                self._generation += 1
+                self._resolved.clear()
+
+    async def resolve(self, owner: str, name: str, version: int | None) -> Resolved | None:
+        """`Store.resolve`, cached."""
+        key = (owner, name.lower(), version)
+        now = trio.current_time()
+        cached = self._resolved.get(key)
+        if cached is not None and now - cached[0] < self.RESOLVE_TTL_S:
+            return cached[1]
+        generation = self._generation
+        resolved = await self.run(Store.resolve, owner, name, version)
+        if generation == self._generation:
+            if len(self._resolved) >= self.RESOLVE_CACHE_ENTRIES:
+                self._resolved.clear()
+            self._resolved[key] = (now, resolved)
+        return resolved

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import Service
+from tests.conftest import Service, StartService
 from tests.test_service import HELLO, assert_json_error
 
 
@@ -140,7 +140,31 @@ async def test_source_over_the_limit_is_413(service: Service) -> None:
 async def test_healthz_reports_isolation_layers(service: Service) -> None:
     health = (await service.api("GET", "/healthz", user=None)).json()
     assert health["status"] == "ok"
-    assert health["isolation"]["restricted_python"] == "active"
+    layers = health["isolation"]
+    for layer in ("restricted_python", "seccomp", "landlock", "namespaces", "drop_user"):
+        assert layers[layer]["active"] is True, layers[layer]
+        assert layers[layer]["detail"]
+
+
+async def test_metrics_count_requests_cold_starts_and_kills(start_service: StartService) -> None:
+    service = await start_service(wall_time_s=0.5)
+    await service.put_val("hello", HELLO)
+    await service.put_val("hang", "import time\ndef hang(req):\n    time.sleep(5)")
+    with trio.fail_after(20):
+        for _ in range(3):
+            assert (await service.web("alice", "hello")).status_code == 200
+        assert (await service.web("alice", "hang")).status_code == 504
+        response = await service.api("GET", "/metrics", user=None)
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = dict(
+        line.rsplit(" ", 1) for line in response.text.splitlines() if not line.startswith("#")
+    )
+    assert samples['valrun_requests_total{kind="web",status="200"}'] == "3"
+    assert samples['valrun_requests_total{kind="web",status="504"}'] == "1"
+    assert samples['valrun_invocations_total{start="cold"}'] == "2"
+    assert samples['valrun_invocations_total{start="warm"}'] == "2"
+    assert samples['valrun_worker_kills_total{reason="timeout"}'] == "1"
+    assert samples['valrun_request_duration_seconds_count{kind="web"}'] == "4"
 
 
 # The CLI, as a user runs it: a real process against the real server.
@@ -209,8 +233,9 @@ SHOW_COLOR = "def {name}(req=None):\n    return env.get('COLOR', 'none')"
 
 
 async def workers(service: Service) -> int:
-    count: int = (await service.api("GET", "/healthz", user=None)).json()["workers"]
-    return count
+    """Warm (specialized) workers: idle or busy, not the generic ones waiting ready."""
+    gauges = (await service.api("GET", "/healthz", user=None)).json()["workers"]
+    return int(gauges["idle"]) + int(gauges["busy"])
 
 
 async def test_a_changed_env_reaches_the_next_invocation_and_retires_warm_workers(

@@ -540,9 +540,9 @@ async def test_eval_never_runs_in_a_vals_warm_worker(service: Service) -> None:
     await service.put_val("counter", COUNTER.replace("VERSION", "1"))
     with trio.fail_after(15):
         await service.web("alice", "counter")
-        before = (await service.api("GET", "/healthz")).json()["workers"]
+        before = (await service.api("GET", "/healthz")).json()["workers"]["idle"]
         response = await service.api("GET", "/v1/eval/count")
-        after = (await service.api("GET", "/healthz")).json()["workers"]
+        after = (await service.api("GET", "/healthz")).json()["workers"]["idle"]
     error = assert_json_error(response, 502, "val_error")
     assert "NameError" in error["message"]  # the val's module state is not there
     assert before == after == 1

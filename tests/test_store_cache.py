@@ -1,0 +1,49 @@
+"""AsyncStore.resolve's cache: hits skip the store; writes that change resolution empty it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime.store import AsyncStore, Store
+
+
+def make(tmp_path: Path) -> tuple[Store, AsyncStore]:
+    store = Store(tmp_path / "s.db")
+    store.create_user("alice")
+    store.put_val("alice", "hello", "def hello(req):\n    return 1", "public")
+    return store, AsyncStore(store)
+
+
+async def version(cached: AsyncStore, name: str = "hello") -> int | None:
+    resolved = await cached.resolve("alice", name, None)
+    return None if resolved is None else resolved[0].version
+
+
+async def test_a_cached_resolve_does_not_see_writes_made_behind_its_back(tmp_path: Path) -> None:
+    store, cached = make(tmp_path)
+    assert await version(cached) == 1
+    store.put_val("alice", "hello", "def hello(req):\n    return 2", None)  # not through `cached`
+    assert await version(cached, "HELLO") == 1  # a hit, whatever the case of the name
+    cached.RESOLVE_TTL_S = 0.0  # what time does to an entry written elsewhere
+    assert await version(cached) == 2
+
+
+async def test_writes_through_the_front_end_are_seen_at_once(tmp_path: Path) -> None:
+    _, cached = make(tmp_path)
+    assert await version(cached) == 1
+    await cached.run(Store.put_val, "alice", "hello", "def hello(req):\n    return 2", None)
+    assert await version(cached) == 2
+    await cached.run(Store.set_env, "alice", "K", "v")
+    resolved = await cached.resolve("alice", "hello", None)
+    assert resolved is not None and resolved[1] == {"K": "v"}
+    await cached.run(Store.delete_val, "alice", "hello")
+    assert await version(cached) is None
+
+
+async def test_unknown_vals_are_cached_too_until_created(tmp_path: Path) -> None:
+    store, cached = make(tmp_path)
+    assert await version(cached, "later") is None
+    store.put_val("alice", "later", "def later(req):\n    return 1", None)
+    assert await version(cached, "later") is None  # a 404 flood costs no store trips
+    await cached.run(Store.put_val, "alice", "later", "def later(req):\n    return 2", None)
+    assert await version(cached, "later") == 2
