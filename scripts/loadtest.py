@@ -658,11 +658,15 @@ def plot(samples: Sequence[Sample], path: Path, title: str) -> None:
             linewidths=0,
         )
     # About 40 points across the run, each over at least half a second of samples.
-    window_s = max(0.5, round(max(s.started_s for s in samples) / 40 * 2) / 2)
+    window_s = max(0.5, math.ceil(max(s.started_s for s in samples) / 40 * 2) / 2)
     for q, style in ((50, "-"), (99, "--")):
         xs, ys = windowed(samples, q, window_s)
         label = f"p{q:.0f} per {window_s:g} s"
         over_time.plot(xs, ys, style, color="black", linewidth=1.3, label=label)
+    warm = [s for s in samples if s.kind == "warm"]
+    if warm and len(warm) < len(samples):  # the fast path's tail, without the slow vals
+        xs, ys = windowed(warm, 99, window_s)
+        over_time.plot(xs, ys, ":", color="navy", linewidth=1.5, label="p99 of warm")
     errors = [s for s in samples if s.error]
     if errors:
         over_time.scatter(
@@ -696,7 +700,7 @@ def plot(samples: Sequence[Sample], path: Path, title: str) -> None:
             histogram.axvline(value, color="black", linestyle=style, linewidth=1)
             histogram.annotate(
                 f" p{q:.0f} {value:.1f} ms",
-                (value, 1),
+                (value, 0.97),
                 xycoords=("data", "axes fraction"),
                 va="top",
                 fontsize=8,
