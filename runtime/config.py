@@ -105,6 +105,9 @@ class PoolConfig:
     max_workers: int = 64
     #: A worker retires after this many requests (bounds slow leaks in module state).
     max_requests_per_worker: int = 10000
+    #: A request still running after this long runs at idle CPU priority until it answers,
+    #: so a val spinning on CPU slows the others as little as possible.
+    demote_after_s: float = 0.05
     #: A warm worker idle this long exits.
     idle_timeout_s: float = 300.0
     #: A new worker must load its val within this time.

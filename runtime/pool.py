@@ -238,9 +238,17 @@ class Pool:
         request_id = next(self._request_ids)
         request_op = str(head["op"])
         frame: Frame | None = None
+        demoted = False
         with trio.move_on_after(self.limits.wall_time_s):
             await worker.send(Frame({**head, "id": request_id}, body))
-            frame = await worker.receive()
+            with trio.move_on_after(self.config.pool.demote_after_s):
+                frame = await worker.receive()
+            if frame is None:  # still running: let it have only the CPU nobody else wants
+                demoted = worker.demote()
+                self.stats["demoted"] += demoted
+                frame = await worker.receive()
+        if demoted:
+            worker.promote()
         if frame is not None:  # not timed out
             if len(frame.body) <= THREAD_CHECK_BYTES:
                 return check_reply(frame, request_id, request_op, self.limits, spec.host)

@@ -27,6 +27,7 @@ from pathlib import Path
 import trio
 
 from runtime.errors import WorkerError
+from sandbox.limits import SERVING_NICE
 from sandbox.wire import Frame, FrameDecoder, FrameTooLargeError, ProtocolError, encode_frame
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,31 @@ class WorkerProcess:
     def still_running(self) -> bool:
         """Ask the kernel, not the exit report, which may still be on its way."""
         return self.alive
+
+    def demote(self) -> bool:
+        """Run only when no one else wants the CPU (SCHED_IDLE, sched(7)). False if not allowed.
+
+        For a request that has run long: a val spinning at 100 % CPU then takes only what the
+        front end and the other workers leave. Needs CAP_SYS_NICE or the same uid.
+        """
+        return self._schedule(os.SCHED_IDLE)
+
+    def promote(self) -> None:
+        """Back to normal scheduling at the workers' nice, once its request is answered."""
+        if self._schedule(os.SCHED_OTHER):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, self.pid, SERVING_NICE)
+
+    def _schedule(self, policy: int) -> bool:
+        # The pid is safe to name while still_running(): the fork server cannot have reaped
+        # it, so it cannot have been reused.
+        if not self.still_running():
+            return False
+        try:
+            os.sched_setscheduler(self.pid, policy, os.sched_param(0))
+        except OSError:  # EPERM without CAP_SYS_NICE as another uid; ESRCH if it just died
+            return False
+        return True
 
     async def send(self, frame: Frame) -> None:
         try:

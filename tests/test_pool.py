@@ -107,3 +107,35 @@ async def test_workers_run_confined() -> None:
                     "w"
                 )
             assert all(entry["active"] for entry in pool.isolation.values())
+
+
+async def test_a_long_request_runs_at_idle_priority_until_it_answers() -> None:
+    spin = (
+        "import time\n"
+        "def c(req):\n"
+        "    end = time.monotonic() + 0.6\n"
+        "    while time.monotonic() < end:\n"
+        "        pass\n"
+        "    return 'done'\n"
+    )
+    with trio.fail_after(20):
+        async with open_pool(CONFIG) as pool, trio.open_nursery() as nursery:
+            assert pool.fork_server is not None and pool.fork_server.server is not None
+            results: list[bytes] = []
+
+            async def call() -> None:
+                results.append(await body(pool, spec(code=spin)))
+
+            nursery.start_soon(call)
+            while pool.stats["demoted"] == 0:
+                await trio.sleep(0.01)
+            (worker,) = [
+                w
+                for w in pool.fork_server.server.workers.values()
+                if w.still_running() and os.sched_getscheduler(w.pid) == os.SCHED_IDLE
+            ]
+            assert os.getpriority(os.PRIO_PROCESS, worker.pid) == 10
+            while not results:
+                await trio.sleep(0.01)
+            assert results == [b"done"]
+            assert os.sched_getscheduler(worker.pid) == os.SCHED_OTHER  # warm, and promoted
