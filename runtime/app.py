@@ -17,7 +17,13 @@ from runtime.config import Config
 from runtime.cors import finalize_cors
 from runtime.errors import BadRequestError, HTTPError, NotFoundError
 from runtime.hosts import ApiHost, Route, UnknownHost, ValHost, route_host
-from runtime.http import HTTPRequest, HTTPResponse, read_body, send_response
+from runtime.http import (
+    HTTPRequest,
+    HTTPResponse,
+    answer_lifespan,
+    read_body,
+    send_response,
+)
 from runtime.metrics import Metrics
 from runtime.pool import Pool
 from runtime.records import Recorder
@@ -50,14 +56,7 @@ class App:
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         if scope["type"] == "lifespan":
-            # Hypercorn's trio worker fails to start unless the app answers lifespan.
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
         elif scope["type"] == "http":
             await self.serve_http(scope, receive, send)
         else:  # websockets: not part of valrun (yet); refuse the handshake

@@ -66,6 +66,17 @@ class HTTPResponse:
         return response
 
 
+async def answer_lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """Complete ASGI startup and shutdown: hypercorn's trio worker fails to start otherwise."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 async def read_body(scope: HTTPScope, receive: ASGIReceiveCallable, max_bytes: int) -> bytes:
     """The whole request body, refused with 413 as soon as it is known to be over the limit."""
     for name, value in scope["headers"]:
