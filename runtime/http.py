@@ -102,8 +102,16 @@ def _too_large(max_bytes: int) -> PayloadTooLargeError:
     return PayloadTooLargeError(f"the request body is over the {max_bytes}-byte limit")
 
 
+# RFC 9110 §8.6, §15.3.5, §15.4.5: these carry no content, and a Content-Length on them
+# could be read by a proxy as the length of the next response's bytes.
+NO_CONTENT_STATUSES = frozenset({204, 205, 304})
+
+
 async def send_response(send: ASGISendCallable, response: HTTPResponse, method: str) -> None:
-    headers = [*response.headers, (b"content-length", str(len(response.body)).encode())]
+    headers = list(response.headers)
+    if response.status not in NO_CONTENT_STATUSES:
+        headers.append((b"content-length", str(len(response.body)).encode()))
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    body = b"" if method == "HEAD" else response.body
+    no_body = method == "HEAD" or response.status in NO_CONTENT_STATUSES
+    body = b"" if no_body else response.body
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -114,7 +114,9 @@ class WorkerProcess:
             self.decoder.feed(bytes(chunk))
 
     async def _died(self, when: str) -> WorkerError:
-        with trio.move_on_after(1):
+        # The exit report comes from the fork server (nice 10): on a busy machine it can take
+        # a moment, and without it a CPU-limit kill would be reported as a crash.
+        with trio.move_on_after(3):
             await self._exited.wait()
         code = self.returncode
         if code is not None and code < 0:

@@ -49,7 +49,14 @@ def describe(exc: BaseException, filename: str) -> dict[str, object]:
             text = "<unprintable exception>"
         kind = "val_error"
         message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-        if isinstance(exc, SyntaxError) and exc.filename == filename and exc.lineno:
+        # `type(...) is str` first: a val's SyntaxError subclass can carry any object as its
+        # filename, and comparing it would run that object's __eq__ in here.
+        if (
+            isinstance(exc, SyntaxError)
+            and type(exc.filename) is str
+            and exc.filename == filename
+            and type(exc.lineno) is int
+        ):
             message = f"SyntaxError: {exc.msg} (line {exc.lineno})"
     frames = _val_frames(exc.__traceback__, filename)
     if frames and kind == "val_error":

@@ -47,6 +47,8 @@ PR_SET_PDEATHSIG = 1  # prctl(2): signal this process when its parent dies
 
 
 def _die_with_parent() -> None:
+    # For workers: their parent is this single-threaded process, so "parent thread" and
+    # "parent" are the same here (unlike for the fork server itself, see main()).
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
@@ -191,7 +193,9 @@ def run_worker(sock: socket.socket, cwd: str, plan: ConfinePlan) -> int:
 
 
 def main() -> int:
-    _die_with_parent()
+    # Not PR_SET_PDEATHSIG here: it fires when the parent *thread* exits, and trio starts
+    # processes from pooled threads that retire after ~10 s idle. The fork server ends at
+    # its control socket's EOF instead, which the front end's death (or close) brings.
     # Forking and confining spare workers is background work: below the front end, like the
     # workers themselves (sandbox.limits.SERVING_NICE). Going lower (19) for idle workers
     # would need RLIMIT_NICE raised to come back, which needs CAP_SYS_RESOURCE.

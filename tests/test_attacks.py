@@ -1036,8 +1036,6 @@ def attack(req):
             error.filename = Filename()
             raise error
         """,
-        known_hole="sandbox/errors.describe compares a val exception's `filename` with `==`: "
-        "the val's __eq__ raises out of describe and the worker dies (502 worker_crashed)",
     ),
     attack(
         "regex_debug_flag_prints_to_stdout",

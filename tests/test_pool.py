@@ -139,3 +139,17 @@ async def test_a_long_request_runs_at_idle_priority_until_it_answers() -> None:
                 await trio.sleep(0.01)
             assert results == [b"done"]
             assert os.sched_getscheduler(worker.pid) == os.SCHED_OTHER  # warm, and promoted
+
+
+async def test_fork_server_outlives_the_thread_that_started_it() -> None:
+    # trio starts processes from pooled threads that exit after 10 s idle; a fork server
+    # that asked for PR_SET_PDEATHSIG would be killed with that thread (it once was).
+    with trio.fail_after(30):
+        async with open_pool(CONFIG) as pool:
+            assert await body(pool, spec(1)) == b"1"
+            assert pool.fork_server is not None and pool.fork_server.server is not None
+            zygote = pool.fork_server.server
+            await trio.sleep(11)  # intrinsic to the bug: the thread cache's idle timeout
+            assert zygote.process.returncode is None
+            assert await body(pool, spec(2)) == b"1"
+            assert pool.fork_server.restarts == 0
