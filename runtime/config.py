@@ -103,8 +103,10 @@ class PoolConfig:
     max_queue_per_val: int = 64
     #: Warm workers kept across all vals; the least recently used idle one goes first.
     max_workers: int = 64
-    #: A worker retires after this many requests (bounds slow leaks in module state).
+    #: A worker retires after this many requests (bounds slow leaks in module state)...
     max_requests_per_worker: int = 10000
+    #: ...or once its resident memory passes this (checked every 32 requests).
+    max_worker_rss_mb: int = 128
     #: A request still running after this long runs at idle CPU priority until it answers,
     #: so a val spinning on CPU slows the others as little as possible.
     demote_after_s: float = 0.05

@@ -36,6 +36,8 @@ from sandbox.wire import Frame
 logger = logging.getLogger(__name__)
 
 SlotKey = tuple[int, int, tuple[tuple[str, str], ...]]
+#: How often (in requests) a warm worker's memory is looked at.
+RSS_CHECK_EVERY = 32
 #: Replies with bodies larger than this are checked in a thread.
 THREAD_CHECK_BYTES = 256 * 1024
 WorkerFactory = Callable[[], Awaitable[WorkerProcess]]
@@ -282,11 +284,22 @@ class Pool:
             or reply.retire  # it said it is done (out of memory, CPU budget spent)
             or warm.owner.retired
             or warm.requests >= self.config.pool.max_requests_per_worker
+            or self._grown(warm)
         ):
             self._drop(warm)
         else:
             warm.owner.idle.append(warm)
             self._room.set()
+
+    def _grown(self, warm: _Warm) -> bool:
+        """True when a worker's memory has grown past the limit (module state that leaks)."""
+        if warm.requests % RSS_CHECK_EVERY:
+            return False
+        rss = warm.worker.rss_bytes()
+        if rss is None or rss <= self.config.pool.max_worker_rss_mb * 1024 * 1024:
+            return False
+        self.stats["killed_memory_growth"] += 1
+        return True
 
     def _drop(self, warm: _Warm) -> None:
         self._warm_count -= 1

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 WORKER_COMMAND = (sys.executable, "-I", "-m", "sandbox.worker")
 FORK_SERVER_COMMAND = (sys.executable, "-I", "-m", "sandbox.forkserver")
 RECEIVE_CHUNK_BYTES = 65536
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
 class WorkerProcess:
@@ -60,6 +61,16 @@ class WorkerProcess:
     def still_running(self) -> bool:
         """Ask the kernel, not the exit report, which may still be on its way."""
         return self.alive
+
+    def rss_bytes(self) -> int | None:
+        """Resident memory, from /proc/PID/statm (proc(5)); None if it cannot be read."""
+        if not self.still_running():  # the pid names this worker only while it runs
+            return None
+        try:
+            with open(f"/proc/{self.pid}/statm", "rb") as f:
+                return int(f.read().split()[1]) * PAGE_BYTES
+        except (OSError, ValueError, IndexError):
+            return None
 
     def demote(self) -> bool:
         """Run only when no one else wants the CPU (SCHED_IDLE, sched(7)). False if not allowed.

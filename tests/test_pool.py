@@ -153,3 +153,20 @@ async def test_fork_server_outlives_the_thread_that_started_it() -> None:
             assert zygote.process.returncode is None
             assert await body(pool, spec(2)) == b"1"
             assert pool.fork_server.restarts == 0
+
+
+async def test_a_worker_whose_memory_grows_is_recycled() -> None:
+    leak = (
+        "kept = []\n"
+        "def c(req):\n"
+        "    kept.append(bytearray(1024 * 1024))\n"
+        "    return str(len(kept))\n"
+    )
+    config = Config(pool=PoolConfig(max_worker_rss_mb=40, max_workers_per_val=1))
+    with trio.fail_after(30):
+        async with open_pool(config) as pool:
+            counts = [int(await body(pool, spec(code=leak))) for _ in range(64)]
+    # Every 32 requests the pool looks; past 40 MiB the worker goes and module state restarts.
+    assert pool.stats["killed_memory_growth"] >= 1
+    assert counts[:32] == list(range(1, 33))
+    assert counts[32] == 1  # a fresh worker
