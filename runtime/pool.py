@@ -103,6 +103,10 @@ class Pool:
     def worker_count(self) -> int:
         return self._warm_count
 
+    def idle_workers(self) -> list[WorkerProcess]:
+        """Warm workers waiting for their val's next request."""
+        return [warm.worker for pool in self._vals.values() for warm in pool.idle]
+
     def gauges(self) -> dict[str, int]:
         """Workers by state and queued requests, for /metrics and /healthz."""
         pools = self._vals.values()
@@ -126,7 +130,7 @@ class Pool:
                 headers=(("retry-after", "1"),),
             )
         async with pool.capacity:
-            warm = pool.idle.pop() if pool.idle else await self._specialize(pool)
+            warm = self._idle_worker(pool) or await self._specialize(pool)
             self.stats["invocations"] += 1
             reply, failure = None, "cancelled"
             try:
@@ -176,6 +180,16 @@ class Pool:
                 return worker
         self.stats["forked_on_demand"] += 1
         return await self.factory()
+
+    def _idle_worker(self, pool: _ValPool) -> _Warm | None:
+        """The most recently used idle worker still running (one may have died idle)."""
+        while pool.idle:
+            warm = pool.idle.pop()
+            if warm.worker.still_running():
+                return warm
+            self.stats["died_idle"] += 1
+            self._drop(warm)
+        return None
 
     async def _specialize(self, pool: _ValPool) -> _Warm:
         await self._make_room()

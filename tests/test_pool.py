@@ -170,3 +170,15 @@ async def test_a_worker_whose_memory_grows_is_recycled() -> None:
     assert pool.stats["killed_memory_growth"] >= 1
     assert counts[:32] == list(range(1, 33))
     assert counts[32] == 1  # a fresh worker
+
+
+async def test_a_warm_worker_that_died_idle_costs_no_request() -> None:
+    with trio.fail_after(20):
+        async with open_pool(CONFIG) as pool:
+            assert await body(pool, spec()) == b"1"
+            (victim,) = pool.idle_workers()
+            victim.kill()
+            while victim.still_running():
+                await trio.sleep(0.01)
+            assert await body(pool, spec()) == b"1"  # a fresh worker, not a 502
+            assert pool.stats["died_idle"] == 1
