@@ -30,6 +30,11 @@ def counter(req):
     print("visit", count)
     return {"visits": count}
 """,
+    "add": """\
+# A JSON function for the Run API: GET /v1/run/demo.add?args=[1,2] answers 3.
+def add(a, b):
+    return a + b
+""",
     "echo": """\
 def echo(req):
     return Response.json({
