@@ -212,14 +212,15 @@ def slow(req):
 
 
 async def test_cpu_spin_in_a_c_loop_is_stopped(start_service: StartService) -> None:
-    service = await start_service(cpu_time_s=1, wall_time_s=5.0)
+    service = await start_service(cpu_time_s=1, wall_time_s=10.0)
     await service.put_val("spin", "def spin(req):\n    return all(range(1, 10**12))")
-    with trio.fail_after(25):
+    with trio.fail_after(30):
         started = trio.current_time()
         response = await service.web("alice", "spin")
-        # RLIMIT_CPU's SIGXCPU stops it after ~1 s of CPU, before the 5 s wall clock.
+        # RLIMIT_CPU's SIGXCPU stops it after ~1 s of CPU, long before the 10 s wall clock
+        # (the margin is for a busy machine, where a nice-10 worker gets its CPU slowly).
         assert_json_error(response, 502, "cpu_limit")
-        assert trio.current_time() - started < 4.5
+        assert trio.current_time() - started < 8
         await service.put_val("hello", HELLO)
         assert (await service.web("alice", "hello")).status_code == 200
 
