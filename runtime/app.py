@@ -67,29 +67,31 @@ class App:
     ) -> None:
         started = trio.current_time()
         method = scope["method"]
-        response = await self.respond(scope, receive)
+        host = _host_header(scope)
+        response = await self.respond(scope, receive, host)
         if response.cors:
             response.headers = finalize_cors(method, list(scope["headers"]), response.headers)
         await send_response(send, response, method)
         elapsed = trio.current_time() - started
         self.metrics.observe(response.kind, response.status, elapsed)
-        host = _host_header(scope) or "-"
         access_logger.info(
             "%s %s %s %d %.1fms %dB",
             method,
-            host,
+            host or "-",
             loggable_path(scope["path"]),
             response.status,
             elapsed * 1000,
             len(response.body),
         )
 
-    async def respond(self, scope: HTTPScope, receive: ASGIReceiveCallable) -> HTTPResponse:
+    async def respond(
+        self, scope: HTTPScope, receive: ASGIReceiveCallable, host: str | None
+    ) -> HTTPResponse:
         server = self.config.server
         cors = True  # the front end's errors on web (and unknown) hosts get CORS too
         kind = "unknown"
         try:
-            route = route_host(_host_header(scope), server.api_host, server.web_domain)
+            route = route_host(host, server.api_host, server.web_domain)
             cors = not isinstance(route, ApiHost) or answers_with_cors(scope["path"])
             kind = request_kind(route, scope["path"])
             if isinstance(route, UnknownHost):
@@ -102,7 +104,7 @@ class App:
             request = HTTPRequest(
                 method=scope["method"],
                 scheme=scope["scheme"],
-                host=_host_header(scope) or "",
+                host=host or "",
                 path=scope["path"],
                 raw_path=(scope.get("raw_path") or scope["path"].encode()).decode("latin-1"),
                 query_string=scope["query_string"].decode("latin-1"),

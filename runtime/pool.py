@@ -14,6 +14,7 @@ served `max_requests_per_worker` requests is retired and never reused.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import shutil
@@ -29,7 +30,7 @@ import trio
 from runtime.config import Config
 from runtime.errors import HTTPError, OverloadedError, WorkerTimeoutError
 from runtime.isolation import check_required, health, log_table, probe_layers
-from runtime.process import SpawnedWorker, SupervisedForkServer, WorkerProcess
+from runtime.process import ForkServer, SpawnedWorker, SupervisedForkServer, WorkerProcess
 from runtime.reply import Reply, check_failure, check_reply, protocol_error
 from sandbox.wire import Frame
 
@@ -385,11 +386,14 @@ async def open_pool(
             factory: WorkerFactory
             if worker_command is None:
                 fork_server = SupervisedForkServer(
-                    nursery,
-                    workdir=workdir,
-                    plan=plan,
-                    max_body_bytes=max_body,
-                    inherit_stderr=inherit,
+                    functools.partial(
+                        ForkServer.start,
+                        nursery,
+                        workdir=workdir,
+                        plan=plan,
+                        max_body_bytes=max_body,
+                        inherit_stderr=inherit,
+                    )
                 )
                 await fork_server.start()
                 factory = fork_server.spawn

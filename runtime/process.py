@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -337,34 +338,15 @@ class SupervisedForkServer:
     """A fork server that is started again if it dies, so one lost process (a val that
     escaped and killed its parent, an operator's stray `kill`) cannot take valrun down."""
 
-    def __init__(
-        self,
-        nursery: trio.Nursery,
-        *,
-        workdir: Path,
-        plan: dict[str, object],
-        max_body_bytes: int,
-        inherit_stderr: bool,
-    ) -> None:
-        self.nursery = nursery
-        self.workdir = workdir
-        self.plan = plan
-        self.max_body_bytes = max_body_bytes
-        self.inherit_stderr = inherit_stderr
+    def __init__(self, start: Callable[[], Awaitable[ForkServer]]) -> None:
+        self._start = start  # ForkServer.start with its arguments bound
         self.server: ForkServer | None = None
         self.restarts = 0
         self._lock = trio.Lock()  # one restart, however many tasks notice the death
 
     async def start(self) -> ForkServer:
-        server = await ForkServer.start(
-            self.nursery,
-            workdir=self.workdir,
-            plan=self.plan,
-            max_body_bytes=self.max_body_bytes,
-            inherit_stderr=self.inherit_stderr,
-        )
-        self.server = server
-        return server
+        self.server = await self._start()
+        return self.server
 
     async def _current(self) -> ForkServer:
         async with self._lock:

@@ -447,7 +447,9 @@ class AsyncStore:
     RESOLVE_TTL_S = 2.0
     RESOLVE_CACHE_ENTRIES = 10_000
     #: Store methods after which cached resolutions may be wrong.
-    INVALIDATES = frozenset({"put_val", "delete_val", "set_privacy", "set_env", "delete_env"})
+    INVALIDATES: frozenset[Callable[..., object]] = frozenset(
+        {Store.put_val, Store.delete_val, Store.set_privacy, Store.set_env, Store.delete_env}
+    )
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -465,7 +467,7 @@ class AsyncStore:
                 lambda: method(self.store, *args, **kwargs), limiter=self._limiter
             )
         finally:
-            if method.__name__ in self.INVALIDATES:
+            if method in self.INVALIDATES:
                 self._generation += 1
                 self._resolved.clear()
 

@@ -186,7 +186,7 @@ def run_worker(sock: socket.socket, cwd: str, plan: ConfinePlan) -> int:
     inp = os.fdopen(fd, "rb", buffering=0)
     out = os.fdopen(os.dup(fd), "wb")
     try:
-        return sandbox.worker.serve(inp, out)
+        return sandbox.worker.serve(inp, out, confined=True)
     except Exception as exc:  # a protocol violation by the front end: say so, exit non-zero
         print(f"valrun worker: {exc}", file=sys.stderr)
         return 2

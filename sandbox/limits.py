@@ -1,4 +1,5 @@
-"""Resource limits a worker applies to itself before it runs any val code.
+"""Resource limits: the per-invocation CPU budget every worker arms, and the process limits a
+worker started on its own applies to itself before it runs any val code.
 
 Only the OS stops a val that spins in a C loop (`all(range(10**12))`) or swallows every
 exception: RLIMIT_CPU sends SIGXCPU at the soft limit and SIGKILL at the hard one, and no
@@ -36,7 +37,8 @@ class WorkerLimits:
 
 
 def apply_limits(limits: WorkerLimits) -> None:
-    """Lower this process's rlimits; one-way for an unprivileged process."""
+    """Lower this process's rlimits, for a worker started on its own (`python -m
+    sandbox.worker`); forked workers get theirs from sandbox.confine's rlimits layer."""
     memory = limits.memory_mb * MIB
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -44,7 +46,7 @@ def apply_limits(limits: WorkerLimits) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
     resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
     hard = limits.worker_cpu_time_s
-    resource.setrlimit(resource.RLIMIT_CPU, (min(hard, cpu_used_s() + limits.cpu_time_s), hard))
+    resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))  # arm_cpu_limit sets the soft one
     # Below the front end, so a val spinning at 100 % CPU slows its neighbours least. Forked
     # workers are there already (the fork server runs at this nice); spawned ones move now.
     with contextlib.suppress(PermissionError):

@@ -174,7 +174,9 @@ def load_export(
     return lambda: val.export
 
 
-def serve(inp: BinaryIO, out: BinaryIO) -> int:
+def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
+    """Load one val, then serve it until EOF. `confined`: the process limits are in force
+    already (the fork server's sandbox.confine set them); otherwise apply them here."""
     decoder = FrameDecoder()
     load = read_frame(inp, decoder)
     if load is None or load.op != "load":
@@ -189,7 +191,8 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
         return 2
     if mode == "eval":
         name = EVAL_NAME
-    apply_limits(limits)
+    if not confined:
+        apply_limits(limits)
     arm_cpu_limit(limits)
     log = LogBuffer(limits.max_log_bytes)
     source = load.body.decode("utf-8", errors="replace")

@@ -8,7 +8,8 @@ import pytest
 
 from runtime.metrics import Histogram, Metrics
 
-SAMPLE_RE = re.compile(r'[a-z_]+(\{([a-z_]+="[^"]*",?)*\})? -?[0-9.e+-]+|[a-z_]+\{[^}]*\} [0-9]+')
+# name{label="value",...} number: the exposition format's sample line, nothing looser.
+SAMPLE_RE = re.compile(r'[a-z_]+(\{[a-z_]+="[^"\n]*"(,[a-z_]+="[^"\n]*")*\})? -?[0-9.e+]+')
 
 
 def samples(text: str) -> dict[str, float]:
