@@ -112,9 +112,10 @@ class ApiClient:
         if host in ("0.0.0.0", "::", "[::]"):
             host = "127.0.0.1"
         self.base = (server or f"http://{host}:{port}").rstrip("/")
-        # Connect to the bound address and name the API host in the Host header: *.localhost
-        # does not resolve everywhere outside browsers.
-        self.host_header = f"{config.server.api_host}:{port}"
+        # Without --server: connect to the bound address and name the API host in the Host
+        # header (*.localhost does not resolve everywhere outside browsers). With --server,
+        # its own host name is the right one.
+        self.host_header = None if server else f"{config.server.api_host}:{port}"
         self.token = token or os.environ.get("VALRUN_TOKEN")
 
     def call(
@@ -125,7 +126,8 @@ class ApiClient:
         content_type: str = "text/plain; charset=utf-8",
     ) -> object:
         request = urllib.request.Request(self.base + path, data=body, method=method)
-        request.add_header("Host", self.host_header)
+        if self.host_header is not None:
+            request.add_header("Host", self.host_header)
         if body is not None:
             request.add_header("Content-Type", content_type)
         if self.token:

@@ -11,6 +11,7 @@ app turns any of them into the one JSON error shape, in one place.
         ├── MethodNotAllowedError   405 method_not_allowed
         ├── ConflictError           409 conflict
         ├── PayloadTooLargeError    413 request_too_large
+        ├── ClientGoneError         499 client_gone (nobody reads it: for logs and metrics)
         ├── OverloadedError         503 overloaded (with Retry-After)
         ├── WorkerTimeoutError      504 timeout
         └── WorkerError             502 val_error, memory_limit, response_too_large,
@@ -78,6 +79,11 @@ class PayloadTooLargeError(HTTPError):
     status, default_type = 413, "request_too_large"
 
 
+class ClientGoneError(HTTPError):
+    # nginx's 499: the client closed the connection before its request was complete.
+    status, default_type = 499, "client_gone"
+
+
 class OverloadedError(HTTPError):
     status, default_type = 503, "overloaded"
 
@@ -90,3 +96,6 @@ class WorkerError(HTTPError):
     """The worker failed this request: the val raised, or the worker broke a rule."""
 
     status, default_type = 502, "worker_crashed"
+    #: What the val printed before it failed, when the failure came with no reply to carry it
+    #: (a val that raised while its module loaded).
+    log = ""

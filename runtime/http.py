@@ -8,7 +8,8 @@ from typing import Any
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope
 
-from runtime.errors import BadRequestError, HTTPError, PayloadTooLargeError
+from runtime import strictjson
+from runtime.errors import BadRequestError, ClientGoneError, HTTPError, PayloadTooLargeError
 from runtime.hosts import split_host
 
 Headers = list[tuple[bytes, bytes]]
@@ -37,8 +38,8 @@ class HTTPRequest:
 
     def json(self) -> Any:
         try:
-            return json.loads(self.body)
-        except (UnicodeDecodeError, ValueError) as exc:
+            return strictjson.loads(self.body)
+        except ValueError as exc:
             raise BadRequestError(
                 f"the request body is not valid JSON: {exc}", "bad_json"
             ) from None
@@ -86,8 +87,10 @@ async def read_body(scope: HTTPScope, receive: ASGIReceiveCallable, max_bytes: i
     size = 0
     while True:
         message = await receive()
-        if message["type"] != "http.request":  # the client went away
-            break
+        if message["type"] != "http.request":
+            # Hypercorn does not cancel the app when a client goes; a half-sent body must
+            # not reach a val as if it were whole.
+            raise ClientGoneError("the client disconnected before its request was complete")
         chunk = message["body"]
         size += len(chunk)
         if size > max_bytes:

@@ -14,6 +14,7 @@ served `max_requests_per_worker` requests is retired and never reused.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -31,7 +32,7 @@ from runtime.config import Config
 from runtime.errors import HTTPError, OverloadedError, WorkerTimeoutError
 from runtime.isolation import check_required, health, log_table, probe_layers
 from runtime.process import ForkServer, SpawnedWorker, SupervisedForkServer, WorkerProcess
-from runtime.reply import Reply, check_failure, check_reply, protocol_error
+from runtime.reply import Reply, bounded_log, check_failure, check_reply, protocol_error
 from sandbox.wire import Frame
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class _Warm:
     owner: _ValPool
     last_used: float
     requests: int = 0
+    #: What the module printed while it loaded: it belongs to the first request's log.
+    load_log: str = ""
 
 
 class _ValPool:
@@ -136,6 +139,9 @@ class Pool:
             reply, failure = None, "cancelled"
             try:
                 reply = await self._exchange(warm.worker, spec, head, body)
+                if warm.load_log:
+                    reply = dataclasses.replace(reply, log=warm.load_log + reply.log)
+                    warm.load_log = ""
                 return reply
             except HTTPError as exc:
                 failure = exc.type
@@ -147,8 +153,9 @@ class Pool:
         """Run one request in a fresh worker that serves nothing else (the Eval API)."""
         worker = await self._generic_worker()
         try:
-            await self._load(worker, spec)
-            return await self._exchange(worker, spec, head, body)
+            load_log = await self._load(worker, spec)
+            reply = await self._exchange(worker, spec, head, body)
+            return dataclasses.replace(reply, log=load_log + reply.log)
         finally:
             self._close(worker)
             self._want_ready.set()
@@ -198,7 +205,7 @@ class Pool:
         try:
             worker = await self._generic_worker()
             try:
-                await self._load(worker, pool.spec)
+                load_log = await self._load(worker, pool.spec)
             except BaseException:
                 self._close(worker)
                 raise
@@ -207,7 +214,7 @@ class Pool:
             self._room.set()
             raise
         self.stats["cold_starts"] += 1
-        return _Warm(worker, pool, trio.current_time())
+        return _Warm(worker, pool, trio.current_time(), load_log=load_log)
 
     async def _make_room(self) -> None:
         """Wait until one more warm worker fits under `max_workers`, evicting LRU idle ones."""
@@ -228,7 +235,8 @@ class Pool:
             headers=(("retry-after", "1"),),
         )
 
-    async def _load(self, worker: WorkerProcess, spec: ValSpec) -> None:
+    async def _load(self, worker: WorkerProcess, spec: ValSpec) -> str:
+        """Specialize a generic worker; what the module printed while it ran."""
         limits = {
             "memory_mb": self.limits.memory_mb,
             "cpu_time_s": self.limits.cpu_time_s,
@@ -240,11 +248,14 @@ class Pool:
         with trio.move_on_after(self.config.pool.load_timeout_s):
             await worker.send(Frame({**head, "limits": limits}, spec.code.encode()))
             frame = await worker.receive()
+            log = bounded_log(frame.head.get("log", ""), self.limits)
             if frame.op == "error":
-                raise check_failure(frame.head)
+                failure = check_failure(frame.head)
+                failure.log = log
+                raise failure
             if frame.op != "loaded":
                 raise protocol_error(f"expected 'loaded', got {frame.op!r}")
-            return
+            return log
         raise WorkerTimeoutError(
             f"{spec.owner}/{spec.name} took over {self.config.pool.load_timeout_s} s to load"
         )

@@ -7,10 +7,10 @@ worker's fault: the caller gets 502 and the worker is killed, never reused.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
+from runtime import strictjson
 from runtime.config import LimitsConfig
 from runtime.errors import WorkerError
 from sandbox.wire import Frame
@@ -77,7 +77,7 @@ def protocol_error(what: str) -> WorkerError:
     return WorkerError(f"the worker broke the protocol: {what}", "protocol_error")
 
 
-def _bounded_log(raw: object, limits: LimitsConfig) -> str:
+def bounded_log(raw: object, limits: LimitsConfig) -> str:
     if not isinstance(raw, str):
         raise protocol_error("'log' is not a string")
     encoded = raw.encode("utf-8", errors="replace")
@@ -171,7 +171,7 @@ def check_reply(
     retire = head.get("retire", False)
     if type(retire) is not bool:
         raise protocol_error("'retire' is not a boolean")
-    log = _bounded_log(head.get("log", ""), limits)
+    log = bounded_log(head.get("log", ""), limits)
     if head.get("op") == "error":
         return Reply(check_failure(head), log, retire)
     if head.get("op") == "result":
@@ -192,10 +192,6 @@ def check_reply(
     return Reply(ValResponse(status, headers, frame.body, log), log, retire)
 
 
-def _refuse_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
-
-
 def check_result_body(body: bytes, limits: LimitsConfig) -> bytes:
     """A result body: within the response limit, and really JSON (RFC 8259: UTF-8, no NaN)."""
     if len(body) > limits.max_response_body_bytes:
@@ -204,13 +200,9 @@ def check_result_body(body: bytes, limits: LimitsConfig) -> bytes:
             "response_too_large",
         )
     try:
-        # Parsed only to be checked: the worker's bytes are what the client gets. Decoding
-        # first refuses what json.loads(bytes) would guess as UTF-16 or UTF-32.
-        json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError):
-        raise protocol_error("the result is not UTF-8 JSON") from None
-    except RecursionError:
-        raise protocol_error("the result is nested too deeply") from None
+        strictjson.loads(body)  # only checked: the worker's bytes are what the client gets
+    except ValueError as exc:
+        raise protocol_error(f"the result is not UTF-8 JSON: {exc}") from None
     return body
 
 

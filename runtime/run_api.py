@@ -16,10 +16,12 @@ from urllib.parse import parse_qs
 
 import trio
 
+from runtime import strictjson
 from runtime.api import check_names, may_read, optional_user, parse_version
 from runtime.config import Config
 from runtime.errors import (
     BadRequestError,
+    ClientGoneError,
     HTTPError,
     NotFoundError,
     OverloadedError,
@@ -35,9 +37,6 @@ from runtime.reply import Reply, ValResponse, ValResult, protocol_error
 from runtime.store import AsyncStore, Record, Store, User, ValVersion
 
 Outcome = TypeVar("Outcome", ValResponse, ValResult)
-
-#: Status recorded for an invocation whose client went away (nginx's "client closed request").
-CLIENT_GONE_STATUS = 499
 
 
 def val_spec(val: ValVersion, env: dict[str, str], web_domain: str) -> ValSpec:
@@ -114,10 +113,11 @@ class Runner:
                 reply = await self.pool.invoke(spec, head, body)
         except HTTPError as exc:
             error = _masked(exc, spec)
-            record(error.status, error=error)
+            record(error.status, error.log if isinstance(error, WorkerError) else "", error)
             raise error from None
-        except trio.Cancelled:
-            record(CLIENT_GONE_STATUS, error=HTTPError("the client went away", "cancelled"))
+        except trio.Cancelled:  # the service is stopping under this request
+            gone = ClientGoneError("cancelled: valrun was shutting down", "cancelled")
+            record(gone.status, error=gone)
             raise
         outcome = reply.outcome
         if isinstance(outcome, WorkerError):
@@ -208,7 +208,9 @@ def _masked(error: HTTPError, spec: ValSpec) -> HTTPError:
     message = mask_env(error.message, spec.env)
     if message == error.message:
         return error
-    return WorkerError(message, error.type, headers=error.headers, details=error.details)
+    masked = WorkerError(message, error.type, headers=error.headers, details=error.details)
+    masked.log = error.log
+    return masked
 
 
 # Input: pure.
@@ -228,14 +230,10 @@ def encode_args(args: list[object]) -> bytes:
     return json.dumps(args, separators=(",", ":")).encode()
 
 
-def _refuse_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _loads(text: bytes | str, what: str) -> object:
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return strictjson.loads(text)
+    except ValueError as exc:
         raise BadRequestError(f"{what} is not valid JSON: {exc}", "bad_json") from None
 
 

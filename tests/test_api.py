@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from runtime.cli import ApiClient
+from runtime.config import Config
 from tests.conftest import Service, StartService
 from tests.test_service import HELLO, assert_json_error
 
@@ -103,6 +105,20 @@ async def test_patch_changes_privacy(service: Service) -> None:
             "bad_json",
         ),
         ("PUT", "/v1/vals/alice/hello", {"json": {"code": 5}}, 400, "bad_request"),
+        (
+            "PUT",
+            "/v1/vals/alice/hello",
+            {"content": b"[" * 100_000, "headers": {"content-type": "application/json"}},
+            400,
+            "bad_json",
+        ),
+        (
+            "PUT",
+            "/v1/vals/alice/hello",
+            {"content": b'{"code": NaN}', "headers": {"content-type": "application/json"}},
+            400,
+            "bad_json",
+        ),
         ("PUT", "/v1/vals/alice/hello", {"json": {"code": "x", "extra": 1}}, 400, "bad_request"),
         ("PUT", "/v1/vals/alice/hello", {"content": b"   "}, 400, "bad_request"),
         ("PUT", "/v1/vals/alice/hello", {"content": b"\xff\xfe"}, 400, "bad_request"),
@@ -284,3 +300,9 @@ async def test_cli_env_set_list_unset(service: Service) -> None:
     unset = await valrun(service, "env", "unset", *token, "OTHER")
     assert unset.returncode == 0, unset.stderr
     assert (await valrun(service, "env", "list", *token)).stdout == b"API_KEY\n"
+
+
+def test_cli_client_names_the_local_api_host_only_when_it_connects_to_the_bind_address() -> None:
+    config = Config()
+    assert ApiClient(config, None, None).host_header == "api.localhost:8080"
+    assert ApiClient(config, "https://api.example.com", None).host_header is None

@@ -397,3 +397,20 @@ async def test_cli_logs_prints_a_vals_records(service: Service) -> None:
     first, log_line = done.stdout.decode().splitlines()
     assert first.split()[2:5] == ["web", "v1", "200"]
     assert log_line == "  | hello log GET"
+
+
+async def test_what_a_module_prints_while_loading_is_in_its_first_record(
+    service: Service,
+) -> None:
+    await service.put_val(
+        "loud", "print('loading')\ndef loud(req):\n    print('serving')\n    return 1"
+    )
+    await service.put_val("broken", "print('about to fail')\nraise ValueError('no')\n")
+    with trio.fail_after(15):
+        await service.web("alice", "loud")
+        await service.web("alice", "loud")
+        assert_json_error(await service.web("alice", "broken"), 502, "val_error")
+        second, first = await runs(service, "loud")
+        (failed,) = await runs(service, "broken")
+    assert (first["log"], second["log"]) == ("loading\nserving\n", "serving\n")
+    assert failed["log"] == "about to fail\n"

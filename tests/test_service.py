@@ -381,3 +381,19 @@ async def test_express_paths_redirect_308_to_the_subdomain(service: Service) -> 
         assert response.headers["location"] == (
             f"http://alice-hello.web.localhost:{service.port}/a/b?x=1&y=2"
         )
+
+
+async def test_a_half_sent_body_never_reaches_the_val(service: Service) -> None:
+    await service.put_val("counter", counter_code(1))
+    head = (
+        "POST / HTTP/1.1\r\n"
+        f"Host: alice-counter.web.localhost:{service.port}\r\n"
+        "Content-Length: 100\r\n\r\n"
+    )
+    with trio.fail_after(15):
+        stream = await trio.open_tcp_stream("127.0.0.1", service.port)
+        await stream.send_all(head.encode() + b"only ten b")
+        await stream.aclose()  # gone, with 90 bytes never sent
+        await trio.sleep(0.3)  # what the server does with it happens now, or never
+        response = await service.web("alice", "counter")
+    assert response.json()["count"] == 1  # the first request the val ever ran
