@@ -243,6 +243,7 @@ class Pool:
             "worker_cpu_time_s": self.limits.worker_cpu_time_s,
             "max_log_bytes": self.limits.max_log_bytes,
             "max_response_body_bytes": self.limits.max_response_body_bytes,
+            "max_source_bytes": self.limits.max_source_bytes,
         }
         head = {"op": "load", "name": spec.name, "mode": spec.mode, "env": dict(spec.env)}
         with trio.move_on_after(self.config.pool.load_timeout_s):

@@ -24,7 +24,7 @@ from typing import Any
 from RestrictedPython.compile import compile_restricted_eval, compile_restricted_exec
 
 from sandbox.errors import ValError
-from sandbox.policy import MAX_SOURCE_BYTES, LogBuffer, make_globals
+from sandbox.policy import LogBuffer, make_globals
 
 EVAL_NAME = "eval"
 EVAL_FILENAME = f"<val {EVAL_NAME}>"  # tracebacks name lines of this "file" only
@@ -47,8 +47,6 @@ def _restricted(compile_part: Callable[..., Any], tree: ast.AST) -> types.CodeTy
 
 def compile_eval(source: str) -> CompiledEval:
     """Compile Eval code under RestrictedPython. Raises SyntaxError or ValError."""
-    if len(source.encode("utf-8", errors="replace")) > MAX_SOURCE_BYTES:
-        raise ValError(f"the code is over the {MAX_SOURCE_BYTES}-byte limit")
     try:
         tree = ast.parse(source, EVAL_FILENAME)
     except (RecursionError, MemoryError) as exc:

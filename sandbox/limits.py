@@ -24,6 +24,7 @@ class WorkerLimits:
     worker_cpu_time_s: int = 600  # over the worker's life; it retires before reaching it
     max_log_bytes: int = 64 * 1024
     max_response_body_bytes: int = 5 * MIB
+    max_source_bytes: int = 256 * 1024
     open_files: int = 64
 
     @classmethod

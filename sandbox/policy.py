@@ -33,8 +33,6 @@ from sandbox.errors import ValError
 from sandbox.facades import import_facade
 from sandbox.http import Request, Response
 
-MAX_SOURCE_BYTES = 256 * 1024
-
 # `id` leaks addresses (a help to memory-corruption exploits); `setattr`/`delattr` are
 # re-added below through our own write guard rather than RestrictedPython's.
 # RestrictedPython's guard, with the types it has but does not declare.
@@ -326,10 +324,16 @@ class LoadedVal:
     export: object
 
 
+def check_source_size(source: str, max_bytes: int) -> None:
+    """Refuse source over the limit (the front end's limits.max_source_bytes), before any
+    parsing: the parser's cost grows with it."""
+    size = len(source.encode("utf-8", errors="replace"))
+    if size > max_bytes:
+        raise ValError(f"the source is {size} bytes, over the {max_bytes}-byte limit")
+
+
 def compile_val(source: str, filename: str) -> types.CodeType:
     """Compile under RestrictedPython. Raises ValError with every problem found."""
-    if len(source.encode("utf-8", errors="replace")) > MAX_SOURCE_BYTES:
-        raise ValError(f"source is over the {MAX_SOURCE_BYTES}-byte limit")
     try:
         result = compile_restricted_exec(source, filename=filename)
     except (RecursionError, MemoryError) as exc:

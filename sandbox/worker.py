@@ -23,7 +23,7 @@ from sandbox.errors import BadMessageError, ValError, describe
 from sandbox.evaluate import EVAL_NAME, compile_eval, evaluate
 from sandbox.http import Request, dumps_json, to_response
 from sandbox.limits import WorkerLimits, apply_limits, arm_cpu_limit
-from sandbox.policy import LogBuffer, load_val
+from sandbox.policy import LogBuffer, check_source_size, load_val
 from sandbox.wire import Frame, FrameDecoder, ProtocolError, read_frame, write_frame
 
 
@@ -164,9 +164,10 @@ class Worker:
 
 
 def load_export(
-    mode: str, source: str, name: str, env: dict[str, str], log: LogBuffer
+    mode: str, source: str, name: str, env: dict[str, str], log: LogBuffer, max_source_bytes: int
 ) -> Callable[[], object]:
     """Compile the code (and run a val's module once); a function that gives the export."""
+    check_source_size(source, max_source_bytes)
     if mode == "eval":
         compiled = compile_eval(source)
         return lambda: evaluate(compiled, env, log)
@@ -197,7 +198,7 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
     log = LogBuffer(limits.max_log_bytes)
     source = load.body.decode("utf-8", errors="replace")
     try:
-        export = load_export(mode, source, name, env, log)
+        export = load_export(mode, source, name, env, log, limits.max_source_bytes)
     except BaseException as exc:  # a val that fails to load is one error reply, then exit
         write_frame(
             out, Frame({"op": "error", **describe(exc, f"<val {name}>"), "log": log.take()})

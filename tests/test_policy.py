@@ -15,7 +15,7 @@ import pytest
 
 from sandbox.errors import ValError, describe
 from sandbox.http import Request
-from sandbox.policy import MAX_SOURCE_BYTES, LoadedVal, LogBuffer, load_val, make_globals
+from sandbox.policy import LoadedVal, LogBuffer, check_source_size, load_val, make_globals
 
 NAME = "f"
 FILENAME = f"<val {NAME}>"
@@ -693,22 +693,24 @@ def test_language_features_work(source: str, expected: object) -> None:
 # Size and shape of source
 
 
+LIMIT = 1000
+
+
 def test_source_over_the_size_limit_is_refused() -> None:
-    source = "f = 1\n" + "#" * MAX_SOURCE_BYTES
     with pytest.raises(ValError, match="limit"):
-        load(source)
+        check_source_size("f = 1\n" + "#" * LIMIT, LIMIT)
 
 
 def test_source_at_the_size_limit_is_accepted() -> None:
     source = "f = 1\n"
-    source += "#" * (MAX_SOURCE_BYTES - len(source))
+    source += "#" * (LIMIT - len(source))
+    check_source_size(source, LIMIT)
     assert load(source).export == 1
 
 
 def test_size_limit_counts_utf8_bytes_not_characters() -> None:
-    source = "f = 1\n#" + "é" * (MAX_SOURCE_BYTES // 2)
     with pytest.raises(ValError, match="limit"):
-        load(source)
+        check_source_size("f = 1\n#" + "é" * (LIMIT // 2), LIMIT)
 
 
 @pytest.mark.parametrize(

@@ -397,3 +397,12 @@ async def test_a_half_sent_body_never_reaches_the_val(service: Service) -> None:
         await trio.sleep(0.3)  # what the server does with it happens now, or never
         response = await service.web("alice", "counter")
     assert response.json()["count"] == 1  # the first request the val ever ran
+
+
+async def test_a_raised_source_limit_reaches_the_worker(start_service: StartService) -> None:
+    service = await start_service(max_source_bytes=400_000)
+    big = "def big(req):\n    return 'ran'\n" + "#" * 300_000 + "\n"  # over the default 256 KiB
+    await service.put_val("big", big)
+    with trio.fail_after(15):
+        response = await service.web("alice", "big")
+    assert (response.status_code, response.text) == (200, "ran")
