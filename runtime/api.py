@@ -154,14 +154,24 @@ def may_read(val: ValVersion, caller: User | None) -> bool:
     return val.privacy != "private" or (caller is not None and caller.name == val.owner)
 
 
-def parse_limit(query_string: str) -> int:
-    values = parse_qs(query_string).get("limit")
+def query_int(query_string: str, key: str, high: int) -> int | None:
+    """`?key=N` with 1 <= N <= high; None when absent; ValueError when anything else.
+    `isascii` first: str.isdigit accepts '²', which int() refuses."""
+    values = parse_qs(query_string).get(key)
     if not values:
-        return DEFAULT_RUNS_LIMIT
+        return None
     text = values[0]
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_RUNS_LIMIT):
-        raise BadRequestError(f"limit must be a number from 1 to {MAX_RUNS_LIMIT}")
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= high):
+        raise ValueError(text)
     return int(text)
+
+
+def parse_limit(query_string: str) -> int:
+    try:
+        limit = query_int(query_string, "limit", MAX_RUNS_LIMIT)
+    except ValueError:
+        raise BadRequestError(f"limit must be a number from 1 to {MAX_RUNS_LIMIT}") from None
+    return DEFAULT_RUNS_LIMIT if limit is None else limit
 
 
 def val_summary(val: ValVersion, url: str) -> dict[str, object]:
@@ -343,11 +353,10 @@ class Api:
         body = request.json()
         if not isinstance(body, dict) or set(body) != {"privacy"}:
             raise BadRequestError('send {"privacy": "public" | "unlisted" | "private"}')
-        if await self.store.run(Store.get_val, owner, name, None) is None:
+        # One transaction: a DELETE racing this PATCH makes it a 404, never a half answer.
+        val = await self.store.run(Store.set_privacy, owner, name, str(body["privacy"]))
+        if val is None:
             raise NotFoundError(f"no val {owner}/{name}")
-        await self.store.run(Store.set_privacy, owner, name, str(body["privacy"]))
-        val = await self.store.run(Store.get_val, owner, name, None)
-        assert val is not None
         return HTTPResponse.json(val_summary(val, self.url_for(request, val)))
 
     async def delete_val(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
@@ -429,12 +438,9 @@ def _env_key(key: str) -> str:
 
 def parse_version(query_string: str) -> int | None:
     """`?v=N` pins a version; absent means the latest."""
-    values = parse_qs(query_string).get("v")
-    if not values:
-        return None
-    text = values[0]
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) < 2**31):
+    try:
+        return query_int(query_string, "v", 2**31 - 1)
+    except ValueError as exc:
         raise BadRequestError(
-            f"v must be a version number (1, 2, ...), not {values[0]!r}", "bad_version"
-        )
-    return int(values[0])
+            f"v must be a version number (1, 2, ...), not {exc.args[0]!r}", "bad_version"
+        ) from None

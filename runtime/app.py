@@ -186,6 +186,3 @@ def _host_header(scope: HTTPScope) -> str | None:
         if name == b"host":
             return value.decode("latin-1")
     return None
-
-
-__all__ = ["App", "parse_version", "web_version"]

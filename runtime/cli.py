@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 from urllib.parse import quote
 
@@ -40,11 +41,8 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     if args.bind:
         config = with_bind(config, tuple(args.bind))
     if args.demo:
-        store = Store(config.store.sqlite_path)
-        try:
+        with closing(Store(config.store.sqlite_path)) as store:
             token = seed_demo(store)
-        finally:
-            store.close()
         port = config.server.bind[0].rpartition(":")[2]
         print(f"demo vals: http://demo-hello.{config.server.web_domain}:{port}/?name=you")
         print(f"demo token (for the API at http://{config.server.api_host}:{port}/): {token}")
@@ -63,19 +61,15 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_user_create(config: Config, args: argparse.Namespace) -> int:
-    store = Store(config.store.sqlite_path)
-    try:
+    with closing(Store(config.store.sqlite_path)) as store:
         token = store.create_user(args.name)
-    finally:
-        store.close()
     print(f"created user {args.name}; its token (shown only once):")
     print(token)
     return 0
 
 
 def cmd_token(config: Config, args: argparse.Namespace) -> int:
-    store = Store(config.store.sqlite_path)
-    try:
+    with closing(Store(config.store.sqlite_path)) as store:
         if args.token_command == "create":
             token = store.create_token(args.name)
             print(f"a new token for {args.name} (shown only once):")
@@ -87,8 +81,6 @@ def cmd_token(config: Config, args: argparse.Namespace) -> int:
         else:
             store.revoke_token(args.id)
             print(f"revoked token {args.id}")
-    finally:
-        store.close()
     return 0
 
 

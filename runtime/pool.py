@@ -103,10 +103,6 @@ class Pool:
         #: The /healthz view of the confinement layers in force.
         self.isolation: dict[str, dict[str, object]] = {}
 
-    @property
-    def worker_count(self) -> int:
-        return self._warm_count
-
     def idle_workers(self) -> list[WorkerProcess]:
         """Warm workers waiting for their val's next request."""
         return [warm.worker for pool in self._vals.values() for warm in pool.idle]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import closing
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -39,14 +40,20 @@ async def serve_valrun(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run valrun until `shutdown_trigger` returns (or forever); report the bound URLs."""
-    store = Store(config.store.sqlite_path)
-    try:
+    # Two connections: the recorder's batch writes (~4 ms each) must not hold up the token
+    # checks and val lookups that requests wait on; SQLite's WAL lets those read meanwhile.
+    with (
+        closing(Store(config.store.sqlite_path)) as store,
+        closing(Store(config.store.sqlite_path)) as records_store,
+    ):
         async_store = AsyncStore(store)
         async with (
             open_pool(config) as pool,
             # Inside the pool: at shutdown the server finishes its requests, then the
             # recorder writes what they recorded, then the workers stop.
-            open_recorder(async_store, keep_per_val=config.store.max_runs_per_val) as recorder,
+            open_recorder(
+                AsyncStore(records_store), keep_per_val=config.store.max_runs_per_val
+            ) as recorder,
         ):
             app = App(config, async_store, pool, recorder, Metrics())
             await serve(
@@ -55,5 +62,3 @@ async def serve_valrun(
                 shutdown_trigger=shutdown_trigger,
                 task_status=task_status,
             )
-    finally:
-        store.close()

@@ -320,18 +320,18 @@ class Store:
         )
         return [ValVersion(*row) for row in self._db.execute(sql, (owner, *privacies))]
 
-    def set_privacy(self, owner: str, name: str, privacy: str) -> None:
+    def set_privacy(self, owner: str, name: str, privacy: str) -> ValVersion | None:
+        """Change a val's privacy; its latest version as changed, or None if there is none."""
         if privacy not in PRIVACY:
             raise BadRequestError(f"privacy must be one of {', '.join(PRIVACY)}", "bad_privacy")
-        self._write(
-            [
-                (
-                    "UPDATE vals SET privacy = ? WHERE name_key = ? "
-                    "AND user_id = (SELECT id FROM users WHERE name = ?)",
-                    (privacy, name.lower(), owner),
-                )
-            ]
-        )
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "UPDATE vals SET privacy = ? WHERE name_key = ? "
+                "AND user_id = (SELECT id FROM users WHERE name = ?)",
+                (privacy, name.lower(), owner),
+            )
+            return self.get_val(owner, name, None)
 
     def delete_val(self, owner: str, name: str) -> int | None:
         with self._db:

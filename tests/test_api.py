@@ -126,6 +126,7 @@ async def test_patch_changes_privacy(service: Service) -> None:
         ("POST", "/v1/vals/alice/hello", {}, 405, "method_not_allowed"),
         ("GET", "/v1/nothing", {}, 404, "not_found"),
         ("DELETE", "/v1/vals/alice/nosuch", {}, 404, "not_found"),
+        ("PATCH", "/v1/vals/alice/nosuch", {"json": {"privacy": "private"}}, 404, "not_found"),
         ("DELETE", "/v1/env/NOSUCH", {}, 404, "not_found"),
     ],
 )
