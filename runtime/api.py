@@ -56,35 +56,35 @@ _VAL = r"(?P<val>[^/]+)"
 _RUN = r"/v1/run/(?P<target>[^/]+)"
 # Eval's code is the rest of the path, slashes and newlines included (`1/2`, `x = 1\nx`).
 _EVAL = r"/v1/eval/(?P<code>(?s:.*))"
-ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple(
-    (method, re.compile(pattern), handler)
-    for method, pattern, handler in (
-        ("GET", r"/healthz", "healthz"),
-        ("GET", r"/metrics", "serve_metrics"),
-        ("GET", r"/v1/me", "me"),
-        ("GET", rf"/v1/vals/{_USER}", "list_vals"),
-        ("PUT", rf"/v1/vals/{_USER}/{_VAL}", "put_val"),
-        ("GET", rf"/v1/vals/{_USER}/{_VAL}", "get_val"),
-        ("PATCH", rf"/v1/vals/{_USER}/{_VAL}", "patch_val"),
-        ("DELETE", rf"/v1/vals/{_USER}/{_VAL}", "delete_val"),
-        ("GET", rf"/v1/vals/{_USER}/{_VAL}/versions", "list_versions"),
-        ("GET", rf"/v1/vals/{_USER}/{_VAL}/runs", "list_runs"),
-        ("GET", r"/v1/me/evals", "list_evals"),
-        ("GET", r"/v1/env", "list_env"),
-        ("PUT", r"/v1/env/(?P<key>[^/]+)", "put_env"),
-        ("DELETE", r"/v1/env/(?P<key>[^/]+)", "delete_env"),
-        ("GET", _RUN, "run_val"),
-        ("POST", _RUN, "run_val"),
-        ("OPTIONS", _RUN, "preflight"),
-        ("POST", r"/v1/eval", "eval_code"),
-        ("OPTIONS", r"/v1/eval", "preflight"),
-        ("GET", _EVAL, "eval_code"),
-        ("OPTIONS", _EVAL, "preflight"),
+# The kind: `run` and `eval` answer browsers on other origins (SPEC §5): their answers,
+# errors included, get the CORS defaults, their preflights an answer, and RunApi handles
+# them. It is also the `kind` label of /metrics.
+ROUTES: tuple[tuple[str, re.Pattern[str], str, str], ...] = tuple(
+    (method, re.compile(pattern), handler, kind)
+    for method, pattern, handler, kind in (
+        ("GET", r"/healthz", "healthz", "api"),
+        ("GET", r"/metrics", "serve_metrics", "api"),
+        ("GET", r"/v1/me", "me", "api"),
+        ("GET", rf"/v1/vals/{_USER}", "list_vals", "api"),
+        ("PUT", rf"/v1/vals/{_USER}/{_VAL}", "put_val", "api"),
+        ("GET", rf"/v1/vals/{_USER}/{_VAL}", "get_val", "api"),
+        ("PATCH", rf"/v1/vals/{_USER}/{_VAL}", "patch_val", "api"),
+        ("DELETE", rf"/v1/vals/{_USER}/{_VAL}", "delete_val", "api"),
+        ("GET", rf"/v1/vals/{_USER}/{_VAL}/versions", "list_versions", "api"),
+        ("GET", rf"/v1/vals/{_USER}/{_VAL}/runs", "list_runs", "api"),
+        ("GET", r"/v1/me/evals", "list_evals", "api"),
+        ("GET", r"/v1/env", "list_env", "api"),
+        ("PUT", r"/v1/env/(?P<key>[^/]+)", "put_env", "api"),
+        ("DELETE", r"/v1/env/(?P<key>[^/]+)", "delete_env", "api"),
+        ("GET", _RUN, "run_val", "run"),
+        ("POST", _RUN, "run_val", "run"),
+        ("OPTIONS", _RUN, "preflight", "run"),
+        ("POST", r"/v1/eval", "eval_code", "eval"),
+        ("OPTIONS", r"/v1/eval", "preflight", "eval"),
+        ("GET", _EVAL, "eval_code", "eval"),
+        ("OPTIONS", _EVAL, "preflight", "eval"),
     )
 )
-# Run and Eval (`RunApi`'s handlers) answer browsers on other origins (SPEC §5): their
-# answers, errors included, get the CORS defaults, and their preflights an answer.
-RUN_API_HANDLERS = frozenset({"run_val", "eval_code", "preflight"})
 # SPEC §4.1: the legacy Express paths, any method. The val part stops at the first `/`.
 EXPRESS_RE = re.compile(r"/(?:v1/express/|express/@)(?P<user>[^/.]+)\.(?P<val>[^/]+)(?P<rest>/.*)?")
 
@@ -93,15 +93,16 @@ EXPRESS_RE = re.compile(r"/(?:v1/express/|express/@)(?P<user>[^/.]+)\.(?P<val>[^
 class Match:
     handler: str
     params: dict[str, str]
+    kind: str
 
 
 def match_route(method: str, path: str) -> Match:
     allowed = []
-    for route_method, pattern, handler in ROUTES:
+    for route_method, pattern, handler, kind in ROUTES:
         found = pattern.fullmatch(path)
         if found:
             if route_method == method or (method == "HEAD" and route_method == "GET"):
-                return Match(handler, found.groupdict())
+                return Match(handler, found.groupdict(), kind)
             allowed.append(route_method)
             if route_method == "GET":
                 allowed.append("HEAD")
@@ -113,11 +114,12 @@ def match_route(method: str, path: str) -> Match:
     raise NotFoundError(f"no API route {path}")
 
 
-def answers_with_cors(path: str) -> bool:
-    """Whether every answer on this API path gets CORS (Run and Eval), whatever the method."""
-    return any(
-        handler in RUN_API_HANDLERS and pattern.fullmatch(path) for _, pattern, handler in ROUTES
-    )
+def path_kind(path: str) -> str:
+    """The kind of an API path, whatever the method: run, eval, or api."""
+    for _, pattern, _, kind in ROUTES:
+        if kind != "api" and pattern.fullmatch(path):
+            return kind
+    return "api"
 
 
 def express_redirect(
@@ -239,7 +241,7 @@ class Api:
             # 308 keeps the method and the body, unlike 301/302 (RFC 9110 §15.4.9).
             return HTTPResponse(308, [(b"location", target.encode())], cors=True)
         match = match_route(request.method, request.path)
-        owner = self.run_api if match.handler in RUN_API_HANDLERS else self
+        owner = self.run_api if match.kind != "api" else self
         handler: Handler = getattr(owner, match.handler)
         return await handler(request, match.params)
 

@@ -12,11 +12,11 @@ import logging
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
-from runtime.api import Api, answers_with_cors, parse_version
+from runtime.api import Api, parse_version, path_kind
 from runtime.config import Config
 from runtime.cors import finalize_cors
 from runtime.errors import BadRequestError, HTTPError, NotFoundError
-from runtime.hosts import ApiHost, Route, UnknownHost, ValHost, route_host
+from runtime.hosts import Route, UnknownHost, ValHost, route_host
 from runtime.http import (
     HTTPRequest,
     HTTPResponse,
@@ -88,11 +88,9 @@ class App:
         self, scope: HTTPScope, receive: ASGIReceiveCallable, host: str | None
     ) -> HTTPResponse:
         server = self.config.server
-        cors = True  # the front end's errors on web (and unknown) hosts get CORS too
-        kind = "unknown"
+        kind = "unknown"  # the front end's errors on web and unknown hosts get CORS too
         try:
             route = route_host(host, server.api_host, server.web_domain)
-            cors = not isinstance(route, ApiHost) or answers_with_cors(scope["path"])
             kind = request_kind(route, scope["path"])
             if isinstance(route, UnknownHost):
                 raise NotFoundError(
@@ -116,12 +114,12 @@ class App:
             else:
                 response = await self.api.handle(request)
         except HTTPError as exc:
-            response = HTTPResponse.from_error(exc, cors=cors)
+            response = HTTPResponse.from_error(exc, cors=kind != "api")
         except Exception:
             # A bug in valrun, not the client's or the val's fault: log it, answer JSON.
             logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
             error = HTTPError("valrun failed on this request; its log has the details")
-            response = HTTPResponse.from_error(error, cors=cors)
+            response = HTTPResponse.from_error(error, cors=kind != "api")
         response.kind = kind
         return response
 
@@ -150,16 +148,13 @@ class App:
 
 
 def request_kind(route: Route, path: str) -> str:
-    """The `kind` label of /metrics: web (a val's host), run, eval, api, or unknown."""
+    """What answers: web (a val's host), run, eval, api, or unknown. The /metrics label,
+    and CORS: everything but `api` gets it."""
     if isinstance(route, ValHost):
         return "web"
     if isinstance(route, UnknownHost):
         return "unknown"
-    if path.startswith("/v1/run/"):
-        return "run"
-    if path.startswith("/v1/eval"):
-        return "eval"
-    return "api"
+    return path_kind(path)
 
 
 def web_version(query_string: str) -> int | None:

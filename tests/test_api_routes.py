@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from runtime.api import (
-    answers_with_cors,
     check_names,
     express_redirect,
     match_route,
     parse_version,
+    path_kind,
 )
 from runtime.errors import BadRequestError, MethodNotAllowedError, NotFoundError
 
@@ -149,25 +149,26 @@ def test_every_spec_api_route_is_routed(method: str, path: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "cors"),
+    ("path", "kind"),
     [
-        ("/v1/run/alice.hello", True),
-        ("/v1/run/alice", True),
-        ("/v1/eval", True),
-        ("/v1/eval/1+1", True),
-        ("/v1/eval/", True),
-        ("/v1/me", False),
-        ("/v1/vals/alice/hello", False),
-        ("/v1/vals/alice/hello/runs", False),
-        ("/v1/env/KEY", False),
-        ("/v1/run", False),
-        ("/v1/runs/alice.hello", False),
-        ("/v1/evaluate", False),
-        ("/healthz", False),
+        ("/v1/run/alice.hello", "run"),
+        ("/v1/run/alice", "run"),
+        ("/v1/eval", "eval"),
+        ("/v1/eval/1+1", "eval"),
+        ("/v1/eval/", "eval"),
+        ("/v1/me", "api"),
+        ("/v1/vals/alice/hello", "api"),
+        ("/v1/vals/alice/hello/runs", "api"),
+        ("/v1/env/KEY", "api"),
+        ("/v1/run", "api"),
+        ("/v1/runs/alice.hello", "api"),
+        ("/v1/evaluate", "api"),
+        ("/healthz", "api"),
     ],
 )
-def test_run_and_eval_answers_get_cors_and_management_answers_do_not(path: str, cors: bool) -> None:
-    assert answers_with_cors(path) is cors
+def test_run_and_eval_paths_are_told_from_management_ones(path: str, kind: str) -> None:
+    # run and eval answers get CORS (SPEC §5); management (api) answers do not.
+    assert path_kind(path) == kind
 
 
 # express_redirect
