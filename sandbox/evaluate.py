@@ -24,10 +24,10 @@ from typing import Any
 from RestrictedPython.compile import compile_restricted_eval, compile_restricted_exec
 
 from sandbox.errors import ValError
-from sandbox.policy import LogBuffer, make_globals
+from sandbox.policy import LogBuffer, compile_refused, make_globals, val_filename
 
 EVAL_NAME = "eval"
-EVAL_FILENAME = f"<val {EVAL_NAME}>"  # tracebacks name lines of this "file" only
+EVAL_FILENAME = val_filename(EVAL_NAME)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +40,7 @@ def _restricted(compile_part: Callable[..., Any], tree: ast.AST) -> types.CodeTy
     result = compile_part(tree, filename=EVAL_FILENAME)
     code = result.code
     if result.errors or not isinstance(code, types.CodeType):
-        message = "; ".join(result.errors) or "the code did not compile"
-        raise ValError(message if len(message) <= 2000 else message[:2000] + " [...]")
+        raise compile_refused(result.errors)
     return code
 
 

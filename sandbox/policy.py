@@ -16,7 +16,7 @@ import operator
 import re
 import types
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -332,6 +332,17 @@ def check_source_size(source: str, max_bytes: int) -> None:
         raise ValError(f"the source is {size} bytes, over the {max_bytes}-byte limit")
 
 
+def val_filename(name: str) -> str:
+    """The "file" a val's code is compiled as: tracebacks keep only lines of this file."""
+    return f"<val {name}>"
+
+
+def compile_refused(errors: Sequence[str]) -> ValError:
+    """RestrictedPython's refusals as one error, cut short: a nesting bomb repeats itself."""
+    message = "; ".join(errors) or "the source did not compile"
+    return ValError(message if len(message) <= 2000 else message[:2000] + " [...]")
+
+
 def compile_val(source: str, filename: str) -> types.CodeType:
     """Compile under RestrictedPython. Raises ValError with every problem found."""
     try:
@@ -340,15 +351,14 @@ def compile_val(source: str, filename: str) -> types.CodeType:
         # Deeply nested source blows up the parser rather than failing as a SyntaxError.
         raise ValError(f"source is too deeply nested to compile ({type(exc).__name__})") from None
     if result.errors or result.code is None:
-        message = "; ".join(result.errors) or "source did not compile"
-        raise ValError(message if len(message) <= 2000 else message[:2000] + " [...]")
+        raise compile_refused(result.errors)
     code: types.CodeType = result.code
     return code
 
 
 def load_val(source: str, name: str, env: Mapping[str, str], log: LogBuffer) -> LoadedVal:
     """Compile and run the module once; find its export (the top-level name equal to `name`)."""
-    filename = f"<val {name}>"
+    filename = val_filename(name)
     code = compile_val(source, filename)
     namespace = make_globals(name, env, log)
     exec(code, namespace)

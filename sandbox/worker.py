@@ -23,7 +23,7 @@ from sandbox.errors import BadMessageError, ValError, describe
 from sandbox.evaluate import EVAL_NAME, compile_eval, evaluate
 from sandbox.http import Request, dumps_json, to_response
 from sandbox.limits import WorkerLimits, apply_limits, arm_cpu_limit
-from sandbox.policy import LogBuffer, check_source_size, load_val
+from sandbox.policy import LogBuffer, check_source_size, load_val, val_filename
 from sandbox.wire import Frame, FrameDecoder, ProtocolError, read_frame, write_frame
 
 
@@ -90,7 +90,7 @@ class Worker:
         self.export = export
         self.limits = limits
         self.log = log
-        self.filename = f"<val {name}>"
+        self.filename = val_filename(name)
 
     def failure(self, request_id: object, exc: BaseException) -> Frame:
         head = {"op": "error", "id": request_id, **describe(exc, self.filename)}
@@ -180,18 +180,20 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
     already (the fork server's sandbox.confine set them); otherwise apply them here."""
     decoder = FrameDecoder()
     load = read_frame(inp, decoder)
-    if load is None or load.op != "load":
-        return 2
+    if load is None:
+        return 0  # closed while generic: a spare worker at shutdown
+    if load.op != "load":
+        raise BadMessageError(f"expected a load frame, got {load.op!r}")
     limits = WorkerLimits.from_head(load.head.get("limits"))
     name = _str(load.head, "name")
     env = load.head.get("env") or {}
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
-        return 2
+        raise BadMessageError("'env' must map names to strings")
     mode = load.head.get("mode", "module")
     if mode not in ("module", "eval"):
-        return 2
+        raise BadMessageError(f"unknown mode {mode!r}")
     if mode == "eval":
-        name = EVAL_NAME
+        name = EVAL_NAME  # evaluate compiles as val_filename(EVAL_NAME), whatever was sent
     if not confined:
         apply_limits(limits)
     arm_cpu_limit(limits)
@@ -201,7 +203,7 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
         export = load_export(mode, source, name, env, log, limits.max_source_bytes)
     except BaseException as exc:  # a val that fails to load is one error reply, then exit
         write_frame(
-            out, Frame({"op": "error", **describe(exc, f"<val {name}>"), "log": log.take()})
+            out, Frame({"op": "error", **describe(exc, val_filename(name)), "log": log.take()})
         )
         return 0
     worker = Worker(name, export, limits, log)

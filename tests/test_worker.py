@@ -205,13 +205,21 @@ def test_print_before_a_load_failure_comes_back_in_the_error_log() -> None:
         ),
         pytest.param([http_frame(1)], id="first_frame_not_load"),
         pytest.param([Frame({"op": "bogus"})], id="unknown_first_op"),
-        pytest.param([], id="no_frame_at_all"),
+        pytest.param([Frame({"op": "load", "name": "f", "env": {"K": 1}})], id="env_not_strings"),
+        pytest.param([Frame({"op": "load", "name": "f", "mode": "x"})], id="unknown_mode"),
     ],
 )
 def test_unknown_op_makes_the_worker_exit_non_zero(frames: list[Frame]) -> None:
     run = run_worker(*frames)
     assert run.returncode != 0
+    assert "valrun worker:" in run.stderr  # it says why
     assert all(f.op in ("loaded", "response") for f in run.frames)
+
+
+def test_a_generic_worker_closed_before_any_val_exits_cleanly() -> None:
+    # A spare worker at shutdown: its input ends before a load frame. Not an error.
+    run = run_worker()
+    assert (run.returncode, run.frames) == (0, [])
 
 
 def test_bytes_that_are_not_a_frame_make_the_worker_exit_non_zero() -> None:
