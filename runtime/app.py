@@ -1,8 +1,8 @@
 """The ASGI app: the one place where a request is routed and where errors become responses.
 
-Read top-down: `__call__` -> `respond` routes by Host -> the API (`runtime.api`) or a val
-(`serve_val`, via `runtime.run_api.Runner` and the pool) -> CORS finalization for web hosts
-and Run/Eval -> send.
+Read top-down: `__call__` -> `respond` routes by Host -> a val (`serve_val`, through
+`runtime.invoke.Invoker` and the pool) or an API route (`runtime.routes`, matched once) ->
+CORS finalization for web hosts and Run/Eval -> send.
 """
 
 from __future__ import annotations
@@ -12,24 +12,29 @@ import logging
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
-from runtime.api import Api, parse_version, path_kind
+from runtime.api import Api
+from runtime.auth import parse_version
 from runtime.config import Config
 from runtime.cors import finalize_cors
-from runtime.errors import BadRequestError, HTTPError, NotFoundError
-from runtime.hosts import Route, UnknownHost, ValHost, route_host
+from runtime.errors import BadRequestError, HTTPError, NotFoundError, StoreError, http_error
+from runtime.hosts import UnknownHost, ValHost, route_host
 from runtime.http import (
     HTTPRequest,
     HTTPResponse,
+    RouteLabel,
     answer_lifespan,
     read_body,
     send_response,
 )
+from runtime.invoke import Invoker, val_spec
 from runtime.metrics import Metrics
 from runtime.pool import Pool
 from runtime.records import Recorder
 from runtime.reply import ValResponse
-from runtime.run_api import RunApi, Runner, val_spec
+from runtime.routes import api_routes, match_route
+from runtime.run_api import RunApi
 from runtime.store import AsyncStore
+from sandbox.messages import HttpRequest
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("valrun.access")
@@ -48,9 +53,10 @@ class App:
         self.store = store
         self.pool = pool
         self.metrics = metrics
-        self.runner = Runner(config, pool, recorder)
-        run_api = RunApi(config, store, self.runner)
-        self.api = Api(config, store, pool, run_api, recorder, metrics)
+        self.invoker = Invoker(config, pool, recorder)
+        self.routes = api_routes(
+            Api(config, store, pool, recorder, metrics), RunApi(config, store, self.invoker)
+        )
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -73,7 +79,7 @@ class App:
             response.headers = finalize_cors(method, list(scope["headers"]), response.headers)
         await send_response(send, response, method)
         elapsed = trio.current_time() - started
-        self.metrics.observe(response.kind, response.status, elapsed)
+        self.metrics.observe(response.label, response.status, elapsed)
         access_logger.info(
             "%s %s %s %d %.1fms %dB",
             method,
@@ -88,16 +94,20 @@ class App:
         self, scope: HTTPScope, receive: ASGIReceiveCallable, host: str | None
     ) -> HTTPResponse:
         server = self.config.server
-        kind = "unknown"  # the front end's errors on web and unknown hosts get CORS too
+        label: RouteLabel = "unknown"  # errors on web and unknown hosts get CORS too
         try:
             route = route_host(host, server.api_host, server.web_domain)
-            kind = request_kind(route, scope["path"])
-            if isinstance(route, UnknownHost):
+            if isinstance(route, ValHost):
+                label = "web"
+            elif isinstance(route, UnknownHost):
                 raise NotFoundError(
                     f"no valrun service at {route.host!r}: vals live at "
                     f"USER-VAL.{server.web_domain}, the API at {server.api_host}",
                     "unknown_host",
                 )
+            else:
+                match = match_route(self.routes, scope["method"], scope["path"])
+                label = match.label
             body = await read_body(scope, receive, self.config.limits.max_request_body_bytes)
             request = HTTPRequest(
                 method=scope["method"],
@@ -112,15 +122,17 @@ class App:
             if isinstance(route, ValHost):
                 response = await self.serve_val(route, request)
             else:
-                response = await self.api.handle(request)
+                response = await match.handler(request, match.params)
         except HTTPError as exc:
-            response = HTTPResponse.from_error(exc, cors=kind != "api")
+            response = HTTPResponse.from_error(exc, cors=label != "api")
+        except StoreError as exc:
+            response = HTTPResponse.from_error(http_error(exc), cors=label != "api")
         except Exception:
             # A bug in valrun, not the client's or the val's fault: log it, answer JSON.
             logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
             error = HTTPError("valrun failed on this request; its log has the details")
-            response = HTTPResponse.from_error(error, cors=kind != "api")
-        response.kind = kind
+            response = HTTPResponse.from_error(error, cors=label != "api")
+        response.label = label
         return response
 
     async def serve_val(self, route: ValHost, request: HTTPRequest) -> HTTPResponse:
@@ -133,28 +145,17 @@ class App:
                 "unknown_val",
             )
         spec = val_spec(*resolved, self.config.server.web_domain)
-        head: dict[str, object] = {
-            "op": "http",
-            "method": request.method,
-            "url": f"{self.config.server.public_scheme}://{request.host}{_with_query(request)}",
-            "path": request.raw_path,
-            "query": request.query_string,
-            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.headers],
-        }
-        response = await self.runner.invoke(
-            spec, head, request.body, source="web", expect=ValResponse
+        invocation = HttpRequest(
+            id=0,  # the pool numbers each invocation it sends
+            method=request.method,
+            url=f"{self.config.server.public_scheme}://{request.host}{_with_query(request)}",
+            path=request.raw_path,
+            query=request.query_string,
+            headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers),
+            body=request.body,
         )
+        response = await self.invoker.invoke(spec, invocation, source="web", expect=ValResponse)
         return HTTPResponse(response.status, response.headers, response.body, cors=True)
-
-
-def request_kind(route: Route, path: str) -> str:
-    """What answers: web (a val's host), run, eval, api, or unknown. The /metrics label,
-    and CORS: everything but `api` gets it."""
-    if isinstance(route, ValHost):
-        return "web"
-    if isinstance(route, UnknownHost):
-        return "unknown"
-    return path_kind(path)
 
 
 def web_version(query_string: str) -> int | None:

@@ -20,7 +20,7 @@ import trio
 
 from runtime.config import Config, load_config, with_bind
 from runtime.demo import seed_demo
-from runtime.errors import ConfigError, HTTPError
+from runtime.errors import ConfigError, HTTPError, StoreError
 from runtime.server import serve_valrun
 from runtime.store import Store
 
@@ -342,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         return int(args.func(config, args))
-    except (ConfigError, HTTPError) as exc:
+    except (ConfigError, HTTPError, StoreError) as exc:
         print(f"valrun: {exc}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from runtime.errors import ConfigError
 from runtime.hosts import is_hostname
 from sandbox.confine import LAYERS
+from sandbox.limits import WorkerLimits
 
 MIB = 1024 * 1024
 
@@ -75,17 +76,14 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class LimitsConfig:
+class LimitsConfig(WorkerLimits):
+    """`[limits]`: the worker's own limits (inherited: memory, CPU, log, response body,
+    source, open files), and those the front end enforces."""
+
     wall_time_s: float = 10.0
-    memory_mb: int = 256
-    cpu_time_s: int = 10
-    worker_cpu_time_s: int = 600
     max_request_body_bytes: int = 2 * MIB
-    max_response_body_bytes: int = 5 * MIB
     max_response_headers: int = 100
     max_response_header_bytes: int = 64 * 1024
-    max_log_bytes: int = 64 * 1024
-    max_source_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -1,8 +1,13 @@
-"""Errors on the front end. Each knows its HTTP status and its snake_case type (SPEC §7); the
-app turns any of them into the one JSON error shape, in one place.
+"""Errors on the front end. Each HTTP error knows its status and its snake_case type
+(docs/contract.md §7); the app turns any of them into the one JSON error shape, in one place.
 
     ValrunError
     ├── ConfigError                 valrun.toml or the command line is wrong (no status)
+    ├── StoreError                  the store refused an operation (no status: the HTTP layer
+    │   │                           maps each to one with `http_error`)
+    │   ├── InvalidError            a value the store cannot hold (a name, a privacy)  -> 400
+    │   ├── ExistsError             a thing that must be new exists already           -> 409
+    │   └── MissingError            a thing that must exist does not                  -> 404
     └── HTTPError                   anything that becomes an error response
         ├── BadRequestError         400 bad_request, bad_json, bad_name, bad_host
         ├── UnauthorizedError       401 unauthorized
@@ -26,6 +31,25 @@ class ValrunError(Exception):
 
 
 class ConfigError(ValrunError):
+    pass
+
+
+class StoreError(ValrunError):
+    def __init__(self, message: str, type: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.type = type
+
+
+class InvalidError(StoreError):
+    pass
+
+
+class ExistsError(StoreError):
+    pass
+
+
+class MissingError(StoreError):
     pass
 
 
@@ -99,3 +123,15 @@ class WorkerError(HTTPError):
     #: What the val printed before it failed, when the failure came with no reply to carry it
     #: (a val that raised while its module loaded).
     log = ""
+
+
+def http_error(error: StoreError) -> HTTPError:
+    """The HTTP answer to a store's refusal."""
+    cls: type[HTTPError] = HTTPError
+    if isinstance(error, InvalidError):
+        cls = BadRequestError
+    elif isinstance(error, ExistsError):
+        cls = ConflictError
+    elif isinstance(error, MissingError):
+        cls = NotFoundError
+    return cls(error.message, error.type)

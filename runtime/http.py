@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope
 
@@ -13,6 +13,9 @@ from runtime.errors import BadRequestError, ClientGoneError, HTTPError, PayloadT
 from runtime.hosts import split_host
 
 Headers = list[tuple[bytes, bytes]]
+#: What answers a request: a val's web host, the Run API, the Eval API, the management API,
+#: or nobody (a host valrun does not serve). The /metrics label; all but `api` get CORS.
+RouteLabel = Literal["web", "run", "eval", "api", "unknown"]
 JSON_HEADERS: tuple[tuple[bytes, bytes], ...] = ((b"content-type", b"application/json"),)
 
 
@@ -52,8 +55,8 @@ class HTTPResponse:
     body: bytes = b""
     #: Whether the CORS finalizer applies (web hosts, Run and Eval).
     cors: bool = False
-    #: What answered, for /metrics: web, run, eval, api or unknown.
-    kind: str = "unknown"
+    #: What answered, for /metrics.
+    label: RouteLabel = "unknown"
 
     @classmethod
     def json(cls, obj: object, status: int = 200, *, cors: bool = False) -> HTTPResponse:

@@ -10,6 +10,8 @@ import bisect
 from collections import Counter
 from collections.abc import Mapping
 
+from runtime.http import RouteLabel
+
 # Seconds. Warm vals answer in about a millisecond; the wall-time limit is 10 s by default.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -41,12 +43,12 @@ class Metrics:
         self.requests: Counter[tuple[str, int]] = Counter()
         self.latency: dict[str, Histogram] = {}
 
-    def observe(self, kind: str, status: int, seconds: float) -> None:
-        """One finished request; `kind` is web, api, run or eval."""
-        self.requests[(kind, status)] += 1
-        histogram = self.latency.get(kind)
+    def observe(self, label: RouteLabel, status: int, seconds: float) -> None:
+        """One finished request; `label` says what answered it (its `kind` in the output)."""
+        self.requests[(label, status)] += 1
+        histogram = self.latency.get(label)
         if histogram is None:
-            histogram = self.latency[kind] = Histogram()
+            histogram = self.latency[label] = Histogram()
         histogram.observe(seconds)
 
     def render(self, pool_stats: Mapping[str, int], pool_gauges: Mapping[str, int]) -> str:

@@ -31,8 +31,9 @@ import trio
 from runtime.config import Config
 from runtime.errors import HTTPError, OverloadedError, WorkerTimeoutError
 from runtime.isolation import check_required, health, log_table, probe_layers
-from runtime.process import ForkServer, SpawnedWorker, SupervisedForkServer, WorkerProcess
+from runtime.process import ForkServerHandle, SpawnedWorker, SupervisedForkServer, WorkerProcess
 from runtime.reply import Reply, bounded_log, check_failure, check_reply, protocol_error
+from sandbox.messages import ASKS, Ask, Failure, Invocation, Load, Loaded, MessageError, Mode, parse
 from sandbox.wire import Frame
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ RSS_CHECK_EVERY = 32
 #: Replies with bodies larger than this are checked in a thread.
 THREAD_CHECK_BYTES = 256 * 1024
 WorkerFactory = Callable[[], Awaitable[WorkerProcess]]
+#: Does what a val asked for while it runs (fetch, storage) and gives the answer to send back.
+Broker = Callable[["ValSpec", Ask], Awaitable[Frame]]
+ASK_OPS = frozenset(kind.op for kind in ASKS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +62,7 @@ class ValSpec:
     host: str
     #: "module": run the module once, then serve requests; "eval": statements and a final
     #: expression whose value is the export (the Eval API).
-    mode: str = "module"
+    mode: Mode = "module"
 
     @property
     def key(self) -> SlotKey:
@@ -69,7 +73,7 @@ class ValSpec:
 @dataclass(eq=False)
 class _Warm:
     worker: WorkerProcess
-    owner: _ValPool
+    val_pool: _ValPool
     last_used: float
     requests: int = 0
     #: What the module printed while it loaded: it belongs to the first request's log.
@@ -87,8 +91,15 @@ class _ValPool:
 
 
 class Pool:
-    def __init__(self, config: Config, nursery: trio.Nursery, factory: WorkerFactory) -> None:
+    def __init__(
+        self,
+        config: Config,
+        nursery: trio.Nursery,
+        factory: WorkerFactory,
+        broker: Broker | None = None,
+    ) -> None:
         self.config = config
+        self.broker = broker
         self.limits = config.limits
         self.nursery = nursery
         self.factory = factory
@@ -118,7 +129,7 @@ class Pool:
             "queued": sum(pool.capacity.statistics().tasks_waiting for pool in pools),
         }
 
-    async def invoke(self, spec: ValSpec, head: dict[str, object], body: bytes) -> Reply:
+    async def invoke(self, spec: ValSpec, request: Invocation) -> Reply:
         pool = self._vals.get(spec.key)
         if pool is None:
             pool = self._vals[spec.key] = _ValPool(spec, self.config.pool.max_workers_per_val)
@@ -134,7 +145,7 @@ class Pool:
             self.stats["invocations"] += 1
             reply, failure = None, "cancelled"
             try:
-                reply = await self._exchange(warm.worker, spec, head, body)
+                reply = await self._exchange(warm.worker, spec, request)
                 if warm.load_log:
                     reply = dataclasses.replace(reply, log=warm.load_log + reply.log)
                     warm.load_log = ""
@@ -145,12 +156,12 @@ class Pool:
             finally:
                 self._release(warm, reply, failure)
 
-    async def invoke_once(self, spec: ValSpec, head: dict[str, object], body: bytes) -> Reply:
+    async def invoke_once(self, spec: ValSpec, request: Invocation) -> Reply:
         """Run one request in a fresh worker that serves nothing else (the Eval API)."""
         worker = await self._generic_worker()
         try:
             load_log = await self._load(worker, spec)
-            reply = await self._exchange(worker, spec, head, body)
+            reply = await self._exchange(worker, spec, request)
             return dataclasses.replace(reply, log=load_log + reply.log)
         finally:
             self._close(worker)
@@ -160,9 +171,9 @@ class Pool:
         """Retire every worker of a val (deleted, or a new version saved)."""
         self._retire_where(lambda pool: pool.spec.val_id == val_id)
 
-    def retire_owner(self, owner: str) -> None:
-        """Retire every worker of an owner's vals (their env changed)."""
-        self._retire_where(lambda pool: pool.spec.owner == owner)
+    def retire_user(self, user: str) -> None:
+        """Retire every worker of a user's vals (their env changed)."""
+        self._retire_where(lambda pool: pool.spec.owner == user)
 
     def _retire_where(self, doomed: Callable[[_ValPool], bool]) -> None:
         for key in [key for key, pool in self._vals.items() if doomed(pool)]:
@@ -219,7 +230,7 @@ class Pool:
                 idle = [w for pool in self._vals.values() for w in pool.idle]
                 if idle:
                     oldest = min(idle, key=lambda w: w.last_used)
-                    oldest.owner.idle.remove(oldest)
+                    oldest.val_pool.idle.remove(oldest)
                     self.stats["evicted_lru"] += 1
                     self._drop(oldest)
                     continue
@@ -233,58 +244,64 @@ class Pool:
 
     async def _load(self, worker: WorkerProcess, spec: ValSpec) -> str:
         """Specialize a generic worker; what the module printed while it ran."""
-        limits = {
-            "memory_mb": self.limits.memory_mb,
-            "cpu_time_s": self.limits.cpu_time_s,
-            "worker_cpu_time_s": self.limits.worker_cpu_time_s,
-            "max_log_bytes": self.limits.max_log_bytes,
-            "max_response_body_bytes": self.limits.max_response_body_bytes,
-            "max_source_bytes": self.limits.max_source_bytes,
-        }
-        head = {"op": "load", "name": spec.name, "mode": spec.mode, "env": dict(spec.env)}
+        load = Load(spec.name, spec.code, spec.mode, spec.env, self.limits)
         with trio.move_on_after(self.config.pool.load_timeout_s):
-            await worker.send(Frame({**head, "limits": limits}, spec.code.encode()))
+            await worker.send(load.to_frame())
             frame = await worker.receive()
-            log = bounded_log(frame.head.get("log", ""), self.limits)
-            if frame.op == "error":
-                failure = check_failure(frame.head)
+            try:
+                loaded = parse(frame, Loaded, Failure)
+            except MessageError as exc:
+                raise protocol_error(str(exc)) from None
+            log = bounded_log(loaded.log, self.limits)
+            if isinstance(loaded, Failure):
+                failure = check_failure(loaded)
                 failure.log = log
                 raise failure
-            if frame.op != "loaded":
-                raise protocol_error(f"expected 'loaded', got {frame.op!r}")
             return log
         raise WorkerTimeoutError(
             f"{spec.owner}/{spec.name} took over {self.config.pool.load_timeout_s} s to load"
         )
 
-    async def _exchange(
-        self, worker: WorkerProcess, spec: ValSpec, head: dict[str, object], body: bytes
-    ) -> Reply:
-        request_id = next(self._request_ids)
-        request_op = str(head["op"])
+    async def _exchange(self, worker: WorkerProcess, spec: ValSpec, request: Invocation) -> Reply:
+        request = dataclasses.replace(request, id=next(self._request_ids))
         frame: Frame | None = None
         demoted = False
         with trio.move_on_after(self.limits.wall_time_s):
-            await worker.send(Frame({**head, "id": request_id}, body))
+            await worker.send(request.to_frame())
             with trio.move_on_after(self.config.pool.demote_after_s):
-                frame = await worker.receive()
+                frame = await self._receive_reply(worker, spec, request.id)
             if frame is None:  # still running: let it have only the CPU nobody else wants
                 demoted = worker.demote()
                 self.stats["demoted"] += demoted
-                frame = await worker.receive()
+                frame = await self._receive_reply(worker, spec, request.id)
         if demoted:
             worker.promote()
         if frame is not None:  # not timed out
+            kind = type(request)
             if len(frame.body) <= THREAD_CHECK_BYTES:
-                return check_reply(frame, request_id, request_op, self.limits, spec.host)
+                return check_reply(frame, request.id, kind, self.limits, spec.host)
             # Parsing a 5 MiB JSON result takes ~70 ms: not on the event loop.
             return await trio.to_thread.run_sync(
-                check_reply, frame, request_id, request_op, self.limits, spec.host
+                check_reply, frame, request.id, kind, self.limits, spec.host
             )
         raise WorkerTimeoutError(
             f"{spec.owner}/{spec.name} ran longer than the {self.limits.wall_time_s} s "
             "wall-time limit and was stopped"
         )
+
+    async def _receive_reply(self, worker: WorkerProcess, spec: ValSpec, request_id: int) -> Frame:
+        """The reply to request `request_id`, answering what the val asks for on the way."""
+        while True:
+            frame = await worker.receive()
+            if frame.op not in ASK_OPS:
+                return frame
+            try:
+                ask = parse(frame, *ASKS)
+            except MessageError as exc:
+                raise protocol_error(str(exc)) from None
+            if ask.id != request_id or self.broker is None:
+                raise protocol_error(f"an unexpected {frame.op!r} ask")
+            await worker.send(await self.broker(spec, ask))
 
     def _release(self, warm: _Warm, reply: Reply | None, failure: str) -> None:
         """After a request: back to idle, or gone if anything about it was off."""
@@ -305,13 +322,13 @@ class Pool:
         if (
             reply is None
             or reply.retire  # it said it is done (out of memory, CPU budget spent)
-            or warm.owner.retired
+            or warm.val_pool.retired
             or warm.requests >= self.config.pool.max_requests_per_worker
             or self._grown(warm)
         ):
             self._drop(warm)
         else:
-            warm.owner.idle.append(warm)
+            warm.val_pool.idle.append(warm)
             self._room.set()
 
     def _grown(self, warm: _Warm) -> bool:
@@ -395,7 +412,7 @@ async def open_pool(
             if worker_command is None:
                 fork_server = SupervisedForkServer(
                     functools.partial(
-                        ForkServer.start,
+                        ForkServerHandle.start,
                         nursery,
                         workdir=workdir,
                         plan=plan,

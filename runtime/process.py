@@ -224,7 +224,7 @@ class ForkServerError(Exception):
     pass
 
 
-class ForkServer:
+class ForkServerHandle:
     """The front end's handle on sandbox/forkserver.py."""
 
     def __init__(self, process: trio.Process, control: trio.socket.SocketType, max_body: int):
@@ -247,7 +247,7 @@ class ForkServer:
         plan: dict[str, object],
         max_body_bytes: int,
         inherit_stderr: bool,
-    ) -> ForkServer:
+    ) -> ForkServerHandle:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             process = await trio.lowlevel.open_process(
@@ -338,17 +338,17 @@ class SupervisedForkServer:
     """A fork server that is started again if it dies, so one lost process (a val that
     escaped and killed its parent, an operator's stray `kill`) cannot take valrun down."""
 
-    def __init__(self, start: Callable[[], Awaitable[ForkServer]]) -> None:
-        self._start = start  # ForkServer.start with its arguments bound
-        self.server: ForkServer | None = None
+    def __init__(self, start: Callable[[], Awaitable[ForkServerHandle]]) -> None:
+        self._start = start  # ForkServerHandle.start with its arguments bound
+        self.server: ForkServerHandle | None = None
         self.restarts = 0
         self._lock = trio.Lock()  # one restart, however many tasks notice the death
 
-    async def start(self) -> ForkServer:
+    async def start(self) -> ForkServerHandle:
         self.server = await self._start()
         return self.server
 
-    async def _current(self) -> ForkServer:
+    async def _current(self) -> ForkServerHandle:
         async with self._lock:
             old = self.server
             if old is not None and not old.closed:

@@ -1,8 +1,10 @@
 """Validation of what a worker sends back. Pure.
 
-A worker is hostile, as h11 treats its peer: every field of its reply is checked for type,
-range and size before any of it becomes a response. A reply that breaks a rule is the
-worker's fault: the caller gets 502 and the worker is killed, never reused.
+A worker is hostile, as h11 treats its peer. `sandbox.messages` checks that a reply is a
+well-formed message of the kind due (types, allowed values); this module then applies the
+front end's policy to it (the configured limits, header syntax, framing headers, cookie
+domains) before any of it becomes a response. A reply that breaks a rule is the worker's
+fault: the caller gets 502 and the worker is killed, never reused.
 """
 
 from __future__ import annotations
@@ -13,6 +15,18 @@ from dataclasses import dataclass
 from runtime import strictjson
 from runtime.config import LimitsConfig
 from runtime.errors import WorkerError
+from sandbox.limits import WorkerLimits
+from sandbox.messages import (
+    REPLY_TO,
+    Failure,
+    HeaderPairs,
+    HttpResponse,
+    Invocation,
+    MessageError,
+    Result,
+    ValueRefusedError,
+    parse,
+)
 from sandbox.wire import Frame
 
 # RFC 9110 §5.1: a field name is a token.
@@ -41,8 +55,6 @@ FRONT_END_HEADERS = frozenset(
     }
 )
 
-# What a worker may report as the reason a val failed; anything else is a protocol error.
-VAL_ERROR_TYPES = frozenset({"val_error", "memory_limit", "response_too_large"})
 MAX_MESSAGE_CHARS = 4096
 MAX_TRACEBACK_LINES = 64
 
@@ -77,9 +89,7 @@ def protocol_error(what: str) -> WorkerError:
     return WorkerError(f"the worker broke the protocol: {what}", "protocol_error")
 
 
-def bounded_log(raw: object, limits: LimitsConfig) -> str:
-    if not isinstance(raw, str):
-        raise protocol_error("'log' is not a string")
+def bounded_log(raw: str, limits: WorkerLimits) -> str:
     encoded = raw.encode("utf-8", errors="replace")
     # The worker caps the log and appends its own marker; the slack lets that through.
     if len(encoded) <= limits.max_log_bytes + 64:
@@ -106,9 +116,7 @@ def clean_text(text: str) -> str:
     return text.encode("utf-8", errors="replace").decode("utf-8")
 
 
-def check_headers(raw: object, limits: LimitsConfig, host: str) -> list[tuple[bytes, bytes]]:
-    if not isinstance(raw, list):
-        raise protocol_error("'headers' is not a list")
+def check_headers(raw: HeaderPairs, limits: LimitsConfig, host: str) -> list[tuple[bytes, bytes]]:
     if len(raw) > limits.max_response_headers:
         raise WorkerError(
             f"the val set {len(raw)} headers; the limit is {limits.max_response_headers}",
@@ -118,10 +126,6 @@ def check_headers(raw: object, limits: LimitsConfig, host: str) -> list[tuple[by
     headers: list[tuple[bytes, bytes]] = []
     total = 0
     for pair in raw:
-        if not (
-            isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)
-        ):
-            raise protocol_error("a header is not a [name, value] pair of strings")
         try:
             name, value = pair[0].encode("ascii"), pair[1].encode("latin-1")
         except UnicodeEncodeError:
@@ -152,47 +156,44 @@ def check_headers(raw: object, limits: LimitsConfig, host: str) -> list[tuple[by
     return headers
 
 
-#: The reply each request op is answered with (or "error").
-REPLY_OPS = {"http": "response", "call": "result"}
-
-
 def check_reply(
-    frame: Frame, request_id: int, request_op: str, limits: LimitsConfig, host: str
+    frame: Frame,
+    request_id: int,
+    request: type[Invocation],
+    limits: LimitsConfig,
+    host: str,
 ) -> Reply:
-    """Check a worker's reply to request `request_id` (an `request_op` request).
+    """Check a worker's reply to invocation `request_id` (of kind `request`).
 
     Raises WorkerError on any violation, a reply of the wrong kind included.
     """
-    head = frame.head
-    if type(head.get("id")) is not int or head.get("id") != request_id:
-        raise protocol_error(f"reply for request {head.get('id')!r}, expected {request_id}")
-    if head.get("op") not in ("error", REPLY_OPS[request_op]):
-        raise protocol_error(f"a {head.get('op')!r} reply to a {request_op!r} request")
-    retire = head.get("retire", False)
-    if type(retire) is not bool:
-        raise protocol_error("'retire' is not a boolean")
-    log = bounded_log(head.get("log", ""), limits)
-    if head.get("op") == "error":
-        return Reply(check_failure(head), log, retire)
-    if head.get("op") == "result":
-        return Reply(ValResult(check_result_body(frame.body, limits), log), log, retire)
-    if head.get("op") != "response":
-        raise protocol_error(f"unexpected op {head.get('op')!r}")
-    status = head.get("status")
-    if type(status) is not int or not 200 <= status <= 599:
-        raise WorkerError(
-            f"the val answered with status {status!r}; allowed: 200-599", "bad_response"
-        )
-    if len(frame.body) > limits.max_response_body_bytes:
+    try:
+        message = parse(frame, REPLY_TO[request], Failure)
+    except ValueRefusedError as exc:
+        raise WorkerError(str(exc), "bad_response") from None
+    except MessageError as exc:
+        raise protocol_error(str(exc)) from None
+    if message.id != request_id:
+        raise protocol_error(f"reply for request {message.id!r}, expected {request_id}")
+    log = bounded_log(message.log, limits)
+    if isinstance(message, Failure):
+        return Reply(check_failure(message), log, message.retire)
+    if isinstance(message, Result):
+        return Reply(ValResult(check_result_body(message.body, limits), log), log, message.retire)
+    return Reply(check_response(message, limits, host, log), log, message.retire)
+
+
+def check_response(message: HttpResponse, limits: LimitsConfig, host: str, log: str) -> ValResponse:
+    if len(message.body) > limits.max_response_body_bytes:
         raise WorkerError(
             f"the response body is over the {limits.max_response_body_bytes}-byte limit",
             "response_too_large",
         )
-    headers = check_headers(head.get("headers"), limits, host)
-    return Reply(ValResponse(status, headers, frame.body, log), log, retire)
+    headers = check_headers(message.headers, limits, host)
+    return ValResponse(message.status, headers, message.body, log)
 
 
-def check_result_body(body: bytes, limits: LimitsConfig) -> bytes:
+def check_result_body(body: bytes, limits: WorkerLimits) -> bytes:
     """A result body: within the response limit, and really JSON (RFC 8259: UTF-8, no NaN)."""
     if len(body) > limits.max_response_body_bytes:
         raise WorkerError(
@@ -206,14 +207,12 @@ def check_result_body(body: bytes, limits: LimitsConfig) -> bytes:
     return body
 
 
-def check_failure(head: dict[str, object]) -> WorkerError:
-    """The val's failure as reported by a worker (op "error"), checked."""
-    kind, message, frames = head.get("type"), head.get("message"), head.get("traceback", [])
-    if not isinstance(kind, str) or kind not in VAL_ERROR_TYPES or not isinstance(message, str):
-        raise protocol_error("malformed error reply")
-    if not isinstance(frames, list) or not all(isinstance(f, str) for f in frames):
-        raise protocol_error("'traceback' is not a list of strings")
+def check_failure(failure: Failure) -> WorkerError:
+    """The val's failure as reported by a worker, bounded and made safe to re-encode."""
     details: dict[str, object] = {}
-    if kind == "val_error":
-        details["traceback"] = [clean_text(f[:200]) for f in frames[-MAX_TRACEBACK_LINES:]]
-    return WorkerError(clean_text(message[:MAX_MESSAGE_CHARS]), kind, details=details)
+    if failure.type == "val_error":
+        frames = failure.traceback[-MAX_TRACEBACK_LINES:]
+        details["traceback"] = [clean_text(f[:200]) for f in frames]
+    return WorkerError(
+        clean_text(failure.message[:MAX_MESSAGE_CHARS]), failure.type, details=details
+    )

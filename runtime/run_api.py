@@ -1,175 +1,33 @@
-"""Invoking vals: the Run (SPEC §4.2) and Eval (§4.3) APIs, and the web host's path to the pool.
-
-`Runner.invoke` is the one path from a request to the pool (web, run, eval): it checks the
-kind of reply, takes env values out of what the val logged or raised, and queues the
-invocation's record. `RunApi` holds the handlers of `/v1/run` and `/v1/eval`, which decide who
-may invoke what (`runtime.api.may_read`); the web host serves anyone. The parsing of their
-input is pure and comes last.
+"""The Run and Eval APIs (docs/contract.md §4.2, §4.3): handlers that decide who may invoke
+what (`runtime.auth`), then invoke (`runtime.invoke`). The parsing of their input is pure and
+comes last.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from typing import TypeVar
 from urllib.parse import parse_qs
 
-import trio
-
 from runtime import strictjson
-from runtime.api import check_names, may_read, optional_user, parse_version
+from runtime.auth import check_names, may_read, optional_user, parse_version
 from runtime.config import Config
 from runtime.errors import (
     BadRequestError,
-    ClientGoneError,
-    HTTPError,
     NotFoundError,
-    OverloadedError,
     PayloadTooLargeError,
     UnauthorizedError,
-    WorkerError,
 )
-from runtime.hosts import val_host
-from runtime.http import JSON_HEADERS, HTTPRequest, HTTPResponse
-from runtime.pool import Pool, ValSpec
-from runtime.records import Recorder, mask_env
-from runtime.reply import Reply, ValResponse, ValResult, protocol_error
-from runtime.store import AsyncStore, Record, Store, User, ValVersion
-
-Outcome = TypeVar("Outcome", ValResponse, ValResult)
-
-
-def val_spec(val: ValVersion, env: dict[str, str], web_domain: str) -> ValSpec:
-    return ValSpec(
-        val_id=val.val_id,
-        version=val.version,
-        owner=val.owner,
-        name=val.name,
-        code=val.code,
-        env=tuple(sorted(env.items())),
-        host=val_host(val.owner, val.name, web_domain),
-    )
-
-
-def eval_spec(code: str, user: User | None, env: dict[str, str]) -> ValSpec:
-    # No val: id and version 0 are never a val's (ids start at 1), and the worker is used
-    # once (`Pool.invoke_once`), so they name no warm worker either.
-    return ValSpec(
-        val_id=0,
-        version=0,
-        owner=user.name if user else "",
-        name="eval",
-        code=code,
-        env=tuple(sorted(env.items())),
-        host="",
-        mode="eval",
-    )
-
-
-def result_response(result: ValResult) -> HTTPResponse:
-    return HTTPResponse(200, list(JSON_HEADERS), result.body, cors=True)
-
-
-class Runner:
-    def __init__(self, config: Config, pool: Pool, recorder: Recorder) -> None:
-        self.config = config
-        self.pool = pool
-        self.recorder = recorder
-        # Each Eval takes a fresh worker; at most as many at once as the pool keeps warm.
-        self._eval_slots = trio.Semaphore(config.pool.max_workers)
-
-    async def invoke(
-        self,
-        spec: ValSpec,
-        head: dict[str, object],
-        body: bytes,
-        *,
-        source: str,
-        expect: type[Outcome],
-    ) -> Outcome:
-        """Invoke through the pool and record it; the outcome, or the val's error raised."""
-        started_at, started = time.time(), trio.current_time()
-
-        def record(status: int, log: str = "", error: HTTPError | None = None) -> None:
-            self.recorder.add(
-                Record(
-                    val_id=None if spec.mode == "eval" else spec.val_id,
-                    owner=spec.owner or None,
-                    source=source,
-                    version=None if spec.mode == "eval" else spec.version,
-                    started_at=started_at,
-                    duration_ms=(trio.current_time() - started) * 1000,
-                    status=status,
-                    log=mask_env(log, spec.env),
-                    error_type=error.type if error else None,
-                    error_message=error.message if error else None,
-                )
-            )
-
-        try:
-            if spec.mode == "eval":
-                reply = await self._invoke_once(spec, head, body)
-            else:
-                reply = await self.pool.invoke(spec, head, body)
-        except HTTPError as exc:
-            error = _masked(exc, spec)
-            record(error.status, error.log if isinstance(error, WorkerError) else "", error)
-            raise error from None
-        except trio.Cancelled:  # the service is stopping under this request
-            gone = ClientGoneError("cancelled: valrun was shutting down", "cancelled")
-            record(gone.status, error=gone)
-            raise
-        outcome = reply.outcome
-        if isinstance(outcome, WorkerError):
-            error = _masked(outcome, spec)
-            record(error.status, reply.log, error)
-            raise error
-        if not isinstance(outcome, expect):
-            # The pool already refuses (and kills) a worker that answers with the wrong kind
-            # of reply; this guards the Runner's own contract.
-            error = protocol_error(f"a {type(outcome).__name__} where a {expect.__name__} was due")
-            record(error.status, error=error)
-            raise error
-        record(outcome.status if isinstance(outcome, ValResponse) else 200, reply.log)
-        return outcome
-
-    async def _invoke_once(self, spec: ValSpec, head: dict[str, object], body: bytes) -> Reply:
-        try:
-            self._eval_slots.acquire_nowait()
-        except trio.WouldBlock:
-            raise OverloadedError(
-                f"{self.config.pool.max_workers} evals are running; retry shortly",
-                headers=(("retry-after", "1"),),
-            ) from None
-        try:
-            return await self.pool.invoke_once(spec, head, body)
-        finally:
-            self._eval_slots.release()
-
-    async def run(self, val: ValVersion, env: dict[str, str], args: list[object]) -> HTTPResponse:
-        spec = val_spec(val, env, self.config.server.web_domain)
-        result = await self.invoke(
-            spec, {"op": "call"}, encode_args(args), source="run", expect=ValResult
-        )
-        return result_response(result)
-
-    async def eval(
-        self, code: str, args: list[object] | None, user: User | None, env: dict[str, str]
-    ) -> HTTPResponse:
-        body = b"" if args is None else encode_args(args)
-        result = await self.invoke(
-            eval_spec(code, user, env), {"op": "call"}, body, source="eval", expect=ValResult
-        )
-        return result_response(result)
+from runtime.http import HTTPRequest, HTTPResponse
+from runtime.invoke import Invoker
+from runtime.store import AsyncStore, Store
 
 
 class RunApi:
-    """The handlers of the Run and Eval routes (see `runtime.api.ROUTES`)."""
+    """The handlers of the Run and Eval routes (see `runtime.routes`)."""
 
-    def __init__(self, config: Config, store: AsyncStore, runner: Runner) -> None:
+    def __init__(self, config: Config, store: AsyncStore, invoker: Invoker) -> None:
         self.config = config
         self.store = store
-        self.runner = runner
+        self.invoker = invoker
 
     async def run_val(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         owner, name = run_target(params["target"])
@@ -183,7 +41,7 @@ class RunApi:
                 f"no val {owner}.{name}" + (f" version {version}" if version else "")
             )
         val, env = resolved
-        return await self.runner.run(val, env, args)
+        return await self.invoker.run(val, env, args)
 
     async def eval_code(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         caller = await optional_user(self.store, request)
@@ -193,24 +51,12 @@ class RunApi:
             )
         code, args = eval_input(request, params.get("code"))
         check_code_size(code, self.config.limits.max_source_bytes)
-        env = await self.store.run(Store.env, caller.name) if caller else {}
-        return await self.runner.eval(code, args, caller, env)
+        env = await self.store.call(Store.env, caller.name) if caller else {}
+        return await self.invoker.eval(code, args, caller, env)
 
     async def preflight(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         # The CORS finalizer adds the allowed origin and methods and mirrors the headers.
         return HTTPResponse(204, cors=True)
-
-
-def _masked(error: HTTPError, spec: ValSpec) -> HTTPError:
-    """The val's own error with env values taken out; valrun's own errors hold none."""
-    if not isinstance(error, WorkerError):
-        return error
-    message = mask_env(error.message, spec.env)
-    if message == error.message:
-        return error
-    masked = WorkerError(message, error.type, headers=error.headers, details=error.details)
-    masked.log = error.log
-    return masked
 
 
 # Input: pure.
@@ -223,11 +69,6 @@ def run_target(target: str) -> tuple[str, str]:
         raise BadRequestError(f"expected /v1/run/USER.VAL, not {target!r}", "bad_name")
     check_names(user, val)
     return user, val
-
-
-def encode_args(args: list[object]) -> bytes:
-    # ASCII escapes: a lone surrogate a client sent as "\ud800" stays valid on the wire.
-    return json.dumps(args, separators=(",", ":")).encode()
 
 
 def _loads(text: bytes | str, what: str) -> object:

@@ -2,7 +2,7 @@
 SQLite in WAL mode.
 
 `Store` is plain synchronous SQL (the CLI uses it directly). The front end goes through
-`AsyncStore.run(Store.method, ...)`, which runs the call in a worker thread so a slow disk
+`AsyncStore.call(Store.method, ...)`, which makes the call in a worker thread so a slow disk
 never blocks the event loop. One connection, one thread at a time: SQLite serializes
 writers anyway, and every call here takes well under a millisecond.
 """
@@ -21,7 +21,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 import trio
 
-from runtime.errors import BadRequestError, ConflictError, NotFoundError
+from runtime.errors import ExistsError, InvalidError, MissingError
 from runtime.hosts import USER_RE
 
 P = ParamSpec("P")
@@ -173,7 +173,7 @@ class Store:
     def create_user(self, name: str) -> str:
         """Create a user; return a new token (the only time it is seen)."""
         if not USER_RE.fullmatch(name):
-            raise BadRequestError(
+            raise InvalidError(
                 f"{name!r} is not a valid username: [a-z][a-z0-9_]*, at most 39 characters",
                 "bad_name",
             )
@@ -190,7 +190,7 @@ class Store:
                     (cur.lastrowid, hash_token(token), now),
                 )
         except sqlite3.IntegrityError:
-            raise ConflictError(f"user {name!r} already exists", "user_exists") from None
+            raise ExistsError(f"user {name!r} already exists", "user_exists") from None
         return token
 
     def create_token(self, username: str) -> str:
@@ -224,12 +224,12 @@ class Store:
             ]
         )
         if cur.rowcount == 0:
-            raise NotFoundError(f"no active token with id {token_id}")
+            raise MissingError(f"no active token with id {token_id}", "not_found")
 
     def user(self, name: str) -> User:
         row = self._db.execute("SELECT id, name FROM users WHERE name = ?", (name,)).fetchone()
         if row is None:
-            raise NotFoundError(f"no user {name!r}")
+            raise MissingError(f"no user {name!r}", "not_found")
         return User(*row)
 
     def user_exists(self, name: str) -> bool:
@@ -274,7 +274,7 @@ class Store:
         self, owner: str, name: str, code: str, privacy: str | None
     ) -> tuple[ValVersion, bool]:
         if privacy is not None and privacy not in PRIVACY:
-            raise BadRequestError(f"privacy must be one of {', '.join(PRIVACY)}", "bad_privacy")
+            raise InvalidError(f"privacy must be one of {', '.join(PRIVACY)}", "bad_privacy")
         now = time.time()
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
@@ -323,7 +323,7 @@ class Store:
     def set_privacy(self, owner: str, name: str, privacy: str) -> ValVersion | None:
         """Change a val's privacy; its latest version as changed, or None if there is none."""
         if privacy not in PRIVACY:
-            raise BadRequestError(f"privacy must be one of {', '.join(PRIVACY)}", "bad_privacy")
+            raise InvalidError(f"privacy must be one of {', '.join(PRIVACY)}", "bad_privacy")
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
@@ -435,10 +435,10 @@ class Store:
 
 
 class AsyncStore:
-    """The front end's handle: `await store.run(Store.get_val, owner, name, None)`.
+    """The front end's handle: `await store.call(Store.get_val, owner, name, None)`.
 
     `resolve`, on every val request's path, is cached: a trip to the store thread costs
-    about a quarter of the front end's time per request. Writes made through `run` that
+    about a quarter of the front end's time per request. Writes made through `call` that
     change what a val host resolves to empty the cache at once; entries also expire after
     `RESOLVE_TTL_S`, which bounds how long a write made elsewhere (another front-end node
     on a shared store) can go unseen.
@@ -459,7 +459,7 @@ class AsyncStore:
         # not put what it read into the cache after the write emptied it.
         self._generation = 0
 
-    async def run(
+    async def call(
         self, method: Callable[Concatenate[Store, P], R], *args: P.args, **kwargs: P.kwargs
     ) -> R:
         try:
@@ -479,7 +479,7 @@ class AsyncStore:
         if cached is not None and now - cached[0] < self.RESOLVE_TTL_S:
             return cached[1]
         generation = self._generation
-        resolved = await self.run(Store.resolve, owner, name, version)
+        resolved = await self.call(Store.resolve, owner, name, version)
         if generation == self._generation:
             if len(self._resolved) >= self.RESOLVE_CACHE_ENTRIES:
                 self._resolved.clear()

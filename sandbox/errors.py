@@ -4,14 +4,16 @@
     ├── ValError            the val is wrong: compile error, no export, bad return value
     └── BadMessageError     the front end sent a message this worker cannot serve
 
-A val's own exception is not wrapped: `describe` turns any BaseException into the
-`{"type", "message", "traceback"}` that crosses the wire, naming only the val's own lines.
+A val's own exception is not wrapped: `describe` turns any BaseException into the `Failure`
+message that crosses the wire, naming only the val's own lines.
 """
 
 from __future__ import annotations
 
 import traceback
 from types import TracebackType
+
+from sandbox.messages import Failure, FailureType
 
 
 class SandboxError(Exception):
@@ -36,8 +38,11 @@ def _val_frames(tb: TracebackType | None, filename: str) -> list[str]:
     ]
 
 
-def describe(exc: BaseException, filename: str) -> dict[str, object]:
+def describe(
+    exc: BaseException, filename: str, request_id: int | None = None, log: str = ""
+) -> Failure:
     """The wire description of a failed invocation. Never raises."""
+    kind: FailureType
     if isinstance(exc, MemoryError):
         kind, message = "memory_limit", "the val ran out of memory"
     elif isinstance(exc, ValError):
@@ -61,4 +66,4 @@ def describe(exc: BaseException, filename: str) -> dict[str, object]:
     frames = _val_frames(exc.__traceback__, filename)
     if frames and kind == "val_error":
         message = f"{message} ({frames[-1]})"
-    return {"type": kind, "message": message, "traceback": frames}
+    return Failure(request_id, kind, message, tuple(frames), log)

@@ -39,8 +39,9 @@ from sandbox.confine import ConfineError, ConfinePlan, confine
 from sandbox.errors import BadMessageError
 from sandbox.http import Request, to_response
 from sandbox.limits import SERVING_NICE
+from sandbox.messages import HttpResponse
 from sandbox.policy import LogBuffer, load_val
-from sandbox.wire import Frame, encode_frame
+from sandbox.wire import encode_frame
 
 MAX_MESSAGE_BYTES = 65536
 PR_SET_PDEATHSIG = 1  # prctl(2): signal this process when its parent dies
@@ -166,7 +167,8 @@ def _warm_up() -> None:
     val = load_val(_WARM_UP_VAL, "warm", {}, log)
     request = Request("GET", "http://warm/", "/", "q=1", [("host", "warm")], b"")
     response = to_response(val.export(request))  # type: ignore[operator]
-    encode_frame(Frame({"op": "response", "headers": response.header_pairs()}, response.body))
+    headers = tuple((name, value) for name, value in response.header_pairs())
+    encode_frame(HttpResponse(0, response.status, headers, response.body).to_frame())
     log.take()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 MIB = 1024 * 1024
 SERVING_NICE = 10
@@ -19,6 +19,10 @@ SERVING_NICE = 10
 
 @dataclass(frozen=True, slots=True)
 class WorkerLimits:
+    """The limits a worker enforces on itself. The front end's `[limits]` config extends this
+    class (runtime.config.LimitsConfig), so a limit added here is a config key, is sent in
+    every `Load` and is in force in the worker: one edit."""
+
     memory_mb: int = 256
     cpu_time_s: int = 10  # per invocation
     worker_cpu_time_s: int = 600  # over the worker's life; it retires before reaching it
@@ -35,6 +39,10 @@ class WorkerLimits:
         if not all(type(v) is int and v > 0 for v in known.values()):
             raise ValueError(f"limits must be positive ints: {raw!r}")
         return cls(**known)
+
+    def to_head(self) -> dict[str, int]:
+        # The worker's fields only, also when `self` is the front end's larger config.
+        return {f.name: getattr(self, f.name) for f in fields(WorkerLimits)}
 
 
 def apply_limits(limits: WorkerLimits) -> None:

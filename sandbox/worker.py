@@ -13,16 +13,30 @@ back as JSON). The value is turned into JSON here, inside the sandbox: a val's o
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from typing import BinaryIO
 
 from sandbox.errors import BadMessageError, ValError, describe
 from sandbox.evaluate import EVAL_NAME, compile_eval, evaluate
 from sandbox.http import Request, dumps_json, to_response
 from sandbox.limits import WorkerLimits, apply_limits, arm_cpu_limit
+from sandbox.messages import (
+    Ask,
+    Call,
+    Failure,
+    HttpRequest,
+    HttpResponse,
+    Load,
+    Loaded,
+    M,
+    Mode,
+    Reply,
+    Result,
+    parse,
+)
 from sandbox.policy import LogBuffer, check_source_size, load_val, val_filename
 from sandbox.wire import Frame, FrameDecoder, ProtocolError, read_frame, write_frame
 
@@ -34,34 +48,6 @@ def _take_protocol_streams() -> tuple[BinaryIO, BinaryIO]:
     os.dup2(2, 1)
     os.close(devnull)
     return os.fdopen(inp, "rb", buffering=0), os.fdopen(out, "wb")
-
-
-def _str(head: dict[str, object], key: str) -> str:
-    value = head.get(key)
-    if not isinstance(value, str):
-        raise BadMessageError(f"{key!r} must be a string")
-    return value
-
-
-def _header_list(raw: object) -> list[tuple[str, str]]:
-    if not isinstance(raw, list) or not all(
-        isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in raw
-    ):
-        raise BadMessageError("'headers' must be a list of [name, value] strings")
-    return [(name, value) for name, value in raw]
-
-
-def _call_args(body: bytes) -> list[object] | None:
-    """The args of a `call`: a JSON array, or None (empty body) for "do not call"."""
-    if not body:
-        return None
-    try:
-        args = json.loads(body)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise BadMessageError("'call' args are not JSON") from None
-    if not isinstance(args, list):
-        raise BadMessageError("'call' args are not a JSON array")
-    return args
 
 
 def result_json(value: object) -> bytes:
@@ -80,6 +66,30 @@ def result_json(value: object) -> bytes:
     return text.encode("utf-8", errors="backslashreplace")
 
 
+class Channel:
+    """The worker's end of its socket. While an invocation runs, `ask` sends the front end a
+    request (an `Ask`) and blocks for its answer: the val has no network or storage of its own.
+    """
+
+    def __init__(self, inp: BinaryIO, out: BinaryIO) -> None:
+        self.inp = inp
+        self.out = out
+        self.decoder = FrameDecoder()
+
+    def receive(self) -> Frame | None:
+        return read_frame(self.inp, self.decoder)
+
+    def send(self, message: Reply | Loaded | Ask) -> None:
+        write_frame(self.out, message.to_frame())
+
+    def ask(self, ask: Ask, answer: type[M]) -> M:
+        self.send(ask)
+        frame = self.receive()
+        if frame is None:
+            raise ProtocolError("the front end closed the socket while the val waited")
+        return parse(frame, answer)
+
+
 class Worker:
     def __init__(
         self, name: str, export: Callable[[], object], limits: WorkerLimits, log: LogBuffer
@@ -92,32 +102,23 @@ class Worker:
         self.log = log
         self.filename = val_filename(name)
 
-    def failure(self, request_id: object, exc: BaseException) -> Frame:
-        head = {"op": "error", "id": request_id, **describe(exc, self.filename)}
-        head["log"] = self.log.take()
-        return Frame(head)
+    def failure(self, request_id: int, exc: BaseException) -> Failure:
+        return describe(exc, self.filename, request_id, self.log.take())
 
-    def too_large(self, request_id: object, size: int) -> Frame:
-        return Frame(
-            {
-                "op": "error",
-                "id": request_id,
-                "type": "response_too_large",
-                "message": f"the response body of {size} bytes is over "
-                f"the {self.limits.max_response_body_bytes}-byte limit",
-                "log": self.log.take(),
-            }
+    def too_large(self, request_id: int, size: int) -> Failure:
+        message = (
+            f"the response body of {size} bytes is over "
+            f"the {self.limits.max_response_body_bytes}-byte limit"
         )
+        return Failure(request_id, "response_too_large", message, log=self.log.take())
 
-    def serve_call(self, frame: Frame) -> Frame:
-        request_id = frame.head.get("id")
-        args = _call_args(frame.body)
+    def serve_call(self, call: Call) -> Reply:
         try:
             value = self.export()
             # Run always sends args (maybe none): a callable export is called, another
             # export is the result. Eval without args returns its value as it is.
-            if args is not None and callable(value):
-                value = value(*args)
+            if call.args is not None and callable(value):
+                value = value(*call.args)
             elif callable(value):
                 raise ValError(
                     f"the value is a {type(value).__name__}, which is not JSON; send args "
@@ -125,21 +126,19 @@ class Worker:
                 )
             body = result_json(value)
         except BaseException as exc:  # the val's failure, whatever it raised, is one reply
-            return self.failure(request_id, exc)
+            return self.failure(call.id, exc)
         if len(body) > self.limits.max_response_body_bytes:
-            return self.too_large(request_id, len(body))
-        return Frame({"op": "result", "id": request_id, "log": self.log.take()}, body)
+            return self.too_large(call.id, len(body))
+        return Result(call.id, body, self.log.take())
 
-    def serve_http(self, frame: Frame) -> Frame:
-        head = frame.head
-        request_id = head.get("id")
+    def serve_http(self, message: HttpRequest) -> Reply:
         request = Request(
-            method=_str(head, "method"),
-            url=_str(head, "url"),
-            path=_str(head, "path"),
-            query_string=_str(head, "query"),
-            headers=_header_list(head.get("headers")),
-            body=frame.body,
+            method=message.method,
+            url=message.url,
+            path=message.path,
+            query_string=message.query,
+            headers=list(message.headers),
+            body=message.body,
         )
         try:
             export = self.export()
@@ -150,21 +149,20 @@ class Worker:
                 )
             response = to_response(export(request))
             if len(response.body) > self.limits.max_response_body_bytes:
-                return self.too_large(request_id, len(response.body))
+                return self.too_large(message.id, len(response.body))
         except BaseException as exc:  # the val's failure, whatever it raised, is one reply
-            return self.failure(request_id, exc)
-        reply = {
-            "op": "response",
-            "id": request_id,
-            "status": response.status,
-            "headers": response.header_pairs(),
-            "log": self.log.take(),
-        }
-        return Frame(reply, response.body)
+            return self.failure(message.id, exc)
+        headers = tuple((name, value) for name, value in response.header_pairs())
+        return HttpResponse(message.id, response.status, headers, response.body, self.log.take())
+
+    def serve(self, message: HttpRequest | Call) -> Reply:
+        if isinstance(message, HttpRequest):
+            return self.serve_http(message)
+        return self.serve_call(message)
 
 
 def load_export(
-    mode: str, source: str, name: str, env: dict[str, str], log: LogBuffer, max_source_bytes: int
+    mode: Mode, source: str, name: str, env: dict[str, str], log: LogBuffer, max_source_bytes: int
 ) -> Callable[[], object]:
     """Compile the code (and run a val's module once); a function that gives the export."""
     check_source_size(source, max_source_bytes)
@@ -178,46 +176,33 @@ def load_export(
 def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
     """Load one val, then serve it until EOF. `confined`: the process limits are in force
     already (the fork server's sandbox.confine set them); otherwise apply them here."""
-    decoder = FrameDecoder()
-    load = read_frame(inp, decoder)
-    if load is None:
+    channel = Channel(inp, out)
+    frame = channel.receive()
+    if frame is None:
         return 0  # closed while generic: a spare worker at shutdown
-    if load.op != "load":
-        raise BadMessageError(f"expected a load frame, got {load.op!r}")
-    limits = WorkerLimits.from_head(load.head.get("limits"))
-    name = _str(load.head, "name")
-    env = load.head.get("env") or {}
-    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
-        raise BadMessageError("'env' must map names to strings")
-    mode = load.head.get("mode", "module")
-    if mode not in ("module", "eval"):
-        raise BadMessageError(f"unknown mode {mode!r}")
-    if mode == "eval":
-        name = EVAL_NAME  # evaluate compiles as val_filename(EVAL_NAME), whatever was sent
+    load = parse(frame, Load)
+    limits = load.limits
+    # Eval compiles as val_filename(EVAL_NAME), whatever name was sent.
+    name = EVAL_NAME if load.mode == "eval" else load.name
     if not confined:
         apply_limits(limits)
     arm_cpu_limit(limits)
     log = LogBuffer(limits.max_log_bytes)
-    source = load.body.decode("utf-8", errors="replace")
     try:
-        export = load_export(mode, source, name, env, log, limits.max_source_bytes)
+        env = dict(load.env)
+        export = load_export(load.mode, load.source, name, env, log, limits.max_source_bytes)
     except BaseException as exc:  # a val that fails to load is one error reply, then exit
-        write_frame(
-            out, Frame({"op": "error", **describe(exc, val_filename(name)), "log": log.take()})
-        )
+        channel.send(describe(exc, val_filename(name), None, log.take()))
         return 0
     worker = Worker(name, export, limits, log)
-    serve_op = {"http": worker.serve_http, "call": worker.serve_call}
-    write_frame(out, Frame({"op": "loaded", "log": log.take()}))
-    while (frame := read_frame(inp, decoder)) is not None:
-        if not isinstance(frame.op, str) or frame.op not in serve_op:
-            raise BadMessageError(f"unknown op {frame.op!r}")
-        reply = serve_op[frame.op](frame)
+    channel.send(Loaded(log.take()))
+    while (frame := channel.receive()) is not None:
+        reply = worker.serve(parse(frame, HttpRequest, Call))
         # A worker that is out of memory or near its life's CPU budget says so and exits
         # after this reply; the front end never sends it another request.
-        retire = reply.head.get("type") == "memory_limit" or not arm_cpu_limit(limits)
-        reply.head["retire"] = retire
-        write_frame(out, reply)
+        out_of_memory = isinstance(reply, Failure) and reply.type == "memory_limit"
+        retire = out_of_memory or not arm_cpu_limit(limits)
+        channel.send(replace(reply, retire=retire))
         if retire:
             return 0
     return 0

@@ -17,6 +17,7 @@ from runtime.config import Config, LimitsConfig, PoolConfig
 from runtime.errors import HTTPError
 from runtime.pool import Pool, ValSpec, open_pool
 from runtime.reply import ValResponse
+from sandbox.messages import HttpRequest
 
 # Run by path: workers start in an empty directory, where `tests` is not importable.
 FAKE = (sys.executable, str(Path(__file__).parent / "fakes" / "hostile_worker.py"))
@@ -27,12 +28,12 @@ CONFIG = Config(
 )
 
 
-def request(path: str) -> dict[str, object]:
-    return {"op": "http", "method": "GET", "url": path, "path": path, "query": "", "headers": []}
+def request(path: str) -> HttpRequest:
+    return HttpRequest(0, "GET", path, path, "", ())
 
 
 async def ok(pool: Pool) -> bytes:
-    reply = await pool.invoke(SPEC, request("/ok"), b"")
+    reply = await pool.invoke(SPEC, request("/ok"))
     assert isinstance(reply.outcome, ValResponse)
     return reply.outcome.body
 
@@ -62,7 +63,7 @@ async def test_hostile_worker_costs_one_error_and_the_pool_recovers(
         async with open_pool(CONFIG, worker_command=FAKE) as pool:
             assert await ok(pool) == b"ok"
             with pytest.raises(HTTPError) as caught:
-                await pool.invoke(SPEC, request(path), b"")
+                await pool.invoke(SPEC, request(path))
             assert (caught.value.status, caught.value.type) == (status, error_type)
             assert pool.stats[f"killed_{error_type}"] == 1
             assert await ok(pool) == b"ok"
@@ -74,10 +75,10 @@ async def test_hostile_worker_does_not_delay_another_vals_request() -> None:
     config = replace(CONFIG, limits=LimitsConfig(wall_time_s=10.0))  # the hang lasts 10 s
     with trio.fail_after(30):
         async with open_pool(config, worker_command=FAKE) as pool, trio.open_nursery() as nursery:
-            nursery.start_soon(pool.invoke, SPEC, request("/half-then-hang"), b"")
+            nursery.start_soon(pool.invoke, SPEC, request("/half-then-hang"))
             await trio.sleep(0.2)
             started = trio.current_time()
-            reply = await pool.invoke(other, request("/ok"), b"")
+            reply = await pool.invoke(other, request("/ok"))
             assert isinstance(reply.outcome, ValResponse)
             assert trio.current_time() - started < 3.0  # a fresh spawn, not the 10 s hang
             nursery.cancel_scope.cancel()

@@ -788,12 +788,12 @@ def test_describe_names_the_val_error_type_text_and_only_the_vals_lines() -> Non
         """
     )
     described = describe(exc, FILENAME)
-    assert described["type"] == "val_error"
-    message = described["message"]
+    assert described.type == "val_error"
+    message = described.message
     assert isinstance(message, str)
     assert message.startswith("JSONDecodeError: Expecting value")
     # Frames from this test file and from the stdlib's json are dropped.
-    assert described["traceback"] == ["line 8, in f", "line 5, in parse"]
+    assert described.traceback == ("line 8, in f", "line 5, in parse")
     assert "/" not in message
     assert "json/" not in repr(described)
     assert __file__ not in repr(described)
@@ -815,9 +815,9 @@ def test_describe_names_the_val_error_type_text_and_only_the_vals_lines() -> Non
 )
 def test_describe_message_has_the_exception_type_and_text(source: str, start: str) -> None:
     described = describe(_raise_in(source), FILENAME)
-    assert described["type"] == "val_error"
-    assert str(described["message"]).startswith(start)
-    assert described["traceback"]
+    assert described.type == "val_error"
+    assert str(described.message).startswith(start)
+    assert described.traceback
 
 
 def test_describe_of_a_host_only_traceback_lists_no_frames() -> None:
@@ -826,28 +826,28 @@ def test_describe_of_a_host_only_traceback_lists_no_frames() -> None:
         empty["x"]
     except KeyError as exc:
         described = describe(exc, FILENAME)
-    assert described["traceback"] == []
-    assert described["message"] == "KeyError: 'x'"
+    assert described.traceback == ()
+    assert described.message == "KeyError: 'x'"
 
 
 def test_describe_a_val_error_keeps_its_message() -> None:
     with pytest.raises(ValError) as info:
         load("def g():\n    pass\n")
     described = describe(info.value, FILENAME)
-    assert described["type"] == "val_error"
-    assert "'f'" in str(described["message"])
+    assert described.type == "val_error"
+    assert "'f'" in str(described.message)
 
 
 @pytest.mark.parametrize(
     "exc", [MemoryError(), MemoryError("big"), type("Sub", (MemoryError,), {})()]
 )
 def test_describe_a_memory_error_as_memory_limit(exc: BaseException) -> None:
-    assert describe(exc, FILENAME)["type"] == "memory_limit"
+    assert describe(exc, FILENAME).type == "memory_limit"
 
 
 def test_describe_a_memory_error_raised_in_the_val_as_memory_limit() -> None:
     exc = _raise_in("def f():\n    raise MemoryError\n")
-    assert describe(exc, FILENAME)["type"] == "memory_limit"
+    assert describe(exc, FILENAME).type == "memory_limit"
 
 
 class _UnprintableError(Exception):
@@ -863,5 +863,5 @@ class _BaseUnprintableError(Exception):
 @pytest.mark.parametrize("cls", [_UnprintableError, _BaseUnprintableError])
 def test_describe_survives_an_exception_whose_str_raises(cls: type[Exception]) -> None:
     described = describe(cls("x"), FILENAME)
-    assert described["type"] == "val_error"
-    assert cls.__name__ in str(described["message"])
+    assert described.type == "val_error"
+    assert cls.__name__ in str(described.message)

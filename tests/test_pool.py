@@ -10,6 +10,7 @@ import trio
 from runtime.config import Config, LimitsConfig, PoolConfig
 from runtime.pool import Pool, ValSpec, open_pool
 from runtime.reply import ValResponse
+from sandbox.messages import HttpRequest
 
 CONFIG = Config(limits=LimitsConfig(wall_time_s=3.0), pool=PoolConfig(prewarm_workers=2))
 COUNTER = "n = 0\ndef c(req):\n    global n\n    n += 1\n    return str(n)\n"
@@ -21,18 +22,11 @@ def spec(
     return ValSpec(val_id, version, "alice", "c", code, env, "alice-c.web.localhost")
 
 
-REQUEST: dict[str, object] = {
-    "op": "http",
-    "method": "GET",
-    "url": "/",
-    "path": "/",
-    "query": "",
-    "headers": [],
-}
+REQUEST = HttpRequest(0, "GET", "/", "/", "", ())
 
 
 async def body(pool: Pool, val: ValSpec) -> bytes:
-    reply = await pool.invoke(val, REQUEST, b"")
+    reply = await pool.invoke(val, REQUEST)
     assert isinstance(reply.outcome, ValResponse), reply.outcome
     return reply.outcome.body
 

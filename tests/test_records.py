@@ -111,14 +111,14 @@ class ObservedStore(AsyncStore):
         self.writing = trio.Event()
         self.proceed: trio.Event | None = None
 
-    async def run(
+    async def call(
         self, method: Callable[Concatenate[Store, P], R], *args: P.args, **kwargs: P.kwargs
     ) -> R:
         if method is Store.add_runs:
             self.writing.set()
             if self.proceed is not None:
                 await self.proceed.wait()
-        result = await super().run(method, *args, **kwargs)
+        result = await super().call(method, *args, **kwargs)
         if method is Store.add_runs:
             self.written.set()
         return result

@@ -8,7 +8,8 @@ import pytest
 
 from runtime.config import LimitsConfig
 from runtime.errors import WorkerError
-from runtime.reply import ValResponse, check_headers, check_reply
+from runtime.reply import ValResponse, check_reply
+from sandbox.messages import Call, HttpRequest
 from sandbox.wire import Frame
 
 HOST = "alice-hello.web.localhost"
@@ -45,7 +46,7 @@ def error_head(**overrides: object) -> dict[str, object]:
 
 
 def check(head: dict[str, object], body: bytes = b"", limits: LimitsConfig = LIMITS) -> ValResponse:
-    outcome = check_reply(Frame(head, body), REQUEST_ID, "http", limits, HOST).outcome
+    outcome = check_reply(Frame(head, body), REQUEST_ID, HttpRequest, limits, HOST).outcome
     assert isinstance(outcome, ValResponse), outcome
     return outcome
 
@@ -54,21 +55,22 @@ def refused(
     head: dict[str, object], body: bytes = b"", limits: LimitsConfig = LIMITS
 ) -> WorkerError:
     with pytest.raises(WorkerError) as caught:
-        check_reply(Frame(head, body), REQUEST_ID, "http", limits, HOST)
+        check_reply(Frame(head, body), REQUEST_ID, HttpRequest, limits, HOST)
     assert caught.value.status == 502
     return caught.value
+
+
+def checked_headers(raw: object) -> list[tuple[bytes, bytes]]:
+    return check(response_head(headers=raw)).headers
 
 
 def headers_refused(raw: object, limits: LimitsConfig = LIMITS) -> WorkerError:
-    with pytest.raises(WorkerError) as caught:
-        check_headers(raw, limits, HOST)
-    assert caught.value.status == 502
-    return caught.value
+    return refused(response_head(headers=raw), limits=limits)
 
 
 def test_well_formed_reply_becomes_a_response() -> None:
     head = response_head(status=201, headers=[["Content-Type", "text/plain"]], log="hi\n")
-    reply = check_reply(Frame(head, b"body"), REQUEST_ID, "http", LIMITS, HOST)
+    reply = check_reply(Frame(head, b"body"), REQUEST_ID, HttpRequest, LIMITS, HOST)
     assert reply.outcome == ValResponse(201, [(b"content-type", b"text/plain")], b"body", "hi\n")
     assert (reply.log, reply.retire) == ("hi\n", False)
 
@@ -99,7 +101,7 @@ def test_reply_to_another_request_is_a_protocol_error(
 def test_reply_id_true_is_not_request_one() -> None:
     # JSON `true` == 1 in Python; the id is schema-checked like the status (an int, not bool).
     with pytest.raises(WorkerError) as caught:
-        check_reply(Frame(response_head(id=True)), 1, "http", LIMITS, HOST)
+        check_reply(Frame(response_head(id=True)), 1, HttpRequest, LIMITS, HOST)
     assert (caught.value.status, caught.value.type) == (502, "protocol_error")
 
 
@@ -118,7 +120,7 @@ def test_retire_that_is_not_a_bool_is_a_protocol_error(retire: object, make_head
 
 @pytest.mark.parametrize(("retire", "expected"), [(True, True), (False, False), (MISSING, False)])
 def test_retire_is_reported(retire: object, expected: bool) -> None:
-    reply = check_reply(Frame(response_head(retire=retire)), REQUEST_ID, "http", LIMITS, HOST)
+    reply = check_reply(Frame(response_head(retire=retire)), REQUEST_ID, HttpRequest, LIMITS, HOST)
     assert reply.retire is expected
 
 
@@ -133,7 +135,7 @@ def test_log_that_is_not_a_string_is_a_protocol_error(log: object, make_head: Ma
 )
 def test_log_within_the_limit_is_kept_verbatim(log: object) -> None:
     limits = LimitsConfig(max_log_bytes=1000)
-    reply = check_reply(Frame(response_head(log=log)), REQUEST_ID, "http", limits, HOST)
+    reply = check_reply(Frame(response_head(log=log)), REQUEST_ID, HttpRequest, limits, HOST)
     assert reply.log == ("" if log is MISSING else log)
 
 
@@ -150,7 +152,7 @@ def test_log_within_the_limit_is_kept_verbatim(log: object) -> None:
 @pytest.mark.parametrize("make_head", [response_head, error_head], ids=["response", "error"])
 def test_log_over_the_limit_is_truncated_and_marked(log: str, make_head: MakeHead) -> None:
     limits = LimitsConfig(max_log_bytes=1000)
-    reply = check_reply(Frame(make_head(log=log)), REQUEST_ID, "http", limits, HOST)
+    reply = check_reply(Frame(make_head(log=log)), REQUEST_ID, HttpRequest, limits, HOST)
     kept, _, marker = reply.log.rpartition("\n")
     assert "truncated" in marker
     assert log.startswith(kept)
@@ -328,7 +330,7 @@ def test_header_value_with_control_characters_is_a_bad_response(value: str) -> N
     ],
 )
 def test_header_value_is_kept_as_latin_1(value: str, expected: bytes) -> None:
-    assert check_headers([["x-a", value]], LIMITS, HOST) == [(b"x-a", expected)]
+    assert checked_headers([["x-a", value]]) == [(b"x-a", expected)]
 
 
 @pytest.mark.parametrize(
@@ -340,20 +342,20 @@ def test_header_value_is_kept_as_latin_1(value: str, expected: bytes) -> None:
     ],
 )
 def test_header_name_that_is_a_token_is_kept_lower_cased(name: str, expected: bytes) -> None:
-    assert check_headers([[name, "1"]], LIMITS, HOST) == [(expected, b"1")]
+    assert checked_headers([[name, "1"]]) == [(expected, b"1")]
 
 
 def test_repeated_headers_are_kept_in_order() -> None:
     raw = [["X-A", "1"], ["x-b", "2"], ["x-a", "3"]]
     expected = [(b"x-a", b"1"), (b"x-b", b"2"), (b"x-a", b"3")]
-    assert check_headers(raw, LIMITS, HOST) == expected
+    assert checked_headers(raw) == expected
 
 
 @pytest.mark.parametrize(("count", "ok"), [(0, True), (100, True), (101, False), (1000, False)])
 def test_at_most_100_headers(count: int, ok: bool) -> None:
     raw = [[f"x-{i}", "1"] for i in range(count)]
     if ok:
-        assert len(check_headers(raw, LIMITS, HOST)) == count
+        assert len(checked_headers(raw)) == count
     else:
         assert headers_refused(raw).type == "bad_response"
 
@@ -374,7 +376,7 @@ def test_headers_over_64_kib_are_a_bad_response(raw: list[list[str]]) -> None:
 
 def test_headers_under_64_kib_are_kept() -> None:
     raw = [[f"x-{i}", "v" * 6000] for i in range(10)]
-    assert len(check_headers(raw, LIMITS, HOST)) == 10
+    assert len(checked_headers(raw)) == 10
 
 
 @pytest.mark.parametrize(
@@ -394,7 +396,7 @@ def test_headers_under_64_kib_are_kept() -> None:
 )
 def test_framing_headers_are_dropped(name: str) -> None:
     raw = [["x-before", "1"], [name, "5"], ["x-after", "2"]]
-    assert check_headers(raw, LIMITS, HOST) == [(b"x-before", b"1"), (b"x-after", b"2")]
+    assert checked_headers(raw) == [(b"x-before", b"1"), (b"x-after", b"2")]
 
 
 def test_reply_headers_go_through_the_header_check() -> None:
@@ -419,7 +421,7 @@ def test_reply_headers_go_through_the_header_check() -> None:
     ],
 )
 def test_set_cookie_for_the_vals_own_host_is_kept(cookie: str) -> None:
-    kept = check_headers([["Set-Cookie", cookie]], LIMITS, HOST)
+    kept = checked_headers([["Set-Cookie", cookie]])
     assert kept == [(b"set-cookie", cookie.encode())]
 
 
@@ -448,7 +450,7 @@ def test_set_cookie_for_the_vals_own_host_is_kept(cookie: str) -> None:
 )
 def test_set_cookie_for_a_wider_or_other_domain_is_dropped(cookie: str) -> None:
     raw = [["x-a", "1"], ["Set-Cookie", cookie], ["x-b", "2"]]
-    assert check_headers(raw, LIMITS, HOST) == [(b"x-a", b"1"), (b"x-b", b"2")]
+    assert checked_headers(raw) == [(b"x-a", b"1"), (b"x-b", b"2")]
 
 
 def test_only_the_wide_cookie_of_several_is_dropped() -> None:
@@ -457,7 +459,7 @@ def test_only_the_wide_cookie_of_several_is_dropped() -> None:
         ["set-cookie", "wide=1; Domain=web.localhost"],
         ["set-cookie", "plain=1"],
     ]
-    assert check_headers(raw, LIMITS, HOST) == [
+    assert checked_headers(raw) == [
         (b"set-cookie", b"own=1; Domain=alice-hello.web.localhost"),
         (b"set-cookie", b"plain=1"),
     ]
@@ -483,7 +485,7 @@ def test_only_the_wide_cookie_of_several_is_dropped() -> None:
     ],
 )
 def test_error_reply_becomes_the_vals_failure(head: dict[str, object], expected_type: str) -> None:
-    reply = check_reply(Frame(head), REQUEST_ID, "http", LIMITS, HOST)
+    reply = check_reply(Frame(head), REQUEST_ID, HttpRequest, LIMITS, HOST)
     assert isinstance(reply.outcome, WorkerError)
     assert (reply.outcome.status, reply.outcome.type) == (502, expected_type)
     assert reply.outcome.message == head["message"]
@@ -491,7 +493,7 @@ def test_error_reply_becomes_the_vals_failure(head: dict[str, object], expected_
 
 def test_val_error_carries_its_traceback() -> None:
     frames = ['  File "<val alice/hello>", line 1, in <module>', "  line 2"]
-    reply = check_reply(Frame(error_head(traceback=frames)), REQUEST_ID, "http", LIMITS, HOST)
+    reply = check_reply(Frame(error_head(traceback=frames)), REQUEST_ID, HttpRequest, LIMITS, HOST)
     assert isinstance(reply.outcome, WorkerError)
     assert reply.outcome.details["traceback"] == frames
     assert reply.outcome.body()["error"] == {
@@ -503,7 +505,7 @@ def test_val_error_carries_its_traceback() -> None:
 
 def test_error_reply_keeps_log_and_retire() -> None:
     head = error_head(log="printed\n", retire=True)
-    reply = check_reply(Frame(head), REQUEST_ID, "http", LIMITS, HOST)
+    reply = check_reply(Frame(head), REQUEST_ID, HttpRequest, LIMITS, HOST)
     assert (reply.log, reply.retire) == ("printed\n", True)
 
 
@@ -535,7 +537,7 @@ def test_malformed_error_reply_is_a_protocol_error(overrides: dict[str, object])
 
 def test_huge_error_message_and_traceback_are_bounded() -> None:
     head = error_head(message="m" * 1_000_000, traceback=["f" * 10_000] * 10_000)
-    reply = check_reply(Frame(head), REQUEST_ID, "http", LIMITS, HOST)
+    reply = check_reply(Frame(head), REQUEST_ID, HttpRequest, LIMITS, HOST)
     assert isinstance(reply.outcome, WorkerError)
     assert len(reply.outcome.message) < 10_000
     frames = reply.outcome.details["traceback"]
@@ -555,7 +557,7 @@ def test_error_text_with_lone_surrogates_can_be_sent_as_utf8(
     overrides: dict[str, object],
 ) -> None:
     # JSON allows "\ud800" escapes; the front end answers with UTF-8 JSON (HTTPResponse.json).
-    reply = check_reply(Frame(error_head(**overrides)), REQUEST_ID, "http", LIMITS, HOST)
+    reply = check_reply(Frame(error_head(**overrides)), REQUEST_ID, HttpRequest, LIMITS, HOST)
     assert isinstance(reply.outcome, WorkerError)
     error = reply.outcome.body()["error"]
     assert isinstance(error, dict)
@@ -566,9 +568,11 @@ def test_error_text_with_lone_surrogates_can_be_sent_as_utf8(
 
 @pytest.mark.parametrize(
     ("request_op", "reply_op"),
-    [("http", "result"), ("call", "response"), ("http", "loaded"), ("call", "loaded")],
+    [(HttpRequest, "result"), (Call, "response"), (HttpRequest, "loaded"), (Call, "loaded")],
 )
-def test_reply_of_the_wrong_kind_is_a_protocol_error(request_op: str, reply_op: str) -> None:
+def test_reply_of_the_wrong_kind_is_a_protocol_error(
+    request_op: type[HttpRequest] | type[Call], reply_op: str
+) -> None:
     head = {**response_head(), "op": reply_op}
     with pytest.raises(WorkerError) as caught:
         check_reply(Frame(head, b"[1]"), REQUEST_ID, request_op, LIMITS, HOST)

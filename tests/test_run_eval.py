@@ -15,13 +15,15 @@ from runtime.app import loggable_path
 from runtime.config import Config
 from runtime.errors import HTTPError, WorkerError
 from runtime.http import HTTPRequest
+from runtime.invoke import Invoker
 from runtime.pool import Pool, ValSpec
 from runtime.records import Recorder
 from runtime.reply import Reply, ValResponse, ValResult, check_reply, check_result_body
-from runtime.run_api import Runner, eval_input, run_args
+from runtime.run_api import eval_input, run_args
 from runtime.store import AsyncStore, Store
 from sandbox.errors import ValError
 from sandbox.evaluate import compile_eval, evaluate
+from sandbox.messages import Call, Invocation
 from sandbox.policy import LogBuffer
 from sandbox.wire import Frame
 from sandbox.worker import result_json
@@ -170,12 +172,12 @@ def test_result_over_the_response_limit_is_response_too_large() -> None:
 
 def test_result_reply_is_checked_like_a_response() -> None:
     head: dict[str, object] = {"op": "result", "id": 3, "log": "hi\n", "retire": True}
-    reply = check_reply(Frame(head, b"[1]"), 3, "call", TEST_LIMITS, "")
+    reply = check_reply(Frame(head, b"[1]"), 3, Call, TEST_LIMITS, "")
     assert reply.outcome == ValResult(b"[1]", "hi\n")
     assert (reply.log, reply.retire) == ("hi\n", True)
     for bad in ({"id": 4}, {"retire": "yes"}, {"log": 5}):
         with pytest.raises(WorkerError) as caught:
-            check_reply(Frame({**head, **bad}, b"[1]"), 3, "call", TEST_LIMITS, "")
+            check_reply(Frame({**head, **bad}, b"[1]"), 3, Call, TEST_LIMITS, "")
         assert caught.value.type == "protocol_error"
 
 
@@ -585,7 +587,7 @@ def test_eval_code_stays_out_of_the_access_log(path: str, logged: str) -> None:
     assert loggable_path(path) == logged
 
 
-# The Runner, with a pool that answers what a hostile worker could
+# The Invoker, with a pool that answers what a hostile worker could
 
 
 class FakePool:
@@ -593,7 +595,7 @@ class FakePool:
         self.outcome = outcome
         self.retired: list[int] = []
 
-    async def invoke(self, spec: ValSpec, head: dict[str, object], body: bytes) -> Reply:
+    async def invoke(self, spec: ValSpec, request: Invocation) -> Reply:
         return Reply(self.outcome, "log of the secret-value\n", retire=False)
 
     def retire(self, val_id: int) -> None:
@@ -605,21 +607,21 @@ SPEC = ValSpec(1, 1, "alice", "f", "f = 1", (("KEY", "secret-value"),), "alice-f
 
 async def runner_with(
     outcome: ValResponse | ValResult | WorkerError, tmp_path: Path
-) -> tuple[Runner, FakePool, Recorder]:
+) -> tuple[Invoker, FakePool, Recorder]:
     store = Store(tmp_path / "runner.db")
     store.create_user("alice")
     store.put_val("alice", "f", "f = 1", None)  # val 1, as in SPEC
     pool = FakePool(outcome)
     recorder = Recorder(AsyncStore(store), keep_per_val=10)
-    return Runner(Config(), cast(Pool, pool), recorder), pool, recorder
+    return Invoker(Config(), cast(Pool, pool), recorder), pool, recorder
 
 
 async def test_a_reply_of_the_wrong_kind_is_refused_and_recorded(tmp_path: Path) -> None:
-    # The pool refuses and kills such a worker itself (tests/test_reply.py); the Runner
+    # The pool refuses and kills such a worker itself (tests/test_reply.py); the Invoker
     # keeps its own contract even with a pool that did not.
     runner, _, recorder = await runner_with(ValResponse(200, [], b"<html>", ""), tmp_path)
     with pytest.raises(WorkerError) as caught:
-        await runner.invoke(SPEC, {"op": "call"}, b"[]", source="run", expect=ValResult)
+        await runner.invoke(SPEC, Call(0, []), source="run", expect=ValResult)
     assert (caught.value.status, caught.value.type) == (502, "protocol_error")
     assert recorder.pending == 1
 
@@ -628,7 +630,7 @@ async def test_a_vals_error_and_log_lose_its_env_values(tmp_path: Path) -> None:
     failure = WorkerError("KeyError: 'secret-value'", "val_error", details={"traceback": []})
     runner, _, recorder = await runner_with(failure, tmp_path)
     with pytest.raises(WorkerError) as caught:
-        await runner.invoke(SPEC, {"op": "call"}, b"[]", source="run", expect=ValResult)
+        await runner.invoke(SPEC, Call(0, []), source="run", expect=ValResult)
     assert caught.value.message == "KeyError: '[env KEY]'"
     assert caught.value.details == {"traceback": []}
     await recorder.flush()

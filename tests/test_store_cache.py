@@ -31,12 +31,12 @@ async def test_a_cached_resolve_does_not_see_writes_made_behind_its_back(tmp_pat
 async def test_writes_through_the_front_end_are_seen_at_once(tmp_path: Path) -> None:
     _, cached = make(tmp_path)
     assert await version(cached) == 1
-    await cached.run(Store.put_val, "alice", "hello", "def hello(req):\n    return 2", None)
+    await cached.call(Store.put_val, "alice", "hello", "def hello(req):\n    return 2", None)
     assert await version(cached) == 2
-    await cached.run(Store.set_env, "alice", "K", "v")
+    await cached.call(Store.set_env, "alice", "K", "v")
     resolved = await cached.resolve("alice", "hello", None)
     assert resolved is not None and resolved[1] == {"K": "v"}
-    await cached.run(Store.delete_val, "alice", "hello")
+    await cached.call(Store.delete_val, "alice", "hello")
     assert await version(cached) is None
 
 
@@ -45,5 +45,5 @@ async def test_unknown_vals_are_cached_too_until_created(tmp_path: Path) -> None
     assert await version(cached, "later") is None
     store.put_val("alice", "later", "def later(req):\n    return 1", None)
     assert await version(cached, "later") is None  # a 404 flood costs no store trips
-    await cached.run(Store.put_val, "alice", "later", "def later(req):\n    return 2", None)
+    await cached.call(Store.put_val, "alice", "later", "def later(req):\n    return 2", None)
     assert await version(cached, "later") == 2

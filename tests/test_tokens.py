@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from runtime.errors import NotFoundError
+from runtime.errors import MissingError
 from runtime.store import Store, User
 from tests.conftest import Service
 from tests.test_api import valrun
@@ -67,9 +67,9 @@ def test_a_revoked_token_is_no_longer_valid_and_the_others_are(store: Store) -> 
     assert store.user_for_token(kept) == User(1, "alice")
     infos = store.tokens("alice")
     assert [info.revoked_at is None for info in infos] == [True, False]
-    with pytest.raises(NotFoundError):
+    with pytest.raises(MissingError):
         store.revoke_token(2)  # already revoked
-    with pytest.raises(NotFoundError):
+    with pytest.raises(MissingError):
         store.revoke_token(99)
 
 

@@ -1,0 +1,159 @@
+"""The invocation path: from a request that names a val (or Eval code) to its outcome.
+
+`Invoker.invoke` is the one path to the pool, for every source (web, run, eval): it builds the
+worker's spec, sends the invocation, checks the kind of the reply, takes env values out of what
+the val logged or raised, and queues the invocation's record. Who may invoke what is decided
+before this module is called (`runtime.auth`); the web host serves anyone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal, TypeVar
+
+import trio
+
+from runtime.config import Config
+from runtime.errors import ClientGoneError, HTTPError, OverloadedError, WorkerError
+from runtime.hosts import val_host
+from runtime.http import JSON_HEADERS, HTTPResponse
+from runtime.pool import Pool, ValSpec
+from runtime.records import Recorder, mask_env
+from runtime.reply import Reply, ValResponse, ValResult, protocol_error
+from runtime.store import Record, User, ValVersion
+from sandbox.messages import Call, Invocation
+
+Outcome = TypeVar("Outcome", ValResponse, ValResult)
+#: Who invoked: a val's web host, the Run API, the Eval API. Records carry it.
+Source = Literal["web", "run", "eval"]
+
+
+def val_spec(val: ValVersion, env: dict[str, str], web_domain: str) -> ValSpec:
+    return ValSpec(
+        val_id=val.val_id,
+        version=val.version,
+        owner=val.owner,
+        name=val.name,
+        code=val.code,
+        env=tuple(sorted(env.items())),
+        host=val_host(val.owner, val.name, web_domain),
+    )
+
+
+def eval_spec(code: str, user: User | None, env: dict[str, str]) -> ValSpec:
+    # No val: id and version 0 are never a val's (ids start at 1), and the worker is used
+    # once (`Pool.invoke_once`), so they name no warm worker either.
+    return ValSpec(
+        val_id=0,
+        version=0,
+        owner=user.name if user else "",
+        name="eval",
+        code=code,
+        env=tuple(sorted(env.items())),
+        host="",
+        mode="eval",
+    )
+
+
+def result_response(result: ValResult) -> HTTPResponse:
+    return HTTPResponse(200, list(JSON_HEADERS), result.body, cors=True)
+
+
+class Invoker:
+    def __init__(self, config: Config, pool: Pool, recorder: Recorder) -> None:
+        self.config = config
+        self.pool = pool
+        self.recorder = recorder
+        # Each Eval takes a fresh worker; at most as many at once as the pool keeps warm.
+        self._eval_slots = trio.Semaphore(config.pool.max_workers)
+
+    async def invoke(
+        self,
+        spec: ValSpec,
+        request: Invocation,
+        *,
+        source: Source,
+        expect: type[Outcome],
+    ) -> Outcome:
+        """Invoke through the pool and record it; the outcome, or the val's error raised."""
+        started_at, started = time.time(), trio.current_time()
+
+        def record(status: int, log: str = "", error: HTTPError | None = None) -> None:
+            self.recorder.add(
+                Record(
+                    val_id=None if spec.mode == "eval" else spec.val_id,
+                    owner=spec.owner or None,
+                    source=source,
+                    version=None if spec.mode == "eval" else spec.version,
+                    started_at=started_at,
+                    duration_ms=(trio.current_time() - started) * 1000,
+                    status=status,
+                    log=mask_env(log, spec.env),
+                    error_type=error.type if error else None,
+                    error_message=error.message if error else None,
+                )
+            )
+
+        try:
+            if spec.mode == "eval":
+                reply = await self._invoke_once(spec, request)
+            else:
+                reply = await self.pool.invoke(spec, request)
+        except HTTPError as exc:
+            error = _masked(exc, spec)
+            record(error.status, error.log if isinstance(error, WorkerError) else "", error)
+            raise error from None
+        except trio.Cancelled:  # the service is stopping under this request
+            gone = ClientGoneError("cancelled: valrun was shutting down", "cancelled")
+            record(gone.status, error=gone)
+            raise
+        outcome = reply.outcome
+        if isinstance(outcome, WorkerError):
+            error = _masked(outcome, spec)
+            record(error.status, reply.log, error)
+            raise error
+        if not isinstance(outcome, expect):
+            # The pool already refuses (and kills) a worker that answers with the wrong kind
+            # of reply; this guards the Runner's own contract.
+            error = protocol_error(f"a {type(outcome).__name__} where a {expect.__name__} was due")
+            record(error.status, error=error)
+            raise error
+        record(outcome.status if isinstance(outcome, ValResponse) else 200, reply.log)
+        return outcome
+
+    async def _invoke_once(self, spec: ValSpec, request: Invocation) -> Reply:
+        try:
+            self._eval_slots.acquire_nowait()
+        except trio.WouldBlock:
+            raise OverloadedError(
+                f"{self.config.pool.max_workers} evals are running; retry shortly",
+                headers=(("retry-after", "1"),),
+            ) from None
+        try:
+            return await self.pool.invoke_once(spec, request)
+        finally:
+            self._eval_slots.release()
+
+    async def run(self, val: ValVersion, env: dict[str, str], args: list[object]) -> HTTPResponse:
+        spec = val_spec(val, env, self.config.server.web_domain)
+        result = await self.invoke(spec, Call(0, args), source="run", expect=ValResult)
+        return result_response(result)
+
+    async def eval(
+        self, code: str, args: list[object] | None, user: User | None, env: dict[str, str]
+    ) -> HTTPResponse:
+        spec = eval_spec(code, user, env)
+        result = await self.invoke(spec, Call(0, args), source="eval", expect=ValResult)
+        return result_response(result)
+
+
+def _masked(error: HTTPError, spec: ValSpec) -> HTTPError:
+    """The val's own error with env values taken out; valrun's own errors hold none."""
+    if not isinstance(error, WorkerError):
+        return error
+    message = mask_env(error.message, spec.env)
+    if message == error.message:
+        return error
+    masked = WorkerError(message, error.type, headers=error.headers, details=error.details)
+    masked.log = error.log
+    return masked

@@ -1,0 +1,407 @@
+"""The wire messages: one frozen dataclass per kind, the one contract both trust zones share.
+
+`sandbox.wire` moves frames (a JSON head and a raw body); this module says what a frame may
+mean. As h11's events do, each message checks itself when it is built from a frame
+(`from_frame`: types, sizes, allowed values) and turns itself into one (`to_frame`). A frame
+that is not a valid message of a kind the reader expects raises `MessageError`, a
+`ProtocolError`: the peer is broken or lying, and is never trusted again. Both sides build and
+read frames only through these classes. Standard library only: the worker imports it.
+
+Front end -> worker::
+
+    Load          name, mode, env, limits           body: the val's source (UTF-8)
+    HttpRequest   id, method, url, path, query, headers    body: the request body
+    Call          id                                body: the args (a JSON array), or empty
+                                                          for "do not call" (Eval without args)
+    <answers>     id, ...                           the answer to a worker's ask (below)
+
+Worker -> front end::
+
+    Loaded        log                               (the val is loaded; a failed load is a
+                                                    Failure with no id, then the worker exits)
+    HttpResponse  id, status, headers, log, retire  body: the response body
+    Result        id, log, retire                   body: the value as UTF-8 JSON
+    Failure       id (None for a load), type, message, traceback, log, retire
+    <asks>        id, ...                           the val asks the front end to do something
+                                                    for it (fetch, storage) while request `id`
+                                                    runs; the worker blocks for the answer
+
+What a message checks is what a frame can get wrong on its own. What depends on the front end's
+configuration (status ranges, header syntax and size limits, cookie domains) is the front end's
+policy, applied after parsing in `runtime.reply`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Protocol, Self, TypeAlias, TypeVar, cast, get_args, overload
+
+from sandbox.limits import WorkerLimits
+from sandbox.wire import Frame, ProtocolError
+
+#: How a worker runs its code: `module` runs a val's module once and serves its export;
+#: `eval` compiles statements and a final expression, run afresh on each call (the Eval API).
+Mode = Literal["module", "eval"]
+#: What a worker may report as the reason a val failed; anything else is a protocol error.
+FailureType = Literal["val_error", "memory_limit", "response_too_large"]
+HeaderPairs: TypeAlias = tuple[tuple[str, str], ...]
+
+MODES: frozenset[str] = frozenset(get_args(Mode))
+FAILURE_TYPES: frozenset[str] = frozenset(get_args(FailureType))
+
+
+class MessageError(ProtocolError):
+    """A frame that is not a valid message of a kind the reader expects."""
+
+
+class ValueRefusedError(MessageError):
+    """A well-formed message carrying a value the protocol does not allow, which a val could
+    have asked for (an HTTP status outside 200-599): the val's error more than the worker's."""
+
+
+# Field readers: each names the field it refuses, so a broken peer's log line says what broke.
+
+
+def _get(head: Mapping[str, object], key: str, kind: type, default: object = ...) -> object:
+    value = head.get(key, default)
+    if value is ...:
+        raise MessageError(f"{head.get('op')!r} message without {key!r}")
+    # `type(...) is`: a bool is an int to isinstance, and JSON gives no subclasses anyway.
+    if type(value) is not kind:
+        raise MessageError(f"{key!r} is a {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def _str(head: Mapping[str, object], key: str, default: object = ...) -> str:
+    return cast(str, _get(head, key, str, default))
+
+
+def _int(head: Mapping[str, object], key: str) -> int:
+    return cast(int, _get(head, key, int))
+
+
+def _bool(head: Mapping[str, object], key: str) -> bool:
+    return cast(bool, _get(head, key, bool, False))
+
+
+def _pairs(head: Mapping[str, object], key: str) -> HeaderPairs:
+    raw = head.get(key)
+    if not isinstance(raw, list):
+        raise MessageError(f"{key!r} is not a list")
+    for pair in raw:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(type(s) is str for s in pair)):
+            raise MessageError(f"an item of {key!r} is not a [name, value] pair of strings")
+    return tuple((name, value) for name, value in raw)
+
+
+def _strings(head: Mapping[str, object], key: str) -> tuple[str, ...]:
+    raw = head.get(key, [])
+    if not isinstance(raw, list) or not all(type(s) is str for s in raw):
+        raise MessageError(f"{key!r} is not a list of strings")
+    return tuple(raw)
+
+
+def _check_op(frame: Frame, op: str) -> None:
+    if frame.op != op:
+        raise MessageError(f"a {frame.op!r} frame is not a {op!r} message")
+
+
+# Front end -> worker
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """Become one val version with one env: compile (and for a module, run) `source`."""
+
+    op: ClassVar[str] = "load"
+    name: str
+    source: str
+    mode: Mode = "module"
+    env: HeaderPairs = ()
+    limits: WorkerLimits = field(default_factory=WorkerLimits)
+
+    def to_frame(self) -> Frame:
+        head: dict[str, object] = {
+            "op": self.op,
+            "name": self.name,
+            "mode": self.mode,
+            "env": dict(self.env),
+            "limits": self.limits.to_head(),
+        }
+        return Frame(head, self.source.encode("utf-8", errors="surrogatepass"))
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Load:
+        _check_op(frame, cls.op)
+        head = frame.head
+        mode = _str(head, "mode", "module")
+        if mode not in MODES:
+            raise MessageError(f"unknown mode {mode!r}")
+        env = head.get("env") or {}
+        if not isinstance(env, dict) or not all(type(v) is str for v in env.values()):
+            raise MessageError("'env' must map names to strings")
+        try:
+            limits = WorkerLimits.from_head(head.get("limits"))
+        except ValueError as exc:
+            raise MessageError(str(exc)) from None
+        return cls(
+            name=_str(head, "name"),
+            source=frame.body.decode("utf-8", errors="replace"),
+            mode=mode,  # type: ignore[arg-type]  # checked against MODES above
+            env=tuple(env.items()),
+            limits=limits,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """A request to a val's web host, for its export."""
+
+    op: ClassVar[str] = "http"
+    id: int
+    method: str
+    url: str
+    path: str
+    query: str
+    headers: HeaderPairs
+    body: bytes = field(default=b"", repr=False)
+
+    def to_frame(self) -> Frame:
+        head: dict[str, object] = {
+            "op": self.op,
+            "id": self.id,
+            "method": self.method,
+            "url": self.url,
+            "path": self.path,
+            "query": self.query,
+            "headers": [list(pair) for pair in self.headers],
+        }
+        return Frame(head, self.body)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> HttpRequest:
+        _check_op(frame, cls.op)
+        head = frame.head
+        return cls(
+            id=_int(head, "id"),
+            method=_str(head, "method"),
+            url=_str(head, "url"),
+            path=_str(head, "path"),
+            query=_str(head, "query"),
+            headers=_pairs(head, "headers"),
+            body=frame.body,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Call the export with `args` (Run, Eval); `args=None`: the export's value as it is."""
+
+    op: ClassVar[str] = "call"
+    id: int
+    args: list[object] | None = None
+
+    def to_frame(self) -> Frame:
+        # ASCII escapes: a lone surrogate a client sent as "\ud800" stays valid on the wire.
+        body = b"" if self.args is None else json.dumps(self.args, separators=(",", ":")).encode()
+        return Frame({"op": self.op, "id": self.id}, body)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Call:
+        _check_op(frame, cls.op)
+        args = None
+        if frame.body:
+            try:
+                args = json.loads(frame.body)
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                raise MessageError("'call' args are not JSON") from None
+            if not isinstance(args, list):
+                raise MessageError("'call' args are not a JSON array")
+        return cls(id=_int(frame.head, "id"), args=args)
+
+
+Invocation: TypeAlias = HttpRequest | Call
+
+
+# Worker -> front end
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    op: ClassVar[str] = "loaded"
+    log: str = ""
+
+    def to_frame(self) -> Frame:
+        return Frame({"op": self.op, "log": self.log})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Loaded:
+        _check_op(frame, cls.op)
+        return cls(log=_str(frame.head, "log", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    """What an HTTP val answered."""
+
+    op: ClassVar[str] = "response"
+    id: int
+    status: int
+    headers: HeaderPairs = ()
+    body: bytes = field(default=b"", repr=False)
+    log: str = ""
+    #: The worker is done after this reply (out of memory, CPU budget spent): it exits.
+    retire: bool = False
+
+    def to_frame(self) -> Frame:
+        head: dict[str, object] = {
+            "op": self.op,
+            "id": self.id,
+            "status": self.status,
+            "headers": [list(pair) for pair in self.headers],
+            "log": self.log,
+            "retire": self.retire,
+        }
+        return Frame(head, self.body)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> HttpResponse:
+        _check_op(frame, cls.op)
+        head = frame.head
+        status = head.get("status")
+        # 1xx would confuse the client's connection; the worker's Response refuses it too.
+        if type(status) is not int or not 200 <= status <= 599:
+            raise ValueRefusedError(f"the val answered with status {status!r}; allowed: 200-599")
+        return cls(
+            id=_int(head, "id"),
+            status=status,
+            headers=_pairs(head, "headers"),
+            body=frame.body,
+            log=_str(head, "log", ""),
+            retire=_bool(head, "retire"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What a Run or Eval call returned, as UTF-8 JSON made inside the worker."""
+
+    op: ClassVar[str] = "result"
+    id: int
+    body: bytes = field(default=b"null", repr=False)
+    log: str = ""
+    retire: bool = False
+
+    def to_frame(self) -> Frame:
+        head = {"op": self.op, "id": self.id, "log": self.log, "retire": self.retire}
+        return Frame(dict(head), self.body)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Result:
+        _check_op(frame, cls.op)
+        head = frame.head
+        return cls(
+            id=_int(head, "id"),
+            body=frame.body,
+            log=_str(head, "log", ""),
+            retire=_bool(head, "retire"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """The val failed: it raised, ran out of memory, or answered too much. `id` is None for a
+    failed load."""
+
+    op: ClassVar[str] = "error"
+    id: int | None
+    type: FailureType
+    message: str
+    traceback: tuple[str, ...] = ()
+    log: str = ""
+    retire: bool = False
+
+    def to_frame(self) -> Frame:
+        head: dict[str, object] = {
+            "op": self.op,
+            "type": self.type,
+            "message": self.message,
+            "traceback": list(self.traceback),
+            "log": self.log,
+            "retire": self.retire,
+        }
+        if self.id is not None:
+            head["id"] = self.id
+        return Frame(head)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Failure:
+        _check_op(frame, cls.op)
+        head = frame.head
+        kind = _str(head, "type")
+        if kind not in FAILURE_TYPES:
+            raise MessageError(f"unknown failure type {kind!r}")
+        return cls(
+            id=_int(head, "id") if "id" in head else None,
+            type=kind,  # type: ignore[arg-type]  # checked against FAILURE_TYPES above
+            message=_str(head, "message"),
+            traceback=_strings(head, "traceback"),
+            log=_str(head, "log", ""),
+            retire=_bool(head, "retire"),
+        )
+
+
+Reply: TypeAlias = HttpResponse | Result | Failure
+
+#: What answers each kind of invocation (or a Failure).
+REPLY_TO: dict[type[Invocation], type[HttpResponse] | type[Result]] = {
+    HttpRequest: HttpResponse,
+    Call: Result,
+}
+
+
+class _Message(Protocol):
+    op: ClassVar[str]
+
+    def to_frame(self) -> Frame: ...
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Self: ...
+
+
+M = TypeVar("M", bound=_Message)
+M1 = TypeVar("M1", bound=_Message)
+M2 = TypeVar("M2", bound=_Message)
+M3 = TypeVar("M3", bound=_Message)
+
+
+class Ask(_Message, Protocol):
+    """What a val asks the front end to do for it while invocation `id` runs (outbound HTTP,
+    storage): the worker sends it and blocks until the front end sends the answer."""
+
+    id: int
+
+
+#: Every kind of ask; the front end answers each with a message of its own kind.
+ASKS: tuple[type[Ask], ...] = ()
+
+
+@overload
+def parse(frame: Frame, a: type[M1], /) -> M1: ...
+@overload
+def parse(frame: Frame, a: type[M1], b: type[M2], /) -> M1 | M2: ...
+@overload
+def parse(frame: Frame, a: type[M1], b: type[M2], c: type[M3], /) -> M1 | M2 | M3: ...
+@overload
+def parse(frame: Frame, *kinds: type[M]) -> M: ...
+
+
+def parse(frame: Frame, *kinds: type[_Message]) -> _Message:
+    """The frame as the one of `kinds` whose op it has; MessageError for any other frame."""
+    for kind in kinds:
+        if frame.op == kind.op:
+            return kind.from_frame(frame)
+    expected = " or ".join(repr(kind.op) for kind in kinds)
+    raise MessageError(f"a {frame.op!r} message where {expected} was due")
