@@ -1,4 +1,5 @@
-"""The API host's pure parts (SPEC §4): route matching, Express redirects, ?v=N, names."""
+"""The API host's pure parts (docs/contract.md §4): route matching, Express redirects, ?v=N,
+names."""
 
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ def test_wrong_method_on_api_route_is_405_with_allow(
     ],
 )
 def test_every_spec_api_route_is_routed(method: str, path: str) -> None:
-    # SPEC §4.2 (Run), §4.3 (Eval) and §4.4 (runs) name these on the API host.
+    # docs/contract.md §4.2 (Run), §4.3 (Eval) and §4.4 (runs) name these on the API host.
     assert match_route(method, path).handler
 
 
@@ -167,7 +168,7 @@ def test_every_spec_api_route_is_routed(method: str, path: str) -> None:
     ],
 )
 def test_run_and_eval_paths_are_told_from_management_ones(path: str, kind: str) -> None:
-    # run and eval answers get CORS (SPEC §5); management (api) answers do not.
+    # run and eval answers get CORS (docs/contract.md §6); management (api) answers do not.
     assert path_kind(path) == kind
 
 
