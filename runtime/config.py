@@ -45,8 +45,8 @@ class ServerConfig:
                 )
         api, web = self.api_host, self.web_domain
         if api == web or api.endswith("." + web) or web.endswith("." + api):
-            # SPEC §3: a val's HTML must never be same-site with the API host, or its
-            # scripts get the API host's cookies (the Val Town exploit in seeds/002).
+            # docs/contract.md §3.6: a val's HTML must never be same-site with the API host, or
+            # its scripts get the API host's cookies (the Val Town exploit, docs/design.md §2.8).
             raise ConfigError(
                 f"server.web_domain {web!r} must not be the API host {api!r} nor a parent or "
                 "child of it; use a separate registrable domain (e.g. api.example.com and "
@@ -123,8 +123,8 @@ class PoolConfig:
 
 @dataclass(frozen=True, slots=True)
 class SandboxConfig:
-    #: Confinement layers valrun refuses to start without (SPEC §8). Every layer the probe
-    #: finds is applied whether required or not; requiring one turns "unavailable" into a
+    #: Confinement layers valrun refuses to start without (docs/contract.md §11.5). Every layer
+    #: the probe finds is applied whether required or not; requiring one turns "unavailable" into a
     #: refusal to start. The default is everything these machines support. `drop_user` is
     #: met without a drop when the service does not run as root.
     require: tuple[str, ...] = LAYERS

@@ -1,4 +1,4 @@
-"""CORS finalization (SPEC §5, Val Town's rules in seeds/000). Pure.
+"""CORS finalization (docs/contract.md §6: Val Town's rules). Pure.
 
 Applied to every response on a web host and to Run/Eval answers, the front end's own errors
 included: a browser that cannot read an error body cannot show it.

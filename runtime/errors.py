@@ -1,5 +1,5 @@
 """Errors on the front end. Each HTTP error knows its status and its snake_case type
-(docs/contract.md §7); the app turns any of them into the one JSON error shape, in one place.
+(docs/contract.md §8); the app turns any of them into the one JSON error shape, in one place.
 
     ValrunError
     ├── ConfigError                 valrun.toml or the command line is wrong (no status)

@@ -1,4 +1,4 @@
-"""Host routing (SPEC §3): which part of valrun a request's Host header names. Pure.
+"""Host routing (docs/contract.md §3): which part of valrun a request's Host header names. Pure.
 
 api.localhost            -> ApiHost()
 alice-hello.web.localhost -> ValHost("alice", "hello")

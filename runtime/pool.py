@@ -1,7 +1,8 @@
 """The worker pool: prewarmed generic workers, and per-val pools of warm specialized ones.
 
 A worker is specialized once, for one version of one val with one env, and dies with it
-(SPEC §8). Generic workers wait ready (forked, confined, with nothing of any val in them);
+(docs/contract.md §11.1). Generic workers wait ready (forked, confined, with nothing of any
+val in them);
 specializing one is sending it a `load` frame. Per val version:
 
     requests --(bounded queue: 503 beyond it)--> up to `max_workers_per_val` workers

@@ -175,7 +175,7 @@ class SpawnedWorker(WorkerProcess):
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None if inherit_stderr else subprocess.DEVNULL,
-            env={},  # no secret reaches a worker through its environment (SPEC §8)
+            env={},  # no secret reaches a worker through its environment (docs/contract.md §11.3)
             cwd=cwd,
         )
         worker = cls(process, max_body_bytes)

@@ -1,4 +1,4 @@
-"""Invocation records (SPEC §4.4 `/runs`, §9): queued in memory, written in batches.
+"""Invocation records (docs/contract.md §10): queued in memory, written in batches.
 
 A store write per request would put a disk transaction on every invocation's path. Instead
 `Recorder.add` appends to a bounded in-memory queue (no I/O, no await) and `serve` writes the

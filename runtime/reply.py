@@ -149,7 +149,7 @@ def check_headers(raw: HeaderPairs, limits: LimitsConfig, host: str) -> list[tup
         name = name.lower()
         if name in FRONT_END_HEADERS:
             continue
-        # SPEC §8: a cookie for a wider domain would reach every other user's vals.
+        # docs/contract.md §11.4: a cookie for a wider domain would reach every other user's vals.
         if name == b"set-cookie" and any(d != own_host for d in _cookie_domains(value)):
             continue
         headers.append((name, value))

@@ -2,7 +2,7 @@
 
 `match_route` is pure: it answers the handler and its path parameters, or a handler that
 raises 404 or 405. The label says what answers: `run` and `eval` serve browsers on other
-origins (docs/contract.md §5), so their answers, errors included, get the CORS defaults; `api`
+origins (docs/contract.md §6), so their answers, errors included, get the CORS defaults; `api`
 (management) answers get none. The label is also the `route` label of /metrics.
 """
 

@@ -188,8 +188,9 @@ def _unshare_namespaces() -> dict[str, str]:
 
 
 def _close_inherited(keep_fds: tuple[int, ...]) -> dict[str, str]:
-    # fork() copies every descriptor regardless of O_CLOEXEC (NOTES), so a fork-server child
-    # holds its parent's listening sockets and database until they are closed here.
+    # fork() copies every descriptor regardless of O_CLOEXEC (docs/design.md §2.6), so a
+    # fork-server child holds its parent's listening sockets and database until they are
+    # closed here.
     keep = set(keep_fds)
     devnull = os.open(os.devnull, os.O_RDWR)
     # 0-2 become /dev/null rather than closed: the next open() would otherwise get fd 0-2
@@ -220,8 +221,8 @@ def _empty_environment() -> dict[str, str]:
     os.environ.clear()  # unsetenv() for each key
     libc_call("clearenv")  # and whatever Python did not mirror (entries without '=')
     # /proc/PID/environ reads the original strings from the process's own stack, which a
-    # fork-server child shares with its parent's startup environment (NOTES): zero them.
-    # libc's environ no longer points there; nothing else reads them after startup.
+    # fork-server child shares with its parent's startup environment (docs/design.md §2.6):
+    # zero them. libc's environ no longer points there; nothing else reads them after startup.
     start, end = environ_span()
     ctypes.memset(start, 0, end - start)
     return {"empty_env": f"os.environ and libc environ empty; {end - start} bytes zeroed"}

@@ -2,7 +2,7 @@
 
 A real module is an escape hatch even when RestrictedPython refuses every `_name`: plain
 attributes lead out (`re.enum.sys`, `json.codecs.open`, `datetime.sys`,
-`re.functools.update_wrapper`, see NOTES-SANDBOX.md). So `import json` in a val yields a
+`re.functools.update_wrapper`, see docs/design.md §2.3). So `import json` in a val yields a
 `Facade`: an immutable namespace of vetted functions, classes and constants copied from the real
 module, and nothing else. The member lists below are the policy; each says why it is what it is.
 
@@ -185,7 +185,7 @@ def _build() -> Mapping[str, Facade]:
         ),
         # Clocks, sleep and conversions. Not tzset (re-reads TZ from the process environment
         # and changes every later conversion in the worker), not clock_settime, not the
-        # pthread/thread clock helpers. Only the OS stops a long sleep (NOTES-SANDBOX.md).
+        # pthread/thread clock helpers. Only the OS stops a long sleep (docs/design.md §2.5).
         "time": _take(
             time,
             "time time_ns monotonic monotonic_ns perf_counter perf_counter_ns process_time sleep"

@@ -234,7 +234,7 @@ def dumps_json(obj: object) -> str:
 
 
 def to_response(value: object) -> Response:
-    """Turn what an HTTP val returned into a Response (SPEC §2)."""
+    """Turn what an HTTP val returned into a Response (docs/contract.md §2.2)."""
     if isinstance(value, Response):
         return value
     if isinstance(value, str):

@@ -183,7 +183,8 @@ class Env(Mapping[str, str]):
         raise AttributeError("env is read-only")
 
     def __repr__(self) -> str:
-        # Keys only: a repr lands in logs and error messages, env values never may (SPEC §1).
+        # Keys only: a repr lands in logs and error messages, env values never may
+        # (docs/contract.md §9.3).
         return f"<env keys={sorted(self._data)!r}>"
 
 

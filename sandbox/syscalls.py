@@ -15,7 +15,7 @@ from dataclasses import dataclass
 # --- libc and raw system calls ---------------------------------------------------------
 
 # Loaded once at import, in the preloaded parent: forked workers inherit the mapping and
-# pay nothing for it (NOTES: loading libseccomp in the child cost 18-46 ms).
+# pay nothing for it (docs/design.md §2.6: loading libseccomp in the child cost 18-46 ms).
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC_FUNCTIONS = {
     name: getattr(_LIBC, name)  # dlsym here, not in every child

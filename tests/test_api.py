@@ -1,4 +1,4 @@
-"""The management API (SPEC §4.4) and the CLI around it, through the real server."""
+"""The management API (docs/contract.md §4.4) and the CLI around it, through the real server."""
 
 from __future__ import annotations
 
@@ -244,7 +244,7 @@ async def test_config_check_refuses_unknown_keys(tmp_path: Path) -> None:
     assert b"limits.wal_time_s" in done.stderr
 
 
-# Env (SPEC §1): a change reaches the very next invocation.
+# Env (docs/contract.md §9.2): a change reaches the very next invocation.
 
 SHOW_COLOR = "def {name}(req=None):\n    return env.get('COLOR', 'none')"
 

@@ -195,7 +195,7 @@ def test_every_spec_api_route_is_routed(method: str, path: str) -> None:
     ],
 )
 def test_run_and_eval_paths_are_told_from_management_ones(path: str, kind: str) -> None:
-    # run and eval answers get CORS (docs/contract.md §5); management (api) answers do not.
+    # run and eval answers get CORS (docs/contract.md §6); management (api) answers do not.
     assert match_route("GET", path).label == kind
 
 

@@ -1512,7 +1512,8 @@ async def test_attack_is_refused_and_the_pool_recovers(
         try:
             with trio.fail_after(30):
                 if saved.status_code == 400 and isinstance(case.outcome, Compile):
-                    # Saving may check the source early (SPEC §2): refused before any worker.
+                    # Saving may check the source early (docs/contract.md §2.7): refused
+                    # before any worker.
                     assert case.outcome.fragment in saved.json()["error"]["message"]
                 else:
                     assert saved.status_code == 201, saved.text

@@ -1,4 +1,4 @@
-"""The authorization matrix (SPEC §1, §4), through the real server.
+"""The authorization matrix (docs/contract.md §5), through the real server.
 
 Each cell (action x privacy x caller) is its own test, with its own service and val.
 

@@ -3,7 +3,7 @@
 The browser is the judge. A page served by one val (`alice-page.web.localhost`) fetch()es other
 vals on their own origins; each case asserts what the page's JavaScript could read, or that the
 fetch rejected and Chromium logged why CORS blocked it. No CORS header is asserted here: what
-counts is whether a browser lets a page on another origin read the answer (SPEC §5).
+counts is whether a browser lets a page on another origin read the answer (docs/contract.md §6).
 """
 
 from __future__ import annotations

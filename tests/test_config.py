@@ -1,4 +1,4 @@
-"""valrun.toml parsing (SPEC §9, STYLE "Config"): defaults, types, unknown keys, host rules."""
+"""valrun.toml parsing (docs/contract.md §12.1): defaults, types, unknown keys, host rules."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_empty_config_is_the_defaults() -> None:
     assert config.server.bind == ("127.0.0.1:8080",)
     assert (config.server.api_host, config.server.web_domain) == ("api.localhost", "web.localhost")
     assert config.store.url == "sqlite:///valrun.db"
-    # SPEC §6 defaults.
+    # docs/contract.md §7 defaults.
     assert config.limits.wall_time_s == 10.0
     assert config.limits.memory_mb == 256
     assert config.limits.max_request_body_bytes == 2 * 1024 * 1024

@@ -1,4 +1,4 @@
-"""CORS finalization (SPEC §5) as tables."""
+"""CORS finalization (docs/contract.md §6) as tables."""
 
 from __future__ import annotations
 

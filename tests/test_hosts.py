@@ -1,4 +1,4 @@
-"""Host routing (SPEC §3) as tables: which part of valrun a Host header names."""
+"""Host routing (docs/contract.md §3) as tables: which part of valrun a Host header names."""
 
 from __future__ import annotations
 

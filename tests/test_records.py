@@ -1,4 +1,4 @@
-"""Invocation records (SPEC §4.4 `/runs`, §9): the recorder against a real SQLite store, and
+"""Invocation records (docs/contract.md §10): the recorder against a real SQLite store, and
 what every web, run and eval invocation leaves, through the real server."""
 
 from __future__ import annotations

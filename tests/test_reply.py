@@ -1,4 +1,5 @@
-"""A worker's reply is hostile input (SPEC §8): every violation is a 502, tabled here."""
+"""A worker's reply is hostile input (docs/contract.md §11.4): every violation is a 502, tabled
+here."""
 
 from __future__ import annotations
 
@@ -405,7 +406,8 @@ def test_reply_headers_go_through_the_header_check() -> None:
     assert refused(response_head(headers=[["x-a", "1\r\nx-b: 2"]])).type == "bad_response"
 
 
-# Set-Cookie: SPEC §8, a cookie for a wider domain would reach every other user's vals.
+# Set-Cookie (docs/contract.md §11.4): a cookie for a wider domain would reach every other
+# user's vals.
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
-"""The Run (SPEC §4.2) and Eval (§4.3) APIs: input parsing and result checks as tables, the
-worker's `call` op and eval mode as a subprocess, and both APIs through the real server."""
+"""The Run (docs/contract.md §4.2) and Eval (§4.3) APIs: input parsing and result checks as
+tables, the worker's `call` op and eval mode as a subprocess, and both APIs through the real
+server."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""API tokens (SPEC §1): several per user, stored only as hashes, revocable; on the store,
-through the real server, and with `valrun token`."""
+"""API tokens (docs/contract.md §1.4): several per user, stored only as hashes, revocable; on
+the store, through the real server, and with `valrun token`."""
 
 from __future__ import annotations
 

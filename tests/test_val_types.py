@@ -1,4 +1,5 @@
-"""`Request`, `Response` and `to_response` (sandbox/http.py), as SPEC section 2 describes them."""
+"""`Request`, `Response` and `to_response` (sandbox/http.py), as docs/contract.md §2 describes
+them."""
 
 from __future__ import annotations
 

@@ -358,5 +358,5 @@ def test_sandbox_imports_nothing_from_runtime_trio_or_hypercorn() -> None:
         check=True,
     )
     assert "forbidden: []" in proc.stdout.splitlines(), proc.stdout
-    # STYLE: sandbox uses only the standard library and RestrictedPython.
+    # docs/architecture.md §1: sandbox uses only the standard library and RestrictedPython.
     assert "third-party: []" in proc.stdout.splitlines(), proc.stdout
