@@ -45,7 +45,7 @@ RSS_CHECK_EVERY = 32
 #: Replies with bodies larger than this are checked in a thread.
 THREAD_CHECK_BYTES = 256 * 1024
 WorkerFactory = Callable[[], Awaitable[WorkerProcess]]
-#: Does what a val asked for while it runs (fetch, storage) and gives the answer to send back.
+#: Does what a val asked for while it runs (fetch, storage): the answer's frame to send back.
 Broker = Callable[["ValSpec", Ask], Awaitable[Frame]]
 ASK_OPS = frozenset(kind.op for kind in ASKS)
 
@@ -266,17 +266,9 @@ class Pool:
     async def _exchange(self, worker: WorkerProcess, spec: ValSpec, request: Invocation) -> Reply:
         request = dataclasses.replace(request, id=next(self._request_ids))
         frame: Frame | None = None
-        demoted = False
         with trio.move_on_after(self.limits.wall_time_s):
             await worker.send(request.to_frame())
-            with trio.move_on_after(self.config.pool.demote_after_s):
-                frame = await self._receive_reply(worker, spec, request.id)
-            if frame is None:  # still running: let it have only the CPU nobody else wants
-                demoted = worker.demote()
-                self.stats["demoted"] += demoted
-                frame = await self._receive_reply(worker, spec, request.id)
-        if demoted:
-            worker.promote()
+            frame = await self._receive_reply(worker, spec, request.id)
         if frame is not None:  # not timed out
             kind = type(request)
             if len(frame.body) <= THREAD_CHECK_BYTES:
@@ -291,18 +283,39 @@ class Pool:
         )
 
     async def _receive_reply(self, worker: WorkerProcess, spec: ValSpec, request_id: int) -> Frame:
-        """The reply to request `request_id`, answering what the val asks for on the way."""
-        while True:
-            frame = await worker.receive()
-            if frame.op not in ASK_OPS:
-                return frame
-            try:
-                ask = parse(frame, *ASKS)
-            except MessageError as exc:
-                raise protocol_error(str(exc)) from None
-            if ask.id != request_id or self.broker is None:
-                raise protocol_error(f"an unexpected {frame.op!r} ask")
-            await worker.send(await self.broker(spec, ask))
+        """The reply to request `request_id`, answering what the val asks for on the way.
+
+        A request still running after `demote_after_s` runs at idle CPU priority until it
+        answers. Only the wait for the worker's bytes is timed for that (a partly read frame
+        stays in the decoder), never an ask being answered.
+        """
+        demote_at: float | None = trio.current_time() + self.config.pool.demote_after_s
+        demoted = False
+        try:
+            while True:
+                frame = None
+                if demote_at is None:
+                    frame = await worker.receive()
+                else:
+                    with trio.move_on_at(demote_at):
+                        frame = await worker.receive()
+                if frame is None:  # still running: let it have only the CPU nobody wants
+                    demote_at = None
+                    demoted = worker.demote()
+                    self.stats["demoted"] += demoted
+                    continue
+                if frame.op not in ASK_OPS:
+                    return frame
+                try:
+                    ask = parse(frame, *ASKS)
+                except MessageError as exc:
+                    raise protocol_error(str(exc)) from None
+                if ask.id != request_id or self.broker is None:
+                    raise protocol_error(f"an unexpected {frame.op!r} ask")
+                await worker.send(await self.broker(spec, ask))
+        finally:
+            if demoted:
+                worker.promote()
 
     def _release(self, warm: _Warm, reply: Reply | None, failure: str) -> None:
         """After a request: back to idle, or gone if anything about it was off."""

@@ -12,6 +12,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from runtime.app import App
+from runtime.broker import Broker
 from runtime.config import Config
 from runtime.metrics import Metrics
 from runtime.pool import open_pool
@@ -55,6 +56,8 @@ async def serve_valrun(
                 AsyncStore(records_store), keep_per_val=config.store.max_runs_per_val
             ) as recorder,
         ):
+            # Capabilities register their ask handlers here as they land (fetch, storage).
+            pool.broker = Broker().answer
             app = App(config, async_store, pool, recorder, Metrics())
             await serve(
                 app,

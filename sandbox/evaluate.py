@@ -19,11 +19,13 @@ import ast
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from RestrictedPython.compile import compile_restricted_eval, compile_restricted_exec
 
 from sandbox.errors import ValError
+from sandbox.facades import Facade
 from sandbox.policy import LogBuffer, compile_refused, make_globals, val_filename
 
 EVAL_NAME = "eval"
@@ -60,9 +62,14 @@ def compile_eval(source: str) -> CompiledEval:
     )
 
 
-def evaluate(compiled: CompiledEval, env: Mapping[str, str], log: LogBuffer) -> object:
+def evaluate(
+    compiled: CompiledEval,
+    env: Mapping[str, str],
+    log: LogBuffer,
+    modules: Mapping[str, Facade] = MappingProxyType({}),
+) -> object:
     """Run the statements, then the final expression, in a fresh namespace; its value."""
-    namespace = make_globals(EVAL_NAME, env, log)
+    namespace = make_globals(EVAL_NAME, env, log, modules)
     # RestrictedPython rewrites `print(...)` into `_print._call_print(...)` and defines
     # `_print` at the top of a module that prints; an expression compiled on its own gets no
     # such line, so `print(1)` as the final expression needs it defined here.

@@ -263,8 +263,15 @@ FACADE_NAMES: frozenset[str] = frozenset(_FACADES)
 _ALLOWED = ", ".join(sorted(FACADE_NAMES))
 
 
-def import_facade(name: str, fromlist: Sequence[str] | None = None, level: int = 0) -> Facade:
+def import_facade(
+    name: str,
+    fromlist: Sequence[str] | None = None,
+    level: int = 0,
+    extra: Mapping[str, Facade] = MappingProxyType({}),
+) -> Facade:
     """`__import__` for vals: return a facade, or refuse with an ImportError that names why.
+
+    `extra` holds the facades made for one worker (`std`, whose members ask the front end).
 
     As with `__import__`, `import a.b` returns the facade of `a` (the name that gets bound)
     and `from a.b import c` returns the facade of `a.b`, after checking every imported name.
@@ -274,14 +281,15 @@ def import_facade(name: str, fromlist: Sequence[str] | None = None, level: int =
             f"relative import of {name!r} is not allowed in a val; import one of: {_ALLOWED}",
             name=name,
         )
-    facade = _FACADES.get(name)
+    facade = extra.get(name) or _FACADES.get(name)
     if facade is None:
         # Also covers submodules of allowed modules (`re.enum`, `json.decoder`).
         raise ImportError(
             f"import of {name!r} is not allowed in a val; allowed modules: {_ALLOWED}", name=name
         )
     if not fromlist:
-        return _FACADES[name.partition(".")[0]]
+        top = name.partition(".")[0]
+        return extra.get(top) or _FACADES[top]
     offered = facade._members
     for item in fromlist:
         if item == "*":

@@ -18,6 +18,7 @@ import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, cast
 
 from RestrictedPython.compile import compile_restricted_exec
@@ -30,7 +31,7 @@ from RestrictedPython.Guards import (
 )
 
 from sandbox.errors import ValError
-from sandbox.facades import import_facade
+from sandbox.facades import Facade, import_facade
 from sandbox.http import Request, Response
 
 # `id` leaks addresses (a help to memory-corruption exploits); `setattr`/`delattr` are
@@ -237,16 +238,6 @@ def _inplacevar(op: str, target: Any, value: Any) -> object:
     return _INPLACE_OPERATORS[op](target, value)
 
 
-def _facade_import(
-    name: str,
-    globals: object = None,
-    locals: object = None,
-    fromlist: tuple[str, ...] | None = None,
-    level: int = 0,
-) -> object:
-    return import_facade(name, fromlist, level)
-
-
 class _ValClasses:
     """Classes the val defined: their instances are the val's own, so it may write to them."""
 
@@ -267,9 +258,25 @@ class _ValClasses:
         return full_write_guard(obj)
 
 
-def make_globals(name: str, env: Mapping[str, str], log: LogBuffer) -> dict[str, Any]:
-    """A fresh namespace for one val: nothing in it is shared with another val or the host."""
+def make_globals(
+    name: str,
+    env: Mapping[str, str],
+    log: LogBuffer,
+    modules: Mapping[str, Facade] = MappingProxyType({}),
+) -> dict[str, Any]:
+    """A fresh namespace for one val: nothing in it is shared with another val or the host.
+    `modules`: facades made for this worker (`std`), importable beside the shared ones."""
     val_classes = _ValClasses()
+
+    def import_(
+        name: str,
+        globals: object = None,
+        locals: object = None,
+        fromlist: tuple[str, ...] | None = None,
+        level: int = 0,
+    ) -> object:
+        return import_facade(name, fromlist, level, modules)
+
     safe = {k: v for k, v in safe_builtins.items() if k not in _REMOVED_BUILTINS}
 
     # The compiler refuses `x._y = v`; these are the run-time doors to the same thing. A
@@ -293,7 +300,7 @@ def make_globals(name: str, env: Mapping[str, str], log: LogBuffer) -> dict[str,
 
     safe.update(_EXTRA_BUILTINS)
     safe.update(
-        __import__=_facade_import,
+        __import__=import_,
         setattr=setattr_,
         delattr=delattr_,
         getattr=getattr_,
@@ -357,11 +364,17 @@ def compile_val(source: str, filename: str) -> types.CodeType:
     return code
 
 
-def load_val(source: str, name: str, env: Mapping[str, str], log: LogBuffer) -> LoadedVal:
+def load_val(
+    source: str,
+    name: str,
+    env: Mapping[str, str],
+    log: LogBuffer,
+    modules: Mapping[str, Facade] = MappingProxyType({}),
+) -> LoadedVal:
     """Compile and run the module once; find its export (the top-level name equal to `name`)."""
     filename = val_filename(name)
     code = compile_val(source, filename)
-    namespace = make_globals(name, env, log)
+    namespace = make_globals(name, env, log, modules)
     exec(code, namespace)
     if name not in namespace:
         raise ValError(f"the val defines no top-level {name!r} to export")

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import BinaryIO
 
 from sandbox.errors import BadMessageError, ValError, describe
 from sandbox.evaluate import EVAL_NAME, compile_eval, evaluate
+from sandbox.facades import Facade
 from sandbox.http import Request, dumps_json, to_response
 from sandbox.limits import WorkerLimits, apply_limits, arm_cpu_limit
 from sandbox.messages import (
@@ -32,12 +33,12 @@ from sandbox.messages import (
     Load,
     Loaded,
     M,
-    Mode,
     Reply,
     Result,
     parse,
 )
 from sandbox.policy import LogBuffer, check_source_size, load_val, val_filename
+from sandbox.std import make_std
 from sandbox.wire import Frame, FrameDecoder, ProtocolError, read_frame, write_frame
 
 
@@ -82,7 +83,7 @@ class Channel:
     def send(self, message: Reply | Loaded | Ask) -> None:
         write_frame(self.out, message.to_frame())
 
-    def ask(self, ask: Ask, answer: type[M]) -> M:
+    def ask(self, ask: Ask, answer: type[M], /) -> M:
         self.send(ask)
         frame = self.receive()
         if frame is None:
@@ -162,14 +163,15 @@ class Worker:
 
 
 def load_export(
-    mode: Mode, source: str, name: str, env: dict[str, str], log: LogBuffer, max_source_bytes: int
+    load: Load, name: str, log: LogBuffer, modules: Mapping[str, Facade]
 ) -> Callable[[], object]:
     """Compile the code (and run a val's module once); a function that gives the export."""
-    check_source_size(source, max_source_bytes)
-    if mode == "eval":
-        compiled = compile_eval(source)
-        return lambda: evaluate(compiled, env, log)
-    val = load_val(source, name, env, log)
+    check_source_size(load.source, load.limits.max_source_bytes)
+    env = dict(load.env)
+    if load.mode == "eval":
+        compiled = compile_eval(load.source)
+        return lambda: evaluate(compiled, env, log, modules)
+    val = load_val(load.source, name, env, log, modules)
     return lambda: val.export
 
 
@@ -188,9 +190,9 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
         apply_limits(limits)
     arm_cpu_limit(limits)
     log = LogBuffer(limits.max_log_bytes)
+    modules = {"std": make_std(channel.ask)}
     try:
-        env = dict(load.env)
-        export = load_export(load.mode, load.source, name, env, log, limits.max_source_bytes)
+        export = load_export(load, name, log, modules)
     except BaseException as exc:  # a val that fails to load is one error reply, then exit
         channel.send(describe(exc, val_filename(name), None, log.take()))
         return 0
