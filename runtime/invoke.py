@@ -9,7 +9,7 @@ before this module is called (`runtime.auth`); the web host serves anyone.
 from __future__ import annotations
 
 import time
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import trio
 
@@ -20,12 +20,10 @@ from runtime.http import JSON_HEADERS, HTTPResponse
 from runtime.pool import Pool, ValSpec
 from runtime.records import Recorder, mask_env
 from runtime.reply import Reply, ValResponse, ValResult, protocol_error
-from runtime.store import Record, User, ValVersion
+from runtime.store import Record, Source, User, ValVersion
 from sandbox.messages import Call, Invocation
 
 Outcome = TypeVar("Outcome", ValResponse, ValResult)
-#: Who invoked: a val's web host, the Run API, the Eval API. Records carry it.
-Source = Literal["web", "run", "eval"]
 
 
 def val_spec(val: ValVersion, env: dict[str, str], web_domain: str) -> ValSpec:

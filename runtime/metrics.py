@@ -56,14 +56,14 @@ class Metrics:
             "# HELP valrun_requests_total Requests answered, by kind and status.",
             "# TYPE valrun_requests_total counter",
         ]
-        for (kind, status), count in sorted(self.requests.items()):
-            lines.append(f'valrun_requests_total{{kind="{kind}",status="{status}"}} {count}')
+        for (label, status), count in sorted(self.requests.items()):
+            lines.append(f'valrun_requests_total{{kind="{label}",status="{status}"}} {count}')
         lines += [
             "# HELP valrun_request_duration_seconds Time from request to response, by kind.",
             "# TYPE valrun_request_duration_seconds histogram",
         ]
-        for kind, histogram in sorted(self.latency.items()):
-            lines += histogram.lines("valrun_request_duration_seconds", f'kind="{kind}"')
+        for label, histogram in sorted(self.latency.items()):
+            lines += histogram.lines("valrun_request_duration_seconds", f'kind="{label}"')
         invocations = pool_stats.get("invocations", 0)
         cold = pool_stats.get("cold_starts", 0)
         lines += [

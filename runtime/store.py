@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, Literal, ParamSpec, TypeVar, get_args
 
 import trio
 
@@ -27,7 +27,10 @@ from runtime.hosts import USER_RE
 P = ParamSpec("P")
 R = TypeVar("R")
 
-PRIVACY = ("public", "unlisted", "private")
+Privacy = Literal["public", "unlisted", "private"]
+PRIVACY: tuple[Privacy, ...] = get_args(Privacy)
+#: Who invoked: a val's web host, the Run API, the Eval API. Records carry it.
+Source = Literal["web", "run", "eval"]
 TOKEN_PREFIX = "vr_"
 
 SCHEMA = """
@@ -99,7 +102,7 @@ class ValVersion:
     val_id: int
     owner: str
     name: str
-    privacy: str
+    privacy: Privacy
     version: int
     code: str
     created_at: float
@@ -120,7 +123,7 @@ class Record:
 
     val_id: int | None  # None for an Eval
     owner: str | None  # the val's owner, or the Eval's token user (None: anonymous)
-    source: str  # "web", "run" or "eval"
+    source: Source
     version: int | None  # None for an Eval
     started_at: float  # Unix time
     duration_ms: float
