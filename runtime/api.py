@@ -209,7 +209,7 @@ class Api:
             {"versions": [{"version": v.version, "created_at": v.created_at} for v in versions]}
         )
 
-    async def list_runs(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
+    async def list_records(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         owner, name = params["user"], params["val"]
         check_names(owner, name)
         caller = await authenticate(self.store, request)
@@ -220,14 +220,14 @@ class Api:
         if caller.name != owner:
             raise ForbiddenError(f"only {owner} may read the invocation records of {owner}/{name}")
         await self.recorder.flush()  # what was invoked before this request is in the answer
-        runs = await self.store.call(Store.runs, val, limit)
+        runs = await self.store.call(Store.records, val, limit)
         return HTTPResponse.json({"runs": [run.to_json() for run in runs]})
 
-    async def list_evals(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
+    async def list_eval_records(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         caller = await authenticate(self.store, request)
         limit = parse_limit(request.query_string)
         await self.recorder.flush()
-        runs = await self.store.call(Store.eval_runs, caller.name, limit)
+        runs = await self.store.call(Store.eval_records, caller.name, limit)
         return HTTPResponse.json({"runs": [run.to_json() for run in runs]})
 
     async def list_env(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:

@@ -91,7 +91,7 @@ class Recorder:
             self._pending.clear()
             self._pending_bytes = 0
             try:
-                await self.store.call(Store.add_runs, batch, self.keep_per_val)
+                await self.store.call(Store.add_records, batch, self.keep_per_val)
             except sqlite3.Error:
                 # Records are worth less than serving: log and go on.
                 logger.exception("could not write %d invocation records", len(batch))

@@ -378,7 +378,7 @@ class Store:
 
     # Invocation records
 
-    def add_runs(self, records: list[Record], keep: int) -> None:
+    def add_records(self, records: list[Record], keep: int) -> None:
         """Write records and trim each affected bucket to its newest `keep`, in one
         transaction."""
         buckets: set[tuple[int | None, int | None]] = set()
@@ -425,12 +425,12 @@ class Store:
         "error_type, error_message FROM runs "
     )
 
-    def runs(self, val: ValVersion, limit: int) -> list[Record]:
+    def records(self, val: ValVersion, limit: int) -> list[Record]:
         """A val's records, newest first."""
         sql = self._RUN_SELECT + "WHERE val_id = ? AND user_id IS NULL ORDER BY id DESC LIMIT ?"
         return [Record(*row) for row in self._db.execute(sql, (val.owner, val.val_id, limit))]
 
-    def eval_runs(self, owner: str, limit: int) -> list[Record]:
+    def eval_records(self, owner: str, limit: int) -> list[Record]:
         """The records of a user's Evals, newest first."""
         user = self.user(owner)
         sql = self._RUN_SELECT + "WHERE val_id IS NULL AND user_id = ? ORDER BY id DESC LIMIT ?"

@@ -63,8 +63,8 @@ def handler_of(method: str, path: str) -> str:
         ("GET", "/v1/env", "list_env", {}),
         ("PUT", "/v1/env/API_KEY", "put_env", {"key": "API_KEY"}),
         ("DELETE", "/v1/env/API_KEY", "delete_env", {"key": "API_KEY"}),
-        ("GET", "/v1/vals/alice/hello/runs", "list_runs", {"user": "alice", "val": "hello"}),
-        ("GET", "/v1/me/evals", "list_evals", {}),
+        ("GET", "/v1/vals/alice/hello/runs", "list_records", {"user": "alice", "val": "hello"}),
+        ("GET", "/v1/me/evals", "list_eval_records", {}),
         ("GET", "/v1/run/alice.hello", "run_val", {"target": "alice.hello"}),
         ("POST", "/v1/run/alice.hello", "run_val", {"target": "alice.hello"}),
         ("OPTIONS", "/v1/run/alice.hello", "preflight", {"target": "alice.hello"}),
@@ -173,7 +173,7 @@ def test_wrong_method_on_api_route_is_405_with_allow(
 )
 def test_every_spec_api_route_is_routed(method: str, path: str) -> None:
     # docs/contract.md §4.2 (Run), §4.3 (Eval) and §4.4 (runs) name these on the API host.
-    assert handler_of(method, path) in ("list_runs", "run_val", "eval_code")
+    assert handler_of(method, path) in ("list_records", "run_val", "eval_code")
 
 
 @pytest.mark.parametrize(

@@ -114,18 +114,18 @@ class ObservedStore(AsyncStore):
     async def call(
         self, method: Callable[Concatenate[Store, P], R], *args: P.args, **kwargs: P.kwargs
     ) -> R:
-        if method is Store.add_runs:
+        if method is Store.add_records:
             self.writing.set()
             if self.proceed is not None:
                 await self.proceed.wait()
         result = await super().call(method, *args, **kwargs)
-        if method is Store.add_runs:
+        if method is Store.add_records:
             self.written.set()
         return result
 
 
 def logs(store: Store, val: ValVersion) -> list[str]:
-    return [r.log for r in store.runs(val, 100)]
+    return [r.log for r in store.records(val, 100)]
 
 
 async def test_records_wait_in_memory_until_flushed(store: Store) -> None:
@@ -204,7 +204,7 @@ async def test_retention_keeps_the_newest_per_val_and_per_eval_user(store: Store
     await recorder.flush()
     assert logs(store, hello) == ["h4", "h3", "h2"]
     assert logs(store, other) == ["o0"]
-    assert [r.log for r in store.eval_runs("alice", 100)] == ["e4", "e3", "e2"]
+    assert [r.log for r in store.eval_records("alice", 100)] == ["e4", "e3", "e2"]
     anonymous = "SELECT log FROM runs WHERE val_id IS NULL AND user_id IS NULL ORDER BY id"
     assert [log for (log,) in store._db.execute(anonymous)] == ["anon2", "anon3", "anon4"]
 
@@ -362,7 +362,7 @@ async def test_records_are_written_when_the_server_stops(tmp_path: Path) -> None
     try:
         val = store.get_val("alice", "hello", None)
         assert val is not None
-        assert [r.log for r in store.runs(val, 10)] == ["hello log GET\n"]
+        assert [r.log for r in store.records(val, 10)] == ["hello log GET\n"]
     finally:
         store.close()
 

@@ -637,5 +637,5 @@ async def test_a_vals_error_and_log_lose_its_env_values(tmp_path: Path) -> None:
     await recorder.flush()
     val = recorder.store.store.get_val("alice", "f", None)
     assert val is not None
-    (record,) = recorder.store.store.runs(val, 10)
+    (record,) = recorder.store.store.records(val, 10)
     assert (record.log, record.error_message) == ("log of the [env KEY]\n", "KeyError: '[env KEY]'")
