@@ -34,6 +34,7 @@ from runtime.errors import (
     PayloadTooLargeError,
     UnauthorizedError,
 )
+from runtime.follow import Followers, parse_follow
 from runtime.hosts import USER_RE, VAL_RE, val_host
 from runtime.http import HTTPRequest, HTTPResponse
 from runtime.metrics import Metrics
@@ -227,6 +228,7 @@ class Api:
         self.run_api = run_api
         self.recorder = recorder
         self.metrics = metrics
+        self.followers = Followers(recorder)
 
     async def handle(self, request: HTTPRequest) -> HTTPResponse:
         server = self.config.server
@@ -388,15 +390,25 @@ class Api:
             raise NotFoundError(f"no val {owner}/{name}")
         if caller.name != owner:
             raise ForbiddenError(f"only {owner} may read the invocation records of {owner}/{name}")
-        await self.recorder.flush()  # what was invoked before this request is in the answer
-        runs = await self.store.run(Store.runs, val, limit)
+        follow = parse_follow(request.query_string)
+        runs = await self.followers.fetch(
+            caller.name,
+            ("val", val.val_id),
+            follow,
+            lambda: self.store.run(Store.runs, val, limit, follow.after),
+        )
         return HTTPResponse.json({"runs": [run.to_json() for run in runs]})
 
     async def list_evals(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         caller = await self.authenticate(request)
         limit = parse_limit(request.query_string)
-        await self.recorder.flush()
-        runs = await self.store.run(Store.eval_runs, caller.name, limit)
+        follow = parse_follow(request.query_string)
+        runs = await self.followers.fetch(
+            caller.name,
+            ("evals", caller.name),
+            follow,
+            lambda: self.store.run(Store.eval_runs, caller.name, limit, follow.after),
+        )
         return HTTPResponse.json({"runs": [run.to_json() for run in runs]})
 
     async def list_env(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:

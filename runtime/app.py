@@ -26,7 +26,7 @@ from runtime.http import (
 )
 from runtime.metrics import Metrics
 from runtime.pool import Pool
-from runtime.records import Recorder
+from runtime.records import Recorder, loggable_path
 from runtime.reply import ValResponse
 from runtime.run_api import RunApi, Runner, val_spec
 from runtime.store import AsyncStore
@@ -142,7 +142,7 @@ class App:
             "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.headers],
         }
         response = await self.runner.invoke(
-            spec, head, request.body, source="web", expect=ValResponse
+            spec, head, request.body, source="web", expect=ValResponse, request=request
         )
         return HTTPResponse(response.status, response.headers, response.body, cors=True)
 
@@ -164,12 +164,6 @@ def web_version(query_string: str) -> int | None:
     except BadRequestError:
         # The query is the val's: a `v` that is no version number is its own business.
         return None
-
-
-def loggable_path(path: str) -> str:
-    """The path for the access log: Eval's code is its request's payload, and payloads are
-    not logged (it may hold a secret, and it may be 64 KiB long)."""
-    return "/v1/eval/…" if path.startswith("/v1/eval/") else path
 
 
 def _with_query(request: HTTPRequest) -> str:

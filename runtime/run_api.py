@@ -32,7 +32,7 @@ from runtime.errors import (
 from runtime.hosts import val_host
 from runtime.http import JSON_HEADERS, HTTPRequest, HTTPResponse
 from runtime.pool import Pool, ValSpec
-from runtime.records import Recorder, mask_env
+from runtime.records import Recorder, loggable_path, mask_env
 from runtime.reply import Reply, ValResponse, ValResult, protocol_error
 from runtime.store import AsyncStore, Record, Store, User, ValVersion
 
@@ -86,11 +86,14 @@ class Runner:
         *,
         source: str,
         expect: type[Outcome],
+        request: HTTPRequest | None = None,
     ) -> Outcome:
-        """Invoke through the pool and record it; the outcome, or the val's error raised."""
+        """Invoke through the pool and record it; the outcome, or the val's error raised.
+        `request` is what asked for it (its method and path go in the record)."""
         started_at, started = time.time(), trio.current_time()
 
         def record(status: int, log: str = "", error: HTTPError | None = None) -> None:
+            steps = error.details.get("traceback") if error else None
             self.recorder.add(
                 Record(
                     val_id=None if spec.mode == "eval" else spec.val_id,
@@ -103,6 +106,9 @@ class Runner:
                     log=mask_env(log, spec.env),
                     error_type=error.type if error else None,
                     error_message=error.message if error else None,
+                    traceback=tuple(map(str, steps)) if isinstance(steps, list) else None,
+                    method=request.method if request else None,
+                    path=loggable_path(request.raw_path) if request else None,
                 )
             )
 
@@ -146,19 +152,40 @@ class Runner:
         finally:
             self._eval_slots.release()
 
-    async def run(self, val: ValVersion, env: dict[str, str], args: list[object]) -> HTTPResponse:
+    async def run(
+        self,
+        val: ValVersion,
+        env: dict[str, str],
+        args: list[object],
+        request: HTTPRequest | None = None,
+    ) -> HTTPResponse:
         spec = val_spec(val, env, self.config.server.web_domain)
         result = await self.invoke(
-            spec, {"op": "call"}, encode_args(args), source="run", expect=ValResult
+            spec,
+            {"op": "call"},
+            encode_args(args),
+            source="run",
+            expect=ValResult,
+            request=request,
         )
         return result_response(result)
 
     async def eval(
-        self, code: str, args: list[object] | None, user: User | None, env: dict[str, str]
+        self,
+        code: str,
+        args: list[object] | None,
+        user: User | None,
+        env: dict[str, str],
+        request: HTTPRequest | None = None,
     ) -> HTTPResponse:
         body = b"" if args is None else encode_args(args)
         result = await self.invoke(
-            eval_spec(code, user, env), {"op": "call"}, body, source="eval", expect=ValResult
+            eval_spec(code, user, env),
+            {"op": "call"},
+            body,
+            source="eval",
+            expect=ValResult,
+            request=request,
         )
         return result_response(result)
 
@@ -183,7 +210,7 @@ class RunApi:
                 f"no val {owner}.{name}" + (f" version {version}" if version else "")
             )
         val, env = resolved
-        return await self.runner.run(val, env, args)
+        return await self.runner.run(val, env, args, request)
 
     async def eval_code(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         caller = await optional_user(self.store, request)
@@ -194,7 +221,7 @@ class RunApi:
         code, args = eval_input(request, params.get("code"))
         check_code_size(code, self.config.limits.max_source_bytes)
         env = await self.store.run(Store.env, caller.name) if caller else {}
-        return await self.runner.eval(code, args, caller, env)
+        return await self.runner.eval(code, args, caller, env, request)
 
     async def preflight(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         # The CORS finalizer adds the allowed origin and methods and mirrors the headers.

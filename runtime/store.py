@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import trio
 
@@ -36,7 +36,6 @@ R = TypeVar("R")
 
 PRIVACY = ("public", "unlisted", "private")
 TOKEN_PREFIX = "vr_"
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +321,9 @@ class Store:
             "JOIN users u ON u.id = e.user_id WHERE u.name = ? ORDER BY e.key",
             (owner,),
         )
-        return {key: self._open(user_id, key, value, sealed) for user_id, key, value, sealed in rows}
+        return {
+            key: self._open(user_id, key, value, sealed) for user_id, key, value, sealed in rows
+        }
 
     def _open(self, user_id: int, key: str, value: str, sealed: int) -> str:
         if not sealed:
@@ -483,10 +484,25 @@ class Store:
         return [_record(row) for row in rows]
 
 
-def _record(row: tuple[object, ...]) -> Record:
-    traceback = row[10]
-    steps = None if traceback is None else tuple(json.loads(str(traceback)))
-    return Record(*row[:10], steps, *row[11:])  # type: ignore[arg-type]
+def _record(row: tuple[Any, ...]) -> Record:
+    (val_id, owner, source, version, started_at, duration_ms, status, log) = row[:8]
+    (error_type, error_message, traceback, method, path, run_id) = row[8:]
+    return Record(
+        val_id,
+        owner,
+        source,
+        version,
+        started_at,
+        duration_ms,
+        status,
+        log,
+        error_type,
+        error_message,
+        None if traceback is None else tuple(json.loads(traceback)),
+        method,
+        path,
+        run_id,
+    )
 
 
 class AsyncStore:

@@ -11,7 +11,7 @@ from typing import Any, cast
 import pytest
 import trio
 
-from runtime.app import loggable_path
+from runtime.records import loggable_path
 from runtime.config import Config
 from runtime.errors import HTTPError, WorkerError
 from runtime.http import HTTPRequest
