@@ -12,11 +12,13 @@ import logging
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
+from runtime.accesslog import access_line
 from runtime.api import Api, parse_version, path_kind
-from runtime.config import Config
+from runtime.config import Config, ServerConfig
 from runtime.cors import finalize_cors
 from runtime.errors import BadRequestError, HTTPError, NotFoundError
-from runtime.hosts import Route, UnknownHost, ValHost, route_host
+from runtime.forwarded import client_address, parse_networks
+from runtime.hosts import ApiHost, Route, UnknownHost, ValHost, route_host
 from runtime.http import (
     HTTPRequest,
     HTTPResponse,
@@ -51,6 +53,7 @@ class App:
         self.runner = Runner(config, pool, recorder)
         run_api = RunApi(config, store, self.runner)
         self.api = Api(config, store, pool, run_api, recorder, metrics)
+        self.proxies = parse_networks(config.server.trusted_proxies)
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -74,14 +77,24 @@ class App:
         await send_response(send, response, method)
         elapsed = trio.current_time() - started
         self.metrics.observe(response.kind, response.status, elapsed)
+        client = scope.get("client")
+        address = client_address(
+            client[0] if client else None,
+            scope["headers"],
+            self.proxies,
+            self.config.server.forwarded_header,
+        )
         access_logger.info(
-            "%s %s %s %d %.1fms %dB",
-            method,
-            host or "-",
-            loggable_path(scope["path"]),
-            response.status,
-            elapsed * 1000,
-            len(response.body),
+            "%s",
+            access_line(
+                address,
+                method,
+                host,
+                loggable_path(scope["path"]),
+                response.status,
+                elapsed,
+                len(response.body),
+            ),
         )
 
     async def respond(
@@ -90,7 +103,11 @@ class App:
         server = self.config.server
         kind = "unknown"  # the front end's errors on web and unknown hosts get CORS too
         try:
-            route = route_host(host, server.api_host, server.web_domain)
+            route = (
+                ApiHost()
+                if is_health_probe(scope["method"], scope["path"], host, server)
+                else route_host(host, server.api_host, server.web_domain)
+            )
             kind = request_kind(route, scope["path"])
             if isinstance(route, UnknownHost):
                 raise NotFoundError(
@@ -155,6 +172,17 @@ def request_kind(route: Route, path: str) -> str:
     if isinstance(route, UnknownHost):
         return "unknown"
     return path_kind(path)
+
+
+def is_health_probe(method: str, path: str, host: str | None, server: ServerConfig) -> bool:
+    """`GET /healthz` on any host but a val's: load balancers probe by IP address, or with
+    no Host at all. A val's own host keeps every path, /healthz included."""
+    if path != "/healthz" or method not in ("GET", "HEAD"):
+        return False
+    try:
+        return not isinstance(route_host(host, server.api_host, server.web_domain), ValHost)
+    except BadRequestError:
+        return True
 
 
 def web_version(query_string: str) -> int | None:

@@ -38,8 +38,13 @@ class ServerConfig:
     #: Addresses (or networks, `10.0.0.0/8`) of the reverse proxies whose `X-Forwarded-For`
     #: and `Forwarded` headers name the client. From anyone else those headers are ignored.
     trusted_proxies: tuple[str, ...] = ()
+    #: The one header trusted proxies name the client in: `x-forwarded-for` (nginx, Caddy)
+    #: or `forwarded` (RFC 7239).
+    forwarded_header: str = "x-forwarded-for"
 
     def __post_init__(self) -> None:
+        if self.forwarded_header not in ("x-forwarded-for", "forwarded"):
+            raise ConfigError("server.forwarded_header must be 'x-forwarded-for' or 'forwarded'")
         for proxy in self.trusted_proxies:
             try:
                 ipaddress.ip_network(proxy, strict=False)
