@@ -103,11 +103,11 @@ class App:
         server = self.config.server
         kind = "unknown"  # the front end's errors on web and unknown hosts get CORS too
         try:
-            route = (
-                ApiHost()
-                if is_health_probe(scope["method"], scope["path"], host, server)
-                else route_host(host, server.api_host, server.web_domain)
-            )
+            if is_health_probe(scope["method"], scope["path"], host, server):
+                route: Route = ApiHost()
+                host = server.api_host  # whatever the probe sent (an address, nothing)
+            else:
+                route = route_host(host, server.api_host, server.web_domain)
             kind = request_kind(route, scope["path"])
             if isinstance(route, UnknownHost):
                 raise NotFoundError(

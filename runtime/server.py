@@ -43,8 +43,10 @@ async def serve_valrun(
     # Two connections: the recorder's batch writes (~4 ms each) must not hold up the token
     # checks and val lookups that requests wait on; SQLite's WAL lets those read meanwhile.
     with (
-        closing(Store(config.store.sqlite_path)) as store,
-        closing(Store(config.store.sqlite_path)) as records_store,
+        closing(Store(config.store.sqlite_path, secret_key=config.store.secret_key)) as store,
+        closing(
+            Store(config.store.sqlite_path, secret_key=config.store.secret_key)
+        ) as records_store,
     ):
         async_store = AsyncStore(store)
         async with (
