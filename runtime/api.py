@@ -285,7 +285,12 @@ class Api:
             **self.pool.isolation,
         }
         return HTTPResponse.json(
-            {"status": "ok", "isolation": isolation, "workers": self.pool.gauges()}
+            {
+                "status": "ok",
+                "isolation": isolation,
+                "workers": self.pool.gauges(),
+                "log_followers": self.followers.waiting,
+            }
         )
 
     async def serve_metrics(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:

@@ -59,6 +59,11 @@ class Followers:
         self.recorder = recorder
         self._waiting: Counter[str] = Counter()
 
+    @property
+    def waiting(self) -> int:
+        """Reads waiting now, all users together (shown on /healthz)."""
+        return self._waiting.total()
+
     async def fetch(
         self,
         user: str,
