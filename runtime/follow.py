@@ -58,6 +58,12 @@ class Followers:
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
         self._waiting: Counter[str] = Counter()
+        self._stopping = False
+
+    def stop(self) -> None:
+        """The service is stopping: waits answer now, so they do not hold up its shutdown."""
+        self._stopping = True
+        self.recorder.wake_watchers()
 
     @property
     def waiting(self) -> int:
@@ -90,7 +96,7 @@ class Followers:
                     arrived = self.recorder.watch(key)
                     await self.recorder.flush()
                     records = await read()
-                    if records:
+                    if records or self._stopping:
                         return records
                     await arrived.wait()
             return []

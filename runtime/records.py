@@ -69,6 +69,12 @@ class Recorder:
         """An event set when the next record for `key` is added (see `follow_key`)."""
         return self._watchers.setdefault(key, trio.Event())
 
+    def wake_watchers(self) -> None:
+        """Set every watcher's event (the service is stopping: waits end now)."""
+        watchers, self._watchers = self._watchers, {}
+        for event in watchers.values():
+            event.set()
+
     @property
     def pending(self) -> int:
         return len(self._pending)

@@ -58,9 +58,17 @@ async def serve_valrun(
             ) as recorder,
         ):
             app = App(config, async_store, pool, recorder, Metrics())
+
+            async def shut_down() -> None:
+                if shutdown_trigger is None:
+                    await trio.sleep_forever()
+                else:
+                    await shutdown_trigger()
+                app.api.followers.stop()  # long polls answer now, not at their timeout
+
             await serve(
                 app,
                 hypercorn_config(config),
-                shutdown_trigger=shutdown_trigger,
+                shutdown_trigger=shut_down,
                 task_status=task_status,
             )

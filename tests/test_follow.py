@@ -8,15 +8,19 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
+from runtime.config import Config, ServerConfig, StoreConfig
 from runtime.errors import BadRequestError
 from runtime.follow import MAX_FOLLOWERS_PER_USER, MAX_WAIT_S, Follow, parse_follow
-from tests.conftest import Service
+from runtime.server import serve_valrun
+from runtime.store import Store
+from tests.conftest import TEST_LIMITS, Service
 from tests.test_cli import write_config
 from tests.test_service import assert_json_error
 
@@ -187,3 +191,36 @@ async def test_cli_logs_follow_prints_records_as_they_happen(
     assert len(set(paths)) == len(paths)  # no record twice
     assert paths == sorted(paths, key=lambda p: int(str(p)[2:]))  # in order
     assert all(record["status"] == 502 for record in lines)
+
+
+async def test_a_waiting_read_answers_at_once_when_the_service_stops(tmp_path: Path) -> None:
+    # Graceful shutdown waits for in-flight requests (here up to 25 s): a long poll must not
+    # hold it up until its own wait ends.
+    config = Config(
+        server=ServerConfig(bind=("127.0.0.1:0",), shutdown_timeout_s=25.0),
+        store=StoreConfig(url=f"sqlite:///{tmp_path / 'valrun.db'}"),
+        limits=TEST_LIMITS,
+    )
+    db = Store(tmp_path / "valrun.db")
+    token = db.create_user("alice")
+    db.close()
+    stop = trio.Event()
+    answered: list[httpx.Response] = []
+    headers = {"host": "api.localhost", "authorization": f"Bearer {token}"}
+    with trio.fail_after(20):
+        async with (
+            httpx.AsyncClient(headers=headers, timeout=30) as client,
+            trio.open_nursery() as nursery,
+        ):
+            urls = await nursery.start(partial(serve_valrun, config, shutdown_trigger=stop.wait))
+            base = urls[0].replace("0.0.0.0", "127.0.0.1")
+
+            async def follow() -> None:
+                answered.append(await client.get(f"{base}/v1/me/evals?after=0&wait={MAX_WAIT_S}"))
+
+            nursery.start_soon(follow)
+            while (await client.get(f"{base}/healthz")).json()["log_followers"] < 1:
+                pass
+            stop.set()
+    (response,) = answered
+    assert (response.status_code, response.json()) == (200, {"runs": []})
