@@ -354,6 +354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValrunError as exc:
         print(f"valrun: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `valrun ... | head`: the reader has all it wanted. Exit as a process killed by
+        # SIGPIPE would, without a traceback (and without Python's own complaint at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

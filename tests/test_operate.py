@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -107,11 +109,47 @@ def test_a_trusted_proxy_that_is_no_address_is_a_config_error(proxy: str) -> Non
         ServerConfig(trusted_proxies=(proxy,))
 
 
-async def logged(service: Service) -> None:
-    """Return once the access lines of the requests made so far are written: the line is
-    written after the response is sent, and hypercorn reads a kept-alive connection's next
-    request only once the app has returned from the previous one."""
-    await service.api("GET", "/healthz", user=None)
+class AccessLines(logging.Handler):
+    """The access lines an in-process valrun writes, awaitable: the line is written after
+    the response is sent, so a client can have its answer before the line exists."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self._written = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+        self._written.set()  # the server runs in this trio run, on this thread
+
+    async def wait_for(self, prefix: str) -> str:
+        with trio.fail_after(10):
+            while True:
+                for line in self.lines:
+                    if line.startswith(prefix):
+                        return line
+                self._written = trio.Event()
+                await self._written.wait()
+
+
+@contextmanager
+def capture_access_lines() -> Iterator[AccessLines]:
+    handler = AccessLines()
+    logger = logging.getLogger("valrun.access")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture
+def access_lines() -> Iterator[AccessLines]:
+    with capture_access_lines() as lines:
+        yield lines
 
 
 def test_access_line_escapes_control_characters() -> None:
@@ -124,31 +162,25 @@ def test_access_line_escapes_control_characters() -> None:
 
 
 async def test_access_log_names_the_forwarded_client_only_from_a_trusted_proxy(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, access_lines: AccessLines
 ) -> None:
-    caplog.set_level(logging.INFO, logger="valrun.access")
     async with configured_service(tmp_path, server={"trusted_proxies": ("127.0.0.1",)}) as svc:
         await svc.api("GET", "/v1/me", headers={"x-forwarded-for": "6.6.6.6, 203.0.113.7"})
-        await logged(svc)
+        await access_lines.wait_for("203.0.113.7 GET api.localhost")
     (tmp_path / "untrusted").mkdir()
     async with configured_service(tmp_path / "untrusted") as untrusted:
-        await untrusted.api("GET", "/v1/me", headers={"x-forwarded-for": "203.0.113.7"})
-        await logged(untrusted)
-    lines = [r.getMessage() for r in caplog.records if r.name == "valrun.access"]
-    assert any(line.startswith("203.0.113.7 GET api.localhost") for line in lines), lines
-    assert any(line.startswith("127.0.0.1 GET api.localhost") for line in lines), lines
-    assert not any(line.startswith("6.6.6.6") for line in lines)
+        await untrusted.api("GET", "/v1/healthz", headers={"x-forwarded-for": "203.0.113.7"})
+        await access_lines.wait_for("127.0.0.1 GET api.localhost")
+    assert not any(line.startswith("6.6.6.6") for line in access_lines.lines)
 
 
 async def test_a_path_with_a_newline_cannot_forge_an_access_line(
-    service: Service, caplog: pytest.LogCaptureFixture
+    service: Service, access_lines: AccessLines
 ) -> None:
-    caplog.set_level(logging.INFO, logger="valrun.access")
     await service.api("GET", "/nothing%0a127.0.0.1%20GET%20/forged%20200")
-    await logged(service)
-    lines = [r.getMessage() for r in caplog.records if r.name == "valrun.access"]
-    assert any("/nothing\\x0a127.0.0.1 GET /forged 200 404" in line for line in lines), lines
-    assert all("\n" not in line for line in lines)
+    line = await access_lines.wait_for("127.0.0.1 GET api.localhost")
+    assert "/nothing\\x0a127.0.0.1 GET /forged 200 404" in line, line
+    assert all("\n" not in line for line in access_lines.lines)
 
 
 # Database files, backups, restores
