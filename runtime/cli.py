@@ -111,12 +111,14 @@ def _when(timestamp: float) -> str:
 
 
 def cmd_config_check(config: Config, args: argparse.Namespace) -> int:
-    effective = asdict(config)
+    settings = asdict(config)
     if config.store.secret_key:  # never printed: say only that it is set
-        effective["store"]["secret_key"] = "(set)"
-    print(f"# config: {args.config_file or 'none found: the built-in defaults'}")
-    print(f"# database: {config.store.sqlite_path}")
-    print(json.dumps(effective, indent=2))
+        settings["store"]["secret_key"] = "(set)"
+    found = {
+        "config_file": str(args.config_file) if args.config_file else None,
+        "database": config.store.sqlite_path,
+    }
+    print(json.dumps({**found, **settings}, indent=2))
     return 0
 
 

@@ -94,7 +94,10 @@ async def test_a_relative_database_path_is_relative_to_the_config_file(tmp_path:
     )
     assert checked.returncode == 0, checked.stderr
     database = str((folder / "data" / "valrun.db").resolve())
-    assert f"# database: {database}" in checked.stdout.decode().splitlines()
+    effective = json.loads(checked.stdout)
+    assert effective["config_file"] == str((folder / "valrun.toml").resolve())
+    assert effective["database"] == database
+    assert effective["store"]["url"] == f"sqlite:///{database}"
     created = await cli(
         "--config", str(folder / "valrun.toml"), "user", "create", "dave", cwd=tmp_path / "other"
     )
