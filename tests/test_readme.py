@@ -3,7 +3,9 @@
 - `sh` blocks run with bash against a valrun started by `./scripts/serve --demo`, in a
   scratch folder holding the folder's `valrun.toml` (the CLI finds it there) and a link to
   `.venv`; `8080` becomes the real port, `curl` fails on an HTTP error.
-- `python` blocks are vals: saved as the demo user's and called on their host.
+- `python` blocks are vals, saved as the demo user's and called on their host; Python that
+  defines no handler (`def name(req)`) is evaluated through the Eval API instead.
+- `json` blocks must parse as JSON.
 - `toml` blocks are parsed as valrun.toml.
 - `nginx` and `caddyfile` blocks run: the real proxy with the README's files (ports and
   certificate paths changed, a self-signed certificate), in front of valrun configured by the
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -38,7 +41,7 @@ from tests.test_operate import AccessLines, capture_access_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-RUN_LANGUAGES = {"sh", "python", "toml", "nginx", "caddyfile"}
+RUN_LANGUAGES = {"sh", "python", "toml", "json", "nginx", "caddyfile"}
 STOPPED = "<!-- run with the service stopped -->"
 THROUGH_PROXY = "<!-- run through each proxy -->"
 
@@ -95,6 +98,11 @@ def test_every_readme_block_is_run_or_says_why_not() -> None:
 @pytest.mark.parametrize("block", of("toml"), ids=lambda b: f"line{b.line}")
 def test_readme_config_blocks_are_valid_config(block: Block) -> None:
     parse_config(tomllib.loads(block.text))
+
+
+def test_readme_json_blocks_are_json() -> None:
+    for block in of("json"):
+        json.loads(block.text)
 
 
 # The service as the README starts it
@@ -216,19 +224,22 @@ async def test_readme_examples_run_against_a_real_server(tmp_path: Path) -> None
 
 
 async def check_val_block(client: httpx.AsyncClient, block: Block, running: Running) -> None:
+    """A handler (`def name(req)`) is saved as demo/name and called on its host; any other
+    Python is evaluated through the Eval API. Either must answer 200."""
+    api = {"host": "api.localhost", "authorization": f"Bearer {running.token}"}
     export = re.search(r"^def (\w+)\(req", block.text, re.MULTILINE)
-    assert export, f"README.md:{block.line}: a val example exports a handler `def name(req)`"
-    name = export.group(1)
-    saved = await client.put(
-        f"/v1/vals/demo/{name}",
-        content=block.text.encode(),
-        headers={"host": "api.localhost", "authorization": f"Bearer {running.token}"},
-    )
-    assert saved.status_code in (200, 201), saved.text
     with trio.fail_after(30):
-        answer = await client.get(
-            "/?name=readme", headers={"host": f"demo-{name.lower()}.web.localhost"}
-        )
+        if export is None:
+            answer = await client.post("/v1/eval", json={"code": block.text}, headers=api)
+        else:
+            name = export.group(1)
+            saved = await client.put(
+                f"/v1/vals/demo/{name}", content=block.text.encode(), headers=api
+            )
+            assert saved.status_code in (200, 201), f"README.md:{block.line}: {saved.text}"
+            answer = await client.get(
+                "/?name=readme", headers={"host": f"demo-{name.lower()}.web.localhost"}
+            )
     assert answer.status_code == 200, f"README.md:{block.line}: {answer.text}"
 
 
