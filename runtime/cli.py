@@ -37,6 +37,16 @@ from runtime.sealing import Sealer
 from runtime.server import serve_valrun
 from runtime.store import Store
 
+DESCRIPTION = """\
+Run small pieces of Python (vals) as HTTP endpoints and JSON functions.
+
+serve, user, token, backup, restore, rotate-key and config work on this machine's store and
+config; val, run, eval, env and logs go through a running valrun's API.
+
+The config is --config FILE, else $VALRUN_CONFIG, else ./valrun.toml when there is one, else
+the defaults. Options work before and after the verb: `valrun --token T val put ...` and
+`valrun val put --token T ...` are the same.
+"""
 CONFIG_ENV = "VALRUN_CONFIG"
 NEW_SECRET_KEY_ENV = "VALRUN_NEW_SECRET_KEY"
 
@@ -187,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_options, api_options = [_options(api=False)], [_options(api=True)]
     parser = argparse.ArgumentParser(
         prog="valrun",
-        description=__doc__,
+        description=DESCRIPTION,
         parents=api_options,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
