@@ -57,8 +57,8 @@ def restore(db_path: str, source_path: str | Path) -> Path | None:
 
     The backup is checked first (a valrun database, a schema this valrun knows); the database
     it replaces is itself backed up next to it first. Returns that copy's path (None when
-    there was no database). Run it while the service is stopped: a running one would keep
-    serving from its caches and warm workers.
+    there was no database). The caller holds the database's exclusive lock
+    (runtime.dblock): a running service would keep serving from its caches and warm workers.
     """
     source_path = Path(source_path)
     if not source_path.is_file():

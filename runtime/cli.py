@@ -22,7 +22,7 @@ from pathlib import Path
 
 import trio
 
-from runtime import backup, client
+from runtime import backup, client, dblock
 from runtime.config import (
     SECRET_KEY_ENV,
     Config,
@@ -139,11 +139,12 @@ def cmd_backup(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_restore(config: Config, args: argparse.Namespace) -> int:
-    saved = backup.restore(config.store.sqlite_path, args.file)
-    if saved is not None:
-        print(f"the database it replaced is kept at {saved}")
-    with closing(open_store(config)):  # migrates a backup made by an older valrun
-        pass
+    with dblock.hold(config.store.sqlite_path, exclusive=True, what="restore"):
+        saved = backup.restore(config.store.sqlite_path, args.file)
+        if saved is not None:
+            print(f"the database it replaced is kept at {saved}")
+        with closing(open_store(config)):  # migrates a backup made by an older valrun
+            pass
     print(f"restored {config.store.sqlite_path} from {args.file}")
     return 0
 
@@ -160,7 +161,10 @@ def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
         if new_key
         else None
     )
-    with closing(open_store(config)) as store:
+    with (
+        dblock.hold(config.store.sqlite_path, exclusive=True, what="rotate-key"),
+        closing(open_store(config)) as store,
+    ):
         changed = store.reseal(new)
     print(f"{changed} env values re-stored {'with the new key' if new else 'as plain text'}.")
     if new:

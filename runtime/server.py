@@ -11,6 +11,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from runtime import dblock
 from runtime.app import App
 from runtime.config import Config
 from runtime.metrics import Metrics
@@ -43,6 +44,8 @@ async def serve_valrun(
     # Two connections: the recorder's batch writes (~4 ms each) must not hold up the token
     # checks and val lookups that requests wait on; SQLite's WAL lets those read meanwhile.
     with (
+        # Shared: restore and rotate-key refuse to run under a serving valrun.
+        dblock.hold(config.store.sqlite_path, exclusive=False, what="serve"),
         closing(Store(config.store.sqlite_path, secret_key=config.store.secret_key)) as store,
         closing(
             Store(config.store.sqlite_path, secret_key=config.store.secret_key)

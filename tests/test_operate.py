@@ -194,26 +194,33 @@ async def test_database_files_are_private(service: Service) -> None:
 
 
 async def test_backup_of_a_live_database_holds_the_latest_writes_and_restores(
-    service: Service, tmp_path: Path
+    tmp_path: Path,
 ) -> None:
-    write_config(tmp_path, service)
-    await service.put_val("kept", "def kept(req):\n    return 'v1'")
-    await service.put_val("kept", "def kept(req):\n    return 'v2'")
-    # The running service holds the database open in WAL mode: a plain copy of the main
-    # file would miss these writes until a checkpoint.
-    backed = await cli("backup", "snapshot.db", cwd=tmp_path)
-    assert backed.returncode == 0, backed.stderr
+    async with configured_service(tmp_path) as service:
+        write_config(tmp_path, service)
+        await service.put_val("kept", "def kept(req):\n    return 'v1'")
+        await service.put_val("kept", "def kept(req):\n    return 'v2'")
+        # The running service holds the database open in WAL mode: a plain copy of the main
+        # file would miss these writes until a checkpoint.
+        backed = await cli("backup", "snapshot.db", cwd=tmp_path)
+        assert backed.returncode == 0, backed.stderr
+        again = await cli("backup", "snapshot.db", cwd=tmp_path)
+        assert again.returncode == 2 and b"already exists" in again.stderr
+        await service.api("DELETE", "/v1/vals/alice/kept")
+        refused = await cli("restore", "snapshot.db", cwd=tmp_path)
+        assert refused.returncode == 2
+        assert b"a valrun is serving from" in refused.stderr and b"stop it first" in refused.stderr
+        rekey = await cli("rotate-key", cwd=tmp_path, env={"VALRUN_NEW_SECRET_KEY": KEY})
+        assert rekey.returncode == 2 and b"a valrun is serving from" in rekey.stderr
     copy = tmp_path / "snapshot.db"
     assert stat.S_IMODE(copy.stat().st_mode) == 0o600
     with sqlite3.connect(copy) as db:
         (versions,) = db.execute("SELECT COUNT(*) FROM versions").fetchone()
         (version,) = db.execute("PRAGMA user_version").fetchone()
+    db.close()
     assert (versions, version) == (2, SCHEMA_VERSION)
-    again = await cli("backup", "snapshot.db", cwd=tmp_path)
-    assert again.returncode == 2 and b"already exists" in again.stderr
 
-    await service.api("DELETE", "/v1/vals/alice/kept")
-    restored = await cli("restore", "snapshot.db", cwd=tmp_path)
+    restored = await cli("restore", "snapshot.db", cwd=tmp_path)  # the service has stopped
     assert restored.returncode == 0, restored.stderr
     assert b"the database it replaced is kept at" in restored.stdout
     store = Store(service.db_path)
