@@ -37,6 +37,7 @@ from runtime.config import StoreConfig, parse_config
 from runtime.demo import seed_demo
 from runtime.server import serve_valrun
 from runtime.store import Store
+from sandbox.policy import LogBuffer, make_globals
 from tests.test_operate import AccessLines, capture_access_lines
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -386,3 +387,14 @@ async def test_readme_proxy_section_runs_through_nginx_and_caddy(
             await access_lines.wait_for("127.0.0.2 GET demo-hello.example-vals.net /")
             await access_lines.wait_for("127.0.0.2 GET api.example.com /v1/me 200")
         nursery.cancel_scope.cancel()
+
+
+def test_the_builtins_the_readme_says_are_refused_are_absent() -> None:
+    (row,) = [line for line in README.read_text().splitlines() if line.startswith("| `exec`")]
+    refused = re.findall(r"`(\w+)`", row.split("|")[1])
+    assert len(refused) >= 10
+    builtins = make_globals("v", {}, LogBuffer(1024))["__builtins__"]
+    assert not set(refused) & set(builtins)
+    # ... and the guarded getattr the README names refuses what the compiler refuses.
+    with pytest.raises(AttributeError):
+        builtins["getattr"](1, "__class__")
