@@ -57,7 +57,8 @@ def _int(query: dict[str, list[str]], key: str, low: int, high: int) -> int | No
 class Followers:
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
-        self._waiting: Counter[str] = Counter()
+        self._waiting: Counter[str] = Counter()  # by user
+        self._watching: Counter[tuple[str, object]] = Counter()  # by what is followed
         self._stopping = False
 
     def stop(self) -> None:
@@ -89,6 +90,7 @@ class Followers:
                 headers=(("retry-after", "1"),),
             )
         self._waiting[user] += 1
+        self._watching[key] += 1
         try:
             with trio.move_on_after(follow.wait_s):
                 while True:
@@ -104,3 +106,7 @@ class Followers:
             self._waiting[user] -= 1
             if not self._waiting[user]:
                 del self._waiting[user]
+            self._watching[key] -= 1
+            if not self._watching[key]:  # nobody waits on it: no event kept for it
+                del self._watching[key]
+                self.recorder.unwatch(key)

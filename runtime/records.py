@@ -69,6 +69,15 @@ class Recorder:
         """An event set when the next record for `key` is added (see `follow_key`)."""
         return self._watchers.setdefault(key, trio.Event())
 
+    @property
+    def watched(self) -> int:
+        """How many keys have an event waiting for their next record."""
+        return len(self._watchers)
+
+    def unwatch(self, key: tuple[str, object]) -> None:
+        """Forget `key`'s event (its last watcher is gone, with no record having come)."""
+        self._watchers.pop(key, None)
+
     def wake_watchers(self) -> None:
         """Set every watcher's event (the service is stopping: waits end now)."""
         watchers, self._watchers = self._watchers, {}

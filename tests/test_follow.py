@@ -17,9 +17,10 @@ import trio
 
 from runtime.config import Config, ServerConfig, StoreConfig
 from runtime.errors import BadRequestError
-from runtime.follow import MAX_FOLLOWERS_PER_USER, MAX_WAIT_S, Follow, parse_follow
+from runtime.follow import MAX_FOLLOWERS_PER_USER, MAX_WAIT_S, Follow, Followers, parse_follow
+from runtime.records import Recorder
 from runtime.server import serve_valrun
-from runtime.store import Store
+from runtime.store import AsyncStore, Record, Store
 from tests.conftest import TEST_LIMITS, Service
 from tests.test_cli import write_config
 from tests.test_service import assert_json_error
@@ -224,3 +225,19 @@ async def test_a_waiting_read_answers_at_once_when_the_service_stops(tmp_path: P
             stop.set()
     (response,) = answered
     assert (response.status_code, response.json()) == (200, {"runs": []})
+
+
+async def test_a_wait_that_ends_without_a_record_leaves_no_event_behind(tmp_path: Path) -> None:
+    store = Store(tmp_path / "valrun.db")
+    recorder = Recorder(AsyncStore(store), keep_per_val=10)
+    followers = Followers(recorder)
+
+    async def nothing() -> list[Record]:
+        return []
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for user in ("alice", "bob"):  # two waits on one key: the event outlives the first
+                nursery.start_soon(followers.fetch, user, ("val", 1), Follow(0, 1), nothing)
+    assert (followers.waiting, recorder.watched) == (0, 0)
+    store.close()
