@@ -2,15 +2,18 @@
 
 Where to connect and what Host to name are decided once, by `api_target`:
 
-    no --server             connect to server.bind (0.0.0.0 -> 127.0.0.1), Host: api_host:port
-    --server http://IP:P    connect there, Host: api_host:P (an address routes nothing)
-    --server https://NAME   connect there, Host: NAME (behind a proxy the name is the API host)
+    no --server                 connect to server.bind (0.0.0.0 -> 127.0.0.1),
+                                Host: api_host:port
+    --server http://ADDR:P      connect there, Host: api_host:P (an address or a machine's
+    --server http://NAME:P      name routes nothing in valrun: the API host does)
+    --server https://NAME       connect there, Host: NAME (over TLS the name is the API
+                                host's, as its certificate says; so is an http URL that
+                                names the API host itself)
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import sys
@@ -26,16 +29,6 @@ TOKEN_ENV = "VALRUN_TOKEN"
 SERVER_ENV = "VALRUN_SERVER"
 #: How long one long poll of `logs --follow` waits on the server (its limit is 30 s).
 FOLLOW_WAIT_S = 25
-
-
-def _is_address(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def api_target(config: Config, server: str | None) -> tuple[str, str | None]:
@@ -54,7 +47,7 @@ def api_target(config: Config, server: str | None) -> tuple[str, str | None]:
             f"valrun: --server must be an http(s) URL like http://127.0.0.1:8080, not {server!r}"
         )
     base = f"{parts.scheme}://{parts.netloc}"
-    if not _is_address(parts.hostname):
+    if parts.scheme == "https" or parts.hostname == api_host:
         return base, None
     return base, api_host + (f":{parts.port}" if parts.port else "")
 

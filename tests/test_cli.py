@@ -158,11 +158,13 @@ async def test_server_url_on_any_port_is_reached_with_the_api_host_named(
         ("http://127.0.0.1:9000", "http://127.0.0.1:9000", "api.example.com:9000"),
         ("http://[::1]:9000/", "http://[::1]:9000", "api.example.com:9000"),
         ("http://10.1.2.3", "http://10.1.2.3", "api.example.com"),
+        ("http://devbox:8080", "http://devbox:8080", "api.example.com:8080"),
+        ("http://api.example.com:8080", "http://api.example.com:8080", None),
         ("https://api.example.com", "https://api.example.com", None),
         ("https://vals.internal:8443", "https://vals.internal:8443", None),
     ],
 )
-def test_api_target_connects_to_the_url_and_names_the_api_host_for_addresses(
+def test_api_target_connects_to_the_url_and_names_the_api_host_unless_tls_names_it(
     server: str | None, base: str, host: str | None
 ) -> None:
     config = Config(server=ServerConfig(api_host="api.example.com", web_domain="vals.example"))
