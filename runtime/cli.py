@@ -26,6 +26,7 @@ from runtime import backup, client, dblock
 from runtime.config import (
     SECRET_KEY_ENV,
     Config,
+    check_secret_key,
     load_config,
     resolve_store_path,
     with_bind,
@@ -150,17 +151,13 @@ def cmd_restore(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
-    new_key = os.environ.get(NEW_SECRET_KEY_ENV, "")
+    new_key = check_secret_key(os.environ.get(NEW_SECRET_KEY_ENV, ""), f"${NEW_SECRET_KEY_ENV}")
     if not new_key and not args.decrypt:
         raise SystemExit(
             f"valrun: put the new key in ${NEW_SECRET_KEY_ENV} (the current one stays in "
             f"[store] secret_key or ${SECRET_KEY_ENV}); --decrypt stores the values plain"
         )
-    new = (
-        Sealer(with_secret_key_from_env(Config(), {SECRET_KEY_ENV: new_key}).store.secret_key)
-        if new_key
-        else None
-    )
+    new = Sealer(new_key) if new_key else None
     with (
         dblock.hold(config.store.sqlite_path, exclusive=True, what="rotate-key"),
         closing(open_store(config)) as store,

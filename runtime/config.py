@@ -89,11 +89,7 @@ class StoreConfig:
     def __post_init__(self) -> None:
         if not self.max_runs_per_val > 0:
             raise ConfigError("store.max_runs_per_val must be positive")
-        if self.secret_key and len(self.secret_key) < MIN_SECRET_KEY_CHARS:
-            raise ConfigError(
-                f"store.secret_key must be at least {MIN_SECRET_KEY_CHARS} characters "
-                "(make one with: openssl rand -base64 32)"
-            )
+        check_secret_key(self.secret_key, "store.secret_key")
         if not self.url.startswith("sqlite:///"):
             raise ConfigError(f"store.url {self.url!r}: only sqlite:///PATH is supported so far")
 
@@ -255,16 +251,20 @@ def resolve_store_path(config: Config, base: Path) -> Config:
     return replace(config, store=replace(config.store, url=url))
 
 
+def check_secret_key(key: str, where: str) -> str:
+    """`key` if it is empty (no encryption) or long enough to be a secret."""
+    if key and len(key) < MIN_SECRET_KEY_CHARS:
+        raise ConfigError(
+            f"{where} must be at least {MIN_SECRET_KEY_CHARS} characters "
+            "(make one with: openssl rand -base64 32)"
+        )
+    return key
+
+
 def with_secret_key_from_env(config: Config, environ: Mapping[str, str] = os.environ) -> Config:
     """$VALRUN_SECRET_KEY, when set, is the secret key (it keeps the key out of the file)."""
-    key = environ.get(SECRET_KEY_ENV)
-    if not key:
-        return config
-    try:
-        store = replace(config.store, secret_key=key)
-    except ConfigError as exc:
-        raise ConfigError(f"${SECRET_KEY_ENV}: {exc}") from None
-    return replace(config, store=store)
+    key = check_secret_key(environ.get(SECRET_KEY_ENV, ""), f"${SECRET_KEY_ENV}")
+    return replace(config, store=replace(config.store, secret_key=key)) if key else config
 
 
 def with_bind(config: Config, bind: tuple[str, ...]) -> Config:
