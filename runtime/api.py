@@ -20,6 +20,7 @@ from runtime.auth import (
 )
 from runtime.config import Config
 from runtime.errors import BadRequestError, ForbiddenError, NotFoundError, PayloadTooLargeError
+from runtime.follow import Followers, parse_follow
 from runtime.hosts import val_host
 from runtime.http import HTTPRequest, HTTPResponse
 from runtime.metrics import Metrics
@@ -73,6 +74,7 @@ class Api:
         self.pool = pool
         self.recorder = recorder
         self.metrics = metrics
+        self.followers = Followers(recorder)
 
     def url_for(self, request: HTTPRequest, val: ValVersion) -> str:
         port = request.port
@@ -114,7 +116,12 @@ class Api:
             **self.pool.isolation,
         }
         return HTTPResponse.json(
-            {"status": "ok", "isolation": isolation, "workers": self.pool.gauges()}
+            {
+                "status": "ok",
+                "isolation": isolation,
+                "workers": self.pool.gauges(),
+                "log_followers": self.followers.waiting,
+            }
         )
 
     async def serve_metrics(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
@@ -219,15 +226,25 @@ class Api:
             raise NotFoundError(f"no val {owner}/{name}")
         if caller.name != owner:
             raise ForbiddenError(f"only {owner} may read the invocation records of {owner}/{name}")
-        await self.recorder.flush()  # what was invoked before this request is in the answer
-        runs = await self.store.call(Store.records, val, limit)
+        follow = parse_follow(request.query_string)
+        runs = await self.followers.fetch(
+            caller.name,
+            ("val", val.val_id),
+            follow,
+            lambda: self.store.call(Store.records, val, limit, follow.after),
+        )
         return HTTPResponse.json({"runs": [run.to_json() for run in runs]})
 
     async def list_eval_records(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         caller = await authenticate(self.store, request)
         limit = parse_limit(request.query_string)
-        await self.recorder.flush()
-        runs = await self.store.call(Store.eval_records, caller.name, limit)
+        follow = parse_follow(request.query_string)
+        runs = await self.followers.fetch(
+            caller.name,
+            ("evals", caller.name),
+            follow,
+            lambda: self.store.call(Store.eval_records, caller.name, limit, follow.after),
+        )
         return HTTPResponse.json({"runs": [run.to_json() for run in runs]})
 
     async def list_env(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:

@@ -12,12 +12,14 @@ import logging
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
+from runtime.accesslog import access_line
 from runtime.api import Api
 from runtime.auth import parse_version
-from runtime.config import Config
+from runtime.config import Config, ServerConfig
 from runtime.cors import finalize_cors
 from runtime.errors import BadRequestError, HTTPError, NotFoundError, StoreError, http_error
-from runtime.hosts import UnknownHost, ValHost, route_host
+from runtime.forwarded import client_address, parse_networks
+from runtime.hosts import ApiHost, Route, UnknownHost, ValHost, route_host
 from runtime.http import (
     HTTPRequest,
     HTTPResponse,
@@ -29,7 +31,7 @@ from runtime.http import (
 from runtime.invoke import Invoker, val_spec
 from runtime.metrics import Metrics
 from runtime.pool import Pool
-from runtime.records import Recorder
+from runtime.records import Recorder, loggable_path
 from runtime.reply import ValResponse
 from runtime.routes import api_routes, match_route
 from runtime.run_api import RunApi
@@ -54,9 +56,9 @@ class App:
         self.pool = pool
         self.metrics = metrics
         self.invoker = Invoker(config, pool, recorder)
-        self.routes = api_routes(
-            Api(config, store, pool, recorder, metrics), RunApi(config, store, self.invoker)
-        )
+        self.api = Api(config, store, pool, recorder, metrics)
+        self.routes = api_routes(self.api, RunApi(config, store, self.invoker))
+        self.proxies = parse_networks(config.server.trusted_proxies)
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -80,14 +82,24 @@ class App:
         await send_response(send, response, method)
         elapsed = trio.current_time() - started
         self.metrics.observe(response.label, response.status, elapsed)
+        client = scope.get("client")
+        address = client_address(
+            client[0] if client else None,
+            scope["headers"],
+            self.proxies,
+            self.config.server.forwarded_header,
+        )
         access_logger.info(
-            "%s %s %s %d %.1fms %dB",
-            method,
-            host or "-",
-            loggable_path(scope["path"]),
-            response.status,
-            elapsed * 1000,
-            len(response.body),
+            "%s",
+            access_line(
+                address,
+                method,
+                host,
+                loggable_path(scope["path"]),
+                response.status,
+                elapsed,
+                len(response.body),
+            ),
         )
 
     async def respond(
@@ -96,7 +108,11 @@ class App:
         server = self.config.server
         label: RouteLabel = "unknown"  # errors on web and unknown hosts get CORS too
         try:
-            route = route_host(host, server.api_host, server.web_domain)
+            if is_health_probe(scope["method"], scope["path"], host, server):
+                route: Route = ApiHost()
+                host = server.api_host  # whatever the probe sent (an address, nothing)
+            else:
+                route = route_host(host, server.api_host, server.web_domain)
             if isinstance(route, ValHost):
                 label = "web"
             elif isinstance(route, UnknownHost):
@@ -154,8 +170,21 @@ class App:
             headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers),
             body=request.body,
         )
-        response = await self.invoker.invoke(spec, invocation, source="web", expect=ValResponse)
+        response = await self.invoker.invoke(
+            spec, invocation, source="web", expect=ValResponse, origin=request
+        )
         return HTTPResponse(response.status, response.headers, response.body, cors=True)
+
+
+def is_health_probe(method: str, path: str, host: str | None, server: ServerConfig) -> bool:
+    """`GET /healthz` on any host but a val's: load balancers probe by IP address, or with
+    no Host at all. A val's own host keeps every path, /healthz included."""
+    if path != "/healthz" or method not in ("GET", "HEAD"):
+        return False
+    try:
+        return not isinstance(route_host(host, server.api_host, server.web_domain), ValHost)
+    except BadRequestError:
+        return True
 
 
 def web_version(query_string: str) -> int | None:
@@ -165,12 +194,6 @@ def web_version(query_string: str) -> int | None:
     except BadRequestError:
         # The query is the val's: a `v` that is no version number is its own business.
         return None
-
-
-def loggable_path(path: str) -> str:
-    """The path for the access log: Eval's code is its request's payload, and payloads are
-    not logged (it may hold a secret, and it may be 64 KiB long)."""
-    return "/v1/eval/…" if path.startswith("/v1/eval/") else path
 
 
 def _with_query(request: HTTPRequest) -> str:

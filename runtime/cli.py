@@ -1,4 +1,10 @@
-"""The `valrun` command: serve, admin tasks on the store, and val commands over the API."""
+"""The `valrun` command: serve, admin tasks on the store (user, token, backup, restore,
+rotate-key, config), and commands over the API (val, run, eval, env, logs: runtime.client).
+
+The config is `--config FILE`, else $VALRUN_CONFIG, else ./valrun.toml when there is one,
+else the defaults. Options work before and after the verb (`valrun --token T val put ...`
+and `valrun val put --token T ...`).
+"""
 
 from __future__ import annotations
 
@@ -9,20 +15,41 @@ import os
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from contextlib import closing
+from dataclasses import asdict
 from pathlib import Path
-from urllib.parse import quote
 
 import trio
 
-from runtime.config import Config, load_config, with_bind
+from runtime import backup, client, dblock
+from runtime.config import (
+    SECRET_KEY_ENV,
+    Config,
+    check_secret_key,
+    load_config,
+    resolve_store_path,
+    with_bind,
+    with_secret_key_from_env,
+)
 from runtime.demo import seed_demo
-from runtime.errors import ConfigError, HTTPError, StoreError
+from runtime.errors import ValrunError
+from runtime.sealing import Sealer
 from runtime.server import serve_valrun
 from runtime.store import Store
+
+DESCRIPTION = """\
+Run small pieces of Python (vals) as HTTP endpoints and JSON functions.
+
+serve, user, token, backup, restore, rotate-key and config work on this machine's store and
+config; val, run, eval, env and logs go through a running valrun's API.
+
+The config is --config FILE, else $VALRUN_CONFIG, else ./valrun.toml when there is one, else
+the defaults. Options work before and after the verb: `valrun --token T val put ...` and
+`valrun val put --token T ...` are the same.
+"""
+CONFIG_ENV = "VALRUN_CONFIG"
+NEW_SECRET_KEY_ENV = "VALRUN_NEW_SECRET_KEY"
 
 logger = logging.getLogger("valrun")
 
@@ -40,9 +67,11 @@ async def _wait_for_signal() -> None:
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     if args.bind:
         config = with_bind(config, tuple(args.bind))
-    if args.demo:
-        with closing(Store(config.store.sqlite_path)) as store:
-            token = seed_demo(store)
+    # Open (and migrate) the store once before serving: a schema too new or a wrong secret
+    # key is refused here, in one line, before anything listens.
+    with closing(open_store(config)) as store:
+        token = seed_demo(store) if args.demo else None
+    if token is not None:
         port = config.server.bind[0].rpartition(":")[2]
         print(f"demo vals: http://demo-hello.{config.server.web_domain}:{port}/?name=you")
         print(f"demo token (for the API at http://{config.server.api_host}:{port}/): {token}")
@@ -60,8 +89,12 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def open_store(config: Config) -> Store:
+    return Store(config.store.sqlite_path, secret_key=config.store.secret_key)
+
+
 def cmd_user_create(config: Config, args: argparse.Namespace) -> int:
-    with closing(Store(config.store.sqlite_path)) as store:
+    with closing(open_store(config)) as store:
         token = store.create_user(args.name)
     print(f"created user {args.name}; its token (shown only once):")
     print(token)
@@ -69,7 +102,7 @@ def cmd_user_create(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_token(config: Config, args: argparse.Namespace) -> int:
-    with closing(Store(config.store.sqlite_path)) as store:
+    with closing(open_store(config)) as store:
         if args.token_command == "create":
             token = store.create_token(args.name)
             print(f"a new token for {args.name} (shown only once):")
@@ -89,262 +122,256 @@ def _when(timestamp: float) -> str:
 
 
 def cmd_config_check(config: Config, args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    print(json.dumps(asdict(config), indent=2))
+    settings = asdict(config)
+    if config.store.secret_key:  # never printed: say only that it is set
+        settings["store"]["secret_key"] = "(set)"
+    found = {
+        "config_file": str(args.config_file) if args.config_file else None,
+        "database": config.store.sqlite_path,
+    }
+    print(json.dumps({**found, **settings}, indent=2))
     return 0
 
 
-class ApiClient:
-    """A small synchronous client for the management API (the CLI needs nothing more)."""
-
-    def __init__(self, config: Config, server: str | None, token: str | None) -> None:
-        bind = config.server.bind[0]
-        host, _, port = bind.rpartition(":")
-        if host in ("0.0.0.0", "::", "[::]"):
-            host = "127.0.0.1"
-        self.base = (server or f"http://{host}:{port}").rstrip("/")
-        # Without --server: connect to the bound address and name the API host in the Host
-        # header (*.localhost does not resolve everywhere outside browsers). With --server,
-        # its own host name is the right one.
-        self.host_header = None if server else f"{config.server.api_host}:{port}"
-        self.token = token or os.environ.get("VALRUN_TOKEN")
-
-    def call(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        content_type: str = "text/plain; charset=utf-8",
-    ) -> object:
-        request = urllib.request.Request(self.base + path, data=body, method=method)
-        if self.host_header is not None:
-            request.add_header("Host", self.host_header)
-        if body is not None:
-            request.add_header("Content-Type", content_type)
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode("utf-8", errors="replace")
-            raise SystemExit(f"valrun: {method} {path} answered {exc.code}: {detail}") from None
-        except urllib.error.URLError as exc:
-            raise SystemExit(f"valrun: cannot reach {self.base}: {exc.reason}") from None
-
-
-def _user_val(text: str) -> tuple[str, str]:
-    user, slash, val = text.partition("/")
-    if not slash or not user or not val:
-        raise SystemExit(f"valrun: expected USER/VAL, got {text!r}")
-    return user, val
-
-
-def cmd_val(config: Config, args: argparse.Namespace) -> int:
-    client = ApiClient(config, args.server, args.token)
-    if args.val_command == "list":
-        result = client.call("GET", f"/v1/vals/{args.user}")
-    else:
-        user, val = _user_val(args.target)
-        path = f"/v1/vals/{user}/{val}"
-        if args.val_command == "put":
-            code = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
-            payload = {"code": code, **({"privacy": args.privacy} if args.privacy else {})}
-            result = client.call("PUT", path, json.dumps(payload).encode(), "application/json")
-        elif args.val_command == "get":
-            result = client.call("GET", path + (f"?v={args.v}" if args.v else ""))
-            if isinstance(result, dict) and not args.json:
-                print(result.get("code", ""), end="")
-                return 0
-        else:
-            result = client.call("DELETE", path)
-    print(json.dumps(result, indent=2))
+def cmd_backup(config: Config, args: argparse.Namespace) -> int:
+    version = backup.backup(config.store.sqlite_path, args.file)
+    print(f"backed up {config.store.sqlite_path} (schema {version}) to {Path(args.file).resolve()}")
     return 0
 
 
-def _json_arg(text: str) -> object:
-    """A command-line arg: JSON when it is JSON (`1`, `true`, `[1]`, `"1"`), else a string."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _print_json(result: object) -> None:
-    print(json.dumps(result, indent=2, ensure_ascii=False))
-
-
-def cmd_run(config: Config, args: argparse.Namespace) -> int:
-    client = ApiClient(config, args.server, args.token)
-    user, dot, val = args.target.partition(".")
-    if not dot or not user or not val:
-        raise SystemExit(f"valrun: expected USER.VAL, got {args.target!r}")
-    path = f"/v1/run/{user}.{val}" + (f"?v={args.v}" if args.v else "")
-    body = json.dumps([_json_arg(a) for a in args.args]).encode()
-    _print_json(client.call("POST", path, body, "application/json"))
+def cmd_restore(config: Config, args: argparse.Namespace) -> int:
+    with dblock.hold(config.store.sqlite_path, exclusive=True, what="restore"):
+        saved = backup.restore(config.store.sqlite_path, args.file)
+        if saved is not None:
+            print(f"the database it replaced is kept at {saved}")
+        with closing(open_store(config)):  # migrates a backup made by an older valrun
+            pass
+    print(f"restored {config.store.sqlite_path} from {args.file}")
     return 0
 
 
-def cmd_eval(config: Config, args: argparse.Namespace) -> int:
-    client = ApiClient(config, args.server, args.token)
-    payload: dict[str, object] = {"code": args.code}
-    if args.args:
-        payload["args"] = [_json_arg(a) for a in args.args]
-    body = json.dumps(payload).encode()
-    _print_json(client.call("POST", "/v1/eval", body, "application/json"))
-    return 0
-
-
-def cmd_env(config: Config, args: argparse.Namespace) -> int:
-    client = ApiClient(config, args.server, args.token)
-    if args.env_command == "list":
-        result = client.call("GET", "/v1/env")
-        keys = result.get("keys", []) if isinstance(result, dict) else []
-        print("\n".join(str(key) for key in keys))
-        return 0
-    path = f"/v1/env/{quote(args.key, safe='')}"
-    if args.env_command == "unset":
-        client.call("DELETE", path)
-        return 0
-    # From stdin unless given: a secret on the command line ends up in the shell's history.
-    value = sys.stdin.read().removesuffix("\n") if args.value is None else args.value
-    client.call("PUT", path, value.encode())
-    return 0
-
-
-def cmd_logs(config: Config, args: argparse.Namespace) -> int:
-    client = ApiClient(config, args.server, args.token)
-    if args.target is None:
-        path = "/v1/me/evals"
-    else:
-        user, val = _user_val(args.target)
-        path = f"/v1/vals/{user}/{val}/runs"
-    result = client.call("GET", f"{path}?limit={args.limit}")
-    runs = result.get("runs", []) if isinstance(result, dict) else []
-    if args.json:
-        _print_json(runs)
-        return 0
-    for run in reversed(runs):  # oldest first, as a log reads
-        version = f"v{run['version']}" if run["version"] is not None else "-"
-        print(
-            f"{_when(run['time'])} {run['source']:4} {version:>4} {run['status']} "
-            f"{run['duration_ms']:.1f}ms"
+def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
+    new_key = check_secret_key(os.environ.get(NEW_SECRET_KEY_ENV, ""), f"${NEW_SECRET_KEY_ENV}")
+    if not new_key and not args.decrypt:
+        raise SystemExit(
+            f"valrun: put the new key in ${NEW_SECRET_KEY_ENV} (the current one stays in "
+            f"[store] secret_key or ${SECRET_KEY_ENV}); --decrypt stores the values plain"
         )
-        if run["error"]:
-            print(f"  error {run['error']['type']}: {run['error']['message']}")
-        for line in run["log"].splitlines():
-            print(f"  | {line}")
+    new = Sealer(new_key) if new_key else None
+    with (
+        dblock.hold(config.store.sqlite_path, exclusive=True, what="rotate-key"),
+        closing(open_store(config)) as store,
+    ):
+        changed = store.reseal(new)
+    print(f"{changed} env values re-stored {'with the new key' if new else 'as plain text'}.")
+    if new:
+        print(f"Now set [store] secret_key (or ${SECRET_KEY_ENV}) to the new key and restart.")
+    else:
+        print(f"Now remove [store] secret_key (and ${SECRET_KEY_ENV}) and restart.")
     return 0
+
+
+def _options(*, api: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its verb. SUPPRESS: an option given
+    before the verb is not reset by the subcommand's parser when it is not repeated there."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help=f"valrun.toml to use (default: ${CONFIG_ENV}, else ./valrun.toml if present)",
+    )
+    if api:
+        options.add_argument(
+            "--server",
+            default=argparse.SUPPRESS,
+            help=f"URL of a running valrun (default: ${client.SERVER_ENV}, else server.bind)",
+        )
+        options.add_argument(
+            "--token",
+            default=argparse.SUPPRESS,
+            help=f"API token (default: ${client.TOKEN_ENV})",
+        )
+    return options
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="valrun", description=__doc__)
-    parser.add_argument("--config", help="path to valrun.toml (default: built-in defaults)")
+    store_options, api_options = [_options(api=False)], [_options(api=True)]
+    parser = argparse.ArgumentParser(
+        prog="valrun",
+        description=DESCRIPTION,
+        parents=api_options,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the service")
+    serve = commands.add_parser("serve", parents=store_options, help="run the service")
     serve.add_argument(
         "--bind",
         action="append",
         metavar="HOST:PORT",
         help="address to listen on (repeatable; overrides server.bind)",
     )
-    serve.add_argument("--demo", action="store_true", help="seed a demo user and vals")
+    serve.add_argument(
+        "--demo", action="store_true", help="seed a demo user and vals; print its token"
+    )
     serve.set_defaults(func=cmd_serve)
 
-    user = commands.add_parser("user", help="users (directly on the store)")
+    user = commands.add_parser("user", parents=store_options, help="users (on the store)")
     user_commands = user.add_subparsers(dest="user_command", required=True)
-    create = user_commands.add_parser("create", help="create a user; prints its token last")
+    create = user_commands.add_parser(
+        "create", parents=store_options, help="create a user; prints its token last"
+    )
     create.add_argument("name")
     create.set_defaults(func=cmd_user_create)
 
-    token = commands.add_parser("token", help="API tokens (directly on the store)")
+    token = commands.add_parser("token", parents=store_options, help="API tokens (on the store)")
     token_commands = token.add_subparsers(dest="token_command", required=True)
-    token_create = token_commands.add_parser("create", help="a new token; printed last, once")
+    token_create = token_commands.add_parser(
+        "create", parents=store_options, help="a new token; printed last, once"
+    )
     token_create.add_argument("name")
-    token_list = token_commands.add_parser("list", help="a user's tokens (ids, never tokens)")
+    token_list = token_commands.add_parser(
+        "list", parents=store_options, help="a user's tokens (ids, never tokens)"
+    )
     token_list.add_argument("name")
-    token_revoke = token_commands.add_parser("revoke", help="revoke a token by its id")
+    token_revoke = token_commands.add_parser(
+        "revoke", parents=store_options, help="revoke a token by its id"
+    )
     token_revoke.add_argument("id", type=int)
     for sub in (token_create, token_list, token_revoke):
         sub.set_defaults(func=cmd_token)
 
-    config = commands.add_parser("config", help="configuration")
+    config = commands.add_parser("config", parents=store_options, help="configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True)
-    check = config_commands.add_parser("check", help="validate and print the effective config")
+    check = config_commands.add_parser(
+        "check", parents=store_options, help="validate and print the effective config"
+    )
     check.set_defaults(func=cmd_config_check)
 
-    val = commands.add_parser("val", help="vals, through the management API")
-    val.add_argument("--server", help="base URL of a running valrun (default: from server.bind)")
-    val.add_argument("--token", help="API token (default: $VALRUN_TOKEN)")
+    backup_cmd = commands.add_parser(
+        "backup", parents=store_options, help="copy the live database to FILE (consistent)"
+    )
+    backup_cmd.add_argument("file")
+    backup_cmd.set_defaults(func=cmd_backup)
+    restore = commands.add_parser(
+        "restore", parents=store_options, help="replace the database with a backup (stopped)"
+    )
+    restore.add_argument("file")
+    restore.set_defaults(func=cmd_restore)
+    rotate = commands.add_parser(
+        "rotate-key",
+        parents=store_options,
+        help=f"re-seal env values with ${NEW_SECRET_KEY_ENV} (service stopped)",
+    )
+    rotate.add_argument(
+        "--decrypt", action="store_true", help="store the env values plain (no new key)"
+    )
+    rotate.set_defaults(func=cmd_rotate_key)
+
+    val = commands.add_parser("val", parents=api_options, help="vals, through the API")
     val_commands = val.add_subparsers(dest="val_command", required=True)
-    put = val_commands.add_parser("put", help="save a new version from FILE (- for stdin)")
+    put = val_commands.add_parser(
+        "put", parents=api_options, help="save a new version from FILE (- for stdin)"
+    )
     put.add_argument("target", metavar="USER/VAL")
     put.add_argument("file")
     put.add_argument("--privacy", choices=("public", "unlisted", "private"))
-    get = val_commands.add_parser("get", help="print a val's code (--json for metadata)")
+    get = val_commands.add_parser(
+        "get", parents=api_options, help="print a val's code (--json for metadata)"
+    )
     get.add_argument("target", metavar="USER/VAL")
     get.add_argument("--v", type=int, help="a pinned version")
     get.add_argument("--json", action="store_true")
-    listing = val_commands.add_parser("list", help="list a user's vals")
+    listing = val_commands.add_parser("list", parents=api_options, help="a user's vals, a table")
     listing.add_argument("user")
-    delete = val_commands.add_parser("delete", help="delete a val and all its versions")
-    delete.add_argument("target", metavar="USER/VAL")
-    for sub in (put, get, listing, delete):
-        sub.set_defaults(func=cmd_val)
+    listing.add_argument("--json", action="store_true", help="JSON, for scripts")
+    versions = val_commands.add_parser("versions", parents=api_options, help="a val's versions")
+    versions.add_argument("target", metavar="USER/VAL")
+    versions.add_argument("--json", action="store_true", help="JSON, for scripts")
+    rollback = val_commands.add_parser(
+        "rollback", parents=api_options, help="save version N's code as a new version"
+    )
+    rollback.add_argument("target", metavar="USER/VAL")
+    rollback.add_argument("version", type=int, metavar="N")
+    privacy = val_commands.add_parser("privacy", parents=api_options, help="change privacy")
+    privacy.add_argument("target", metavar="USER/VAL")
+    privacy.add_argument("privacy", choices=("public", "unlisted", "private"))
+    remove = val_commands.add_parser(
+        "rm", aliases=["delete"], parents=api_options, help="delete a val, versions, records"
+    )
+    remove.add_argument("target", metavar="USER/VAL")
+    for sub in (put, get, listing, versions, rollback, privacy, remove):
+        sub.set_defaults(func=client.cmd_val)
+    remove.set_defaults(val_command="rm")
 
-    # Commands over the API take the same --server and --token as `val`.
-    api = argparse.ArgumentParser(add_help=False)
-    api.add_argument("--server", help="base URL of a running valrun (default: from server.bind)")
-    api.add_argument("--token", help="API token (default: $VALRUN_TOKEN)")
     arg_help = "JSON if it parses as JSON, else a string"
-
-    run = commands.add_parser("run", parents=[api], help="call a val through the Run API")
+    run = commands.add_parser("run", parents=api_options, help="call a val through the Run API")
     run.add_argument("target", metavar="USER.VAL")
     run.add_argument("args", nargs="*", metavar="ARG", help=arg_help)
     run.add_argument("--v", type=int, help="a pinned version")
-    run.set_defaults(func=cmd_run)
+    run.set_defaults(func=client.cmd_run)
 
-    evaluate = commands.add_parser("eval", parents=[api], help="evaluate code (Eval API)")
+    evaluate = commands.add_parser("eval", parents=api_options, help="evaluate code (Eval API)")
     evaluate.add_argument("code")
     evaluate.add_argument(
         "args", nargs="*", metavar="ARG", help=f"{arg_help}; given: a callable value is called"
     )
-    evaluate.set_defaults(func=cmd_eval)
+    evaluate.set_defaults(func=client.cmd_eval)
 
-    env = commands.add_parser("env", help="your env (values are never shown)")
+    env = commands.add_parser("env", parents=api_options, help="your env (values never shown)")
     env_commands = env.add_subparsers(dest="env_command", required=True)
-    env_set = env_commands.add_parser("set", parents=[api], help="set KEY (VALUE or stdin)")
+    env_set = env_commands.add_parser("set", parents=api_options, help="set KEY (VALUE or stdin)")
     env_set.add_argument("key")
     env_set.add_argument("value", nargs="?", help="default: read from stdin")
-    env_unset = env_commands.add_parser("unset", parents=[api], help="delete KEY")
+    env_unset = env_commands.add_parser("unset", parents=api_options, help="delete KEY")
     env_unset.add_argument("key")
-    env_list = env_commands.add_parser("list", parents=[api], help="list the keys")
+    env_list = env_commands.add_parser("list", parents=api_options, help="list the keys")
     for sub in (env_set, env_unset, env_list):
-        sub.set_defaults(func=cmd_env)
+        sub.set_defaults(func=client.cmd_env)
 
     logs = commands.add_parser(
-        "logs", parents=[api], help="invocation records of a val (or, without one, your evals)"
+        "logs", parents=api_options, help="a val's invocation records (without one: your evals)"
     )
     logs.add_argument("target", metavar="USER/VAL", nargs="?")
-    logs.add_argument("--limit", type=int, default=20)
+    logs.add_argument("--limit", type=int, default=20, help="how many past records first")
     logs.add_argument("--json", action="store_true")
-    logs.set_defaults(func=cmd_logs)
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="then print new records as they happen"
+    )
+    logs.set_defaults(func=client.cmd_logs)
     return parser
+
+
+def find_config(explicit: str | None) -> Path | None:
+    """--config, else $VALRUN_CONFIG, else ./valrun.toml when it exists."""
+    named = explicit or os.environ.get(CONFIG_ENV)
+    if named:
+        return Path(named)
+    here = Path("valrun.toml")
+    return here if here.is_file() else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name in ("config", "server", "token"):
+        setattr(args, name, getattr(args, name, None))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        config = load_config(args.config)
+        path = find_config(args.config)
+        args.config_file = path.resolve() if path else None
+        config = load_config(path) if path else resolve_store_path(Config(), Path.cwd())
+        config = with_secret_key_from_env(config)
         return int(args.func(config, args))
-    except (ConfigError, HTTPError, StoreError) as exc:
+    except ValrunError as exc:
         print(f"valrun: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `valrun ... | head`: the reader has all it wanted. Exit as a process killed by
+        # SIGPIPE would, without a traceback (and without Python's own complaint at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

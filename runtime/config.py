@@ -6,6 +6,8 @@ should not silently leave the default in force).
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -18,6 +20,8 @@ from sandbox.confine import LAYERS
 from sandbox.limits import WorkerLimits
 
 MIB = 1024 * 1024
+MIN_SECRET_KEY_CHARS = 32
+SECRET_KEY_ENV = "VALRUN_SECRET_KEY"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +36,24 @@ class ServerConfig:
     #: The Eval API runs arbitrary code as the token's user; without a token it would run
     #: as nobody, with no env. Off unless an operator opts in.
     anonymous_eval: bool = False
+    #: Addresses (or networks, `10.0.0.0/8`) of the reverse proxies whose `X-Forwarded-For`
+    #: and `Forwarded` headers name the client. From anyone else those headers are ignored.
+    trusted_proxies: tuple[str, ...] = ()
+    #: The one header trusted proxies name the client in: `x-forwarded-for` (nginx, Caddy)
+    #: or `forwarded` (RFC 7239).
+    forwarded_header: str = "x-forwarded-for"
 
     def __post_init__(self) -> None:
+        if self.forwarded_header not in ("x-forwarded-for", "forwarded"):
+            raise ConfigError("server.forwarded_header must be 'x-forwarded-for' or 'forwarded'")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"server.trusted_proxies: {proxy!r} is not an IP address or network "
+                    "(like 127.0.0.1 or 10.0.0.0/8)"
+                ) from None
         if not self.bind:
             raise ConfigError("server.bind needs at least one HOST:PORT")
         for name in ("api_host", "web_domain"):
@@ -63,10 +83,14 @@ class StoreConfig:
     url: str = "sqlite:///valrun.db"
     #: Invocation records kept per val; older ones are deleted as new ones arrive.
     max_runs_per_val: int = 100
+    #: When set (here or in $VALRUN_SECRET_KEY), env values are encrypted at rest with a key
+    #: derived from it (runtime.secrets). Empty: stored as plain text.
+    secret_key: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if not self.max_runs_per_val > 0:
             raise ConfigError("store.max_runs_per_val must be positive")
+        check_secret_key(self.secret_key, "store.secret_key")
         if not self.url.startswith("sqlite:///"):
             raise ConfigError(f"store.url {self.url!r}: only sqlite:///PATH is supported so far")
 
@@ -202,6 +226,8 @@ def parse_config(raw: Mapping[str, object]) -> Config:
 
 
 def load_config(path: str | Path | None) -> Config:
+    """The config in `path` (the defaults when None), with a relative database path taken
+    as relative to the file's folder, so a service started from any directory finds it."""
     if path is None:
         return Config()
     try:
@@ -211,7 +237,32 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    return parse_config(raw)
+    return resolve_store_path(parse_config(raw), Path(path).parent)
+
+
+def resolve_store_path(config: Config, base: Path) -> Config:
+    """`config` with its SQLite path made absolute against `base`."""
+    path = Path(config.store.sqlite_path)
+    if path.is_absolute():
+        return config
+    url = "sqlite:///" + str((base / path).resolve())
+    return replace(config, store=replace(config.store, url=url))
+
+
+def check_secret_key(key: str, where: str) -> str:
+    """`key` if it is empty (no encryption) or long enough to be a secret."""
+    if key and len(key) < MIN_SECRET_KEY_CHARS:
+        raise ConfigError(
+            f"{where} must be at least {MIN_SECRET_KEY_CHARS} characters "
+            "(make one with: openssl rand -base64 32)"
+        )
+    return key
+
+
+def with_secret_key_from_env(config: Config, environ: Mapping[str, str] = os.environ) -> Config:
+    """$VALRUN_SECRET_KEY, when set, is the secret key (it keeps the key out of the file)."""
+    key = check_secret_key(environ.get(SECRET_KEY_ENV, ""), f"${SECRET_KEY_ENV}")
+    return replace(config, store=replace(config.store, secret_key=key)) if key else config
 
 
 def with_bind(config: Config, bind: tuple[str, ...]) -> Config:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from runtime.errors import ConflictError
+import os
+from pathlib import Path
+
+from runtime.errors import ExistsError
 from runtime.store import Store
 
 DEMO_USER = "demo"
@@ -49,13 +52,44 @@ def echo(req):
 }
 
 
+def demo_token_path(store: Store) -> Path:
+    return Path(store.path + ".demo-token")
+
+
 def seed_demo(store: Store) -> str:
-    """Create the demo user if needed and save the demo vals that are missing; a new token."""
+    """Create the demo user if needed and save the demo vals that are missing; its token.
+
+    The store keeps only tokens' hashes, so a token cannot be shown again from it. The demo
+    token is therefore kept in a file beside the database, private (0600) like the database
+    itself: whoever can read it could read and write the database anyway, and it names only
+    the demo user. Each start reuses it while it is still valid (not revoked); otherwise a
+    new one is made and the file replaced. Other users' tokens are never written anywhere.
+    """
+    path = demo_token_path(store)
     try:
         token = store.create_user(DEMO_USER)
-    except ConflictError:
-        token = store.create_token(DEMO_USER)
+    except ExistsError:
+        token = _saved_token(store, path) or store.create_token(DEMO_USER)
+    _save_token(path, token)
     for name, code in DEMO_VALS.items():
         if store.get_val(DEMO_USER, name, None) is None:
             store.put_val(DEMO_USER, name, code, "public")
     return token
+
+
+def _saved_token(store: Store, path: Path) -> str | None:
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    user = store.user_for_token(token) if token else None
+    return token if user is not None and user.name == DEMO_USER else None
+
+
+def _save_token(path: Path, token: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(token + "\n")
+    os.replace(partial, path)

@@ -16,6 +16,7 @@
         ├── MethodNotAllowedError   405 method_not_allowed
         ├── ConflictError           409 conflict
         ├── PayloadTooLargeError    413 request_too_large
+        ├── TooManyRequestsError    429 too_many_requests (with Retry-After)
         ├── ClientGoneError         499 client_gone (nobody reads it: for logs and metrics)
         ├── OverloadedError         503 overloaded (with Retry-After)
         ├── WorkerTimeoutError      504 timeout
@@ -101,6 +102,10 @@ class ConflictError(HTTPError):
 
 class PayloadTooLargeError(HTTPError):
     status, default_type = 413, "request_too_large"
+
+
+class TooManyRequestsError(HTTPError):
+    status, default_type = 429, "too_many_requests"
 
 
 class ClientGoneError(HTTPError):

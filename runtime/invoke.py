@@ -16,9 +16,9 @@ import trio
 from runtime.config import Config
 from runtime.errors import ClientGoneError, HTTPError, OverloadedError, WorkerError
 from runtime.hosts import val_host
-from runtime.http import JSON_HEADERS, HTTPResponse
+from runtime.http import JSON_HEADERS, HTTPRequest, HTTPResponse
 from runtime.pool import Pool, ValSpec
-from runtime.records import Recorder, mask_env
+from runtime.records import Recorder, loggable_path, mask_env
 from runtime.reply import Reply, ValResponse, ValResult, protocol_error
 from runtime.store import Record, Source, User, ValVersion
 from sandbox.messages import Call, Invocation
@@ -72,11 +72,14 @@ class Invoker:
         *,
         source: Source,
         expect: type[Outcome],
+        origin: HTTPRequest | None = None,
     ) -> Outcome:
-        """Invoke through the pool and record it; the outcome, or the val's error raised."""
+        """Invoke through the pool and record it; the outcome, or the val's error raised.
+        `origin` is the HTTP request that asked for it (its method and path are recorded)."""
         started_at, started = time.time(), trio.current_time()
 
         def record(status: int, log: str = "", error: HTTPError | None = None) -> None:
+            steps = error.details.get("traceback") if error else None
             self.recorder.add(
                 Record(
                     val_id=None if spec.mode == "eval" else spec.val_id,
@@ -89,6 +92,9 @@ class Invoker:
                     log=mask_env(log, spec.env),
                     error_type=error.type if error else None,
                     error_message=error.message if error else None,
+                    traceback=tuple(map(str, steps)) if isinstance(steps, list) else None,
+                    method=origin.method if origin else None,
+                    path=loggable_path(origin.raw_path) if origin else None,
                 )
             )
 
@@ -132,16 +138,31 @@ class Invoker:
         finally:
             self._eval_slots.release()
 
-    async def run(self, val: ValVersion, env: dict[str, str], args: list[object]) -> HTTPResponse:
+    async def run(
+        self,
+        val: ValVersion,
+        env: dict[str, str],
+        args: list[object],
+        origin: HTTPRequest | None = None,
+    ) -> HTTPResponse:
         spec = val_spec(val, env, self.config.server.web_domain)
-        result = await self.invoke(spec, Call(0, args), source="run", expect=ValResult)
+        result = await self.invoke(
+            spec, Call(0, args), source="run", expect=ValResult, origin=origin
+        )
         return result_response(result)
 
     async def eval(
-        self, code: str, args: list[object] | None, user: User | None, env: dict[str, str]
+        self,
+        code: str,
+        args: list[object] | None,
+        user: User | None,
+        env: dict[str, str],
+        origin: HTTPRequest | None = None,
     ) -> HTTPResponse:
         spec = eval_spec(code, user, env)
-        result = await self.invoke(spec, Call(0, args), source="eval", expect=ValResult)
+        result = await self.invoke(
+            spec, Call(0, args), source="eval", expect=ValResult, origin=origin
+        )
         return result_response(result)
 
 

@@ -61,6 +61,28 @@ class Recorder:
         self._lock = trio.Lock()  # one flush at a time: a reader waits for one in progress
         self._arrived = trio.Event()
         self._batch_ready = trio.Event()
+        #: Events of live-log followers, by what they follow (`follow_key`); set and
+        #: dropped when a record for that key is added.
+        self._watchers: dict[tuple[str, object], trio.Event] = {}
+
+    def watch(self, key: tuple[str, object]) -> trio.Event:
+        """An event set when the next record for `key` is added (see `follow_key`)."""
+        return self._watchers.setdefault(key, trio.Event())
+
+    @property
+    def watched(self) -> int:
+        """How many keys have an event waiting for their next record."""
+        return len(self._watchers)
+
+    def unwatch(self, key: tuple[str, object]) -> None:
+        """Forget `key`'s event (its last watcher is gone, with no record having come)."""
+        self._watchers.pop(key, None)
+
+    def wake_watchers(self) -> None:
+        """Set every watcher's event (the service is stopping: waits end now)."""
+        watchers, self._watchers = self._watchers, {}
+        for event in watchers.values():
+            event.set()
 
     @property
     def pending(self) -> int:
@@ -74,6 +96,9 @@ class Recorder:
             self._pending_bytes -= _size(self._pending.popleft())
             self._dropped += 1
         self._arrived.set()
+        watcher = self._watchers.pop(follow_key(record), None)
+        if watcher is not None:
+            watcher.set()
         if len(self._pending) >= self.batch_size:
             self._batch_ready.set()
 
@@ -105,6 +130,19 @@ class Recorder:
             self._arrived = trio.Event()
             self._batch_ready = trio.Event()
             await self.flush()
+
+
+def follow_key(record: Record) -> tuple[str, object]:
+    """What a live-log follower waits on: a val's records, or one user's Evals."""
+    if record.val_id is not None:
+        return ("val", record.val_id)
+    return ("evals", record.owner)
+
+
+def loggable_path(path: str) -> str:
+    """A request's path for the access log and records: Eval's code is its request's
+    payload, and payloads are not logged (it may hold a secret, and be 64 KiB long)."""
+    return "/v1/eval/…" if path.startswith("/v1/eval/") else path
 
 
 def _size(record: Record) -> int:

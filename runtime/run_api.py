@@ -41,7 +41,7 @@ class RunApi:
                 f"no val {owner}.{name}" + (f" version {version}" if version else "")
             )
         val, env = resolved
-        return await self.invoker.run(val, env, args)
+        return await self.invoker.run(val, env, args, origin=request)
 
     async def eval_code(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         caller = await optional_user(self.store, request)
@@ -52,7 +52,7 @@ class RunApi:
         code, args = eval_input(request, params.get("code"))
         check_code_size(code, self.config.limits.max_source_bytes)
         env = await self.store.call(Store.env, caller.name) if caller else {}
-        return await self.invoker.eval(code, args, caller, env)
+        return await self.invoker.eval(code, args, caller, env, origin=request)
 
     async def preflight(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         # The CORS finalizer adds the allowed origin and methods and mirrors the headers.

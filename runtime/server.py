@@ -11,6 +11,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from runtime import dblock
 from runtime.app import App
 from runtime.broker import Broker
 from runtime.config import Config
@@ -44,8 +45,12 @@ async def serve_valrun(
     # Two connections: the recorder's batch writes (~4 ms each) must not hold up the token
     # checks and val lookups that requests wait on; SQLite's WAL lets those read meanwhile.
     with (
-        closing(Store(config.store.sqlite_path)) as store,
-        closing(Store(config.store.sqlite_path)) as records_store,
+        # Shared: restore and rotate-key refuse to run under a serving valrun.
+        dblock.hold(config.store.sqlite_path, exclusive=False, what="serve"),
+        closing(Store(config.store.sqlite_path, secret_key=config.store.secret_key)) as store,
+        closing(
+            Store(config.store.sqlite_path, secret_key=config.store.secret_key)
+        ) as records_store,
     ):
         async_store = AsyncStore(store)
         async with (
@@ -59,9 +64,17 @@ async def serve_valrun(
             # Capabilities register their ask handlers here as they land (fetch, storage).
             pool.broker = Broker().answer
             app = App(config, async_store, pool, recorder, Metrics())
+
+            async def shut_down() -> None:
+                if shutdown_trigger is None:
+                    await trio.sleep_forever()
+                else:
+                    await shutdown_trigger()
+                app.api.followers.stop()  # long polls answer now, not at their timeout
+
             await serve(
                 app,
                 hypercorn_config(config),
-                shutdown_trigger=shutdown_trigger,
+                shutdown_trigger=shut_down,
                 task_status=task_status,
             )

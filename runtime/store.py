@@ -1,5 +1,6 @@
 """The store: users, token hashes, vals, immutable versions, env, invocation records.
-SQLite in WAL mode.
+SQLite in WAL mode; the schema and its migrations are in `runtime.schema`; env values are
+sealed at rest when a secret key is given (`runtime.sealing`).
 
 `Store` is plain synchronous SQL (the CLI uses it directly). The front end goes through
 `AsyncStore.call(Store.method, ...)`, which makes the call in a worker thread so a slow disk
@@ -11,18 +12,24 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import logging
 import secrets
 import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Concatenate, Literal, ParamSpec, TypeVar, get_args
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, get_args
 
 import trio
 
-from runtime.errors import ExistsError, InvalidError, MissingError
+from runtime.errors import ConfigError, ExistsError, InvalidError, MissingError
 from runtime.hosts import USER_RE
+from runtime.schema import create_private, migrate
+from runtime.sealing import Sealer
+
+logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -32,63 +39,6 @@ PRIVACY: tuple[Privacy, ...] = get_args(Privacy)
 #: Who invoked: a val's web host, the Run API, the Eval API. Records carry it.
 Source = Literal["web", "run", "eval"]
 TOKEN_PREFIX = "vr_"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS users (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL UNIQUE,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tokens (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-    hash BLOB NOT NULL UNIQUE,
-    created_at REAL NOT NULL,
-    revoked_at REAL
-);
--- AUTOINCREMENT: a val id is never reused, so a deleted val's warm workers can never be
--- mistaken for those of a new val with the same name.
-CREATE TABLE IF NOT EXISTS vals (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-    name TEXT NOT NULL,
-    name_key TEXT NOT NULL,
-    privacy TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    UNIQUE (user_id, name_key)
-);
-CREATE TABLE IF NOT EXISTS versions (
-    val_id INTEGER NOT NULL REFERENCES vals(id) ON DELETE CASCADE,
-    version INTEGER NOT NULL,
-    code TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (val_id, version)
-);
-CREATE TABLE IF NOT EXISTS env (
-    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-    key TEXT NOT NULL,
-    value TEXT NOT NULL,
-    PRIMARY KEY (user_id, key)
-);
--- Invocation records. A val's have val_id (and no user_id: the val names its owner); an
--- Eval's have no val_id and the token's user_id (none for an anonymous Eval). Each such
--- bucket keeps its newest store.max_runs_per_val records. Never request bodies nor env
--- values; the log is capped by the worker and the front end.
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    val_id INTEGER REFERENCES vals(id) ON DELETE CASCADE,
-    user_id INTEGER REFERENCES users(id) ON DELETE CASCADE,
-    source TEXT NOT NULL,
-    version INTEGER,
-    started_at REAL NOT NULL,
-    duration_ms REAL NOT NULL,
-    status INTEGER NOT NULL,
-    log TEXT NOT NULL,
-    error_type TEXT,
-    error_message TEXT
-);
-CREATE INDEX IF NOT EXISTS runs_by_bucket ON runs (val_id, user_id, id);
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,15 +81,25 @@ class Record:
     log: str
     error_type: str | None = None
     error_message: str | None = None
+    #: The val's own stack on failure ("line N, in f" entries), as in its error answer.
+    traceback: tuple[str, ...] | None = None
+    method: str | None = None
+    path: str | None = None  # never the query: it may carry secrets
+    id: int | None = None  # set once stored; increases with time (the cursor of `after=`)
 
     def to_json(self) -> dict[str, object]:
-        error = None
+        error: dict[str, object] | None = None
         if self.error_type is not None:
             error = {"type": self.error_type, "message": self.error_message or ""}
+            if self.traceback is not None:
+                error["traceback"] = list(self.traceback)
         return {
+            "id": self.id,
             "time": self.started_at,
             "source": self.source,
             "version": self.version,
+            "method": self.method,
+            "path": self.path,
             "status": self.status,
             "duration_ms": round(self.duration_ms, 3),
             "log": self.log,
@@ -155,13 +115,20 @@ def hash_token(token: str) -> bytes:
 
 
 class Store:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, secret_key: str = "") -> None:
         self.path = str(path)
+        create_private(self.path)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            migrate(self._db, self.path)
+            self._sealer = Sealer(secret_key) if secret_key else None
+            self._check_secret_key()
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         self._db.close()
@@ -353,23 +320,91 @@ class Store:
 
     def env(self, owner: str) -> dict[str, str]:
         rows = self._db.execute(
-            "SELECT e.key, e.value FROM env e JOIN users u ON u.id = e.user_id "
-            "WHERE u.name = ? ORDER BY e.key",
+            "SELECT e.user_id, e.key, e.value, e.sealed FROM env e "
+            "JOIN users u ON u.id = e.user_id WHERE u.name = ? ORDER BY e.key",
             (owner,),
         )
-        return dict(rows.fetchall())
+        return {
+            key: self._open(user_id, key, value, sealed) for user_id, key, value, sealed in rows
+        }
+
+    def _open(self, user_id: int, key: str, value: str, sealed: int) -> str:
+        if not sealed:
+            return value
+        if self._sealer is None:  # _check_secret_key refuses this at open; a racing writer
+            raise ConfigError(f"env {key} is sealed and this valrun has no secret key")
+        return self._sealer.open(user_id, key, value)
 
     def set_env(self, owner: str, key: str, value: str) -> None:
         user = self.user(owner)
+        sealed = 0
+        if self._sealer is not None:
+            value, sealed = self._sealer.seal(user.id, key, value), 1
         self._write(
             [
                 (
-                    "INSERT INTO env (user_id, key, value) VALUES (?, ?, ?) "
-                    "ON CONFLICT (user_id, key) DO UPDATE SET value = excluded.value",
-                    (user.id, key, value),
+                    "INSERT INTO env (user_id, key, value, sealed) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (user_id, key) DO UPDATE "
+                    "SET value = excluded.value, sealed = excluded.sealed",
+                    (user.id, key, value, sealed),
                 )
             ]
         )
+
+    # Sealing env values at rest
+
+    def _check_secret_key(self) -> None:
+        """Refuse a missing or wrong key when values are sealed; seal plain values when a
+        key is newly given (so turning it on protects what is already stored)."""
+        ((sealed,),) = self._db.execute("SELECT COUNT(*) FROM env WHERE sealed = 1").fetchall()
+        rows = self._db.execute("SELECT value FROM meta WHERE key = 'secret_key_id'").fetchall()
+        key_id = rows[0][0] if rows else None
+        if sealed and self._sealer is None:
+            raise ConfigError(
+                f"the env values in {self.path} are encrypted: set [store] secret_key or "
+                "$VALRUN_SECRET_KEY to the key they were sealed with"
+            )
+        if self._sealer is None:
+            return
+        if sealed and key_id != self._sealer.key_id:
+            raise ConfigError(
+                f"the secret key is not the one the env values in {self.path} were sealed "
+                "with; to change keys, run `valrun rotate-key` with the old key set and the "
+                "new one in $VALRUN_NEW_SECRET_KEY"
+            )
+        self.reseal(self._sealer)
+
+    def reseal(self, new: Sealer | None) -> int:
+        """Open every env value with the current key and seal it with `new` (None: store it
+        plain), in one transaction; afterwards this store uses `new`. How many changed."""
+        changed = 0
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            rows = self._db.execute("SELECT user_id, key, value, sealed FROM env").fetchall()
+            for user_id, key, value, sealed in rows:
+                if not sealed and new is None:
+                    continue
+                if sealed and new is not None and new is self._sealer:
+                    continue  # already sealed with this key
+                plain = self._open(user_id, key, value, sealed)
+                stored = (new.seal(user_id, key, plain), 1) if new else (plain, 0)
+                self._db.execute(
+                    "UPDATE env SET value = ?, sealed = ? WHERE user_id = ? AND key = ?",
+                    (*stored, user_id, key),
+                )
+                changed += 1
+            if new is None:
+                self._db.execute("DELETE FROM meta WHERE key = 'secret_key_id'")
+            else:
+                self._db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('secret_key_id', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (new.key_id,),
+                )
+        self._sealer = new
+        if changed:
+            logger.info("env values re-stored: %d (%s)", changed, "sealed" if new else "plain")
+        return changed
 
     def delete_env(self, owner: str, key: str) -> bool:
         user = self.user(owner)
@@ -385,16 +420,20 @@ class Store:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             for r in records:
+                traceback = None if r.traceback is None else json.dumps(list(r.traceback))
                 values = (
                     *(r.source, r.version, r.started_at, r.duration_ms, r.status, r.log),
-                    *(r.error_type, r.error_message),
+                    *(r.error_type, r.error_message, traceback, r.method, r.path),
+                )
+                columns = (
+                    "source, version, started_at, duration_ms, status, log, "
+                    "error_type, error_message, traceback, method, path"
                 )
                 if r.val_id is not None:
                     # The val may have been deleted since: then its record goes with it.
                     cur = self._db.execute(
-                        "INSERT INTO runs (val_id, source, version, started_at, duration_ms, "
-                        "status, log, error_type, error_message) "
-                        "SELECT id, ?, ?, ?, ?, ?, ?, ?, ? FROM vals WHERE id = ?",
+                        f"INSERT INTO runs (val_id, {columns}) "
+                        "SELECT id, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM vals WHERE id = ?",
                         (*values, r.val_id),
                     )
                     if cur.rowcount:
@@ -402,9 +441,8 @@ class Store:
                 else:
                     user_id = self._user_id(r.owner) if r.owner else None
                     self._db.execute(
-                        "INSERT INTO runs (user_id, source, version, started_at, duration_ms, "
-                        "status, log, error_type, error_message) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        f"INSERT INTO runs (user_id, {columns}) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (user_id, *values),
                     )
                     buckets.add((None, user_id))
@@ -422,19 +460,52 @@ class Store:
 
     _RUN_SELECT = (
         "SELECT val_id, ?, source, version, started_at, duration_ms, status, log, "
-        "error_type, error_message FROM runs "
+        "error_type, error_message, traceback, method, path, id FROM runs "
     )
 
-    def records(self, val: ValVersion, limit: int) -> list[Record]:
-        """A val's records, newest first."""
-        sql = self._RUN_SELECT + "WHERE val_id = ? AND user_id IS NULL ORDER BY id DESC LIMIT ?"
-        return [Record(*row) for row in self._db.execute(sql, (val.owner, val.val_id, limit))]
+    def records(self, val: ValVersion, limit: int, after: int | None = None) -> list[Record]:
+        """A val's records: the newest `limit`, newest first; with `after` (a record id),
+        the first `limit` written after it, oldest first."""
+        where = "WHERE val_id = ? AND user_id IS NULL "
+        return self._records(where, (val.owner, val.val_id), limit, after)
 
-    def eval_records(self, owner: str, limit: int) -> list[Record]:
-        """The records of a user's Evals, newest first."""
+    def eval_records(self, owner: str, limit: int, after: int | None = None) -> list[Record]:
+        """The records of a user's Evals, ordered as `records`."""
         user = self.user(owner)
-        sql = self._RUN_SELECT + "WHERE val_id IS NULL AND user_id = ? ORDER BY id DESC LIMIT ?"
-        return [Record(*row) for row in self._db.execute(sql, (owner, user.id, limit))]
+        where = "WHERE val_id IS NULL AND user_id = ? "
+        return self._records(where, (owner, user.id), limit, after)
+
+    def _records(
+        self, where: str, params: tuple[object, ...], limit: int, after: int | None
+    ) -> list[Record]:
+        if after is None:
+            sql = self._RUN_SELECT + where + "ORDER BY id DESC LIMIT ?"
+            rows = self._db.execute(sql, (*params, limit))
+        else:
+            sql = self._RUN_SELECT + where + "AND id > ? ORDER BY id LIMIT ?"
+            rows = self._db.execute(sql, (*params, after, limit))
+        return [_record(row) for row in rows]
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    (val_id, owner, source, version, started_at, duration_ms, status, log) = row[:8]
+    (error_type, error_message, traceback, method, path, run_id) = row[8:]
+    return Record(
+        val_id,
+        owner,
+        source,
+        version,
+        started_at,
+        duration_ms,
+        status,
+        log,
+        error_type,
+        error_message,
+        None if traceback is None else tuple(json.loads(traceback)),
+        method,
+        path,
+        run_id,
+    )
 
 
 class AsyncStore:

@@ -12,7 +12,11 @@ ensure_venv() {  # ensure_venv [EXTRA]
     "$python" -m venv .venv
     .venv/bin/python -m pip install --quiet --upgrade pip
   fi
-  local stamp=".venv/.installed-${extra:-base}-$(sha256sum pyproject.toml | cut -c1-16)"
+  local hash
+  hash=$(sha256sum pyproject.toml | cut -c1-16)
+  local stamp=".venv/.installed-${extra:-base}-$hash"
+  # The base install is part of every extra's: a dev install serves ./scripts/serve too.
+  if [ -z "$extra" ] && compgen -G ".venv/.installed-*-$hash" >/dev/null; then return; fi
   if [ ! -f "$stamp" ]; then
     echo "scripts: installing valrun${extra:+[$extra]} into .venv" >&2
     .venv/bin/python -m pip install --quiet -e ".${extra:+[$extra]}"
@@ -36,4 +40,13 @@ ensure_wrk() {  # scripts/bench drives the servers with Debian's wrk (one C clie
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk >/dev/null
+}
+
+ensure_proxies() {  # tests/test_readme.py runs the README's nginx and Caddy configs for real
+  if command -v nginx >/dev/null && command -v caddy >/dev/null; then return; fi
+  echo "scripts: installing Debian's nginx and caddy for the README's proxy examples" >&2
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nginx caddy >/dev/null
 }

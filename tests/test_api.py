@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from runtime.cli import ApiClient
+from runtime.client import ApiClient
 from runtime.config import Config
 from tests.conftest import Service, StartService
 from tests.test_service import HELLO, assert_json_error
@@ -224,7 +224,9 @@ async def test_cli_val_put_get_list_delete(service: Service, tmp_path: Path) -> 
     got = await valrun(service, "val", *token, "get", "alice/hello")
     assert got.stdout.decode() == HELLO
     listed = await valrun(service, "val", *token, "list", "alice")
-    assert b'"name": "hello"' in listed.stdout
+    header, row = listed.stdout.decode().splitlines()
+    assert header.split() == ["NAME", "VERSION", "PRIVACY", "URL"]
+    assert row.split()[:3] == ["hello", "v1", "public"]
     deleted = await valrun(service, "val", *token, "delete", "alice/hello")
     assert deleted.returncode == 0
     gone = await valrun(service, "val", *token, "get", "alice/hello")

@@ -290,7 +290,8 @@ inherit_worker_stderr = true
         server=ServerConfig(
             bind=("127.0.0.1:9000",), api_host="api.example.com", web_domain="example-vals.net"
         ),
-        store=StoreConfig(url="sqlite:///data/valrun.db"),
+        # Relative to the config file's folder, not to wherever valrun was started.
+        store=StoreConfig(url=f"sqlite:///{tmp_path / 'data' / 'valrun.db'}"),
         limits=LimitsConfig(wall_time_s=5.0, max_log_bytes=4096),
         pool=PoolConfig(max_workers=4, inherit_worker_stderr=True),
     )

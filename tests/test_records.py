@@ -292,10 +292,12 @@ async def test_a_failed_invocation_records_its_error(service: Service) -> None:
         await service.web("alice", "boom")
         (record,) = await runs(service, "boom")
     assert record["status"] == 502
+    assert (record["method"], record["path"]) == ("GET", "/")
     assert record["log"] == "about to fail\n"
     assert record["error"] == {
         "type": "val_error",
         "message": "ZeroDivisionError: division by zero (line 3, in boom)",
+        "traceback": ["line 3, in boom"],
     }
 
 
@@ -395,7 +397,7 @@ async def test_cli_logs_prints_a_vals_records(service: Service) -> None:
     done = await valrun(service, "logs", "--token", service.tokens["alice"], "alice/hello")
     assert done.returncode == 0, done.stderr
     first, log_line = done.stdout.decode().splitlines()
-    assert first.split()[2:5] == ["web", "v1", "200"]
+    assert first.split()[2:7] == ["web", "v1", "GET", "/", "200"]
     assert log_line == "  | hello log GET"
 
 

@@ -12,13 +12,12 @@ from typing import Any, cast
 import pytest
 import trio
 
-from runtime.app import loggable_path
 from runtime.config import Config
 from runtime.errors import HTTPError, WorkerError
 from runtime.http import HTTPRequest
 from runtime.invoke import Invoker
 from runtime.pool import Pool, ValSpec
-from runtime.records import Recorder
+from runtime.records import Recorder, loggable_path
 from runtime.reply import Reply, ValResponse, ValResult, check_reply, check_result_body
 from runtime.run_api import eval_input, run_args
 from runtime.store import AsyncStore, Store

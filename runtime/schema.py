@@ -1,0 +1,162 @@
+"""The store's schema, as numbered migrations, and the file it lives in.
+
+The database's version is SQLite's `PRAGMA user_version`: the number of migrations applied.
+`migrate` applies the missing ones in order, each in its own transaction with the version
+bump, so a crash leaves the database at one version or the next, never between. A database
+whose version is higher than `len(MIGRATIONS)` was written by a newer valrun: it is refused,
+never downgraded in place (the newer code may store things this one would misread).
+
+Databases made before versions existed have version 0 and the tables of migration 1 already;
+migration 1 creates only what is missing, so it applies to them too.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from runtime.errors import ValrunError
+
+
+class SchemaError(ValrunError):
+    """The database cannot be used by this valrun (too new, or not a valrun database)."""
+
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: users, tokens, vals, immutable versions, env, invocation records.
+    """
+    CREATE TABLE IF NOT EXISTS users (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS tokens (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        hash BLOB NOT NULL UNIQUE,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    );
+    -- AUTOINCREMENT: a val id is never reused, so a deleted val's warm workers can never be
+    -- mistaken for those of a new val with the same name.
+    CREATE TABLE IF NOT EXISTS vals (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        name_key TEXT NOT NULL,
+        privacy TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        UNIQUE (user_id, name_key)
+    );
+    CREATE TABLE IF NOT EXISTS versions (
+        val_id INTEGER NOT NULL REFERENCES vals(id) ON DELETE CASCADE,
+        version INTEGER NOT NULL,
+        code TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (val_id, version)
+    );
+    CREATE TABLE IF NOT EXISTS env (
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (user_id, key)
+    );
+    -- Invocation records. A val's have val_id (and no user_id: the val names its owner); an
+    -- Eval's have no val_id and the token's user_id (none for an anonymous Eval). Each such
+    -- bucket keeps its newest store.max_runs_per_val records. Never request bodies nor env
+    -- values; the log is capped by the worker and the front end.
+    CREATE TABLE IF NOT EXISTS runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        val_id INTEGER REFERENCES vals(id) ON DELETE CASCADE,
+        user_id INTEGER REFERENCES users(id) ON DELETE CASCADE,
+        source TEXT NOT NULL,
+        version INTEGER,
+        started_at REAL NOT NULL,
+        duration_ms REAL NOT NULL,
+        status INTEGER NOT NULL,
+        log TEXT NOT NULL,
+        error_type TEXT,
+        error_message TEXT
+    );
+    CREATE INDEX IF NOT EXISTS runs_by_bucket ON runs (val_id, user_id, id);
+    """,
+    # 2: records say what was asked (method, path without its query) and, on failure, the
+    # val's traceback (JSON list of "line N, in f"); env values may be sealed (encrypted at
+    # rest, runtime.secrets), and `meta` remembers which key sealed them.
+    """
+    ALTER TABLE runs ADD COLUMN method TEXT;
+    ALTER TABLE runs ADD COLUMN path TEXT;
+    ALTER TABLE runs ADD COLUMN traceback TEXT;
+    ALTER TABLE env ADD COLUMN sealed INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    ((version,),) = db.execute("PRAGMA user_version").fetchall()
+    return int(version)
+
+
+def check_version(version: int, path: str) -> None:
+    if version > SCHEMA_VERSION:
+        raise SchemaError(
+            f"the database {path} has schema version {version}, newer than this valrun "
+            f"knows (up to {SCHEMA_VERSION}): it was written by a newer valrun. Run that "
+            "version, or restore a backup made before the upgrade (valrun restore FILE)"
+        )
+
+
+def migrate(db: sqlite3.Connection, path: str) -> int:
+    """Bring `db` (opened with isolation_level=None) to SCHEMA_VERSION; the version it had."""
+    db.execute("BEGIN IMMEDIATE")  # one migrating process at a time
+    try:
+        start = schema_version(db)
+        check_version(start, path)
+        for number in range(start + 1, SCHEMA_VERSION + 1):
+            for statement in _statements(MIGRATIONS[number - 1]):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return start
+
+
+def _statements(script: str) -> list[str]:
+    # executescript would commit the open transaction; run statement by statement instead.
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--"):
+            continue
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    return statements
+
+
+def create_private(path: str | Path) -> None:
+    """Create the database file, readable by its owner only, if it does not exist yet.
+
+    SQLite gives the -wal and -shm files it makes later the database file's permissions, so
+    they are private too. An existing file keeps the mode its operator gave it, and is not
+    even opened here: closing any descriptor of a file drops every POSIX lock this process
+    holds on it, those of SQLite's open connections included.
+    """
+    if str(path) in ("", ":memory:") or os.path.exists(path):
+        return
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDONLY, 0o600)
+    except FileExistsError:
+        return  # another process made it just now
+    except OSError as exc:
+        raise SchemaError(f"cannot create the database {path}: {exc.strerror}") from None
+    os.close(fd)

@@ -1,0 +1,400 @@
+"""Every example in the README runs, so none can drift from what valrun does.
+
+- `sh` blocks run with bash against a valrun started by `./scripts/serve --demo`, in a
+  scratch folder holding the folder's `valrun.toml` (the CLI finds it there) and a link to
+  `.venv`; `8080` becomes the real port, `curl` fails on an HTTP error.
+- `python` blocks are vals, saved as the demo user's and called on their host; Python that
+  defines no handler (`def name(req)`) is evaluated through the Eval API instead.
+- `json` blocks must parse as JSON.
+- `toml` blocks are parsed as valrun.toml.
+- `nginx` and `caddyfile` blocks run: the real proxy with the README's files (ports and
+  certificate paths changed, a self-signed certificate), in front of valrun configured by the
+  README's proxy `toml` block; the block marked "run through each proxy" runs through each.
+- A block marked `<!-- run with the service stopped -->` runs after the service stopped.
+- A block marked `<!-- not run: why -->` is not run; blocks without a language are diagrams.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tomllib
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, closing
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from runtime.config import StoreConfig, parse_config
+from runtime.demo import seed_demo
+from runtime.server import serve_valrun
+from runtime.store import Store
+from sandbox.policy import LogBuffer, make_globals
+from tests.test_operate import AccessLines, capture_access_lines
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+RUN_LANGUAGES = {"sh", "python", "toml", "json", "nginx", "caddyfile"}
+STOPPED = "<!-- run with the service stopped -->"
+THROUGH_PROXY = "<!-- run through each proxy -->"
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    language: str
+    text: str
+    line: int  # of the opening fence, 1-based
+    mark: str  # the HTML comment just above the fence, or ""
+
+
+def readme_blocks(markdown: str) -> list[Block]:
+    blocks, lines = [], markdown.splitlines()
+    index = 0
+    while index < len(lines):
+        fence = re.fullmatch(r"```(\S*)\s*", lines[index])
+        if fence is None:
+            index += 1
+            continue
+        start = index
+        index += 1
+        body = []
+        while not lines[index].startswith("```"):
+            body.append(lines[index])
+            index += 1
+        above = lines[start - 1].strip() if start else ""
+        mark = above if above.startswith("<!--") else ""
+        blocks.append(Block(fence.group(1), "\n".join(body) + "\n", start + 1, mark))
+        index += 1
+    return blocks
+
+
+BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
+
+
+def of(language: str, mark: str = "") -> list[Block]:
+    return [b for b in BLOCKS if b.language == language and b.mark == mark]
+
+
+def test_every_readme_block_is_run_or_says_why_not() -> None:
+    for block in BLOCKS:
+        where = f"README.md:{block.line}"
+        if block.mark.startswith("<!-- not run:"):
+            assert len(block.mark) > len("<!-- not run:  -->") + 10, f"{where}: say why"
+        elif block.language:
+            assert block.language in RUN_LANGUAGES, f"{where}: no test runs {block.language!r}"
+            assert block.mark in ("", STOPPED, THROUGH_PROXY), f"{where}: unknown {block.mark}"
+    # The README's first screen stays two commands.
+    first = BLOCKS[0]
+    assert first.text.count("\n") == 2 and first.text.startswith("./scripts/serve")
+
+
+@pytest.mark.parametrize("block", of("toml"), ids=lambda b: f"line{b.line}")
+def test_readme_config_blocks_are_valid_config(block: Block) -> None:
+    parse_config(tomllib.loads(block.text))
+
+
+def test_readme_json_blocks_are_json() -> None:
+    for block in of("json"):
+        json.loads(block.text)
+
+
+# The service as the README starts it
+
+
+@dataclass
+class Running:
+    port: int
+    token: str
+    work: Path  # the scratch folder the examples run in
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def localize(text: str, port: int, token: str) -> str:
+    """The example as run here: the real port, the token the service printed (`vr_...`)."""
+    text = text.replace("8080", str(port)).replace("vr_...", token)
+    # An HTTP error status fails the example, as a non-zero exit does.
+    return re.sub(r"\bcurl (?!.*(?:-fsS|--fail))", "curl --fail-with-body -sS ", text)
+
+
+async def run_sh(block: Block, work: Path, env: dict[str, str], port: int) -> None:
+    script = "set -euo pipefail\n" + localize(block.text, port, env["VALRUN_TOKEN"])
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            ["bash", "-c", script],
+            cwd=work,
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert done.returncode == 0, (
+        f"README.md:{block.line} failed ({done.returncode}):\n{script}\n"
+        f"stdout: {done.stdout.decode()}\nstderr: {done.stderr.decode()}"
+    )
+
+
+def example_env(token: str) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("VALRUN_")}
+    return {**environ, "VALRUN_TOKEN": token}
+
+
+def scratch_env(token: str, work: Path) -> dict[str, str]:
+    """The examples' environment: `mktemp` makes its folders in the scratch folder."""
+    (work / "tmp").mkdir(exist_ok=True)
+    return {**example_env(token), "TMPDIR": str(work / "tmp")}
+
+
+@asynccontextmanager
+async def readme_service(tmp_path: Path) -> AsyncIterator[tuple[Running, trio.Process]]:
+    """`./scripts/serve --config ... --bind 127.0.0.1:0`, as a process; its output drained."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / ".venv").symlink_to(ROOT / ".venv")
+    config = work / "valrun.toml"
+    config.write_text('[store]\nurl = "sqlite:///valrun.db"\n')
+    command = [str(ROOT / "scripts" / "serve"), "--config", str(config), "--bind", "127.0.0.1:0"]
+    process = await trio.lowlevel.open_process(
+        command,
+        env=example_env(""),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    stdout, stderr = process.stdout, process.stderr
+    output = {"out": b"", "err": b""}
+    started = trio.Event()
+
+    async def drain(name: str, stream: trio.abc.ReceiveStream) -> None:
+        while chunk := await stream.receive_some():
+            output[name] += chunk
+            if re.search(rb"valrun is serving on http://127\.0\.0\.1:\d+", output["err"]):
+                started.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain, "out", stdout)
+            nursery.start_soon(drain, "err", stderr)
+            with trio.fail_after(60):
+                await started.wait()
+            found = re.search(rb"serving on http://127\.0\.0\.1:(\d+)", output["err"])
+            token = re.search(rb"demo token .*: (vr_\S+)", output["out"])
+            assert found and token, output
+            port = int(found.group(1))
+            # The CLI in the scratch folder finds this config and, in it, the service.
+            config.write_text(
+                f'[server]\nbind = ["127.0.0.1:{port}"]\n[store]\nurl = "sqlite:///valrun.db"\n'
+            )
+            yield Running(port, token.group(1).decode(), work), process
+            nursery.cancel_scope.cancel()
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                await process.wait()
+
+
+async def test_readme_examples_run_against_a_real_server(tmp_path: Path) -> None:
+    async with readme_service(tmp_path) as (running, process):
+        env = scratch_env(running.token, running.work)
+        for block in of("sh"):
+            await run_sh(block, running.work, env, running.port)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{running.port}", timeout=30
+        ) as client:
+            for block in of("python"):
+                await check_val_block(client, block, running)
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await process.wait() == 0
+        for block in of("sh", STOPPED):
+            await run_sh(block, running.work, env, running.port)
+
+
+async def check_val_block(client: httpx.AsyncClient, block: Block, running: Running) -> None:
+    """A handler (`def name(req)`) is saved as demo/name and called on its host; any other
+    Python is evaluated through the Eval API. Either must answer 200."""
+    api = {"host": "api.localhost", "authorization": f"Bearer {running.token}"}
+    export = re.search(r"^def (\w+)\(req", block.text, re.MULTILINE)
+    with trio.fail_after(30):
+        if export is None:
+            answer = await client.post("/v1/eval", json={"code": block.text}, headers=api)
+        else:
+            name = export.group(1)
+            saved = await client.put(
+                f"/v1/vals/demo/{name}", content=block.text.encode(), headers=api
+            )
+            assert saved.status_code in (200, 201), f"README.md:{block.line}: {saved.text}"
+            answer = await client.get(
+                "/?name=readme", headers={"host": f"demo-{name.lower()}.web.localhost"}
+            )
+    assert answer.status_code == 200, f"README.md:{block.line}: {answer.text}"
+
+
+# The proxy section, through real nginx and Caddy
+
+
+async def certificate(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a certificate it signed for api.example.com and *.example-vals.net."""
+    (folder / "san.ext").write_text("subjectAltName=DNS:api.example.com,DNS:*.example-vals.net\n")
+    new_key = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes"
+    for command in (
+        f"req -x509 {new_key} -keyout ca.key -out ca.pem -days 2 -subj /CN=readme-test-CA",
+        f"req {new_key} -keyout key.pem -out cert.csr -subj /CN=api.example.com",
+        "x509 -req -in cert.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem "
+        "-days 2 -extfile san.ext",
+    ):
+        with trio.fail_after(30):
+            await trio.run_process(
+                ["openssl", *command.split()], cwd=folder, capture_stdout=True, capture_stderr=True
+            )
+    return folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+
+
+def with_certificate(text: str, cert: Path, key: Path) -> str:
+    text = re.sub(r"/etc/letsencrypt/live/[^ ;\n]+/fullchain\.pem", str(cert), text)
+    return re.sub(r"/etc/letsencrypt/live/[^ ;\n]+/privkey\.pem", str(key), text)
+
+
+def nginx_conf(folder: Path, listen: int, upstream: int, cert: Path, key: Path) -> Path:
+    sites, proxy = of("nginx")
+    (folder / "valrun-proxy.conf").write_text(proxy.text.replace("8080", str(upstream)))
+    server = with_certificate(sites.text, cert, key)
+    server = server.replace("listen 443 ssl;", f"listen 127.0.0.1:{listen} ssl;")
+    server = server.replace("/etc/nginx/valrun-proxy.conf", str(folder / "valrun-proxy.conf"))
+    temp = "\n".join(
+        f"    {kind}_temp_path {folder / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = folder / "nginx.conf"
+    conf.write_text(
+        ("user root;\n" if os.getuid() == 0 else "")
+        + f"pid {folder / 'nginx.pid'};\nerror_log {folder / 'error.log'};\n"
+        + "events {}\nhttp {\n"
+        + f"    access_log {folder / 'access.log'};\n{temp}\n{server}}}\n"
+    )
+    return conf
+
+
+@asynccontextmanager
+async def run_nginx(folder: Path, upstream: int, cert: Path, key: Path) -> AsyncIterator[int]:
+    listen = free_port()
+    conf = nginx_conf(folder, listen, upstream, cert, key)
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    # Daemon mode: the command returns once the master has bound its port.
+    with trio.fail_after(30):
+        await trio.run_process([nginx, "-c", str(conf), "-e", str(folder / "error.log")])
+    try:
+        yield listen
+    finally:
+        pid = int((folder / "nginx.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+
+
+@asynccontextmanager
+async def run_caddy(folder: Path, upstream: int, cert: Path, key: Path) -> AsyncIterator[int]:
+    listen = free_port()
+    (caddyfile,) = of("caddyfile")
+    sites = with_certificate(caddyfile.text, cert, key).replace("8080", str(upstream))
+    options = (
+        f"{{\n\tadmin off\n\thttps_port {listen}\n\thttp_port {free_port()}\n"
+        f"\tdefault_bind 127.0.0.1\n\tstorage file_system {folder / 'data'}\n}}\n\n"
+    )
+    (folder / "Caddyfile").write_text(options + sites)
+    env = {
+        **os.environ,
+        "HOME": str(folder),
+        "XDG_DATA_HOME": str(folder / "data"),
+        "XDG_CONFIG_HOME": str(folder / "config"),
+    }
+    caddy = shutil.which("caddy") or "/usr/bin/caddy"
+    pidfile = folder / "caddy.pid"
+    # `caddy start` returns once the server it started has loaded its config and listens.
+    # That server keeps its output: a file, not a pipe that would stay open after us.
+    try:
+        with open(folder / "caddy.log", "wb") as log, trio.fail_after(30):
+            await trio.run_process(
+                [
+                    caddy,
+                    "start",
+                    "--config",
+                    str(folder / "Caddyfile"),
+                    "--adapter",
+                    "caddyfile",
+                    "--pidfile",
+                    str(pidfile),
+                ],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        yield listen
+    finally:
+        if pidfile.exists():  # also when `caddy start` failed after its server began
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+
+
+@pytest.fixture
+def access_lines() -> Iterator[AccessLines]:
+    with capture_access_lines() as lines:
+        yield lines
+
+
+@pytest.mark.parametrize("proxy", ["nginx", "caddy"])
+async def test_readme_proxy_section_runs_through_nginx_and_caddy(
+    proxy: str, tmp_path: Path, access_lines: AccessLines
+) -> None:
+    (production,) = [b for b in of("toml") if 'trusted_proxies = ["127.0.0.1"' in b.text]
+    config = parse_config(tomllib.loads(production.text))
+    db = tmp_path / "valrun.db"
+    config = replace(
+        config,
+        server=replace(config.server, bind=("127.0.0.1:0",)),
+        store=StoreConfig(url=f"sqlite:///{db}"),
+    )
+    store = Store(db)
+    token = seed_demo(store)
+    store.close()
+    run_proxy = run_nginx if proxy == "nginx" else run_caddy
+    ca, cert, key = await certificate(tmp_path)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            urls = await nursery.start(
+                lambda task_status: serve_valrun(config, task_status=task_status)
+            )
+        upstream = int(urls[0].rpartition(":")[2])
+        async with run_proxy(tmp_path, upstream, cert, key) as listen:
+            (block,) = of("sh", THROUGH_PROXY)
+            # The URL's host and port stay as written (SNI, Host); curl connects to the
+            # proxy on loopback, from 127.0.0.2 so the client differs from the proxy.
+            curl = f"curl -fsS --connect-to ::127.0.0.1:{listen} --cacert {ca} "
+            through = block.text.replace("curl -fsS ", curl + "--interface 127.0.0.2 ")
+            await run_sh(replace(block, text=through), tmp_path, example_env(token), 0)
+            # The client's address (127.0.0.2), from the proxy's X-Forwarded-For.
+            await access_lines.wait_for("127.0.0.2 GET demo-hello.example-vals.net /")
+            await access_lines.wait_for("127.0.0.2 GET api.example.com /v1/me 200")
+        nursery.cancel_scope.cancel()
+
+
+def test_the_builtins_the_readme_says_are_refused_are_absent() -> None:
+    (row,) = [line for line in README.read_text().splitlines() if line.startswith("| `exec`")]
+    refused = re.findall(r"`(\w+)`", row.split("|")[1])
+    assert len(refused) >= 10
+    builtins = make_globals("v", {}, LogBuffer(1024))["__builtins__"]
+    assert not set(refused) & set(builtins)
+    # ... and the guarded getattr the README names refuses what the compiler refuses.
+    with pytest.raises(AttributeError):
+        builtins["getattr"](1, "__class__")
