@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +10,7 @@ import trio
 
 from runtime.cli import ApiClient
 from runtime.config import Config
-from tests.conftest import Service, StartService
-from tests.test_service import HELLO, assert_json_error
+from tests.helpers import HELLO, Service, StartService, assert_json_error, valrun
 
 
 async def test_me_names_the_tokens_user(service: Service) -> None:
@@ -185,24 +183,6 @@ async def test_metrics_count_requests_cold_starts_and_kills(start_service: Start
 
 
 # The CLI, as a user runs it: a real process against the real server.
-
-
-async def valrun(
-    service: Service, *args: str, stdin: bytes = b""
-) -> subprocess.CompletedProcess[bytes]:
-    config = service.db_path.with_suffix(".toml")
-    config.write_text(
-        f'[server]\nbind = ["127.0.0.1:{service.port}"]\n'
-        f'[store]\nurl = "sqlite:///{service.db_path}"\n'
-    )
-    with trio.fail_after(30):
-        return await trio.run_process(
-            [sys.executable, "-m", "runtime.cli", "--config", str(config), *args],
-            stdin=stdin,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
 
 
 async def test_cli_user_create_prints_a_working_token_last(service: Service) -> None:

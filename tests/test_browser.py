@@ -21,7 +21,7 @@ import trio
 from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
-from tests.conftest import Service
+from tests.helpers import Service
 
 pytestmark = pytest.mark.browser
 

@@ -25,11 +25,18 @@ from sandbox.evaluate import compile_eval, evaluate
 from sandbox.policy import LogBuffer
 from sandbox.wire import Frame
 from sandbox.worker import result_json
-from tests.conftest import TEST_LIMITS, Service, StartService
-from tests.test_api import valrun
-from tests.test_records import configured_service
-from tests.test_service import COUNTER, assert_json_error, counter_code
-from tests.test_worker import load_frame, run_worker
+from tests.helpers import (
+    COUNTER,
+    TEST_LIMITS,
+    Service,
+    StartService,
+    assert_json_error,
+    configured_service,
+    counter_code,
+    load_frame,
+    run_worker,
+    valrun,
+)
 
 
 def request(

@@ -12,9 +12,7 @@ import trio
 
 from runtime.errors import NotFoundError
 from runtime.store import Store, User
-from tests.conftest import Service
-from tests.test_api import valrun
-from tests.test_service import assert_json_error
+from tests.helpers import Service, assert_json_error, valrun
 
 
 @pytest.fixture
