@@ -155,7 +155,8 @@ class WorkerProcess:
 
 class SpawnedWorker(WorkerProcess):
     def __init__(self, process: trio.Process, max_body_bytes: int) -> None:
-        assert process.stdin is not None and process.stdout is not None
+        assert process.stdin is not None
+        assert process.stdout is not None
         stream = trio.StapledStream(process.stdin, process.stdout)
         super().__init__(process.pid, stream, max_body_bytes)
         self.process = process

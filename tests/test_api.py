@@ -45,7 +45,8 @@ async def test_versions_are_immutable_and_listed_oldest_first(service: Service) 
     versions = (await service.api("GET", "/v1/vals/alice/hello/versions")).json()["versions"]
     assert [v["version"] for v in versions] == [1, 2, 3]
     pinned = (await service.api("GET", "/v1/vals/alice/hello?v=2")).json()
-    assert pinned["version"] == 2 and pinned["code"].endswith("# v2\n")
+    assert pinned["version"] == 2
+    assert pinned["code"].endswith("# v2\n")
     latest = (await service.api("GET", "/v1/vals/alice/hello")).json()
     assert latest["version"] == 3
     assert_json_error(await service.api("GET", "/v1/vals/alice/hello?v=9"), 404, "not_found")
@@ -192,7 +193,8 @@ async def test_cli_user_create_prints_a_working_token_last(service: Service) -> 
     me = await service.api("GET", "/v1/me", user=None, headers={"authorization": f"Bearer {token}"})
     assert me.json() == {"username": "carol"}
     again = await valrun(service, "user", "create", "carol")
-    assert again.returncode == 2 and b"already exists" in again.stderr
+    assert again.returncode == 2
+    assert b"already exists" in again.stderr
 
 
 async def test_cli_val_put_get_list_delete(service: Service, tmp_path: Path) -> None:
@@ -208,7 +210,8 @@ async def test_cli_val_put_get_list_delete(service: Service, tmp_path: Path) -> 
     deleted = await valrun(service, "val", *token, "delete", "alice/hello")
     assert deleted.returncode == 0
     gone = await valrun(service, "val", *token, "get", "alice/hello")
-    assert gone.returncode != 0 and b"404" in gone.stderr
+    assert gone.returncode != 0
+    assert b"404" in gone.stderr
 
 
 async def test_config_check_refuses_unknown_keys(tmp_path: Path) -> None:

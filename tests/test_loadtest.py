@@ -23,7 +23,8 @@ def _load(name: str) -> ModuleType:
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
@@ -186,7 +187,7 @@ def test_percentile_interpolates_between_ranks(
 
 def test_percentile_of_nothing_is_nan_and_q_must_be_a_percentage() -> None:
     assert math.isnan(loadlib.percentile([], 50))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="outside 0-100"):
         loadlib.percentile([1.0], 101)
 
 

@@ -249,7 +249,8 @@ async def test_web_and_run_invocations_leave_records(service: Service) -> None:
     assert (web["source"], web["version"], web["status"]) == ("web", 1, 200)
     assert (run["source"], run["version"], run["status"]) == ("run", 2, 200)
     assert (web["log"], run["log"]) == ("hello log GET\n", "hello log run\n")
-    assert web["error"] is None and run["error"] is None
+    assert web["error"] is None
+    assert run["error"] is None
     assert started <= web["time"] <= run["time"] <= time.time()
     assert 0 < web["duration_ms"] < 15_000
 
@@ -295,9 +296,11 @@ def leaky(req):
         failed = await service.web("alice", "leaky", "/?fail=1")
         records = await runs(service, "leaky")
     error = assert_json_error(failed, 502, "val_error")
-    assert "hunter2" not in failed.text and "[env SECRET]" in error["message"]
+    assert "hunter2" not in failed.text
+    assert "[env SECRET]" in error["message"]
     text = json.dumps(records)
-    assert "hunter2" not in text and "BODY-MARKER" not in text
+    assert "hunter2" not in text
+    assert "BODY-MARKER" not in text
     assert [r["log"] for r in records] == ["the secret is [env SECRET]\n"] * 2
     assert records[0]["error"]["message"].startswith("ValueError: bad key [env SECRET]")
 

@@ -117,7 +117,7 @@ def test_request_text_decodes_utf8(body: bytes, text: str) -> None:
 
 def test_request_json_parses_the_body() -> None:
     assert make_request(body=b'{"a": [1, "\xc3\xa9"]}').json() == {"a": [1, "é"]}
-    with pytest.raises(ValueError):
+    with pytest.raises(json.JSONDecodeError):
         make_request(body=b"not json").json()
 
 
@@ -250,7 +250,7 @@ def test_response_accepts_statuses_200_to_599(status: int) -> None:
     ],
 )
 def test_response_refuses_statuses_out_of_range(status: int) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="status must be an int from 200 to 599"):
         Response("", status)
 
 
@@ -421,7 +421,7 @@ def test_to_response_refuses_other_values_naming_their_type(value: object, type_
     ],
 )
 def test_dumps_json_refuses_values_json_has_no_spelling_for(value: object) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not JSON compliant"):
         dumps_json(value)
 
 
