@@ -182,6 +182,7 @@ class Pool:
             if worker.still_running():
                 self.stats["prewarmed_used"] += 1
                 return worker
+            self._close(worker)  # died ready (with its fork server, say): free its socket
         self.stats["forked_on_demand"] += 1
         return await self.factory()
 

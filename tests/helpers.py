@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import coverage
 import httpx
 import trio
 
@@ -129,6 +130,17 @@ async def configured_service(
 # --- the CLI, as a user runs it: a real process against the real server -------------------
 
 
+def python() -> list[str]:
+    """The command that runs Python for the CLI: under coverage when this test run is.
+
+    The CLI runs unconfined, so its process can write its own coverage data (scripts/test
+    combines it); worker processes cannot (see pyproject.toml's [tool.coverage.run]).
+    """
+    if coverage.Coverage.current() is None:
+        return [sys.executable]
+    return [sys.executable, "-m", "coverage", "run", "--parallel-mode"]
+
+
 async def valrun(
     service: Service, *args: str, stdin: bytes = b""
 ) -> subprocess.CompletedProcess[bytes]:
@@ -139,7 +151,7 @@ async def valrun(
     )
     with trio.fail_after(30):
         return await trio.run_process(
-            [sys.executable, "-m", "runtime.cli", "--config", str(config), *args],
+            [*python(), "-m", "runtime.cli", "--config", str(config), *args],
             stdin=stdin,
             capture_stdout=True,
             capture_stderr=True,

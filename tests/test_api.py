@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import trio
 
 from runtime.cli import ApiClient
 from runtime.config import Config
-from tests.helpers import HELLO, Service, StartService, assert_json_error, valrun
+from tests.helpers import HELLO, Service, StartService, assert_json_error, python, valrun
 
 
 async def test_me_names_the_tokens_user(service: Service) -> None:
@@ -218,7 +217,7 @@ async def test_config_check_refuses_unknown_keys(tmp_path: Path) -> None:
     config = tmp_path / "valrun.toml"
     config.write_text("[limits]\nwal_time_s = 5\n")
     done = await trio.run_process(
-        [sys.executable, "-m", "runtime.cli", "--config", str(config), "config", "check"],
+        [*python(), "-m", "runtime.cli", "--config", str(config), "config", "check"],
         capture_stdout=True,
         capture_stderr=True,
         check=False,
