@@ -103,6 +103,30 @@ def test_headers_getall_membership_and_default() -> None:
     assert headers["ACCEPT"] == "*/*"
 
 
+def test_mappings_list_count_and_iterate_each_name_once() -> None:
+    query = make_request(query="a=1&b=2&a=3").query
+    assert query.keys() == ["a", "b"]
+    assert list(query) == ["a", "b"]
+    assert len(query) == 2
+    assert query.items() == [("a", "1"), ("b", "2"), ("a", "3")]
+    headers = Headers([("X-A", "1"), ("x-a", "2")])
+    assert headers.keys() == ["x-a"]
+    assert len(headers) == 1
+
+
+@pytest.mark.parametrize("mapping", [Query([("a", "1")]), Headers([("a", "1")])])
+def test_mappings_cannot_lose_their_items(mapping: Query | Headers) -> None:
+    with pytest.raises(AttributeError, match="read-only"):
+        del mapping._items
+    assert mapping.getall("a") == ["1"]
+
+
+def test_reprs_name_the_request_and_response_but_show_no_body() -> None:
+    request = make_request(method="POST", body=b"secret")
+    assert repr(request) == "<Request POST http://alice-hello.web.localhost/p/q?a=1>"
+    assert repr(Response("secret")) == "<Response 200, 6 bytes>"
+
+
 @pytest.mark.parametrize(
     ("body", "text"),
     [
