@@ -194,6 +194,7 @@ class Pool:
             if worker.still_running():
                 self.stats["prewarmed_used"] += 1
                 return worker
+            self._close(worker)  # died ready (with its fork server, say): free its socket
         self.stats["forked_on_demand"] += 1
         return await self.factory()
 
@@ -395,6 +396,13 @@ class Pool:
                 nursery.start_soon(worker.aclose)
 
 
+def make_workdir() -> Path:
+    """A fresh directory that holds the workers' own directories."""
+    workdir = Path(tempfile.mkdtemp(prefix="valrun-workers-"))
+    workdir.chmod(0o711)  # workers run as another user; they need to reach their own dir
+    return workdir
+
+
 @asynccontextmanager
 async def open_pool(
     config: Config, *, worker_command: tuple[str, ...] | None = None
@@ -413,8 +421,7 @@ async def open_pool(
         # Everything available is applied, required or not.
         "layers": sorted(layer for layer, status in isolation.items() if status.active),
     }
-    workdir = Path(tempfile.mkdtemp(prefix="valrun-workers-"))
-    workdir.chmod(0o711)  # workers run as another user; they need to reach their own dir
+    workdir = await trio.to_thread.run_sync(make_workdir)
     inherit = config.pool.inherit_worker_stderr
     max_body = config.limits.max_response_body_bytes
     try:

@@ -155,7 +155,8 @@ class WorkerProcess:
 
 class SpawnedWorker(WorkerProcess):
     def __init__(self, process: trio.Process, max_body_bytes: int) -> None:
-        assert process.stdin is not None and process.stdout is not None
+        assert process.stdin is not None
+        assert process.stdout is not None
         stream = trio.StapledStream(process.stdin, process.stdout)
         super().__init__(process.pid, stream, max_body_bytes)
         self.process = process
@@ -199,6 +200,11 @@ class ForkedWorker(WorkerProcess):
     def __init__(self, pid: int, sock: trio.socket.SocketType, pidfd: int, max_body_bytes: int):
         super().__init__(pid, trio.SocketStream(sock), max_body_bytes)
         self.pidfd = pidfd
+        self._sock = sock
+
+    def discard(self) -> None:
+        """Close the socket of a worker that was never handed out (no checkpoint: cleanup)."""
+        self._sock.close()
 
     def exited(self, returncode: int) -> None:
         super().exited(returncode)
@@ -284,7 +290,13 @@ class ForkServerHandle:
                 await self._read_control(fd_space)
         finally:
             self.closed = True
-            await self._spawned_send.aclose()
+            # close(), not aclose(): this runs while the service is being cancelled, and a
+            # checkpoint here would skip the rest (the socket and pidfds would leak).
+            self._spawned_send.close()
+            # A worker whose spawner was cancelled waits in the channel; nobody will take it.
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                while True:
+                    self._spawned.receive_nowait().discard()
             # Its workers die with it (PR_SET_PDEATHSIG); nobody will report their exits.
             for worker in self.workers.values():
                 worker.exited(-signal.SIGKILL)
@@ -358,6 +370,8 @@ class SupervisedForkServer:
                 logger.error("the fork server died; starting a new one")
                 if old.process.returncode is None:
                     old.process.kill()
+                with trio.CancelScope(shield=True):
+                    await old.process.wait()  # reap it; it is dead or killed, so this is quick
             return await self.start()
 
     async def spawn(self) -> WorkerProcess:

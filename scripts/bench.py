@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import trio
-from loadtest import HttpError, Target, ValrunClient, percentile
+from loadlib import HttpError, Target, ValrunClient, percentile
 
 SCRIPTS = Path(__file__).resolve().parent
 HELLO_APP = SCRIPTS / "hello_app.py"

@@ -1,13 +1,12 @@
 """Fixtures: a real valrun on 127.0.0.1:0 with real worker subprocesses and a real SQLite file.
 
-Python clients do not resolve *.localhost, so `Service` connects to 127.0.0.1 and names the
-host in the Host header (Chromium resolves *.localhost itself; see test_browser.py).
+The handle they return, `Service`, and the other shared helpers are in tests/helpers.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,55 +14,10 @@ import httpx
 import pytest
 import trio
 
-from runtime.config import Config, LimitsConfig, PoolConfig, ServerConfig, StoreConfig
+from runtime.config import Config, PoolConfig, ServerConfig, StoreConfig
 from runtime.server import serve_valrun
 from runtime.store import Store
-
-# Short enough that timeout tests are quick, long enough for a cold worker on a busy machine.
-TEST_LIMITS = LimitsConfig(wall_time_s=3.0)
-
-
-@dataclass
-class Service:
-    config: Config
-    port: int
-    client: httpx.AsyncClient
-    tokens: dict[str, str]
-    db_path: Path
-
-    @property
-    def api_host(self) -> str:
-        return f"{self.config.server.api_host}:{self.port}"
-
-    def web_host(self, user: str, val: str) -> str:
-        return f"{user}-{val.lower()}.{self.config.server.web_domain}:{self.port}"
-
-    async def web(
-        self, user: str, val: str, path: str = "/", method: str = "GET", **kwargs: Any
-    ) -> httpx.Response:
-        headers = {"host": self.web_host(user, val), **kwargs.pop("headers", {})}
-        return await self.client.request(method, path, headers=headers, **kwargs)
-
-    async def api(
-        self, method: str, path: str, *, user: str | None = "alice", **kwargs: Any
-    ) -> httpx.Response:
-        headers = {"host": self.api_host, **kwargs.pop("headers", {})}
-        if user is not None:
-            headers.setdefault("authorization", f"Bearer {self.tokens[user]}")
-        return await self.client.request(method, path, headers=headers, **kwargs)
-
-    async def put_val(
-        self, name: str, code: str, *, user: str = "alice", privacy: str | None = None
-    ) -> httpx.Response:
-        payload: dict[str, str] = {"code": code}
-        if privacy is not None:
-            payload["privacy"] = privacy
-        response = await self.api("PUT", f"/v1/vals/{user}/{name}", user=user, json=payload)
-        assert response.status_code in (200, 201), response.text
-        return response
-
-
-StartService = Callable[..., Awaitable[Service]]
+from tests.helpers import TEST_LIMITS, Service, StartService
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +9,7 @@ import trio
 
 from runtime.client import ApiClient
 from runtime.config import Config
-from tests.conftest import Service, StartService
-from tests.test_service import HELLO, assert_json_error
+from tests.helpers import HELLO, Service, StartService, assert_json_error, python, valrun
 
 
 async def test_me_names_the_tokens_user(service: Service) -> None:
@@ -47,7 +44,8 @@ async def test_versions_are_immutable_and_listed_oldest_first(service: Service) 
     versions = (await service.api("GET", "/v1/vals/alice/hello/versions")).json()["versions"]
     assert [v["version"] for v in versions] == [1, 2, 3]
     pinned = (await service.api("GET", "/v1/vals/alice/hello?v=2")).json()
-    assert pinned["version"] == 2 and pinned["code"].endswith("# v2\n")
+    assert pinned["version"] == 2
+    assert pinned["code"].endswith("# v2\n")
     latest = (await service.api("GET", "/v1/vals/alice/hello")).json()
     assert latest["version"] == 3
     assert_json_error(await service.api("GET", "/v1/vals/alice/hello?v=9"), 404, "not_found")
@@ -187,24 +185,6 @@ async def test_metrics_count_requests_cold_starts_and_kills(start_service: Start
 # The CLI, as a user runs it: a real process against the real server.
 
 
-async def valrun(
-    service: Service, *args: str, stdin: bytes = b""
-) -> subprocess.CompletedProcess[bytes]:
-    config = service.db_path.with_suffix(".toml")
-    config.write_text(
-        f'[server]\nbind = ["127.0.0.1:{service.port}"]\n'
-        f'[store]\nurl = "sqlite:///{service.db_path}"\n'
-    )
-    with trio.fail_after(30):
-        return await trio.run_process(
-            [sys.executable, "-m", "runtime.cli", "--config", str(config), *args],
-            stdin=stdin,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-
-
 async def test_cli_user_create_prints_a_working_token_last(service: Service) -> None:
     done = await valrun(service, "user", "create", "carol")
     assert done.returncode == 0, done.stderr
@@ -212,7 +192,8 @@ async def test_cli_user_create_prints_a_working_token_last(service: Service) -> 
     me = await service.api("GET", "/v1/me", user=None, headers={"authorization": f"Bearer {token}"})
     assert me.json() == {"username": "carol"}
     again = await valrun(service, "user", "create", "carol")
-    assert again.returncode == 2 and b"already exists" in again.stderr
+    assert again.returncode == 2
+    assert b"already exists" in again.stderr
 
 
 async def test_cli_val_put_get_list_delete(service: Service, tmp_path: Path) -> None:
@@ -230,14 +211,15 @@ async def test_cli_val_put_get_list_delete(service: Service, tmp_path: Path) -> 
     deleted = await valrun(service, "val", *token, "delete", "alice/hello")
     assert deleted.returncode == 0
     gone = await valrun(service, "val", *token, "get", "alice/hello")
-    assert gone.returncode != 0 and b"404" in gone.stderr
+    assert gone.returncode != 0
+    assert b"404" in gone.stderr
 
 
 async def test_config_check_refuses_unknown_keys(tmp_path: Path) -> None:
     config = tmp_path / "valrun.toml"
     config.write_text("[limits]\nwal_time_s = 5\n")
     done = await trio.run_process(
-        [sys.executable, "-m", "runtime.cli", "--config", str(config), "config", "check"],
+        [*python(), "-m", "runtime.cli", "--config", str(config), "config", "check"],
         capture_stdout=True,
         capture_stderr=True,
         check=False,

@@ -46,7 +46,7 @@ from runtime.config import Config, LimitsConfig, PoolConfig, ServerConfig, Store
 from runtime.hosts import VAL_RE
 from runtime.server import serve_valrun
 from runtime.store import Store
-from tests.conftest import Service
+from tests.helpers import Service
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import Service
+from tests.helpers import Service
 
 PRIVACIES = ("public", "unlisted", "private")
 TOKEN_HEADERS: dict[str, dict[str, str]] = {

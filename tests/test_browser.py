@@ -21,7 +21,7 @@ import trio
 from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
-from tests.conftest import Service
+from tests.helpers import Service
 
 pytestmark = pytest.mark.browser
 
@@ -156,7 +156,8 @@ class Chromium:
             context = self._browser.new_context()
             page = context.new_page()
             response = page.goto(url)
-            assert response is not None and response.ok, f"the page val did not load: {response}"
+            assert response is not None, "the page val got no response"
+            assert response.ok, f"the page val did not load: {response}"
             return context, page
 
         context, page = await self.run(open_page)

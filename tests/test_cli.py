@@ -9,7 +9,6 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -19,41 +18,9 @@ from runtime.client import api_target
 from runtime.config import Config, ServerConfig
 from runtime.demo import DEMO_USER
 from runtime.store import Store
-from tests.conftest import Service
+from tests.helpers import Service, cli, write_config
 
 HELLO = "def hello(req):\n    return 'hi v{}'\n"
-
-
-async def cli(
-    *args: str,
-    cwd: Path,
-    env: Mapping[str, str] | None = None,
-    stdin: bytes = b"",
-) -> subprocess.CompletedProcess[bytes]:
-    """`valrun ARGS` in `cwd`, with an environment that has no VALRUN_* of the caller's."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("VALRUN_")}
-    environ["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    with trio.fail_after(30):
-        return await trio.run_process(
-            [sys.executable, "-m", "runtime.cli", *args],
-            cwd=cwd,
-            env={**environ, **(env or {})},
-            stdin=stdin,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-
-
-def write_config(folder: Path, service: Service, db: str | None = None) -> Path:
-    """A valrun.toml naming the service's port and (relative to `folder`) its database."""
-    folder.mkdir(parents=True, exist_ok=True)
-    db_url = db if db is not None else str(service.db_path)
-    path = folder / "valrun.toml"
-    path.write_text(
-        f'[server]\nbind = ["127.0.0.1:{service.port}"]\n[store]\nurl = "sqlite:///{db_url}"\n'
-    )
-    return path
 
 
 async def test_valrun_toml_in_the_current_directory_is_found_without_config(
@@ -102,7 +69,8 @@ async def test_a_relative_database_path_is_relative_to_the_config_file(tmp_path:
         "--config", str(folder / "valrun.toml"), "user", "create", "dave", cwd=tmp_path / "other"
     )
     assert created.returncode == 0, created.stderr
-    assert Path(database).is_file() and not (tmp_path / "other" / "data").exists()
+    assert Path(database).is_file()
+    assert not (tmp_path / "other" / "data").exists()
 
 
 async def test_options_work_before_and_after_the_verb(service: Service, tmp_path: Path) -> None:
@@ -202,7 +170,8 @@ async def test_a_401_without_a_token_also_says_to_set_valrun_token(
     write_config(tmp_path, service)
     done = await cli("eval", "1 + 1", cwd=tmp_path)
     assert done.returncode != 0
-    assert b"401 unauthorized" in done.stderr and b"set VALRUN_TOKEN" in done.stderr
+    assert b"401 unauthorized" in done.stderr
+    assert b"set VALRUN_TOKEN" in done.stderr
 
 
 async def test_val_versions_rollback_privacy_and_rm(service: Service, tmp_path: Path) -> None:
@@ -237,7 +206,8 @@ async def test_val_versions_rollback_privacy_and_rm(service: Service, tmp_path: 
     assert removed.returncode == 0, removed.stderr
     assert (await service.api("GET", "/v1/vals/alice/hello")).status_code == 404
     again = await cli("val", "rm", "alice/hello", cwd=tmp_path, env=env)
-    assert again.returncode != 0 and b"404 not_found" in again.stderr
+    assert again.returncode != 0
+    assert b"404 not_found" in again.stderr
 
 
 async def start_demo(folder: Path) -> str:
@@ -266,7 +236,8 @@ async def start_demo(folder: Path) -> str:
 async def test_serve_demo_reuses_the_demo_token_and_keeps_files_private(tmp_path: Path) -> None:
     first = await start_demo(tmp_path)
     second = await start_demo(tmp_path)
-    assert first == second and first.startswith("vr_")
+    assert first == second
+    assert first.startswith("vr_")
     db = tmp_path / "valrun.db"
     for path in (db, tmp_path / "valrun.db.demo-token"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path

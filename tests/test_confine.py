@@ -371,7 +371,8 @@ def test_worker_environ_shows_nothing_from_outside(tmp_path: Path) -> None:
             stdout=subprocess.PIPE,
             env={"VALRUN_TEST_SECRET": SECRET},
         ) as proc:
-            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout is not None
+            assert proc.stdin is not None
             assert proc.stdout.readline() == b"ready\n"
             environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
             proc.stdin.close()

@@ -21,9 +21,7 @@ from runtime.follow import MAX_FOLLOWERS_PER_USER, MAX_WAIT_S, Follow, Followers
 from runtime.records import Recorder
 from runtime.server import serve_valrun
 from runtime.store import AsyncStore, Record, Store
-from tests.conftest import TEST_LIMITS, Service
-from tests.test_cli import write_config
-from tests.test_service import assert_json_error
+from tests.helpers import TEST_LIMITS, Service, assert_json_error, write_config
 
 FAIL = """\
 def fail(req=None):
@@ -84,7 +82,8 @@ async def test_a_waiting_read_answers_when_the_next_record_arrives(service: Serv
         "POST",
         "/v1/run/alice.fail",
     )
-    assert record["status"] == 502 and record["log"] == "about to fail\n"
+    assert record["status"] == 502
+    assert record["log"] == "about to fail\n"
     assert record["error"]["traceback"] == ["line 3, in fail", "line 6, in helper"]
 
 

@@ -1,8 +1,9 @@
-"""The pure parts of scripts/loadtest.py and scripts/bench.py: options, the loopback refusal,
-percentiles, wrk's report, /proc parsing and the targets' verdicts.
+"""The pure parts of scripts/loadtest.py, scripts/bench.py and the scripts/loadlib.py they
+share: options, the loopback refusal, percentiles, wrk's report, /proc parsing and the targets'
+verdicts.
 
 The scripts are not a package (they run as `python scripts/NAME.py`), so they are loaded from
-their files; bench.py imports loadtest by that name, as it does when run.
+their files; both import loadlib by that name, as they do when run, so it is loaded first.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ def _load(name: str) -> ModuleType:
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
 
+loadlib = _load("loadlib")
 loadtest = _load("loadtest")
 bench = _load("bench")
 
@@ -48,7 +51,7 @@ bench = _load("bench")
     ],
 )
 def test_loopback_targets_are_accepted(url: str, host: str, port: int) -> None:
-    assert loadtest.check_target(url) == loadtest.Target(host, port)
+    assert loadtest.check_target(url) == loadlib.Target(host, port)
 
 
 @pytest.mark.parametrize(
@@ -179,13 +182,13 @@ def test_runaway_options_are_refused(argv: list[str]) -> None:
 def test_percentile_interpolates_between_ranks(
     values: list[float], q: float, expected: float
 ) -> None:
-    assert loadtest.percentile(values, q) == pytest.approx(expected)
+    assert loadlib.percentile(values, q) == pytest.approx(expected)
 
 
 def test_percentile_of_nothing_is_nan_and_q_must_be_a_percentage() -> None:
-    assert math.isnan(loadtest.percentile([], 50))
-    with pytest.raises(ValueError):
-        loadtest.percentile([1.0], 101)
+    assert math.isnan(loadlib.percentile([], 50))
+    with pytest.raises(ValueError, match="outside 0-100"):
+        loadlib.percentile([1.0], 101)
 
 
 def test_a_failing_val_answering_502_is_not_an_error() -> None:

@@ -3,11 +3,9 @@ backups of a live database, schema versions, and env values sealed at rest."""
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,9 +18,14 @@ from runtime.forwarded import client_address, parse_networks
 from runtime.schema import MIGRATIONS, SCHEMA_VERSION, SchemaError
 from runtime.sealing import Sealer, SealError
 from runtime.store import Store
-from tests.conftest import Service
-from tests.test_cli import cli, write_config
-from tests.test_records import configured_service
+from tests.helpers import (
+    AccessLines,
+    Service,
+    capture_access_lines,
+    cli,
+    configured_service,
+    write_config,
+)
 
 KEY = "k" * 32
 OTHER_KEY = "o" * 32
@@ -50,10 +53,11 @@ async def test_healthz_answers_a_request_without_host(service: Service) -> None:
     # HTTP/1.0 has no Host; some probes send none.
     with trio.fail_after(10):
         stream = await trio.open_tcp_stream("127.0.0.1", service.port)
-        await stream.send_all(b"GET /healthz HTTP/1.0\r\n\r\n")
-        answer = b""
-        while chunk := await stream.receive_some():
-            answer += chunk
+        async with stream:
+            await stream.send_all(b"GET /healthz HTTP/1.0\r\n\r\n")
+            answer = b""
+            while chunk := await stream.receive_some():
+                answer += chunk
     assert answer.startswith(b"HTTP/1.0 200") or answer.startswith(b"HTTP/1.1 200"), answer[:80]
     assert b'"status":"ok"' in answer
 
@@ -109,43 +113,6 @@ def test_a_trusted_proxy_that_is_no_address_is_a_config_error(proxy: str) -> Non
         ServerConfig(trusted_proxies=(proxy,))
 
 
-class AccessLines(logging.Handler):
-    """The access lines an in-process valrun writes, awaitable: the line is written after
-    the response is sent, so a client can have its answer before the line exists."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-        self._written = trio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-        self._written.set()  # the server runs in this trio run, on this thread
-
-    async def wait_for(self, prefix: str) -> str:
-        with trio.fail_after(10):
-            while True:
-                for line in self.lines:
-                    if line.startswith(prefix):
-                        return line
-                self._written = trio.Event()
-                await self._written.wait()
-
-
-@contextmanager
-def capture_access_lines() -> Iterator[AccessLines]:
-    handler = AccessLines()
-    logger = logging.getLogger("valrun.access")
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 @pytest.fixture
 def access_lines() -> Iterator[AccessLines]:
     with capture_access_lines() as lines:
@@ -156,7 +123,8 @@ def test_access_line_escapes_control_characters() -> None:
     line = access_line(
         "127.0.0.1", "GET", "evil\r\nhost", "/a\n127.0.0.1 GET / 200", 200, 0.0012, 5
     )
-    assert "\n" not in line and "\r" not in line
+    assert "\n" not in line
+    assert "\r" not in line
     assert line == "127.0.0.1 GET evil\\x0d\\x0ahost /a\\x0a127.0.0.1 GET / 200 200 1.2ms 5B"
     assert escape("a\\x0a") == "a\\x5cx0a"  # a forged escape is escaped itself
 
@@ -205,13 +173,16 @@ async def test_backup_of_a_live_database_holds_the_latest_writes_and_restores(
         backed = await cli("backup", "snapshot.db", cwd=tmp_path)
         assert backed.returncode == 0, backed.stderr
         again = await cli("backup", "snapshot.db", cwd=tmp_path)
-        assert again.returncode == 2 and b"already exists" in again.stderr
+        assert again.returncode == 2
+        assert b"already exists" in again.stderr
         await service.api("DELETE", "/v1/vals/alice/kept")
         refused = await cli("restore", "snapshot.db", cwd=tmp_path)
         assert refused.returncode == 2
-        assert b"a valrun is serving from" in refused.stderr and b"stop it first" in refused.stderr
+        assert b"a valrun is serving from" in refused.stderr
+        assert b"stop it first" in refused.stderr
         rekey = await cli("rotate-key", cwd=tmp_path, env={"VALRUN_NEW_SECRET_KEY": KEY})
-        assert rekey.returncode == 2 and b"a valrun is serving from" in rekey.stderr
+        assert rekey.returncode == 2
+        assert b"a valrun is serving from" in rekey.stderr
     copy = tmp_path / "snapshot.db"
     assert stat.S_IMODE(copy.stat().st_mode) == 0o600
     with sqlite3.connect(copy) as db:
@@ -228,7 +199,8 @@ async def test_backup_of_a_live_database_holds_the_latest_writes_and_restores(
         kept = store.get_val("alice", "kept", None)
     finally:
         store.close()
-    assert kept is not None and kept.version == 2
+    assert kept is not None
+    assert kept.version == 2
 
 
 async def test_restore_refuses_what_is_not_a_valrun_database(tmp_path: Path) -> None:
@@ -238,7 +210,8 @@ async def test_restore_refuses_what_is_not_a_valrun_database(tmp_path: Path) -> 
     for name in ("notes.txt", "other.db", "missing.db"):
         done = await cli("restore", name, cwd=tmp_path)
         assert done.returncode == 2, name
-        assert b"valrun" in done.stderr and b"Traceback" not in done.stderr
+        assert b"valrun" in done.stderr
+        assert b"Traceback" not in done.stderr
     assert not (tmp_path / "valrun.db").exists()
 
 
@@ -272,7 +245,8 @@ async def test_a_schema_newer_than_the_code_is_refused_in_one_line(tmp_path: Pat
         done = await cli(*args, cwd=tmp_path)
         assert done.returncode == 2, args
         (line,) = done.stderr.decode().splitlines()
-        assert f"schema version {SCHEMA_VERSION + 1}" in line and "newer" in line
+        assert f"schema version {SCHEMA_VERSION + 1}" in line
+        assert "newer" in line
 
 
 # Env values sealed at rest
@@ -325,7 +299,8 @@ def test_a_key_given_later_seals_the_values_already_stored(tmp_path: Path) -> No
         (value, sealed) = store._db.execute("SELECT value, sealed FROM env").fetchone()
     finally:
         store.close()
-    assert sealed == 1 and "plain-value" not in value
+    assert sealed == 1
+    assert "plain-value" not in value
 
 
 async def test_rotate_key_reseals_every_value_with_the_new_key(tmp_path: Path) -> None:
@@ -335,7 +310,8 @@ async def test_rotate_key_reseals_every_value_with_the_new_key(tmp_path: Path) -
     store.set_env("alice", "K", "the-value")
     store.close()
     missing = await cli("rotate-key", cwd=tmp_path, env={"VALRUN_SECRET_KEY": KEY})
-    assert missing.returncode != 0 and b"VALRUN_NEW_SECRET_KEY" in missing.stderr
+    assert missing.returncode != 0
+    assert b"VALRUN_NEW_SECRET_KEY" in missing.stderr
     rotated = await cli(
         "rotate-key",
         cwd=tmp_path,
@@ -363,6 +339,8 @@ async def test_config_check_never_prints_the_secret_key(tmp_path: Path) -> None:
     (tmp_path / "valrun.toml").write_text(f'[store]\nsecret_key = "{KEY}"\n')
     done = await cli("config", "check", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert KEY.encode() not in done.stdout and b'"secret_key": "(set)"' in done.stdout
+    assert KEY.encode() not in done.stdout
+    assert b'"secret_key": "(set)"' in done.stdout
     short = await cli("config", "check", cwd=tmp_path, env={"VALRUN_SECRET_KEY": "short"})
-    assert short.returncode == 2 and b"at least 32 characters" in short.stderr
+    assert short.returncode == 2
+    assert b"at least 32 characters" in short.stderr

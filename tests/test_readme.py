@@ -38,7 +38,7 @@ from runtime.demo import seed_demo
 from runtime.server import serve_valrun
 from runtime.store import Store
 from sandbox.policy import LogBuffer, make_globals
-from tests.test_operate import AccessLines, capture_access_lines
+from tests.helpers import AccessLines, capture_access_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -93,7 +93,8 @@ def test_every_readme_block_is_run_or_says_why_not() -> None:
             assert block.mark in ("", STOPPED, THROUGH_PROXY), f"{where}: unknown {block.mark}"
     # The README's first screen stays two commands.
     first = BLOCKS[0]
-    assert first.text.count("\n") == 2 and first.text.startswith("./scripts/serve")
+    assert first.text.count("\n") == 2
+    assert first.text.startswith("./scripts/serve")
 
 
 @pytest.mark.parametrize("block", of("toml"), ids=lambda b: f"line{b.line}")
@@ -173,7 +174,8 @@ async def readme_service(tmp_path: Path) -> AsyncIterator[tuple[Running, trio.Pr
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout is not None
+    assert process.stderr is not None
     stdout, stderr = process.stdout, process.stderr
     output = {"out": b"", "err": b""}
     started = trio.Event()
@@ -192,7 +194,8 @@ async def readme_service(tmp_path: Path) -> AsyncIterator[tuple[Running, trio.Pr
                 await started.wait()
             found = re.search(rb"serving on http://127\.0\.0\.1:(\d+)", output["err"])
             token = re.search(rb"demo token .*: (vr_\S+)", output["out"])
-            assert found and token, output
+            assert found, output
+            assert token, output
             port = int(found.group(1))
             # The CLI in the scratch folder finds this config and, in it, the service.
             config.write_text(

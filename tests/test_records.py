@@ -6,52 +6,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import httpx
 import pytest
 import trio
 
-from runtime.config import Config, ServerConfig, StoreConfig
 from runtime.records import Recorder, mask_env, open_recorder
-from runtime.server import serve_valrun
 from runtime.store import AsyncStore, Record, Store, ValVersion
-from tests.conftest import TEST_LIMITS, Service, StartService
-from tests.test_api import valrun
-from tests.test_service import assert_json_error
+from tests.helpers import Service, StartService, assert_json_error, configured_service, valrun
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-@asynccontextmanager
-async def configured_service(
-    tmp_path: Path, *, server: dict[str, Any] | None = None, store: dict[str, Any] | None = None
-) -> AsyncIterator[Service]:
-    """A valrun with any [server] and [store] settings (`start_service` sets only [limits]
-    and [pool]); it stops, as on shutdown, when the block ends."""
-    db_path = tmp_path / "configured.db"
-    config = Config(
-        server=ServerConfig(bind=("127.0.0.1:0",), **(server or {})),
-        store=StoreConfig(url=f"sqlite:///{db_path}", **(store or {})),
-        limits=TEST_LIMITS,
-    )
-    db = Store(db_path)
-    tokens = {name: db.create_user(name) for name in ("alice", "bob")}
-    db.close()
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(20):
-            urls: list[str] = await nursery.start(
-                lambda task_status: serve_valrun(config, task_status=task_status)
-            )
-        port = int(urls[0].rpartition(":")[2])
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield Service(config, port, client, tokens, db_path)
-        nursery.cancel_scope.cancel()
 
 
 # Keeping env values out (pure)
@@ -281,7 +249,8 @@ async def test_web_and_run_invocations_leave_records(service: Service) -> None:
     assert (web["source"], web["version"], web["status"]) == ("web", 1, 200)
     assert (run["source"], run["version"], run["status"]) == ("run", 2, 200)
     assert (web["log"], run["log"]) == ("hello log GET\n", "hello log run\n")
-    assert web["error"] is None and run["error"] is None
+    assert web["error"] is None
+    assert run["error"] is None
     assert started <= web["time"] <= run["time"] <= time.time()
     assert 0 < web["duration_ms"] < 15_000
 
@@ -329,9 +298,11 @@ def leaky(req):
         failed = await service.web("alice", "leaky", "/?fail=1")
         records = await runs(service, "leaky")
     error = assert_json_error(failed, 502, "val_error")
-    assert "hunter2" not in failed.text and "[env SECRET]" in error["message"]
+    assert "hunter2" not in failed.text
+    assert "[env SECRET]" in error["message"]
     text = json.dumps(records)
-    assert "hunter2" not in text and "BODY-MARKER" not in text
+    assert "hunter2" not in text
+    assert "BODY-MARKER" not in text
     assert [r["log"] for r in records] == ["the secret is [env SECRET]\n"] * 2
     assert records[0]["error"]["message"].startswith("ValueError: bad key [env SECRET]")
 

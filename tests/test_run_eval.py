@@ -27,11 +27,18 @@ from sandbox.messages import Call, Invocation
 from sandbox.policy import LogBuffer
 from sandbox.wire import Frame
 from sandbox.worker import result_json
-from tests.conftest import TEST_LIMITS, Service, StartService
-from tests.test_api import valrun
-from tests.test_records import configured_service
-from tests.test_service import COUNTER, assert_json_error, counter_code
-from tests.test_worker import load_frame, run_worker
+from tests.helpers import (
+    COUNTER,
+    TEST_LIMITS,
+    Service,
+    StartService,
+    assert_json_error,
+    configured_service,
+    counter_code,
+    load_frame,
+    run_worker,
+    valrun,
+)
 
 
 def request(
@@ -214,7 +221,8 @@ def test_result_json_is_compact_utf8(value: object, body: bytes) -> None:
 def test_result_that_is_not_json_is_a_val_error_naming_the_type(value: object, named: str) -> None:
     with pytest.raises(ValError) as caught:
         result_json(value)
-    assert "not JSON" in str(caught.value) and named in str(caught.value)
+    assert "not JSON" in str(caught.value)
+    assert named in str(caught.value)
 
 
 # Eval mode (sandbox.evaluate), in process
@@ -300,7 +308,8 @@ def test_eval_worker_returns_the_value_or_calls_it_with_args() -> None:
     assert called.frames[1].head["log"] == "evaluated\n"
     error = uncalled.frames[1].head
     assert error["type"] == "val_error"
-    assert "function" in str(error["message"]) and "args" in str(error["message"])
+    assert "function" in str(error["message"])
+    assert "args" in str(error["message"])
     assert error["log"] == "evaluated\n"  # printed before the failure: still in the log
 
 
@@ -433,7 +442,8 @@ async def test_run_result_that_is_not_json_is_502_naming_the_type(
     with trio.fail_after(15):
         response = await service.api("GET", "/v1/run/alice.v")
     error = assert_json_error(response, 502, "val_error")
-    assert named in error["message"] and "not JSON" in error["message"]
+    assert named in error["message"]
+    assert "not JSON" in error["message"]
     assert response.headers["access-control-allow-origin"] == "*"
 
 
@@ -501,7 +511,8 @@ async def test_eval_of_a_callable_without_args_says_to_send_args(service: Servic
     with trio.fail_after(15):
         response = await service.api("POST", "/v1/eval", json={"code": "lambda: 1"})
     error = assert_json_error(response, 502, "val_error")
-    assert "function" in error["message"] and "args" in error["message"]
+    assert "function" in error["message"]
+    assert "args" in error["message"]
 
 
 @pytest.mark.parametrize(
@@ -571,7 +582,8 @@ async def test_cli_run_and_eval(service: Service) -> None:
     called = await valrun(service, "eval", *token, "lambda a, b: [b, a]", "1", "[2]")
     assert json.loads(called.stdout) == [[2], 1]
     failed = await valrun(service, "run", *token, "alice.add")
-    assert failed.returncode != 0 and b"502" in failed.stderr
+    assert failed.returncode != 0
+    assert b"502" in failed.stderr
 
 
 @pytest.mark.parametrize(

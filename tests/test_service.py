@@ -2,37 +2,10 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
 import trio
 
-from tests.conftest import Service, StartService
-
-HELLO = """
-def hello(req):
-    return Response.json({"greeting": "hi " + req.query.get("name", "world")})
-"""
-
-COUNTER = """
-count = 0
-def counter(req):
-    global count
-    count += 1
-    return {"count": count, "version": VERSION}
-"""
-
-
-def counter_code(version: int) -> str:
-    return f"VERSION = {version}\n{COUNTER}"
-
-
-def assert_json_error(response: httpx.Response, status: int, error_type: str) -> dict[str, str]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    error: dict[str, str] = response.json()["error"]
-    assert error["type"] == error_type
-    assert error["message"]
-    return error
+from tests.helpers import HELLO, Service, StartService, assert_json_error, counter_code
 
 
 async def test_saved_val_answers_on_its_own_subdomain(service: Service) -> None:

@@ -35,7 +35,8 @@ async def test_writes_through_the_front_end_are_seen_at_once(tmp_path: Path) -> 
     assert await version(cached) == 2
     await cached.call(Store.set_env, "alice", "K", "v")
     resolved = await cached.resolve("alice", "hello", None)
-    assert resolved is not None and resolved[1] == {"K": "v"}
+    assert resolved is not None
+    assert resolved[1] == {"K": "v"}
     await cached.call(Store.delete_val, "alice", "hello")
     assert await version(cached) is None
 

@@ -12,9 +12,7 @@ import trio
 
 from runtime.errors import MissingError
 from runtime.store import Store, User
-from tests.conftest import Service
-from tests.test_api import valrun
-from tests.test_service import assert_json_error
+from tests.helpers import Service, assert_json_error, valrun
 
 
 @pytest.fixture
@@ -30,7 +28,8 @@ def test_a_user_may_hold_several_tokens(store: Store) -> None:
     assert len({first, second, third}) == 3
     for token in (first, second, third):
         user = store.user_for_token(token)
-        assert user is not None and user.name == "alice"
+        assert user is not None
+        assert user.name == "alice"
     assert [t.id for t in store.tokens("alice")] == [1, 2, 3]
 
 
@@ -108,12 +107,15 @@ async def test_cli_token_create_list_revoke(service: Service) -> None:
     revoked = await valrun(service, "token", "revoke", new_id)
     assert revoked.returncode == 0, revoked.stderr
     after = (await valrun(service, "token", "list", "alice")).stdout.decode().splitlines()
-    assert after[0].endswith("\tactive") and "\trevoked " in after[1]
+    assert after[0].endswith("\tactive")
+    assert "\trevoked " in after[1]
     me = await service.api("GET", "/v1/me", user=None, headers={"authorization": f"Bearer {token}"})
     assert_json_error(me, 401, "unauthorized")
     assert (await service.api("GET", "/v1/me")).status_code == 200  # the other one still works
 
     again = await valrun(service, "token", "revoke", new_id)
-    assert again.returncode == 2 and f"no active token with id {new_id}".encode() in again.stderr
+    assert again.returncode == 2
+    assert f"no active token with id {new_id}".encode() in again.stderr
     nobody = await valrun(service, "token", "create", "nobody")
-    assert nobody.returncode == 2 and b"no user" in nobody.stderr
+    assert nobody.returncode == 2
+    assert b"no user" in nobody.stderr

@@ -104,6 +104,30 @@ def test_headers_getall_membership_and_default() -> None:
     assert headers["ACCEPT"] == "*/*"
 
 
+def test_mappings_list_count_and_iterate_each_name_once() -> None:
+    query = make_request(query="a=1&b=2&a=3").query
+    assert query.keys() == ["a", "b"]
+    assert list(query) == ["a", "b"]
+    assert len(query) == 2
+    assert query.items() == [("a", "1"), ("b", "2"), ("a", "3")]
+    headers = Headers([("X-A", "1"), ("x-a", "2")])
+    assert headers.keys() == ["x-a"]
+    assert len(headers) == 1
+
+
+@pytest.mark.parametrize("mapping", [Query([("a", "1")]), Headers([("a", "1")])])
+def test_mappings_cannot_lose_their_items(mapping: Query | Headers) -> None:
+    with pytest.raises(AttributeError, match="read-only"):
+        del mapping._items
+    assert mapping.getall("a") == ["1"]
+
+
+def test_reprs_name_the_request_and_response_but_show_no_body() -> None:
+    request = make_request(method="POST", body=b"secret")
+    assert repr(request) == "<Request POST http://alice-hello.web.localhost/p/q?a=1>"
+    assert repr(Response("secret")) == "<Response 200, 6 bytes>"
+
+
 @pytest.mark.parametrize(
     ("body", "text"),
     [
@@ -118,7 +142,7 @@ def test_request_text_decodes_utf8(body: bytes, text: str) -> None:
 
 def test_request_json_parses_the_body() -> None:
     assert make_request(body=b'{"a": [1, "\xc3\xa9"]}').json() == {"a": [1, "é"]}
-    with pytest.raises(ValueError):
+    with pytest.raises(json.JSONDecodeError):
         make_request(body=b"not json").json()
 
 
@@ -251,7 +275,7 @@ def test_response_accepts_statuses_200_to_599(status: int) -> None:
     ],
 )
 def test_response_refuses_statuses_out_of_range(status: int) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="status must be an int from 200 to 599"):
         Response("", status)
 
 
@@ -422,7 +446,7 @@ def test_to_response_refuses_other_values_naming_their_type(value: object, type_
     ],
 )
 def test_dumps_json_refuses_values_json_has_no_spelling_for(value: object) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not JSON compliant"):
         dumps_json(value)
 
 

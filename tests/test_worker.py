@@ -9,31 +9,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
-from dataclasses import dataclass
 
 import pytest
 
-from sandbox.wire import Frame, FrameDecoder, encode_frame
-
-WORKER = [sys.executable, "-I", "-m", "sandbox.worker"]
-TIMEOUT_S = 10  # a guard against a hung worker, not an expected duration
-
-
-@dataclass(frozen=True)
-class Run:
-    frames: list[Frame]
-    returncode: int
-    stderr: str
-
-
-def load_frame(
-    source: str, name: str = "f", env: dict[str, str] | None = None, **limits: int
-) -> Frame:
-    head: dict[str, object] = {"op": "load", "name": name, "env": env or {}}
-    if limits:
-        head["limits"] = limits
-    return Frame(head, textwrap.dedent(source).encode())
+from sandbox.wire import Frame
+from tests.helpers import TIMEOUT_S, WORKER, load_frame, run_worker
 
 
 def http_frame(
@@ -56,23 +36,6 @@ def http_frame(
         "headers": headers or [],
     }
     return Frame(head, body)
-
-
-def run_worker(*frames: Frame) -> Run:
-    proc = subprocess.run(
-        WORKER,
-        input=b"".join(encode_frame(frame) for frame in frames),
-        capture_output=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
-    decoder = FrameDecoder()
-    decoder.feed(proc.stdout)
-    replies = []
-    while (frame := decoder.next_frame()) is not None:
-        replies.append(frame)
-    assert decoder.pending_bytes == 0, "the worker wrote something that is not a whole frame"
-    return Run(replies, proc.returncode, proc.stderr.decode(errors="replace"))
 
 
 def header(frame: Frame, name: str) -> list[str]:
