@@ -39,6 +39,7 @@ from runtime.http import HTTPRequest, HTTPResponse
 from runtime.metrics import Metrics
 from runtime.pool import Pool
 from runtime.records import Recorder
+from runtime.savecheck import SaveChecks
 from runtime.store import AsyncStore, Store, User, ValVersion
 
 if TYPE_CHECKING:  # run_api imports this module
@@ -227,6 +228,7 @@ class Api:
         self.run_api = run_api
         self.recorder = recorder
         self.metrics = metrics
+        self.save_checks = SaveChecks(config, pool, store)
 
     async def handle(self, request: HTTPRequest) -> HTTPResponse:
         server = self.config.server
@@ -311,6 +313,7 @@ class Api:
         check_names(owner, name)
         await self.owner_only(request, owner)
         code, privacy = self._val_body(request)
+        await self.save_checks.check(owner, name, code)  # 400 bad_code: it could not load
         val, created = await self.store.run(Store.put_val, owner, name, code, privacy)
         # The previous version's workers finish what they are doing, then go.
         self.pool.retire(val.val_id)

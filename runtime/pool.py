@@ -156,6 +156,22 @@ class Pool:
             self._close(worker)
             self._want_ready.set()
 
+    async def check_once(self, name: str, code: str) -> Frame:
+        """Compile a val's code in a fresh worker used once (checks at save); its raw reply,
+        unchecked (runtime.savecheck checks it)."""
+        worker = await self._generic_worker()
+        try:
+            head = {"op": "load", "name": name, "mode": "check", "env": {}}
+            with trio.move_on_after(self.config.pool.load_timeout_s):
+                await worker.send(Frame({**head, "limits": self._limits_head()}, code.encode()))
+                return await worker.receive()
+            raise WorkerTimeoutError(
+                f"compiling the code took over {self.config.pool.load_timeout_s} s"
+            )
+        finally:
+            self._close(worker)
+            self._want_ready.set()
+
     def retire(self, val_id: int) -> None:
         """Retire every worker of a val (deleted, or a new version saved)."""
         self._retire_where(lambda pool: pool.spec.val_id == val_id)
@@ -233,14 +249,7 @@ class Pool:
 
     async def _load(self, worker: WorkerProcess, spec: ValSpec) -> str:
         """Specialize a generic worker; what the module printed while it ran."""
-        limits = {
-            "memory_mb": self.limits.memory_mb,
-            "cpu_time_s": self.limits.cpu_time_s,
-            "worker_cpu_time_s": self.limits.worker_cpu_time_s,
-            "max_log_bytes": self.limits.max_log_bytes,
-            "max_response_body_bytes": self.limits.max_response_body_bytes,
-            "max_source_bytes": self.limits.max_source_bytes,
-        }
+        limits = self._limits_head()
         head = {"op": "load", "name": spec.name, "mode": spec.mode, "env": dict(spec.env)}
         with trio.move_on_after(self.config.pool.load_timeout_s):
             await worker.send(Frame({**head, "limits": limits}, spec.code.encode()))
@@ -256,6 +265,16 @@ class Pool:
         raise WorkerTimeoutError(
             f"{spec.owner}/{spec.name} took over {self.config.pool.load_timeout_s} s to load"
         )
+
+    def _limits_head(self) -> dict[str, object]:
+        return {
+            "memory_mb": self.limits.memory_mb,
+            "cpu_time_s": self.limits.cpu_time_s,
+            "worker_cpu_time_s": self.limits.worker_cpu_time_s,
+            "max_log_bytes": self.limits.max_log_bytes,
+            "max_response_body_bytes": self.limits.max_response_body_bytes,
+            "max_source_bytes": self.limits.max_source_bytes,
+        }
 
     async def _exchange(
         self, worker: WorkerProcess, spec: ValSpec, head: dict[str, object], body: bytes

@@ -36,6 +36,7 @@ import math
 import random
 import re
 import string
+import sys
 import time
 import unicodedata  # noqa: F401  (preloaded: re's \N{...} and urlsplit's netloc check import it)
 import urllib.parse
@@ -261,6 +262,76 @@ _preload()
 
 FACADE_NAMES: frozenset[str] = frozenset(_FACADES)
 _ALLOWED = ", ".join(sorted(FACADE_NAMES))
+_HOST_IMPORT = Facade("host import", {})
+
+
+# What to use instead of a module vals do not get, where there is something; the rest are
+# refused with the list of what is offered.
+_NO_NETWORK = "vals get no sockets; HTTP requests will go through std.fetch (coming)"
+_NO_OS = (
+    "vals have no operating system access (no files, processes or environment variables); "
+    "read configuration from `env`"
+)
+_INSTEAD: Mapping[str, str] = MappingProxyType(
+    {
+        **dict.fromkeys(
+            (
+                *("requests", "httpx", "aiohttp", "urllib3", "urllib.request", "http"),
+                *("http.client", "socket", "ssl", "ftplib", "smtplib"),
+            ),
+            _NO_NETWORK,
+        ),
+        "sqlite3": "vals get no files; a database will come as std.sqlite (coming)",
+        **dict.fromkeys(("os", "os.path", "sys", "subprocess", "shutil", "pathlib"), _NO_OS),
+        **dict.fromkeys(("io", "tempfile", "glob"), _NO_OS),
+        "asyncio": "vals run synchronously: write 'def' handlers, not 'async def'",
+        "pickle": "use json (pickle runs code while it loads)",
+        "secrets": "use random.SystemRandom() for tokens (secrets is not offered)",
+        "string.Formatter": "use str.format or f-strings",
+        "zoneinfo.tzdata": "use zoneinfo.ZoneInfo(key) (the system's tz database)",
+    }
+)
+
+# Imports that C code in the interpreter makes on its own while a val calls it: PyImport_Import
+# looks `__import__` up in the *current frame's* builtins, which are the val's, so
+# `time.strptime` and `datetime.strptime` would ask the val's hook for `_strptime`.
+# PyImport_Import ignores what `__import__` returns and reads sys.modules itself; the module was
+# imported before confinement (`_preload`), so the hook only has to not refuse. Val code cannot
+# ask for these names: RestrictedPython refuses `_` names in imports.
+_HOST_IMPORTS = frozenset({"_strptime"})
+
+
+def _refusal_of_module(name: str) -> str:
+    instead = _INSTEAD.get(name) or _INSTEAD.get(name.partition(".")[0])
+    hint = f"; {instead}" if instead else ""
+    return f"import of {name!r} is not allowed in a val{hint}; allowed modules: {_ALLOWED}"
+
+
+def import_refusal(name: str, fromlist: Sequence[str] | None = None, level: int = 0) -> str | None:
+    """Why importing `name` (and `fromlist` from it) is refused, or None when it is allowed.
+
+    The same text at save (sandbox.check) and at load (`import_facade`).
+    """
+    if level != 0:
+        return f"relative import of {name!r} is not allowed in a val; import one of: {_ALLOWED}"
+    facade = _FACADES.get(name)
+    if facade is None:
+        # Also covers submodules of allowed modules (`re.enum`, `json.decoder`).
+        return _refusal_of_module(name)
+    offered = facade._members
+    for item in fromlist or ():
+        if item == "*":
+            # A star import would bind whatever the facade holds; say what to write instead.
+            return f"'from {name} import *' is not allowed in a val; import names one by one"
+        if item not in offered:
+            instead = _INSTEAD.get(f"{name}.{item}")
+            return (
+                f"cannot import {item!r} from {name!r}"
+                + (f": {instead}" if instead else "")
+                + f"; valrun's {name} offers only: "
+                + ", ".join(sorted(offered))
+            )
+    return None
 
 
 def import_facade(name: str, fromlist: Sequence[str] | None = None, level: int = 0) -> Facade:
@@ -269,31 +340,11 @@ def import_facade(name: str, fromlist: Sequence[str] | None = None, level: int =
     As with `__import__`, `import a.b` returns the facade of `a` (the name that gets bound)
     and `from a.b import c` returns the facade of `a.b`, after checking every imported name.
     """
-    if level != 0:
-        raise ImportError(
-            f"relative import of {name!r} is not allowed in a val; import one of: {_ALLOWED}",
-            name=name,
-        )
-    facade = _FACADES.get(name)
-    if facade is None:
-        # Also covers submodules of allowed modules (`re.enum`, `json.decoder`).
-        raise ImportError(
-            f"import of {name!r} is not allowed in a val; allowed modules: {_ALLOWED}", name=name
-        )
+    if name in _HOST_IMPORTS and level == 0 and name in sys.modules:
+        return _HOST_IMPORT
+    refusal = import_refusal(name, fromlist, level)
+    if refusal is not None:
+        raise ImportError(refusal, name=name)
     if not fromlist:
         return _FACADES[name.partition(".")[0]]
-    offered = facade._members
-    for item in fromlist:
-        if item == "*":
-            # A star import would bind whatever the facade holds; say what to write instead.
-            raise ImportError(
-                f"'from {name} import *' is not allowed in a val; import names one by one",
-                name=name,
-            )
-        if item not in offered:
-            raise ImportError(
-                f"cannot import {item!r} from {name!r}: valrun's {name} offers only: "
-                + ", ".join(sorted(offered)),
-                name=name,
-            )
-    return facade
+    return _FACADES[name]

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from typing import BinaryIO
 
+from sandbox.check import check_source
 from sandbox.errors import BadMessageError, ValError, describe
 from sandbox.evaluate import EVAL_NAME, compile_eval, evaluate
 from sandbox.http import Request, dumps_json, to_response
@@ -190,7 +191,7 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise BadMessageError("'env' must map names to strings")
     mode = load.head.get("mode", "module")
-    if mode not in ("module", "eval"):
+    if mode not in ("module", "eval", "check"):
         raise BadMessageError(f"unknown mode {mode!r}")
     if mode == "eval":
         name = EVAL_NAME  # evaluate compiles as val_filename(EVAL_NAME), whatever was sent
@@ -199,6 +200,10 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
     arm_cpu_limit(limits)
     log = LogBuffer(limits.max_log_bytes)
     source = load.body.decode("utf-8", errors="replace")
+    if mode == "check":  # checks at save: compile, report, exit; nothing of the val runs
+        problems = check_source(source, name, limits.max_source_bytes)
+        write_frame(out, Frame({"op": "checked", "problems": [p.to_json() for p in problems]}))
+        return 0
     try:
         export = load_export(mode, source, name, env, log, limits.max_source_bytes)
     except BaseException as exc:  # a val that fails to load is one error reply, then exit
