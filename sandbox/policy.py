@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import builtins
 import collections
+import enum
 import io
 import operator
 import re
@@ -32,6 +33,13 @@ from RestrictedPython.Guards import (
 from sandbox.errors import ValError
 from sandbox.facades import import_facade
 from sandbox.http import Request, Response
+from sandbox.shims import (
+    BoundFormat,
+    BoundFormatMap,
+    ValFormatter,
+    str_method_owner,
+    unbound_format,
+)
 
 # `id` leaks addresses (a help to memory-corruption exploits); `setattr`/`delattr` are
 # re-added below through our own write guard rather than RestrictedPython's.
@@ -207,12 +215,27 @@ def _checked_getattr(obj: object, name: str) -> object:
     if isinstance(obj, types.ModuleType):
         # Facades are never modules; a real module here means a hole elsewhere: don't widen it.
         raise AttributeError("modules are not available to vals")
+    if name in _FORMAT_METHODS:
+        receiver = str_method_owner(obj, name)
+        if receiver == "instance":
+            return _FORMAT_METHODS[name](_FORMATTER, cast(str, obj))
+        if receiver == "class":
+            return unbound_format(_FORMATTER, name)
     if name == "groupindex" and isinstance(obj, re.Pattern):
         # A mappingproxy of the pattern's own dict, and `re` caches compiled patterns for
         # the whole process: a val comparing it with its object (reflected `__eq__`) would
         # get that dict and could rename another user of the pattern's groups. A copy.
         return dict(obj.groupindex)
     return _restricted_getattr(obj, name)
+
+
+# str.format and str.format_map, with fields read through `guarded_getattr` (sandbox/shims.py)
+# instead of RestrictedPython's flat refusal.
+_FORMAT_METHODS: dict[str, type[BoundFormat]] = {
+    "format": BoundFormat,
+    "format_map": BoundFormatMap,
+}
+_FORMATTER = ValFormatter(guarded_getattr)
 
 
 def _public_name(name: object) -> str:
@@ -246,6 +269,16 @@ def _facade_import(
     return import_facade(name, fromlist, level)
 
 
+def _metaclass_of(bases: tuple[type, ...]) -> type | None:
+    """The most derived metaclass of `bases` (as type() picks it), None for plain `type`."""
+    winner: type = type
+    for base in bases:
+        meta = type(base)
+        if issubclass(meta, winner):
+            winner = meta
+    return None if winner is type else winner
+
+
 class _ValClasses:
     """Classes the val defined: their instances are the val's own, so it may write to them."""
 
@@ -253,7 +286,17 @@ class _ValClasses:
         self.classes: weakref.WeakSet[type] = weakref.WeakSet()
 
     def metaclass(self, name: str, bases: tuple[type, ...], namespace: dict[str, Any]) -> type:
-        cls = type(name, bases, namespace)
+        # RestrictedPython compiles every class with `metaclass=__metaclass__`, so the body
+        # ran into a plain dict. EnumType needs the namespace its `__prepare__` makes (it
+        # records members as they are assigned): replay the body's names into one, in order.
+        winner = _metaclass_of(bases)
+        if winner is not None and issubclass(winner, enum.EnumType):
+            prepared = winner.__prepare__(name, bases)
+            for key, value in namespace.items():
+                prepared[key] = value
+            cls: type = winner(name, bases, prepared)
+        else:
+            cls = type(name, bases, namespace)
         self.classes.add(cls)
         return cls
 
