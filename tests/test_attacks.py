@@ -85,7 +85,9 @@ def attack(name: str, outcome: Outcome, source: str, known_hole: str = "") -> At
 
 
 UNDERSCORE = "is an invalid attribute name because it starts with"
-STR_FORMAT = "format*() methods of `str` is not safe"
+# str.format and format_map read fields through the policy's guarded getattr (sandbox/shims.py):
+# a walk through `_` names is refused as `x.__class__` in code is.
+STR_FORMAT = UNDERSCORE
 THIEF = """
 class Thief:
     # RestrictedPython lets vals define __eq__; a comparison that declines (NotImplemented)

@@ -26,10 +26,10 @@ SPEC_NAMES = frozenset(
     }
 )
 
-# What RestrictedPython's safer_getattr refuses besides `_` names: `format`/`format_map` (on
-# str; refused everywhere here, since the walk cannot tell which receiver a val would use) and
-# the frame, code and generator attributes, refused on every receiver (tests/test_attacks.py
-# tries them through the real server).
+# What the policy's getattr handles besides `_` names: `format`/`format_map` (on str, replaced
+# by the guarded formatter of sandbox/shims.py; skipped everywhere here, since the walk cannot
+# tell which receiver a val would use) and the frame, code and generator attributes, refused
+# on every receiver (tests/test_attacks.py tries them through the real server).
 SKIPPED_ATTRS = frozenset({"format", "format_map"}) | INSPECT_ATTRIBUTES
 DANGEROUS_BUILTINS = (
     *(builtins.open, builtins.eval, builtins.exec, builtins.compile, builtins.__import__),

@@ -40,6 +40,9 @@ EVERYDAY = textwrap.dedent(
         def __lt__(self, other):
             return self.n < other.n
 
+    def by_length(a, b):
+        return len(b) - len(a)
+
     def everyday(req: Optional[object] = None) -> dict:
         out = io.StringIO()
         writer = csv.DictWriter(out, ["name", "note"])
@@ -61,7 +64,7 @@ EVERYDAY = textwrap.dedent(
             "partial": functools.partial(int, base=16)("ff"),
             "fib": fib(80),
             "hits": fib.cache_info().hits > 0,
-            "cmp": sorted(["bb", "a", "ccc"], key=functools.cmp_to_key(lambda a, b: len(b) - len(a))),
+            "cmp": sorted(["bb", "a", "ccc"], key=functools.cmp_to_key(by_length)),
             "ordering": Version(1) <= Version(2),
             "stats": [statistics.mean([1, 2, 3, 4]), statistics.median([3, 1, 2]),
                       round(statistics.stdev([2, 4, 4, 4, 5, 5, 7, 9]), 3)],
