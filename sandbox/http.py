@@ -145,6 +145,7 @@ class Form(_MultiMap):
     `files` is a list of UploadedFile, `file(name)` the first one sent as field `name`."""
 
     __slots__ = ("_files",)
+    _files: tuple[UploadedFile, ...]
     _fold = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:

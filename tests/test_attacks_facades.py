@@ -544,6 +544,7 @@ async def test_facade_attack_is_refused_and_the_pool_recovers(
         try:
             with trio.fail_after(30):
                 if saved.status_code == 400:
+                    assert isinstance(case.outcome, Compile | Runtime), saved.text
                     # Refused at save, with the refusal the load would have given.
                     error = saved.json()["error"]
                     assert error["type"] == "bad_code", error
