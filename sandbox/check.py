@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from RestrictedPython.compile import compile_restricted_exec
 
 from sandbox.facades import import_refusal
-from sandbox.policy import val_filename
+from sandbox.policy import explain_refusal, val_filename
 
 #: Problems reported at most: a nesting bomb repeats the same one thousands of times.
 MAX_PROBLEMS = 20
@@ -37,10 +37,6 @@ MAX_MESSAGE_CHARS = 1000
 
 # RestrictedPython's errors are "Line N: message".
 _RESTRICTED_LINE_RE = re.compile(r"Line (\d+): (.*)", re.DOTALL)
-
-# RestrictedPython refuses the async statements with the bare node name; say what to do.
-_ASYNC_HINT = " Vals run synchronously: write 'def', not 'async def' (and no 'await')."
-_ASYNC_NODES = ("AsyncFunctionDef", "AsyncFor", "AsyncWith", "Await")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +85,7 @@ def check_source(source: str, name: str, max_source_bytes: int) -> list[Problem]
 def _restricted_problem(error: str) -> Problem:
     found = _RESTRICTED_LINE_RE.fullmatch(error)
     line, message = (int(found[1]), found[2]) if found else (None, error)
-    if any(message.startswith(f"{node} statements") for node in _ASYNC_NODES):
-        message += _ASYNC_HINT
-    return Problem(line, message)
+    return Problem(line, explain_refusal(message))
 
 
 def _import_problems(tree: ast.Module) -> Iterator[Problem]:

@@ -380,9 +380,21 @@ def val_filename(name: str) -> str:
     return f"<val {name}>"
 
 
+# RestrictedPython refuses the async statements by their bare node name; say what to do.
+_ASYNC_NODES = ("AsyncFunctionDef", "AsyncFor", "AsyncWith", "Await")
+_ASYNC_HINT = " Vals run synchronously: write 'def', not 'async def' (and no 'await')."
+
+
+def explain_refusal(error: str) -> str:
+    """A RestrictedPython refusal ("Line N: ..."), with what to do where it is not obvious."""
+    if any(f"{node} statements are not allowed" in error for node in _ASYNC_NODES):
+        return error + _ASYNC_HINT
+    return error
+
+
 def compile_refused(errors: Sequence[str]) -> ValError:
     """RestrictedPython's refusals as one error, cut short: a nesting bomb repeats itself."""
-    message = "; ".join(errors) or "the source did not compile"
+    message = "; ".join(map(explain_refusal, errors)) or "the source did not compile"
     return ValError(message if len(message) <= 2000 else message[:2000] + " [...]")
 
 

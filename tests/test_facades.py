@@ -17,6 +17,7 @@ import pytest
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
 from sandbox.facades import FACADE_NAMES, Facade, import_facade
+from sandbox.policy import LogBuffer, load_val
 
 # The allow-list of SPEC section 2.
 SPEC_NAMES = frozenset(
@@ -466,3 +467,19 @@ def test_typical_use_imports_nothing_after_startup() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
+
+
+def test_the_host_import_of_strptime_gets_nothing_from_the_hook() -> None:
+    """`time.strptime` (C) imports `_strptime` through the val's hook (the current frame's
+    builtins); the hook lets it through without handing out the module. Val code cannot name
+    it: RestrictedPython refuses `_` names."""
+    answer = import_facade("_strptime", ("__doc__",))
+    assert isinstance(answer, Facade) and dir(answer) == []
+    with pytest.raises(ImportError, match="'_strptime' is not allowed"):
+        import_facade("_strptime", None, 1)  # a relative form is not the host's
+
+
+def test_strptime_through_the_val_hook_works() -> None:
+    source = "import time, datetime\nv = [time.strptime('2024', '%Y').tm_year,"
+    source += " datetime.datetime.strptime('03', '%m').month]\n"
+    assert load_val(source, "v", {}, LogBuffer(100)).export == [2024, 3]

@@ -4,6 +4,7 @@ the line and what to change), compiled in a confined worker so bombs cannot hurt
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -17,6 +18,7 @@ from runtime.store import AsyncStore
 from sandbox.check import MAX_PROBLEMS, check_source
 from sandbox.wire import Frame
 from tests.conftest import Service
+from tests.test_api import valrun
 from tests.test_service import HELLO, assert_json_error
 
 # --- The checks themselves (pure, inside the worker) -------------------------------------------
@@ -159,6 +161,18 @@ async def test_code_that_could_not_load_is_not_saved(
     assert error["problems"][0]["line"] == line
     # Nothing was saved: not a version 1 that fails for every visitor.
     assert_json_error(await service.api("GET", "/v1/vals/alice/broken"), 404, "not_found")
+
+
+async def test_cli_val_put_of_code_that_could_not_load_fails_saying_why(
+    service: Service, tmp_path: Path
+) -> None:
+    source = tmp_path / "fetcher.py"
+    source.write_text("import json\nimport requests\n\ndef fetcher(req):\n    return 1\n")
+    token = ("--token", service.tokens["alice"])
+    put = await valrun(service, "val", *token, "put", "alice/fetcher", str(source))
+    assert put.returncode != 0
+    assert b"line 2: import of 'requests' is not allowed in a val" in put.stderr
+    assert b"std.fetch" in put.stderr
 
 
 async def test_a_refused_save_keeps_the_previous_version_serving(service: Service) -> None:

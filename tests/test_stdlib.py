@@ -142,6 +142,13 @@ async def test_async_code_is_refused_at_save_saying_to_use_def(
     assert fragment in error["message"]
 
 
+async def test_async_eval_is_refused_saying_to_use_def(service: Service) -> None:
+    code = "async def f():\n    return 1\nf"
+    response = await service.api("POST", "/v1/eval", json={"code": code})
+    error = assert_json_error(response, 502, "val_error")
+    assert "write 'def', not 'async def'" in error["message"]
+
+
 @pytest.mark.parametrize(
     ("module", "fragment"),
     [
