@@ -37,3 +37,12 @@ ensure_wrk() {  # scripts/bench drives the servers with Debian's wrk (one C clie
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk >/dev/null
 }
+
+ensure_tzdata() {  # the zoneinfo facade serves the system's tz database (Debian's tzdata)
+  if [ -f /usr/share/zoneinfo/UTC ]; then return; fi
+  echo "scripts: installing Debian's tzdata for the zoneinfo facade" >&2
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq tzdata >/dev/null
+}
