@@ -27,6 +27,7 @@ from runtime.metrics import Metrics
 from runtime.pool import Pool
 from runtime.records import Recorder
 from runtime.routes import EXPRESS
+from runtime.savecheck import SaveChecks
 from runtime.store import AsyncStore, Store, ValVersion
 
 # The Prometheus text exposition format.
@@ -75,6 +76,7 @@ class Api:
         self.recorder = recorder
         self.metrics = metrics
         self.followers = Followers(recorder)
+        self.save_checks = SaveChecks(config, pool, store)
 
     def url_for(self, request: HTTPRequest, val: ValVersion) -> str:
         port = request.port
@@ -149,6 +151,7 @@ class Api:
         check_names(owner, name)
         await owner_only(self.store, request, owner)
         code, privacy = self._val_body(request)
+        await self.save_checks.check(owner, name, code)  # 400 bad_code: it could not load
         val, created = await self.store.call(Store.put_val, owner, name, code, privacy)
         # The previous version's workers finish what they are doing, then go.
         self.pool.retire(val.val_id)

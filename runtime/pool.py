@@ -168,6 +168,21 @@ class Pool:
             self._close(worker)
             self._want_ready.set()
 
+    async def check_once(self, name: str, code: str) -> Frame:
+        """Compile a val's code in a fresh worker used once (checks at save); its raw reply,
+        unchecked (runtime.savecheck checks it)."""
+        worker = await self._generic_worker()
+        try:
+            with trio.move_on_after(self.config.pool.load_timeout_s):
+                await worker.send(Load(name, code, "check", (), self.limits).to_frame())
+                return await worker.receive()
+            raise WorkerTimeoutError(
+                f"compiling the code took over {self.config.pool.load_timeout_s} s"
+            )
+        finally:
+            self._close(worker)
+            self._want_ready.set()
+
     def retire(self, val_id: int) -> None:
         """Retire every worker of a val (deleted, or a new version saved)."""
         self._retire_where(lambda pool: pool.spec.val_id == val_id)

@@ -21,8 +21,9 @@ threaded process: `confine` refuses to run with more than one thread. Apply it i
 or freshly started child, never in a parent that forks more workers.
 
 After Landlock only the paths Python needs stay readable (the prefixes, `sys.path`, this
-package), and after the uid drop only what `nobody` may read (an interpreter under /root is
-not): import everything a val may use before confining. The workdir's parent must not be
+package, and the tz database for the zoneinfo facade), and after the uid drop only what
+`nobody` may read (an interpreter under /root is not): import everything a val may use before
+confining. The workdir's parent must not be
 writable by others (a planted directory is refused only when it is a symlink or not empty).
 `probe()` checks every layer in a throwaway process so the caller stays unconfined.
 

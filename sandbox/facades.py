@@ -23,26 +23,39 @@ Stdlib only: this module runs inside the untrusted worker.
 from __future__ import annotations
 
 import base64
+import bisect
 import codecs
 import collections
+import csv
 import datetime
 import decimal
+import enum
+import functools
 import hashlib
+import heapq
 import hmac
 import html
 import itertools
 import json
 import math
+import operator
 import random
 import re
+import statistics
 import string
+import sys
+import textwrap
 import time
+import typing
 import unicodedata  # noqa: F401  (preloaded: re's \N{...} and urlsplit's netloc check import it)
 import urllib.parse
 import uuid
+import zoneinfo
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType, ModuleType
 from typing import Any, final
+
+from sandbox import shims
 
 
 @final
@@ -75,9 +88,13 @@ class Facade:
         try:
             return self._members[attr]
         except KeyError:
+            instead = _INSTEAD.get(f"{self._name}.{attr}")
             # `from None`: the KeyError's context would only add noise to the val's traceback.
             raise AttributeError(
-                f"valrun's {self._name!r} has no attribute {attr!r}", name=attr, obj=self
+                f"valrun's {self._name!r} has no attribute {attr!r}"
+                + (f": {instead}" if instead else ""),
+                name=attr,
+                obj=self,
             ) from None
 
     def __setattr__(self, attr: str, value: object) -> None:
@@ -101,6 +118,14 @@ def _take(module: ModuleType, names: str) -> dict[str, object]:
 
 def _as_ints(module: ModuleType, names: str) -> dict[str, object]:
     return {name: int(getattr(module, name)) for name in names.split()}
+
+
+_TIMEZONES = frozenset(zoneinfo.available_timezones())
+
+
+def _available_timezones() -> set[str]:
+    """The keys `zoneinfo.ZoneInfo` accepts here (a fresh set: the val may change it)."""
+    return set(_TIMEZONES)
 
 
 def _build() -> Mapping[str, Facade]:
@@ -225,6 +250,67 @@ def _build() -> Mapping[str, Facade]:
         ),
         # Not html.entities / html.parser (submodules; the parser is a stateful class tree).
         "html": _take(html, "escape unescape"),
+        # Not wraps/update_wrapper: they copy `__dict__` and dunders between any two objects
+        # with the real getattr/setattr, past the write guard. Not singledispatch: it reads
+        # annotations through typing.get_type_hints, which `eval`s strings unrestricted.
+        # lru_cache's wrapper offers cache_info/cache_clear/cache_parameters (its own cache)
+        # and `__wrapped__`, which RestrictedPython refuses as a `_` name.
+        "functools": _take(
+            functools, "reduce partial lru_cache cache cmp_to_key total_ordering cached_property"
+        ),
+        # Every public function and class of 3.11's statistics: pure arithmetic over numbers.
+        "statistics": _take(
+            statistics,
+            "mean fmean geometric_mean harmonic_mean median median_low median_high"
+            " median_grouped mode multimode pstdev pvariance stdev variance quantiles"
+            " correlation covariance linear_regression NormalDist StatisticsError",
+        ),
+        # Comparisons, arithmetic and item access: what operators do, as functions. Not
+        # attrgetter/methodcaller (they read attributes with the real getattr, `_` names
+        # included: `attrgetter('__class__')`), not setitem/delitem/the in-place i* forms
+        # (writes past the write guard).
+        "operator": _take(
+            operator,
+            "lt le eq ne ge gt not_ truth is_ is_not abs add and_ floordiv index inv invert"
+            " lshift mod mul matmul neg or_ pos pow rshift sub truediv xor concat contains"
+            " countOf indexOf getitem itemgetter length_hint call",
+        ),
+        "bisect": _take(bisect, "bisect bisect_left bisect_right insort insort_left insort_right"),
+        "heapq": _take(
+            heapq, "heappush heappop heapify heapreplace heappushpop nlargest nsmallest merge"
+        ),
+        # The functions (they take TextWrapper's options as keywords). Not the TextWrapper
+        # class: its `unicode_whitespace_trans` is a dict every later wrap in the worker reads.
+        "textwrap": _take(textwrap, "wrap fill shorten dedent indent"),
+        # Readers and writers over any iterable of lines and anything with `write` (the io
+        # facade's StringIO). Not register_dialect/unregister_dialect/field_size_limit: they
+        # change process-wide tables. The dialect classes are read-only to vals (write guard).
+        "csv": _take(
+            csv,
+            "reader writer DictReader DictWriter Sniffer Dialect excel excel_tab unix_dialect"
+            " Error get_dialect list_dialects",
+        )
+        | _as_ints(csv, "QUOTE_ALL QUOTE_MINIMAL QUOTE_NONE QUOTE_NONNUMERIC"),
+        "io": {"StringIO": shims.StringIO},
+        # The classes and decorators for defining enums (class syntax works: the policy's
+        # metaclass hook prepares the namespace EnumType needs). Not global_enum (writes the
+        # members into `sys.modules[cls.__module__]`, and a val named `os` has that module
+        # name), nor the pickling and repr helpers.
+        "enum": _take(enum, "Enum IntEnum StrEnum Flag IntFlag auto unique"),
+        # Names for annotations. Not get_type_hints/ForwardRef (they `eval` annotation strings
+        # unrestricted), nor the runtime-introspection helpers.
+        "typing": _take(
+            typing,
+            "Any Optional Union List Dict Tuple Set FrozenSet Type Callable Iterable Iterator"
+            " Generator Mapping MutableMapping Sequence MutableSequence Literal Final ClassVar"
+            " Annotated TypeVar Generic Protocol NamedTuple TypedDict NoReturn Never Self"
+            " LiteralString cast overload",
+        )
+        | {"TYPE_CHECKING": False},
+        # The system's tz database (Landlock lets workers read it, see sandbox.landlock).
+        # available_timezones walks the directories: done once here, copied per call.
+        "zoneinfo": _take(zoneinfo, "ZoneInfo ZoneInfoNotFoundError")
+        | {"available_timezones": _available_timezones},
     }
     facades = {name: Facade(name, table) for name, table in members.items()}
     # `import urllib.parse` binds `urllib`, so the parent exists, holding only the child.
@@ -246,7 +332,11 @@ _JSON_ENCODINGS = (
 
 def _preload() -> None:
     """Do now the lazy work members would do on first call, while files are still readable."""
-    time.strptime("2000", "%Y")  # imports _strptime (and calendar, locale); datetime shares it
+    time.strptime("2000", "%Y")  # imports _strptime (and calendar, locale)
+    datetime.datetime.strptime("2000", "%Y")  # _datetime keeps its own reference to _strptime
+    statistics.NormalDist().samples(1, seed=1)  # random's seeding by a value
+    csv.Sniffer().sniff("a,b\n1,2\n")
+    zoneinfo.ZoneInfo("UTC")
     time.localtime()  # the C library reads /etc/localtime once
     collections.Counter("ab").most_common(1)  # imports heapq
     for algorithm in sorted(hashlib.algorithms_guaranteed):
@@ -261,6 +351,84 @@ _preload()
 
 FACADE_NAMES: frozenset[str] = frozenset(_FACADES)
 _ALLOWED = ", ".join(sorted(FACADE_NAMES))
+_HOST_IMPORT = Facade("host import", {})
+
+
+# What to use instead of a module vals do not get, where there is something; the rest are
+# refused with the list of what is offered.
+_NO_NETWORK = "vals get no sockets; HTTP requests will go through std.fetch (coming)"
+_NO_OS = (
+    "vals have no operating system access (no files, processes or environment variables); "
+    "read configuration from `env`"
+)
+_INSTEAD: Mapping[str, str] = MappingProxyType(
+    {
+        **dict.fromkeys(
+            (
+                *("requests", "httpx", "aiohttp", "urllib3", "urllib.request", "http"),
+                *("http.client", "socket", "ssl", "ftplib", "smtplib"),
+            ),
+            _NO_NETWORK,
+        ),
+        "sqlite3": "vals get no files; a database will come as std.sqlite (coming)",
+        **dict.fromkeys(("os", "os.path", "sys", "subprocess", "shutil", "pathlib"), _NO_OS),
+        **dict.fromkeys(("tempfile", "glob"), _NO_OS),
+        "asyncio": "vals run synchronously: write 'def' handlers, not 'async def'",
+        "pickle": "use json (pickle runs code while it loads)",
+        "secrets": "use random.SystemRandom() for tokens (secrets is not offered)",
+        "string.Formatter": "use str.format or f-strings",
+        "operator.attrgetter": "use a lambda (lambda x: x.name): its attribute reads are guarded",
+        "operator.methodcaller": "use a lambda (lambda x: x.name(...))",
+        "functools.wraps": "copy what you need by hand (wraps reaches past the write guard)",
+        "dataclasses": "use collections.namedtuple or a plain class (see the README)",
+    }
+)
+
+# Imports that C code in the interpreter makes on its own while a val calls it: PyImport_Import
+# looks `__import__` up in the *current frame's* builtins, which are the val's, so
+# `time.strptime` and `datetime.strptime` would ask the val's hook for `_strptime`.
+# PyImport_Import ignores what `__import__` returns and reads sys.modules itself; the module was
+# imported before confinement (`_preload`), so the hook only has to not refuse. Val code cannot
+# ask for these names: RestrictedPython refuses `_` names in imports.
+_HOST_IMPORTS = frozenset({"_strptime"})
+
+
+def _refusal_of_module(name: str) -> str:
+    instead = _INSTEAD.get(name) or _INSTEAD.get(name.partition(".")[0])
+    hint = f"; {instead}" if instead else ""
+    return f"import of {name!r} is not allowed in a val{hint}; allowed modules: {_ALLOWED}"
+
+
+def import_refusal(
+    name: str,
+    fromlist: Sequence[str] | None = None,
+    level: int = 0,
+    extra: Mapping[str, Facade] = MappingProxyType({}),
+) -> str | None:
+    """Why importing `name` (and `fromlist` from it) is refused, or None when it is allowed.
+
+    The same text at save (sandbox.check) and at load (`import_facade`); `extra` as there.
+    """
+    if level != 0:
+        return f"relative import of {name!r} is not allowed in a val; import one of: {_ALLOWED}"
+    facade = extra.get(name) or _FACADES.get(name)
+    if facade is None:
+        # Also covers submodules of allowed modules (`re.enum`, `json.decoder`).
+        return _refusal_of_module(name)
+    offered = facade._members
+    for item in fromlist or ():
+        if item == "*":
+            # A star import would bind whatever the facade holds; say what to write instead.
+            return f"'from {name} import *' is not allowed in a val; import names one by one"
+        if item not in offered:
+            instead = _INSTEAD.get(f"{name}.{item}")
+            return (
+                f"cannot import {item!r} from {name!r}"
+                + (f": {instead}" if instead else "")
+                + f"; valrun's {name} offers only: "
+                + ", ".join(sorted(offered))
+            )
+    return None
 
 
 def import_facade(
@@ -276,32 +444,12 @@ def import_facade(
     As with `__import__`, `import a.b` returns the facade of `a` (the name that gets bound)
     and `from a.b import c` returns the facade of `a.b`, after checking every imported name.
     """
-    if level != 0:
-        raise ImportError(
-            f"relative import of {name!r} is not allowed in a val; import one of: {_ALLOWED}",
-            name=name,
-        )
-    facade = extra.get(name) or _FACADES.get(name)
-    if facade is None:
-        # Also covers submodules of allowed modules (`re.enum`, `json.decoder`).
-        raise ImportError(
-            f"import of {name!r} is not allowed in a val; allowed modules: {_ALLOWED}", name=name
-        )
+    if name in _HOST_IMPORTS and level == 0 and name in sys.modules:
+        return _HOST_IMPORT
+    refusal = import_refusal(name, fromlist, level, extra)
+    if refusal is not None:
+        raise ImportError(refusal, name=name)
     if not fromlist:
         top = name.partition(".")[0]
         return extra.get(top) or _FACADES[top]
-    offered = facade._members
-    for item in fromlist:
-        if item == "*":
-            # A star import would bind whatever the facade holds; say what to write instead.
-            raise ImportError(
-                f"'from {name} import *' is not allowed in a val; import names one by one",
-                name=name,
-            )
-        if item not in offered:
-            raise ImportError(
-                f"cannot import {item!r} from {name!r}: valrun's {name} offers only: "
-                + ", ".join(sorted(offered)),
-                name=name,
-            )
-    return facade
+    return extra.get(name) or _FACADES[name]

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import ClassVar
 from urllib.parse import parse_qsl
 
+from sandbox.multipart import MAX_PARTS, Part, parse_multipart
+
 JSON_TYPE = "application/json"
 HTML_TYPE = "text/html; charset=utf-8"
 TEXT_TYPE = "text/plain; charset=utf-8"
@@ -113,6 +115,60 @@ class Headers(_MultiMap):
         return ", ".join(values) if values else default
 
 
+class UploadedFile:
+    """A file sent in a multipart form: `name` (the form field), `filename`, `content_type`,
+    `body` (bytes), `size`, `text()`."""
+
+    __slots__ = ("_part",)
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        raise TypeError("UploadedFile cannot be subclassed")
+
+    def __init__(self, part: Part) -> None:
+        self._part = part
+
+    name = property(lambda self: self._part.name)
+    filename = property(lambda self: self._part.filename)
+    content_type = property(lambda self: self._part.content_type)
+    body = property(lambda self: self._part.body)
+    size = property(lambda self: len(self._part.body))
+
+    def text(self) -> str:
+        return self._part.body.decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return f"<UploadedFile {self._part.name}={self._part.filename!r}, {self.size} bytes>"
+
+
+class Form(_MultiMap):
+    """A form's text fields (`get` gives the first value, as for the query) and its `files`:
+    `files` is a list of UploadedFile, `file(name)` the first one sent as field `name`."""
+
+    __slots__ = ("_files",)
+    _files: tuple[UploadedFile, ...]
+    _fold = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        raise TypeError("Form cannot be subclassed")
+
+    def __init__(
+        self, items: Iterable[tuple[str, str]] = (), files: Iterable[UploadedFile] = ()
+    ) -> None:
+        super().__init__(items)
+        object.__setattr__(self, "_files", tuple(files))
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        values = self.getall(name)
+        return values[0] if values else default
+
+    @property
+    def files(self) -> list[UploadedFile]:
+        return list(self._files)
+
+    def file(self, name: str) -> UploadedFile | None:
+        return next((f for f in self._files if f.name == name), None)
+
+
 class Request:
     __slots__ = ("_body", "_headers", "_method", "_path", "_query", "_url")
 
@@ -148,9 +204,17 @@ class Request:
     def json(self) -> object:
         return _json.loads(self._body)
 
-    def form(self) -> Query:
-        """Fields of an `application/x-www-form-urlencoded` body."""
-        return Query(parse_qsl(self.text(), keep_blank_values=True))
+    def form(self) -> Form:
+        """The fields of a form: `multipart/form-data` (fields and `files`) or, for any other
+        Content-Type, `application/x-www-form-urlencoded`. ValueError if it is malformed."""
+        content_type = self._headers.get("content-type") or ""
+        if content_type.lower().startswith("multipart/form-data"):
+            parts = parse_multipart(self._body, content_type)
+            return Form(
+                [(p.name, p.body.decode("utf-8", errors="replace")) for p in parts if not p.file],
+                [UploadedFile(p) for p in parts if p.file],
+            )
+        return Form(parse_qsl(self.text(), keep_blank_values=True, max_num_fields=MAX_PARTS))
 
     def __repr__(self) -> str:
         return f"<Request {self._method} {self._url}>"

@@ -10,6 +10,7 @@ import errno
 import os
 import stat
 import sys
+import zoneinfo
 from pathlib import Path
 
 from sandbox.syscalls import syscall, syscall_number
@@ -107,9 +108,9 @@ _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 
 def python_read_paths() -> tuple[str, ...]:
     """What the interpreter reads after start: its prefixes, every absolute `sys.path`
-    entry that exists, and this package's own directory (an editable install keeps it
-    outside site-packages). Only the package directory, not the repository holding it:
-    that holds the database and configuration."""
+    entry that exists, the tz database, and this package's own directory (an editable
+    install keeps it outside site-packages). Only the package directory, not the repository
+    holding it: that holds the database and configuration."""
     candidates = [
         sys.prefix,
         sys.base_prefix,
@@ -117,6 +118,9 @@ def python_read_paths() -> tuple[str, ...]:
         sys.base_exec_prefix,
         *sys.path,  # '' and relative entries mean the cwd: the workdir rule covers it
         _PACKAGE_DIR,
+        # The system's tz database, for the zoneinfo facade: public data, read on demand
+        # (ZoneInfo(key) opens the zone's file). Only the directories that exist.
+        *zoneinfo.TZPATH,
     ]
     return tuple(dict.fromkeys(p for p in candidates if os.path.isabs(p) and os.path.exists(p)))
 

@@ -19,6 +19,7 @@ Worker -> front end::
 
     Loaded        log                               (the val is loaded; a failed load is a
                                                     Failure with no id, then the worker exits)
+    Checked       problems                          (the answer to a `check` Load, then exit)
     HttpResponse  id, status, headers, log, retire  body: the response body
     Result        id, log, retire                   body: the value as UTF-8 JSON
     Failure       id (None for a load), type, message, traceback, log, retire
@@ -42,8 +43,9 @@ from sandbox.limits import WorkerLimits
 from sandbox.wire import Frame, ProtocolError
 
 #: How a worker runs its code: `module` runs a val's module once and serves its export;
-#: `eval` compiles statements and a final expression, run afresh on each call (the Eval API).
-Mode = Literal["module", "eval"]
+#: `eval` compiles statements and a final expression, run afresh on each call (the Eval API);
+#: `check` only compiles and checks it (checks at save), answers `Checked` and exits.
+Mode = Literal["module", "eval", "check"]
 #: What a worker may report as the reason a val failed; anything else is a protocol error.
 FailureType = Literal["val_error", "memory_limit", "response_too_large"]
 HeaderPairs: TypeAlias = tuple[tuple[str, str], ...]
@@ -351,6 +353,55 @@ class Failure:
             log=_str(head, "log", ""),
             retire=_bool(head, "retire"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """What would stop a val from loading: a line (None: the whole source) and what to
+    change."""
+
+    line: int | None
+    message: str
+
+    MAX_LINE: ClassVar[int] = 10_000_000
+    MAX_MESSAGE_CHARS: ClassVar[int] = 1000
+
+    def to_json(self) -> dict[str, object]:
+        return {"line": self.line, "message": self.message[: self.MAX_MESSAGE_CHARS]}
+
+    @classmethod
+    def from_json(cls, raw: object) -> Problem:
+        if not isinstance(raw, dict) or set(raw) != {"line", "message"}:
+            raise MessageError("a problem is not {line, message}")
+        line, message = raw["line"], raw["message"]
+        if not (line is None or (type(line) is int and 1 <= line <= cls.MAX_LINE)):
+            raise MessageError("a problem's line is not a line number")
+        if type(message) is not str:
+            raise MessageError("a problem's message is not a string")
+        return cls(line, message[: cls.MAX_MESSAGE_CHARS])
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """The answer to a `check` Load: every problem found (none: the code would load)."""
+
+    op: ClassVar[str] = "checked"
+    problems: tuple[Problem, ...] = ()
+
+    #: Problems reported at most: a nesting bomb repeats the same one thousands of times.
+    MAX_PROBLEMS: ClassVar[int] = 20
+
+    def to_frame(self) -> Frame:
+        problems = [p.to_json() for p in self.problems[: self.MAX_PROBLEMS]]
+        return Frame({"op": self.op, "problems": problems})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Checked:
+        _check_op(frame, cls.op)
+        raw = frame.head.get("problems")
+        if not isinstance(raw, list) or len(raw) > cls.MAX_PROBLEMS:
+            raise MessageError(f"'problems' is not a list of at most {cls.MAX_PROBLEMS}")
+        return cls(tuple(Problem.from_json(p) for p in raw))
 
 
 Reply: TypeAlias = HttpResponse | Result | Failure

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import builtins
 import collections
+import enum
 import io
 import operator
 import re
@@ -33,6 +34,13 @@ from RestrictedPython.Guards import (
 from sandbox.errors import ValError
 from sandbox.facades import Facade, import_facade
 from sandbox.http import Request, Response
+from sandbox.shims import (
+    BoundFormat,
+    BoundFormatMap,
+    ValFormatter,
+    str_method_owner,
+    unbound_format,
+)
 
 # `id` leaks addresses (a help to memory-corruption exploits); `setattr`/`delattr` are
 # re-added below through our own write guard rather than RestrictedPython's.
@@ -209,12 +217,27 @@ def _checked_getattr(obj: object, name: str) -> object:
     if isinstance(obj, types.ModuleType):
         # Facades are never modules; a real module here means a hole elsewhere: don't widen it.
         raise AttributeError("modules are not available to vals")
+    if name in _FORMAT_METHODS:
+        receiver = str_method_owner(obj, name)
+        if receiver == "instance":
+            return _FORMAT_METHODS[name](_FORMATTER, cast(str, obj))
+        if receiver == "class":
+            return unbound_format(_FORMATTER, name)
     if name == "groupindex" and isinstance(obj, re.Pattern):
         # A mappingproxy of the pattern's own dict, and `re` caches compiled patterns for
         # the whole process: a val comparing it with its object (reflected `__eq__`) would
         # get that dict and could rename another user of the pattern's groups. A copy.
         return dict(obj.groupindex)
     return _restricted_getattr(obj, name)
+
+
+# str.format and str.format_map, with fields read through `guarded_getattr` (sandbox/shims.py)
+# instead of RestrictedPython's flat refusal.
+_FORMAT_METHODS: dict[str, type[BoundFormat]] = {
+    "format": BoundFormat,
+    "format_map": BoundFormatMap,
+}
+_FORMATTER = ValFormatter(guarded_getattr)
 
 
 def _public_name(name: object) -> str:
@@ -238,6 +261,16 @@ def _inplacevar(op: str, target: Any, value: Any) -> object:
     return _INPLACE_OPERATORS[op](target, value)
 
 
+def _metaclass_of(bases: tuple[type, ...]) -> type | None:
+    """The most derived metaclass of `bases` (as type() picks it), None for plain `type`."""
+    winner: type = type
+    for base in bases:
+        meta = type(base)
+        if issubclass(meta, winner):
+            winner = meta
+    return None if winner is type else winner
+
+
 class _ValClasses:
     """Classes the val defined: their instances are the val's own, so it may write to them."""
 
@@ -245,7 +278,17 @@ class _ValClasses:
         self.classes: weakref.WeakSet[type] = weakref.WeakSet()
 
     def metaclass(self, name: str, bases: tuple[type, ...], namespace: dict[str, Any]) -> type:
-        cls = type(name, bases, namespace)
+        # RestrictedPython compiles every class with `metaclass=__metaclass__`, so the body
+        # ran into a plain dict. EnumType needs the namespace its `__prepare__` makes (it
+        # records members as they are assigned): replay the body's names into one, in order.
+        winner = _metaclass_of(bases)
+        if winner is not None and issubclass(winner, enum.EnumType):
+            prepared = winner.__prepare__(name, bases)
+            for key, value in namespace.items():
+                prepared[key] = value
+            cls: type = winner(name, bases, prepared)
+        else:
+            cls = type(name, bases, namespace)
         self.classes.add(cls)
         return cls
 
@@ -345,9 +388,21 @@ def val_filename(name: str) -> str:
     return f"<val {name}>"
 
 
+# RestrictedPython refuses the async statements by their bare node name; say what to do.
+_ASYNC_NODES = ("AsyncFunctionDef", "AsyncFor", "AsyncWith", "Await")
+_ASYNC_HINT = " Vals run synchronously: write 'def', not 'async def' (and no 'await')."
+
+
+def explain_refusal(error: str) -> str:
+    """A RestrictedPython refusal ("Line N: ..."), with what to do where it is not obvious."""
+    if any(f"{node} statements are not allowed" in error for node in _ASYNC_NODES):
+        return error + _ASYNC_HINT
+    return error
+
+
 def compile_refused(errors: Sequence[str]) -> ValError:
     """RestrictedPython's refusals as one error, cut short: a nesting bomb repeats itself."""
-    message = "; ".join(errors) or "the source did not compile"
+    message = "; ".join(map(explain_refusal, errors)) or "the source did not compile"
     return ValError(message if len(message) <= 2000 else message[:2000] + " [...]")
 
 

@@ -21,6 +21,7 @@ Messages (``op`` values), front end -> worker:
                                                                    or empty: "do not call"
 Worker -> front end:
     loaded   head: log
+    checked  head: problems, a list of {line, message} (the `check` mode; then it exits)
     response head: id, status, headers, log, retire          body: the response body
     result   head: id, log, retire                           body: the value as UTF-8 JSON
     error    head: id (absent for a failed load), type, message, traceback, log, retire
@@ -30,8 +31,10 @@ to ``name``) or ``"eval"`` (the Eval API: compile statements and a final express
 ``call`` runs them in a fresh namespace and the expression's value is the export). On
 ``call``, a callable export is called with the args and its return value is the result; a
 non-callable export is the result itself; with an empty body the export is the result even
-when callable (Eval without args). The args travel in the body, not the head: they may be as
-large as a request body (2 MiB by default), over the head limit below.
+when callable (Eval without args). The args travel in the body, not the head: they may be
+as large as a request body (2 MiB by default), over the head limit below. ``"check"``
+(checks at save) compiles the code and checks its imports and export without running any
+of it, answers ``checked`` and exits.
 """
 
 from __future__ import annotations

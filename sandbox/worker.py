@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import BinaryIO
 
+from sandbox.check import check_source
 from sandbox.errors import BadMessageError, ValError, describe
 from sandbox.evaluate import EVAL_NAME, compile_eval, evaluate
 from sandbox.facades import Facade
@@ -27,6 +28,7 @@ from sandbox.limits import WorkerLimits, apply_limits, arm_cpu_limit
 from sandbox.messages import (
     Ask,
     Call,
+    Checked,
     Failure,
     HttpRequest,
     HttpResponse,
@@ -80,7 +82,7 @@ class Channel:
     def receive(self) -> Frame | None:
         return read_frame(self.inp, self.decoder)
 
-    def send(self, message: Reply | Loaded | Ask) -> None:
+    def send(self, message: Reply | Loaded | Checked | Ask) -> None:
         write_frame(self.out, message.to_frame())
 
     def ask(self, ask: Ask, answer: type[M], /) -> M:
@@ -191,6 +193,10 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
     arm_cpu_limit(limits)
     log = LogBuffer(limits.max_log_bytes)
     modules = {"std": make_std(channel.ask)}
+    if load.mode == "check":  # checks at save: compile, report, exit; nothing of the val runs
+        problems = check_source(load.source, name, limits.max_source_bytes, modules)
+        channel.send(Checked(tuple(problems)))
+        return 0
     try:
         export = load_export(load, name, log, modules)
     except BaseException as exc:  # a val that fails to load is one error reply, then exit

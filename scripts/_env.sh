@@ -50,3 +50,12 @@ ensure_proxies() {  # tests/test_readme.py runs the README's nginx and Caddy con
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nginx caddy >/dev/null
 }
+
+ensure_tzdata() {  # the zoneinfo facade serves the system's tz database (Debian's tzdata)
+  if [ -f /usr/share/zoneinfo/UTC ]; then return; fi
+  echo "scripts: installing Debian's tzdata for the zoneinfo facade" >&2
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq tzdata >/dev/null
+}

@@ -666,3 +666,30 @@ def test_syscall_numbers_match_the_kernel_headers(column: int, header: Path) -> 
     assert checked == {name: known[name] for name in checked}
     # A call the header knows for this arch must not be missing from our column.
     assert not [name for name, nr in table.items() if nr is None and name in known]
+
+
+def test_confined_process_reads_the_tz_database_and_nothing_beside_it(tmp_path: Path) -> None:
+    """The zoneinfo facade opens zone files on demand: Landlock lets the tz database through
+    (read-only), and only it."""
+    code = """
+import zoneinfo
+zone = zoneinfo.ZoneInfo.no_cache('America/Sao_Paulo')  # no_cache: really read the file
+try:
+    open('/etc/hostname').read()
+    other = 'read'
+except PermissionError:
+    other = 'refused'
+try:
+    open(os.path.join(zoneinfo.TZPATH[0], 'zone-planted-by-a-val'), 'w')
+    written = 'written'
+except OSError:
+    written = 'refused'
+result = {'zone': str(zone), 'hostname': other, 'write': written}
+"""
+    verdict = run_driver(tmp_path, code, ALL_LAYERS, preload=("zoneinfo",))
+    assert_done(verdict)
+    assert verdict["result"] == {
+        "zone": "America/Sao_Paulo",
+        "hostname": "refused",
+        "write": "refused",
+    }

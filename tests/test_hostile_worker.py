@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import pytest
 import trio
@@ -17,6 +18,8 @@ from runtime.config import Config, LimitsConfig, PoolConfig
 from runtime.errors import HTTPError
 from runtime.pool import Pool, ValSpec, open_pool
 from runtime.reply import ValResponse
+from runtime.savecheck import SaveChecks
+from runtime.store import AsyncStore
 from sandbox.messages import HttpRequest
 
 # Run by path: workers start in an empty directory, where `tests` is not importable.
@@ -82,3 +85,30 @@ async def test_hostile_worker_does_not_delay_another_vals_request() -> None:
             assert isinstance(reply.outcome, ValResponse)
             assert trio.current_time() - started < 3.0  # a fresh spawn, not the 10 s hang
             nursery.cancel_scope.cancel()
+
+
+class _NoStore:
+    """SaveChecks looks the val up to learn its spelling; these vals are all new."""
+
+    async def call(self, *args: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "error_type"),
+    [("ok", None, None), ("lying", 502, "protocol_error"), ("crash", 400, "bad_code")],
+)
+async def test_hostile_check_worker_costs_one_save(
+    name: str, status: int | None, error_type: str | None
+) -> None:
+    with trio.fail_after(20):
+        async with open_pool(CONFIG, worker_command=FAKE) as pool:
+            checks = SaveChecks(CONFIG, pool, cast(AsyncStore, _NoStore()))
+            if status is None:
+                await checks.check("alice", name, "code")
+            else:
+                with pytest.raises(HTTPError) as caught:
+                    await checks.check("alice", name, "code")
+                assert (caught.value.status, caught.value.type) == (status, error_type)
+            await checks.check("alice", "ok", "code")  # the next save is checked normally
+            assert await ok(pool) == b"ok"

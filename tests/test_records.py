@@ -378,7 +378,7 @@ async def test_what_a_module_prints_while_loading_is_in_its_first_record(
     await service.put_val(
         "loud", "print('loading')\ndef loud(req):\n    print('serving')\n    return 1"
     )
-    await service.put_val("broken", "print('about to fail')\nraise ValueError('no')\n")
+    await service.put_val("broken", "print('about to fail')\nraise ValueError('no')\nbroken = 1\n")
     with trio.fail_after(15):
         await service.web("alice", "loud")
         await service.web("alice", "loud")

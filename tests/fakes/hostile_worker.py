@@ -25,6 +25,13 @@ def main() -> int:
     load = read_frame(inp, decoder)
     if load is None:
         return 0
+    if load.head.get("mode") == "check":  # checks at save: the val's name picks the behaviour
+        name = load.head.get("name")
+        if name == "crash":
+            return 3
+        problems: object = [] if name == "ok" else "not a list"
+        reply(out, Frame({"op": "checked", "problems": problems}))
+        return 0
     reply(out, Frame({"op": "loaded", "log": ""}))
     while (frame := read_frame(inp, decoder)) is not None:
         rid, path = int(str(frame.head["id"])), frame.head["path"]
