@@ -8,6 +8,7 @@ before this module is called (`runtime.auth`); the web host serves anyone.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Literal, TypeVar
 
@@ -15,6 +16,7 @@ import trio
 
 from runtime.config import Config
 from runtime.errors import ClientGoneError, HTTPError, OverloadedError, WorkerError
+from runtime.fetch import FetchLog, fetch_log
 from runtime.hosts import val_host
 from runtime.http import JSON_HEADERS, HTTPResponse
 from runtime.pool import Pool, ValSpec
@@ -78,6 +80,8 @@ class Invoker:
         """Invoke through the pool and record it; the outcome, or the val's error raised."""
         started_at, started = time.time(), trio.current_time()
 
+        fetches = FetchLog()
+
         def record(status: int, log: str = "", error: HTTPError | None = None) -> None:
             self.recorder.add(
                 Record(
@@ -91,14 +95,16 @@ class Invoker:
                     log=mask_env(log, spec.env),
                     error_type=error.type if error else None,
                     error_message=error.message if error else None,
+                    fetches=json.dumps(fetches.entries),
                 )
             )
 
         try:
-            if spec.mode == "eval":
-                reply = await self._invoke_once(spec, request)
-            else:
-                reply = await self.pool.invoke(spec, request)
+            with fetch_log() as fetches:
+                if spec.mode == "eval":
+                    reply = await self._invoke_once(spec, request)
+                else:
+                    reply = await self.pool.invoke(spec, request)
         except HTTPError as exc:
             error = _masked(exc, spec)
             record(error.status, error.log if isinstance(error, WorkerError) else "", error)

@@ -108,7 +108,7 @@ class Recorder:
 
 
 def _size(record: Record) -> int:
-    return 200 + len(record.log) + len(record.error_message or "")
+    return 200 + len(record.log) + len(record.error_message or "") + len(record.fetches)
 
 
 @asynccontextmanager

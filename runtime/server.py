@@ -14,10 +14,12 @@ from hypercorn.trio import serve
 from runtime.app import App
 from runtime.broker import Broker
 from runtime.config import Config
+from runtime.fetch import open_fetcher
 from runtime.metrics import Metrics
 from runtime.pool import open_pool
 from runtime.records import open_recorder
 from runtime.store import AsyncStore, Store
+from sandbox.messages import FetchAsk
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +57,13 @@ async def serve_valrun(
             open_recorder(
                 AsyncStore(records_store), keep_per_val=config.store.max_runs_per_val
             ) as recorder,
+            open_fetcher(config.fetch) as fetcher,
         ):
             # Capabilities register their ask handlers here as they land (fetch, storage).
-            pool.broker = Broker().answer
-            app = App(config, async_store, pool, recorder, Metrics())
+            pool.broker = Broker({FetchAsk: fetcher.answer}).answer
+            metrics = Metrics()
+            metrics.fetches = fetcher.outcomes
+            app = App(config, async_store, pool, recorder, metrics)
             await serve(
                 app,
                 hypercorn_config(config),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 import sqlite3
 import time
@@ -82,7 +83,9 @@ CREATE TABLE IF NOT EXISTS runs (
     status INTEGER NOT NULL,
     log TEXT NOT NULL,
     error_type TEXT,
-    error_message TEXT
+    error_message TEXT,
+    -- The invocation's fetches (std.fetch), a JSON array of objects.
+    fetches TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS runs_by_bucket ON runs (val_id, user_id, id);
 """
@@ -128,6 +131,8 @@ class Record:
     log: str
     error_type: str | None = None
     error_message: str | None = None
+    #: JSON: the fetches the invocation made (`runtime.fetch.FetchLog.entries`).
+    fetches: str = "[]"
 
     def to_json(self) -> dict[str, object]:
         error = None
@@ -141,6 +146,7 @@ class Record:
             "duration_ms": round(self.duration_ms, 3),
             "log": self.log,
             "error": error,
+            "fetches": json.loads(self.fetches),
         }
 
 
@@ -159,6 +165,13 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._add_fetches_column()
+
+    def _add_fetches_column(self) -> None:
+        """A store made before records listed fetches gets the column (an empty list)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        if "fetches" not in columns:
+            self._db.execute("ALTER TABLE runs ADD COLUMN fetches TEXT NOT NULL DEFAULT '[]'")
 
     def close(self) -> None:
         self._db.close()
@@ -384,14 +397,14 @@ class Store:
             for r in records:
                 values = (
                     *(r.source, r.version, r.started_at, r.duration_ms, r.status, r.log),
-                    *(r.error_type, r.error_message),
+                    *(r.error_type, r.error_message, r.fetches),
                 )
                 if r.val_id is not None:
                     # The val may have been deleted since: then its record goes with it.
                     cur = self._db.execute(
                         "INSERT INTO runs (val_id, source, version, started_at, duration_ms, "
-                        "status, log, error_type, error_message) "
-                        "SELECT id, ?, ?, ?, ?, ?, ?, ?, ? FROM vals WHERE id = ?",
+                        "status, log, error_type, error_message, fetches) "
+                        "SELECT id, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM vals WHERE id = ?",
                         (*values, r.val_id),
                     )
                     if cur.rowcount:
@@ -400,8 +413,8 @@ class Store:
                     user_id = self._user_id(r.owner) if r.owner else None
                     self._db.execute(
                         "INSERT INTO runs (user_id, source, version, started_at, duration_ms, "
-                        "status, log, error_type, error_message) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "status, log, error_type, error_message, fetches) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (user_id, *values),
                     )
                     buckets.add((None, user_id))
@@ -419,7 +432,7 @@ class Store:
 
     _RUN_SELECT = (
         "SELECT val_id, ?, source, version, started_at, duration_ms, status, log, "
-        "error_type, error_message FROM runs "
+        "error_type, error_message, fetches FROM runs "
     )
 
     def runs(self, val: ValVersion, limit: int) -> list[Record]:

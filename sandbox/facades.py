@@ -260,6 +260,10 @@ _FACADES = _build()
 _preload()
 
 FACADE_NAMES: frozenset[str] = frozenset(_FACADES)
+#: Imports whose refusal points to std.fetch: what people reach for to make HTTP requests.
+NETWORK_MODULES = frozenset(
+    {"requests", "urllib.request", "http", "http.client", "socket", "httpx", "aiohttp", "urllib3"}
+)
 _ALLOWED = ", ".join(sorted(FACADE_NAMES))
 
 
@@ -283,6 +287,12 @@ def import_facade(
         )
     facade = extra.get(name) or _FACADES.get(name)
     if facade is None:
+        if name.partition(".")[0] in NETWORK_MODULES or name in NETWORK_MODULES:
+            raise ImportError(
+                f"import of {name!r} is not allowed in a val: vals have no network of their "
+                "own; make HTTP requests with `from std import fetch` (std.fetch)",
+                name=name,
+            )
         # Also covers submodules of allowed modules (`re.enum`, `json.decoder`).
         raise ImportError(
             f"import of {name!r} is not allowed in a val; allowed modules: {_ALLOWED}", name=name

@@ -76,6 +76,8 @@ class Channel:
         self.inp = inp
         self.out = out
         self.decoder = FrameDecoder()
+        #: The id of the invocation being served (asks carry it); None between invocations.
+        self.invocation: int | None = None
 
     def receive(self) -> Frame | None:
         return read_frame(self.inp, self.decoder)
@@ -84,7 +86,13 @@ class Channel:
         write_frame(self.out, message.to_frame())
 
     def ask(self, ask: Ask, answer: type[M], /) -> M:
-        self.send(ask)
+        if self.invocation is None:
+            # While the module loads, the front end is not listening for asks.
+            raise ValError(
+                "std functions work while the val handles a request, not while its module "
+                "loads; call them inside the exported function"
+            )
+        self.send(replace(ask, id=self.invocation))  # type: ignore[type-var]
         frame = self.receive()
         if frame is None:
             raise ProtocolError("the front end closed the socket while the val waited")
@@ -199,7 +207,10 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
     worker = Worker(name, export, limits, log)
     channel.send(Loaded(log.take()))
     while (frame := channel.receive()) is not None:
-        reply = worker.serve(parse(frame, HttpRequest, Call))
+        message = parse(frame, HttpRequest, Call)
+        channel.invocation = message.id
+        reply = worker.serve(message)
+        channel.invocation = None
         # A worker that is out of memory or near its life's CPU budget says so and exits
         # after this reply; the front end never sends it another request.
         out_of_memory = isinstance(reply, Failure) and reply.type == "memory_limit"

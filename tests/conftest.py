@@ -15,7 +15,14 @@ import httpx
 import pytest
 import trio
 
-from runtime.config import Config, LimitsConfig, PoolConfig, ServerConfig, StoreConfig
+from runtime.config import (
+    Config,
+    FetchConfig,
+    LimitsConfig,
+    PoolConfig,
+    ServerConfig,
+    StoreConfig,
+)
 from runtime.server import serve_valrun
 from runtime.store import Store
 
@@ -84,6 +91,7 @@ async def start_service(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[
             store=StoreConfig(url=f"sqlite:///{db_path}"),
             limits=limits,
             pool=pool,
+            fetch=overrides.get("fetch", FetchConfig()),
         )
         store = Store(db_path)
         tokens = {name: store.create_user(name) for name in ("alice", "bob")}
