@@ -36,39 +36,43 @@ SCHEMES = ("http", "https")
 
 # Special-purpose ranges (IANA's IPv4 and IPv6 Special-Purpose Address Registries, RFC 6890),
 # each with the reason a refusal gives. Anything else that `ipaddress` does not call global is
-# refused too; this table is what makes the common refusals say why.
+# refused too; this table is what makes the refusals say why.
+_RANGES = (
+    ("0.0.0.0/8", "unspecified ('this network', RFC 1122)"),
+    ("10.0.0.0/8", "private (RFC 1918)"),
+    ("100.64.0.0/10", "carrier-grade NAT (RFC 6598)"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local (cloud metadata services live here)"),
+    ("172.16.0.0/12", "private (RFC 1918)"),
+    ("192.0.0.0/24", "reserved for IETF protocol assignments"),
+    ("192.0.2.0/24", "reserved for documentation"),
+    ("192.88.99.0/24", "the deprecated 6to4 relay anycast"),
+    ("192.168.0.0/16", "private (RFC 1918)"),
+    ("198.18.0.0/15", "reserved for benchmarking"),
+    ("198.51.100.0/24", "reserved for documentation"),
+    ("203.0.113.0/24", "reserved for documentation"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
+    ("255.255.255.255/32", "broadcast"),
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    # The deprecated IPv4-compatible form ::a.b.c.d, and the rest of ::/8.
+    ("::/8", "reserved"),
+    ("64:ff9b:1::/48", "local-use NAT64 (RFC 8215)"),
+    ("100::/64", "discard-only (RFC 6666)"),
+    ("2001::/23", "reserved for IETF protocols (Teredo included)"),
+    ("2001:db8::/32", "reserved for documentation"),
+    ("2002::/16", "6to4 (it tunnels to an IPv4 address)"),
+    ("fc00::/7", "unique local (private)"),
+    ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local (deprecated, private)"),
+    ("ff00::/8", "multicast"),
+)
 _BLOCKED: tuple[tuple[IPNetwork, str], ...] = tuple(
-    (ipaddress.ip_network(cidr), reason)
-    for cidr, reason in (
-        ("0.0.0.0/8", "unspecified ('this network', RFC 1122)"),
-        ("10.0.0.0/8", "private (RFC 1918)"),
-        ("100.64.0.0/10", "carrier-grade NAT (RFC 6598)"),
-        ("127.0.0.0/8", "loopback"),
-        ("169.254.0.0/16", "link-local (cloud metadata services live here)"),
-        ("172.16.0.0/12", "private (RFC 1918)"),
-        ("192.0.0.0/24", "reserved for IETF protocol assignments"),
-        ("192.0.2.0/24", "reserved for documentation"),
-        ("192.88.99.0/24", "the deprecated 6to4 relay anycast"),
-        ("192.168.0.0/16", "private (RFC 1918)"),
-        ("198.18.0.0/15", "reserved for benchmarking"),
-        ("198.51.100.0/24", "reserved for documentation"),
-        ("203.0.113.0/24", "reserved for documentation"),
-        ("224.0.0.0/4", "multicast"),
-        ("240.0.0.0/4", "reserved"),
-        ("255.255.255.255/32", "broadcast"),
-        ("::/128", "unspecified"),
-        ("::1/128", "loopback"),
-        # The deprecated IPv4-compatible form ::a.b.c.d, and the rest of ::/8.
-        ("::/8", "reserved"),
-        ("64:ff9b:1::/48", "local-use NAT64 (RFC 8215)"),
-        ("100::/64", "discard-only (RFC 6666)"),
-        ("2001::/23", "reserved for IETF protocols (Teredo included)"),
-        ("2001:db8::/32", "reserved for documentation"),
-        ("2002::/16", "6to4 (it tunnels to an IPv4 address)"),
-        ("fc00::/7", "unique local (private)"),
-        ("fe80::/10", "link-local"),
-        ("fec0::/10", "site-local (deprecated, private)"),
-        ("ff00::/8", "multicast"),
+    # Most specific first: 255.255.255.255 is "broadcast", not the "reserved" of 240/4.
+    sorted(
+        ((ipaddress.ip_network(cidr), reason) for cidr, reason in _RANGES),
+        key=lambda entry: -entry[0].prefixlen,
     )
 )
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix

@@ -272,7 +272,7 @@ async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Resp
     except ResolveError as exc:
         raise FetchProblem("dns", f"{exc}; check the host name") from None
     except httpcore.ConnectError as exc:
-        tls = _ssl_error(exc)
+        tls = tls_error(exc)
         if tls is not None:
             raise FetchProblem(
                 "tls",
@@ -290,7 +290,7 @@ async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Resp
         raise FetchProblem("bad_request", str(exc)) from None
 
 
-def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+def tls_error(exc: BaseException) -> ssl.SSLError | None:
     """The TLS error behind a failed connection (trio and httpcore each wrap it once)."""
     seen: BaseException | None = exc
     for _ in range(8):

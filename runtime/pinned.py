@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 
 import httpcore
@@ -123,11 +124,12 @@ class EgressTransport(httpx.AsyncBaseTransport):
         policy: EgressPolicy,
         *,
         resolver: Resolver = resolve,
+        ssl_context: ssl.SSLContext | None = None,
         max_connections: int = 100,
         keepalive_expiry_s: float = 30,
     ) -> None:
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=ssl_context or httpx.create_ssl_context(trust_env=False),
             max_connections=max_connections,
             max_keepalive_connections=max_connections // 5 or 1,
             keepalive_expiry=keepalive_expiry_s,

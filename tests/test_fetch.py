@@ -17,9 +17,10 @@ import pytest
 import trio
 
 from runtime.config import FetchConfig
+from sandbox.confine import ALL_LAYERS
 from tests.conftest import Service, StartService
 from tests.fakes.remote import serve_remote
-from tests.test_confine import ALL_LAYERS, assert_refused, run_driver
+from tests.test_confine import assert_refused, run_driver
 
 LOOPBACK_ONLY = FetchConfig(allow_networks=("127.0.0.1/32",))
 
@@ -78,9 +79,7 @@ async def test_a_val_fetches_from_an_allowed_server(
     assert result["type"] == "application/json"
 
 
-async def test_the_response_is_read_only(
-    start_service: StartService, remote: str
-) -> None:
+async def test_the_response_is_read_only(start_service: StartService, remote: str) -> None:
     service = await start_service(fetch=LOOPBACK_ONLY)
     code = """
 from std import fetch
@@ -180,9 +179,7 @@ async def test_redirects_are_followed_hop_by_hop_up_to_five(
     assert loop["error"].startswith("more than 5 redirects")
 
 
-async def test_slow_and_endless_servers_time_out(
-    start_service: StartService, remote: str
-) -> None:
+async def test_slow_and_endless_servers_time_out(start_service: StartService, remote: str) -> None:
     service = await start_service(fetch=LOOPBACK_ONLY)
     ok = await fetch(service, f"{remote}/slow?s=0.2", timeout_s=2.5)
     assert ok["body"] == "slow answer"
@@ -208,9 +205,7 @@ async def test_a_response_over_the_cap_is_refused(
     assert over["error"].startswith("the response is over 100000 bytes")
 
 
-async def test_fetches_per_invocation_are_limited(
-    start_service: StartService, remote: str
-) -> None:
+async def test_fetches_per_invocation_are_limited(start_service: StartService, remote: str) -> None:
     service = await start_service(fetch=replace(LOOPBACK_ONLY, max_requests_per_invocation=3))
     code = """
 from std import fetch, FetchError
@@ -291,9 +286,7 @@ def hook(req):
     assert "status" not in blocked
 
 
-async def test_metrics_count_fetches_by_outcome(
-    start_service: StartService, remote: str
-) -> None:
+async def test_metrics_count_fetches_by_outcome(start_service: StartService, remote: str) -> None:
     service = await start_service(fetch=LOOPBACK_ONLY)
     await fetch(service, f"{remote}/echo")
     await fetch(service, "http://10.0.0.1/")
@@ -335,7 +328,10 @@ async def test_fetches_wait_for_one_of_the_users_slots(
     async def one(user: str) -> None:
         with trio.fail_after(30):
             response = await service.api(
-                "POST", "/v1/eval", user=user, json={"code": FETCH, "args": [f"{remote}/slow?s=3", {}]}
+                "POST",
+                "/v1/eval",
+                user=user,
+                json={"code": FETCH, "args": [f"{remote}/slow?s=3", {}]},
             )
         results[user].append(response.json())
 
@@ -352,11 +348,8 @@ async def test_fetch_while_the_module_loads_is_refused(
     start_service: StartService, remote: str
 ) -> None:
     service = await start_service(fetch=LOOPBACK_ONLY)
-    response = await service.api(
-        "PUT",
-        "/v1/vals/alice/eager",
-        json={"code": f"from std import fetch\nDATA = fetch('{remote}/echo')\ndef eager(req):\n    return 'x'\n"},
-    )
+    code = f"from std import fetch\nDATA = fetch('{remote}/echo')\ndef eager(req):\n    return 1\n"
+    response = await service.api("PUT", "/v1/vals/alice/eager", json={"code": code})
     if response.status_code in (200, 201):  # saved; the load fails on the first request
         with trio.fail_after(30):
             response = await service.web("alice", "eager")
@@ -366,9 +359,7 @@ async def test_fetch_while_the_module_loads_is_refused(
 @pytest.mark.parametrize("module", ["requests", "urllib.request", "http.client", "socket"])
 async def test_network_imports_point_to_std_fetch(service: Service, module: str) -> None:
     with trio.fail_after(30):
-        response = await service.api(
-            "POST", "/v1/eval", json={"code": f"import {module}\n1"}
-        )
+        response = await service.api("POST", "/v1/eval", json={"code": f"import {module}\n1"})
     assert response.status_code == 502
     assert "from std import fetch" in response.json()["error"]["message"]
 

@@ -27,17 +27,17 @@ async def _respond(
 async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
     if scope["type"] == "lifespan":
         while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
+            event = await receive()
+            if event["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
+            elif event["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     assert scope["type"] == "http"
     body = b""
     while True:
         message: Any = await receive()
-        body += message.get("body", b"")
+        body += bytes(message.get("body", b""))
         if not message.get("more_body"):
             break
     path: str = scope["path"]
@@ -80,10 +80,17 @@ async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
         await _respond(send, 404, b"no such path", text)
 
 
-async def serve_remote(*, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve `app` on 127.0.0.1 until cancelled; report `http://127.0.0.1:PORT`."""
+async def serve_remote(
+    *,
+    tls: tuple[str, str] | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `app` on 127.0.0.1 until cancelled; report `http://127.0.0.1:PORT` (https with
+    `tls`, the paths of a certificate chain and its key)."""
     config = HypercornConfig()
     config.bind = ["127.0.0.1:0"]
+    if tls is not None:
+        config.certfile, config.keyfile = tls
     config.accesslog = None
     config.graceful_timeout = 0
     async with trio.open_nursery() as nursery:
