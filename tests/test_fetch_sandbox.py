@@ -125,10 +125,10 @@ def test_the_response_holds_plain_values_and_refuses_subclasses() -> None:
     response = FetchResponse(404, "http://x/", Headers([("a", "b")]), b"no")
     assert not response.ok and response.status == 404
     with pytest.raises(AttributeError):
-        response.status = 200  # type: ignore[misc]
+        response.status = 200
     with pytest.raises(TypeError, match="cannot be subclassed"):
 
-        class Sub(FetchResponse):  # type: ignore[misc]
+        class Sub(FetchResponse):
             pass
 
 

@@ -59,7 +59,7 @@ def main() -> int:
             data = encode_frame(ok)
             os.write(out, data[:10])
             return 3
-        elif path.startswith("/ask"):
+        elif str(path).startswith("/ask"):
             # A fetch ask (`/ask`), one for another invocation (`/ask-wrong-id`), or one that
             # is not a valid fetch message (`/ask-malformed`); the answer becomes the body.
             ask = {"op": "fetch", "id": rid, "method": "GET", "url": "http://10.0.0.1/"}
