@@ -83,10 +83,10 @@ class Report:
     failures: list[str] = field(default_factory=list)
 
     def median(self, pick: str, key: str | None = None) -> float:
-        values = []
+        values: list[float] = []
         for one in self.rounds:
             value = getattr(one, pick)
-            values.append(value[key] if key else value)
+            values.append(float(value[key] if key else value))
         return statistics.median(values)
 
 
