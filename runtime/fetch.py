@@ -138,8 +138,9 @@ class Fetcher:
             entry["ms"] = round((trio.current_time() - started) * 1000, 3)
             if outcome == "cancelled":
                 entry.update(error="cancelled: the val's wall time ran out", bytes=0)
-            entry["host"] = mask_env(str(entry["host"]), spec.env)
-            entry["path"] = mask_env(str(entry["path"]), spec.env)
+            for key, value in entry.items():  # a val may put an env value anywhere
+                if isinstance(value, str):
+                    entry[key] = mask_env(value, spec.env)
             log.entries.append(entry)
             self.outcomes[outcome] += 1
         return answer
@@ -162,10 +163,18 @@ class Fetcher:
         log.count += 1
         headers = _request_headers(ask, spec)
         timeout_s = min(ask.timeout_s or config.timeout_s, config.timeout_s)
-        with trio.move_on_after(timeout_s) as scope:
+        slotted = False
+        with trio.move_on_after(timeout_s):
             async with self._slot(spec.owner):
+                slotted = True
                 return await self._follow(ask, headers)
-        assert scope.cancelled_caught
+        if not slotted:
+            raise FetchProblem(
+                "timeout",
+                f"timed out after {timeout_s:g} s waiting for a free slot: "
+                f"{config.max_concurrent_per_user} fetches of {spec.owner or 'anonymous'}'s "
+                "vals were in flight ([fetch] max_concurrent_per_user); retry later",
+            )
         raise FetchProblem(
             "timeout",
             f"timed out after {timeout_s:g} s (the server did not answer in time; "

@@ -22,6 +22,16 @@ from sandbox.messages import Ask, FetchAsk, Fetched, M
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2
 
 
+# The Fetch standard upper-cases these methods however they are written; others are sent as
+# they are (methods are case-sensitive, RFC 9110 §9.1).
+_NORMALIZED_METHODS = frozenset({"DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"})
+
+
+def _normalized(method: str) -> str:
+    upper = method.upper()
+    return upper if upper in _NORMALIZED_METHODS else method
+
+
 class FetchError(Exception):
     """A fetch that was refused (egress policy, limits) or failed (DNS, TLS, timeout)."""
 
@@ -111,7 +121,7 @@ def make_fetch(ask: _Asker) -> dict[str, object]:
         data, pairs = _request_body(body, json, _header_pairs(headers))
         request = FetchAsk(
             id=0,  # the channel stamps the invocation's id
-            method=str.upper(_exact_str(method)),
+            method=_normalized(_exact_str(method)),
             url=_exact_str(url),
             headers=pairs,
             body=data,

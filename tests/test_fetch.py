@@ -7,6 +7,7 @@ refused by the default policy (the spellings themselves are tabled in test_egres
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -43,11 +44,13 @@ async def remote(nursery: trio.Nursery) -> str:
     return url
 
 
-async def fetch(service: Service, url: str, **kwargs: Any) -> dict[str, Any]:
+async def fetch(
+    service: Service, url: str, *, user: str = "alice", **kwargs: Any
+) -> dict[str, Any]:
     """What a val's `fetch(url, **kwargs)` gave: the response's fields, or {"error": ...}."""
     with trio.fail_after(30):
         response = await service.api(
-            "POST", "/v1/eval", json={"code": FETCH, "args": [url, kwargs]}
+            "POST", "/v1/eval", user=user, json={"code": FETCH, "args": [url, kwargs]}
         )
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
@@ -266,7 +269,7 @@ from std import fetch, FetchError
 def hook(req):
     fetch("{remote}/echo/" + env["TOKEN"] + "?key=" + env["TOKEN"])
     try:
-        fetch("http://169.254.169.254/" + env["TOKEN"])
+        fetch("http://169.254.169.254/" + env["TOKEN"], method=env["TOKEN"])
     except FetchError:
         pass
     return "done"
@@ -283,6 +286,7 @@ def hook(req):
     assert ok["path"] == "/echo/[env TOKEN]"
     assert ok["status"] == 404 and ok["bytes"] == len("no such path") and ok["ms"] > 0
     assert blocked["path"] == "/[env TOKEN]" and "link-local" in blocked["error"]
+    assert blocked["method"] == "[env TOKEN]"
     assert "status" not in blocked
 
 
@@ -318,30 +322,33 @@ async def test_fetch_can_be_turned_off(start_service: StartService, remote: str)
     assert result["error"].startswith("outbound HTTP is turned off")
 
 
-async def test_fetches_wait_for_one_of_the_users_slots(
-    start_service: StartService, remote: str
+async def test_fetches_beyond_the_users_slots_wait_and_time_out(
+    start_service: StartService, nursery: trio.Nursery
 ) -> None:
-    config = replace(LOOPBACK_ONLY, max_concurrent_per_user=1, timeout_s=4.5)
-    service = await start_service(fetch=config, wall_time_s=12.0)
-    results: dict[str, list[dict[str, Any]]] = {"alice": [], "bob": []}
+    slow_arrived = trio.Event()
 
-    async def one(user: str) -> None:
-        with trio.fail_after(30):
-            response = await service.api(
-                "POST",
-                "/v1/eval",
-                user=user,
-                json={"code": FETCH, "args": [f"{remote}/slow?s=3", {}]},
-            )
-        results[user].append(response.json())
+    def arrived(path: str) -> None:
+        if path == "/slow":
+            slow_arrived.set()
 
-    async with trio.open_nursery() as nursery:
-        for user in ("alice", "alice", "bob"):
-            nursery.start_soon(one, user)
-    # Alice's two fetches take turns: the second waits 3 s for the slot, then times out.
-    outcomes = sorted("error" in result for result in results["alice"])
-    assert outcomes == [False, True], results
-    assert [r.get("body") for r in results["bob"]] == ["slow answer"]  # bob has his own
+    remote: str = await nursery.start(functools.partial(serve_remote, arrived=arrived))
+    config = replace(LOOPBACK_ONLY, max_concurrent_per_user=1)
+    service = await start_service(fetch=config, wall_time_s=10.0)
+    holder: dict[str, Any] = {}
+
+    async def hold_the_slot() -> None:
+        holder.update(await fetch(service, f"{remote}/slow?s=3", timeout_s=8))
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(hold_the_slot)
+        with trio.fail_after(20):
+            await slow_arrived.wait()  # alice's one slot is taken until the answer
+        waited = await fetch(service, f"{remote}/echo", timeout_s=1)
+        bobs = await fetch(service, f"{remote}/echo", user="bob")
+    assert waited["error"].startswith("timed out after 1 s waiting for a free slot")
+    assert "1 fetches of alice's vals were in flight" in waited["error"]
+    assert bobs["status"] == 200  # bob's vals have slots of their own
+    assert holder["body"] == "slow answer"
 
 
 async def test_fetch_while_the_module_loads_is_refused(

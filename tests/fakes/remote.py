@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -24,7 +25,16 @@ async def _respond(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+Arrived = Callable[[str], None]
+
+
+def _ignore(path: str) -> None:
+    pass
+
+
+async def app(
+    scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable, arrived: Arrived = _ignore
+) -> None:
     if scope["type"] == "lifespan":
         while True:
             event = await receive()
@@ -41,6 +51,7 @@ async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
         if not message.get("more_body"):
             break
     path: str = scope["path"]
+    arrived(path)
     query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
     text = [(b"content-type", b"text/plain")]
     if path == "/echo":
@@ -83,10 +94,12 @@ async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
 async def serve_remote(
     *,
     tls: tuple[str, str] | None = None,
+    arrived: Arrived = _ignore,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` on 127.0.0.1 until cancelled; report `http://127.0.0.1:PORT` (https with
-    `tls`, the paths of a certificate chain and its key)."""
+    `tls`, the paths of a certificate chain and its key). `arrived` is called with the path of
+    each request as it arrives."""
     config = HypercornConfig()
     config.bind = ["127.0.0.1:0"]
     if tls is not None:
@@ -94,5 +107,6 @@ async def serve_remote(
     config.accesslog = None
     config.graceful_timeout = 0
     async with trio.open_nursery() as nursery:
-        urls: list[str] = await nursery.start(functools.partial(serve, app, config))
+        bound = functools.partial(app, arrived=arrived)
+        urls: list[str] = await nursery.start(functools.partial(serve, bound, config))
         task_status.started(urls[0])
