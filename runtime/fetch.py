@@ -110,12 +110,14 @@ def user_agent(spec: ValSpec) -> str:
 
 
 class Fetcher:
-    def __init__(self, config: FetchConfig, client: httpx.AsyncClient) -> None:
+    def __init__(
+        self, config: FetchConfig, client: httpx.AsyncClient, outcomes: Counter[str] | None = None
+    ) -> None:
         self.config = config
         self.policy = config.policy()
         self.client = client
         #: Finished fetches by outcome ("ok", "blocked", "timeout", ...), for /metrics.
-        self.outcomes: Counter[str] = Counter()
+        self.outcomes: Counter[str] = Counter() if outcomes is None else outcomes
         self._slots: dict[str, trio.CapacityLimiter] = {}
 
     async def answer(self, spec: ValSpec, ask: FetchAsk) -> Fetched:
@@ -361,12 +363,15 @@ def _shown(url: str) -> str:
 
 
 @asynccontextmanager
-async def open_fetcher(config: FetchConfig) -> AsyncIterator[Fetcher]:
-    """A Fetcher with its client; the client's pooled connections close on exit."""
+async def open_fetcher(
+    config: FetchConfig, outcomes: Counter[str] | None = None
+) -> AsyncIterator[Fetcher]:
+    """A Fetcher with its client, counting into `outcomes`; the client's pooled connections
+    close on exit."""
     transport = EgressTransport(config.policy())
     # trust_env=False: proxies and certificate files named in the service's environment
     # do not apply to vals' requests. Redirects are followed by `Fetcher`, hop by hop.
     async with httpx.AsyncClient(
         transport=transport, trust_env=False, follow_redirects=False, timeout=None
     ) as client:
-        yield Fetcher(config, client)
+        yield Fetcher(config, client, outcomes)

@@ -80,7 +80,7 @@ class Invoker:
         """Invoke through the pool and record it; the outcome, or the val's error raised."""
         started_at, started = time.time(), trio.current_time()
 
-        fetches = FetchLog()
+        fetches = FetchLog()  # the invocation's own, from `fetch_log()` below
 
         def record(status: int, log: str = "", error: HTTPError | None = None) -> None:
             self.recorder.add(

@@ -45,6 +45,7 @@ async def serve_valrun(
     """Run valrun until `shutdown_trigger` returns (or forever); report the bound URLs."""
     # Two connections: the recorder's batch writes (~4 ms each) must not hold up the token
     # checks and val lookups that requests wait on; SQLite's WAL lets those read meanwhile.
+    metrics = Metrics()
     with (
         closing(Store(config.store.sqlite_path)) as store,
         closing(Store(config.store.sqlite_path)) as records_store,
@@ -57,12 +58,10 @@ async def serve_valrun(
             open_recorder(
                 AsyncStore(records_store), keep_per_val=config.store.max_runs_per_val
             ) as recorder,
-            open_fetcher(config.fetch) as fetcher,
+            open_fetcher(config.fetch, metrics.fetches) as fetcher,
         ):
             # Capabilities register their ask handlers here as they land (fetch, storage).
             pool.broker = Broker({FetchAsk: fetcher.answer}).answer
-            metrics = Metrics()
-            metrics.fetches = fetcher.outcomes
             app = App(config, async_store, pool, recorder, metrics)
             await serve(
                 app,

@@ -78,6 +78,9 @@ class Channel:
         self.decoder = FrameDecoder()
         #: The id of the invocation being served (asks carry it); None between invocations.
         self.invocation: int | None = None
+        #: An ask was interrupted between sending and its answer (a MemoryError, say): the
+        #: answer may still be on its way, so the worker retires after this invocation.
+        self.broken = False
 
     def receive(self) -> Frame | None:
         return read_frame(self.inp, self.decoder)
@@ -92,11 +95,14 @@ class Channel:
                 "std functions work while the val handles a request, not while its module "
                 "loads; call them inside the exported function"
             )
+        self.broken = True
         self.send(replace(ask, id=self.invocation))  # type: ignore[type-var]
         frame = self.receive()
         if frame is None:
             raise ProtocolError("the front end closed the socket while the val waited")
-        return parse(frame, answer)
+        result = parse(frame, answer)
+        self.broken = False
+        return result
 
 
 class Worker:
@@ -214,7 +220,7 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
         # A worker that is out of memory or near its life's CPU budget says so and exits
         # after this reply; the front end never sends it another request.
         out_of_memory = isinstance(reply, Failure) and reply.type == "memory_limit"
-        retire = out_of_memory or not arm_cpu_limit(limits)
+        retire = out_of_memory or channel.broken or not arm_cpu_limit(limits)
         channel.send(replace(reply, retire=retire))
         if retire:
             return 0
