@@ -82,6 +82,28 @@ async def test_a_val_fetches_from_an_allowed_server(
     assert result["type"] == "application/json"
 
 
+async def test_connections_are_pooled_across_invocations(
+    start_service: StartService, remote: str
+) -> None:
+    service = await start_service(fetch=LOOPBACK_ONLY)
+    ports = set()
+    for user in ("alice", "alice", "bob"):
+        result = await fetch(service, f"{remote}/echo", user=user)
+        ports.add(json.loads(result["body"])["client_port"])
+    assert len(ports) == 1  # one kept-alive connection served all three
+
+
+async def test_proxy_settings_in_the_environment_are_ignored(
+    start_service: StartService, remote: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("SSL_CERT_FILE", "/nonexistent.pem")
+    service = await start_service(fetch=LOOPBACK_ONLY)
+    result = await fetch(service, f"{remote}/echo")
+    assert result["status"] == 200, result
+
+
 async def test_the_response_is_read_only(start_service: StartService, remote: str) -> None:
     service = await start_service(fetch=LOOPBACK_ONLY)
     code = """
