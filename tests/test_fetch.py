@@ -18,7 +18,10 @@ import pytest
 import trio
 
 from runtime.config import FetchConfig
+from runtime.fetch import open_fetcher
+from runtime.pool import ValSpec
 from sandbox.confine import ALL_LAYERS
+from sandbox.messages import FetchAsk
 from tests.conftest import Service, StartService
 from tests.fakes.remote import serve_remote
 from tests.test_confine import assert_refused, run_driver
@@ -93,15 +96,17 @@ async def test_connections_are_pooled_across_invocations(
     assert len(ports) == 1  # one kept-alive connection served all three
 
 
-async def test_proxy_settings_in_the_environment_are_ignored(
-    start_service: StartService, remote: str, monkeypatch: pytest.MonkeyPatch
+async def test_proxy_and_certificate_settings_in_the_environment_are_ignored(
+    remote: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("SSL_CERT_FILE", "/nonexistent.pem")
-    service = await start_service(fetch=LOOPBACK_ONLY)
-    result = await fetch(service, f"{remote}/echo")
-    assert result["status"] == 200, result
+    spec = ValSpec(1, 1, "alice", "hook", "", (), "alice-hook.web.localhost")
+    with trio.fail_after(10):
+        async with open_fetcher(LOOPBACK_ONLY) as fetcher:
+            answer = await fetcher.answer(spec, FetchAsk(1, "GET", f"{remote}/echo"))
+    assert (answer.status, answer.error) == (200, None)
 
 
 async def test_the_response_is_read_only(start_service: StartService, remote: str) -> None:

@@ -61,7 +61,7 @@ async def app(
             "query": scope["query_string"].decode(),
             "headers": [[k.decode(), v.decode()] for k, v in scope["headers"]],
             "body": body.decode("utf-8", "replace"),
-            "client_port": scope["client"][1] if scope.get("client") else None,
+            "client_port": (scope.get("client") or ("", None))[1],
         }
         await _respond(
             send, 200, json.dumps(seen).encode(), [(b"content-type", b"application/json")]
