@@ -181,7 +181,7 @@ def check_url(url: str, policy: EgressPolicy) -> Target:
         check_address(host, address, policy)
         return Target(parsed.scheme, host, port, address)
     name = host.removesuffix(".")
-    if not _NAME_RE.fullmatch(name):
+    if len(name) > 253 or not _NAME_RE.fullmatch(name):
         raise BadURLError(f"{host!r} is not a valid host name")
     for denied in policy.deny_hosts:
         if name == denied or name.endswith("." + denied):

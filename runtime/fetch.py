@@ -179,9 +179,8 @@ class Fetcher:
             )
         raise FetchProblem(
             "timeout",
-            f"timed out after {timeout_s:g} s (the server did not answer in time; "
-            "pass timeout_s= to wait less, up to the "
-            f"{config.timeout_s:g} s this valrun allows)",
+            f"timed out after {timeout_s:g} s: the server did not answer in time (a fetch "
+            f"may take up to {config.timeout_s:g} s here; timeout_s= chooses less)",
         )
 
     @asynccontextmanager

@@ -41,6 +41,8 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise ResolveError(f"DNS lookup of {host!r} failed: {exc.strerror}") from None
+    except (UnicodeError, OSError) as exc:  # a name the resolver cannot even encode
+        raise ResolveError(f"DNS lookup of {host!r} failed: {exc}") from None
     addresses: dict[IPAddress, None] = {}
     for _family, _type, _proto, _name, sockaddr in infos:
         addresses[ipaddress.ip_address(sockaddr[0])] = None

@@ -103,6 +103,7 @@ def test_blocked_destinations_are_refused_with_the_reason(url: str, reason: str)
         ("http://0251.0376.0251.0376/", "not a valid URL"),
         ("http://a.0x7f/", "not a valid IPv4 address"),  # ends in a number: must be IPv4
         ("http://exa%41mple.com/", "not a valid host name"),
+        ("http://" + "a." * 127 + "com/", "not a valid host name"),  # over 253 characters
         ("http:///path", "has no host"),
         ("not a url at all", "only http and https"),
     ],
