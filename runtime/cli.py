@@ -213,6 +213,14 @@ def cmd_env(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def fetch_line(entry: dict[str, object]) -> str:
+    """One fetch of a record, as `valrun logs` prints it."""
+    url = f"{entry.get('scheme')}://{entry.get('host')}{entry.get('path')}"
+    outcome = entry.get("status") if "status" in entry else f"error: {entry.get('error')}"
+    size, ms = entry.get("bytes", 0), entry.get("ms")
+    return f"fetch {entry.get('method')} {url} -> {outcome} ({size} B, {ms} ms)"
+
+
 def cmd_logs(config: Config, args: argparse.Namespace) -> int:
     client = ApiClient(config, args.server, args.token)
     if args.target is None:
@@ -233,6 +241,8 @@ def cmd_logs(config: Config, args: argparse.Namespace) -> int:
         )
         if run["error"]:
             print(f"  error {run['error']['type']}: {run['error']['message']}")
+        for entry in run.get("fetches", []):
+            print(f"  {fetch_line(entry)}")
         for line in run["log"].splitlines():
             print(f"  | {line}")
     return 0

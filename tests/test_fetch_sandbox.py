@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from runtime.cli import fetch_line
 from runtime.config import FetchConfig, parse_config
 from runtime.errors import ConfigError
 from sandbox.facades import import_facade
@@ -162,3 +163,14 @@ def test_fetch_config_keys_and_their_checks() -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_config({"fetch": bad})
+
+
+def test_valrun_logs_prints_each_fetch_on_a_line() -> None:
+    ok: dict[str, object] = {"method": "GET", "scheme": "https", "host": "a.example"}
+    ok |= {"path": "/x", "status": 200, "bytes": 12, "ms": 3.5}
+    refused: dict[str, object] = {"method": "GET", "scheme": "http", "host": "10.0.0.1"}
+    refused |= {"path": "/", "error": "blocked by the egress policy: ...", "bytes": 0, "ms": 0.1}
+    assert fetch_line(ok) == "fetch GET https://a.example/x -> 200 (12 B, 3.5 ms)"
+    assert fetch_line(refused) == (
+        "fetch GET http://10.0.0.1/ -> error: blocked by the egress policy: ... (0 B, 0.1 ms)"
+    )
