@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import cast
 
 import httpcore
 import httpx
@@ -88,6 +89,9 @@ class FetchLog:
 
     count: int = 0
     entries: list[dict[str, object]] = field(default_factory=list)
+    #: The entry of the first fetch refused for the per-invocation limit; later refusals
+    #: only count on it (`"repeated"`), so a val looping on the refusal cannot grow its record.
+    refused: dict[str, object] | None = None
 
 
 _current_log: ContextVar[FetchLog | None] = ContextVar("valrun_fetch_log", default=None)
@@ -143,8 +147,14 @@ class Fetcher:
             for key, value in entry.items():  # a val may put an env value anywhere
                 if isinstance(value, str):
                     entry[key] = mask_env(value, spec.env)
-            log.entries.append(entry)
             self.outcomes[outcome] += 1
+            if outcome != "limit":
+                log.entries.append(entry)
+            elif log.refused is None:
+                log.refused = entry
+                log.entries.append(entry)
+            else:
+                log.refused["repeated"] = cast(int, log.refused.get("repeated", 0)) + 1
         return answer
 
     async def _fetch(

@@ -257,6 +257,11 @@ main
         outcomes = response.json()
         assert outcomes[:3] == [200, 200, 200]
         assert all(o.startswith("too many requests in one invocation") for o in outcomes[3:])
+    # The record lists the refusals once, with a count: a loop cannot grow it.
+    evals = await service.api("GET", "/v1/me/evals")
+    fetches = evals.json()["runs"][0]["fetches"]
+    assert [f.get("status") for f in fetches] == [200, 200, 200, None]
+    assert fetches[3]["repeated"] == 1
 
 
 async def test_a_fetch_past_the_vals_wall_time_is_cancelled(
