@@ -45,6 +45,7 @@ async def test_an_ask_is_answered_while_the_invocation_runs() -> None:
         ("/ask-wrong-id", True),  # an ask for an invocation that is not running
         ("/ask-malformed", True),
         ("/ask", False),  # an ask kind this front end has no handler for
+        ("/ask-unknown-kind", True),  # an op that is no message at all
     ],
 )
 async def test_a_worker_that_abuses_the_ask_path_is_killed(path: str, handlers: bool) -> None:

@@ -68,6 +68,8 @@ def main() -> int:
                 ask["id"] = rid + 1000
             elif path == "/ask-malformed":
                 ask["headers"] = "not a list"
+            elif path == "/ask-unknown-kind":
+                ask = {"op": "launch-missiles", "id": rid}
             reply(out, Frame(ask))
             answer = read_frame(inp, decoder)
             if answer is None:
