@@ -248,9 +248,21 @@ def print_run(run: dict[str, object]) -> None:
         print(f"  error {error.get('type')}: {error.get('message')}")
         for step in error.get("traceback") or []:
             print(f"    {step}")
+    fetches = run.get("fetches")
+    for entry in fetches if isinstance(fetches, list) else []:
+        if isinstance(entry, dict):
+            print(f"  {fetch_line(entry)}")
     for line in str(run.get("log", "")).splitlines():
         print(f"  | {line}")
     sys.stdout.flush()
+
+
+def fetch_line(entry: dict[str, object]) -> str:
+    """One fetch of a record, as `valrun logs` prints it."""
+    url = f"{entry.get('scheme')}://{entry.get('host')}{entry.get('path')}"
+    outcome = entry.get("status") if "status" in entry else f"error: {entry.get('error')}"
+    size, ms = entry.get("bytes", 0), entry.get("ms")
+    return f"fetch {entry.get('method')} {url} -> {outcome} ({size} B, {ms} ms)"
 
 
 def cmd_logs(config: Config, args: argparse.Namespace) -> int:

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runtime.egress import EgressPolicy
 from runtime.errors import ConfigError
 from runtime.hosts import is_hostname
 from sandbox.confine import LAYERS
 from sandbox.limits import WorkerLimits
+from sandbox.wire import DEFAULT_MAX_BODY_BYTES
 
 MIB = 1024 * 1024
 MIN_SECRET_KEY_CHARS = 32
@@ -166,12 +168,47 @@ class SandboxConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchConfig:
+    """`[fetch]`: outbound HTTP for vals (`std.fetch`), made by the front end under the egress
+    policy of `runtime.egress`."""
+
+    enabled: bool = True
+    #: Networks (CIDRs) exempt from the block on non-public addresses; none by default.
+    allow_networks: tuple[str, ...] = ()
+    #: Host names refused outright (and their subdomains).
+    deny_hosts: tuple[str, ...] = ()
+    max_requests_per_invocation: int = 50
+    #: The response body a fetch may receive; a larger one fails the fetch.
+    max_response_bytes: int = 5 * MIB
+    #: A fetch's time limit (a val may ask for less), never beyond the val's remaining time.
+    timeout_s: float = 10.0
+    #: Fetches one user's vals may have in flight at once; more wait for a slot.
+    max_concurrent_per_user: int = 10
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.type not in ("bool", "tuple[str, ...]") and not getattr(self, f.name) > 0:
+                raise ConfigError(f"fetch.{f.name} must be positive")
+        if self.max_response_bytes > DEFAULT_MAX_BODY_BYTES:
+            # The response travels to the worker as one frame body.
+            raise ConfigError(f"fetch.max_response_bytes must be at most {DEFAULT_MAX_BODY_BYTES}")
+        try:
+            EgressPolicy.from_config(self.allow_networks, self.deny_hosts)
+        except ValueError as exc:
+            raise ConfigError(f"fetch.allow_networks: {exc}") from None
+
+    def policy(self) -> EgressPolicy:
+        return EgressPolicy.from_config(self.allow_networks, self.deny_hosts)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
 
 
 T = TypeVar("T")
@@ -222,6 +259,7 @@ def parse_config(raw: Mapping[str, object]) -> Config:
         limits=_section(LimitsConfig, "limits", raw.get("limits", {})),
         pool=_section(PoolConfig, "pool", raw.get("pool", {})),
         sandbox=_section(SandboxConfig, "sandbox", raw.get("sandbox", {})),
+        fetch=_section(FetchConfig, "fetch", raw.get("fetch", {})),
     )
 
 

@@ -8,6 +8,7 @@ before this module is called (`runtime.auth`); the web host serves anyone.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TypeVar
 
@@ -15,6 +16,7 @@ import trio
 
 from runtime.config import Config
 from runtime.errors import ClientGoneError, HTTPError, OverloadedError, WorkerError
+from runtime.fetch import FetchLog, fetch_log
 from runtime.hosts import val_host
 from runtime.http import JSON_HEADERS, HTTPRequest, HTTPResponse
 from runtime.pool import Pool, ValSpec
@@ -78,6 +80,8 @@ class Invoker:
         `origin` is the HTTP request that asked for it (its method and path are recorded)."""
         started_at, started = time.time(), trio.current_time()
 
+        fetches = FetchLog()  # the invocation's own, from `fetch_log()` below
+
         def record(status: int, log: str = "", error: HTTPError | None = None) -> None:
             steps = error.details.get("traceback") if error else None
             self.recorder.add(
@@ -95,14 +99,16 @@ class Invoker:
                     traceback=tuple(map(str, steps)) if isinstance(steps, list) else None,
                     method=origin.method if origin else None,
                     path=loggable_path(origin.raw_path) if origin else None,
+                    fetches=json.dumps(fetches.entries),
                 )
             )
 
         try:
-            if spec.mode == "eval":
-                reply = await self._invoke_once(spec, request)
-            else:
-                reply = await self.pool.invoke(spec, request)
+            with fetch_log() as fetches:
+                if spec.mode == "eval":
+                    reply = await self._invoke_once(spec, request)
+                else:
+                    reply = await self.pool.invoke(spec, request)
         except HTTPError as exc:
             error = _masked(exc, spec)
             record(error.status, error.log if isinstance(error, WorkerError) else "", error)

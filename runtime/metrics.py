@@ -42,6 +42,8 @@ class Metrics:
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, int]] = Counter()
         self.latency: dict[str, Histogram] = {}
+        #: Vals' fetches by outcome, counted by `runtime.fetch.Fetcher` (its `outcomes`).
+        self.fetches: Counter[str] = Counter()
 
     def observe(self, label: RouteLabel, status: int, seconds: float) -> None:
         """One finished request; `label` says what answered it (its `kind` in the output)."""
@@ -90,5 +92,9 @@ class Metrics:
             "# HELP valrun_workers_evicted_total Idle warm workers evicted to make room.",
             "# TYPE valrun_workers_evicted_total counter",
             f"valrun_workers_evicted_total {pool_stats.get('evicted_lru', 0)}",
+            "# HELP valrun_fetches_total Vals' outbound HTTP requests (std.fetch), by outcome.",
+            "# TYPE valrun_fetches_total counter",
         ]
+        for outcome, count in sorted(self.fetches.items()):
+            lines.append(f'valrun_fetches_total{{outcome="{outcome}"}} {count}')
         return "\n".join(lines) + "\n"

@@ -146,7 +146,7 @@ def loggable_path(path: str) -> str:
 
 
 def _size(record: Record) -> int:
-    return 200 + len(record.log) + len(record.error_message or "")
+    return 200 + len(record.log) + len(record.error_message or "") + len(record.fetches)
 
 
 @asynccontextmanager

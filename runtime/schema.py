@@ -94,6 +94,10 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     );
     """,
+    # 3: records list the invocation's fetches (std.fetch): a JSON array of objects.
+    """
+    ALTER TABLE runs ADD COLUMN fetches TEXT NOT NULL DEFAULT '[]';
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -15,10 +15,12 @@ from runtime import dblock
 from runtime.app import App
 from runtime.broker import Broker
 from runtime.config import Config
+from runtime.fetch import open_fetcher
 from runtime.metrics import Metrics
 from runtime.pool import open_pool
 from runtime.records import open_recorder
 from runtime.store import AsyncStore, Store
+from sandbox.messages import FetchAsk
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ async def serve_valrun(
     """Run valrun until `shutdown_trigger` returns (or forever); report the bound URLs."""
     # Two connections: the recorder's batch writes (~4 ms each) must not hold up the token
     # checks and val lookups that requests wait on; SQLite's WAL lets those read meanwhile.
+    metrics = Metrics()
     with (
         # Shared: restore and rotate-key refuse to run under a serving valrun.
         dblock.hold(config.store.sqlite_path, exclusive=False, what="serve"),
@@ -60,10 +63,11 @@ async def serve_valrun(
             open_recorder(
                 AsyncStore(records_store), keep_per_val=config.store.max_runs_per_val
             ) as recorder,
+            open_fetcher(config.fetch, metrics.fetches) as fetcher,
         ):
             # Capabilities register their ask handlers here as they land (fetch, storage).
-            pool.broker = Broker().answer
-            app = App(config, async_store, pool, recorder, Metrics())
+            pool.broker = Broker({FetchAsk: fetcher.answer}).answer
+            app = App(config, async_store, pool, recorder, metrics)
 
             async def shut_down() -> None:
                 if shutdown_trigger is None:

@@ -86,6 +86,8 @@ class Record:
     method: str | None = None
     path: str | None = None  # never the query: it may carry secrets
     id: int | None = None  # set once stored; increases with time (the cursor of `after=`)
+    #: JSON: the fetches the invocation made (`runtime.fetch.FetchLog.entries`).
+    fetches: str = "[]"
 
     def to_json(self) -> dict[str, object]:
         error: dict[str, object] | None = None
@@ -104,6 +106,7 @@ class Record:
             "duration_ms": round(self.duration_ms, 3),
             "log": self.log,
             "error": error,
+            "fetches": json.loads(self.fetches),
         }
 
 
@@ -423,17 +426,17 @@ class Store:
                 traceback = None if r.traceback is None else json.dumps(list(r.traceback))
                 values = (
                     *(r.source, r.version, r.started_at, r.duration_ms, r.status, r.log),
-                    *(r.error_type, r.error_message, traceback, r.method, r.path),
+                    *(r.error_type, r.error_message, traceback, r.method, r.path, r.fetches),
                 )
                 columns = (
                     "source, version, started_at, duration_ms, status, log, "
-                    "error_type, error_message, traceback, method, path"
+                    "error_type, error_message, traceback, method, path, fetches"
                 )
                 if r.val_id is not None:
                     # The val may have been deleted since: then its record goes with it.
                     cur = self._db.execute(
                         f"INSERT INTO runs (val_id, {columns}) "
-                        "SELECT id, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM vals WHERE id = ?",
+                        "SELECT id, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM vals WHERE id = ?",
                         (*values, r.val_id),
                     )
                     if cur.rowcount:
@@ -442,7 +445,7 @@ class Store:
                     user_id = self._user_id(r.owner) if r.owner else None
                     self._db.execute(
                         f"INSERT INTO runs (user_id, {columns}) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (user_id, *values),
                     )
                     buckets.add((None, user_id))
@@ -460,7 +463,7 @@ class Store:
 
     _RUN_SELECT = (
         "SELECT val_id, ?, source, version, started_at, duration_ms, status, log, "
-        "error_type, error_message, traceback, method, path, id FROM runs "
+        "error_type, error_message, traceback, method, path, id, fetches FROM runs "
     )
 
     def records(self, val: ValVersion, limit: int, after: int | None = None) -> list[Record]:
@@ -489,7 +492,7 @@ class Store:
 
 def _record(row: tuple[Any, ...]) -> Record:
     (val_id, owner, source, version, started_at, duration_ms, status, log) = row[:8]
-    (error_type, error_message, traceback, method, path, run_id) = row[8:]
+    (error_type, error_message, traceback, method, path, run_id, fetches) = row[8:]
     return Record(
         val_id,
         owner,
@@ -505,6 +508,7 @@ def _record(row: tuple[Any, ...]) -> Record:
         method,
         path,
         run_id,
+        fetches,
     )
 
 

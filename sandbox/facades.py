@@ -356,7 +356,9 @@ _HOST_IMPORT = Facade("host import", {})
 
 # What to use instead of a module vals do not get, where there is something; the rest are
 # refused with the list of what is offered.
-_NO_NETWORK = "vals get no sockets; HTTP requests will go through std.fetch (coming)"
+_NO_NETWORK = (
+    "vals have no network of their own; make HTTP requests with `from std import fetch` (std.fetch)"
+)
 _NO_OS = (
     "vals have no operating system access (no files, processes or environment variables); "
     "read configuration from `env`"
@@ -370,7 +372,7 @@ _INSTEAD: Mapping[str, str] = MappingProxyType(
             ),
             _NO_NETWORK,
         ),
-        "sqlite3": "vals get no files; a database will come as std.sqlite (coming)",
+        "sqlite3": "vals get no files; use a database with `from std import sqlite` (std.sqlite)",
         **dict.fromkeys(("os", "os.path", "sys", "subprocess", "shutil", "pathlib"), _NO_OS),
         **dict.fromkeys(("tempfile", "glob"), _NO_OS),
         "asyncio": "vals run synchronously: write 'def' handlers, not 'async def'",

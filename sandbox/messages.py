@@ -14,6 +14,7 @@ Front end -> worker::
     Call          id                                body: the args (a JSON array), or empty
                                                           for "do not call" (Eval without args)
     <answers>     id, ...                           the answer to a worker's ask (below)
+    Fetched       id, status, url, headers, error   body: the response body
 
 Worker -> front end::
 
@@ -26,6 +27,8 @@ Worker -> front end::
     <asks>        id, ...                           the val asks the front end to do something
                                                     for it (fetch, storage) while request `id`
                                                     runs; the worker blocks for the answer
+    FetchAsk      id, method, url, headers, timeout_s, follow_redirects
+                                                    body: the request body
 
 What a message checks is what a frame can get wrong on its own. What depends on the front end's
 configuration (status ranges, header syntax and size limits, cookie domains) is the front end's
@@ -432,11 +435,104 @@ class Ask(_Message, Protocol):
     """What a val asks the front end to do for it while invocation `id` runs (outbound HTTP,
     storage): the worker sends it and blocks until the front end sends the answer."""
 
+    # Read-only, so that frozen dataclasses are asks.
+    @property
+    def id(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FetchAsk:
+    """`std.fetch`: make this HTTP request for the val (the front end applies the egress
+    policy and the owner's limits). The request body travels as the frame's body."""
+
+    op: ClassVar[str] = "fetch"
     id: int
+    method: str
+    url: str
+    headers: HeaderPairs = ()
+    body: bytes = field(default=b"", repr=False)
+    #: The val's own timeout, if it gave one; the front end caps it.
+    timeout_s: float | None = None
+    follow_redirects: bool = True
+
+    def to_frame(self) -> Frame:
+        head: dict[str, object] = {
+            "op": self.op,
+            "id": self.id,
+            "method": self.method,
+            "url": self.url,
+            "headers": [list(pair) for pair in self.headers],
+            "timeout_s": self.timeout_s,
+            "follow_redirects": self.follow_redirects,
+        }
+        return Frame(head, self.body)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> FetchAsk:
+        _check_op(frame, cls.op)
+        head = frame.head
+        timeout = head.get("timeout_s")
+        if timeout is not None and (
+            type(timeout) not in (int, float) or not 0 < cast(float, timeout) < float("inf")
+        ):
+            raise MessageError(f"'timeout_s' {timeout!r} is not a positive number")
+        return cls(
+            id=_int(head, "id"),
+            method=_str(head, "method"),
+            url=_str(head, "url"),
+            headers=_pairs(head, "headers"),
+            body=frame.body,
+            timeout_s=None if timeout is None else float(cast(float, timeout)),
+            follow_redirects=_bool(head, "follow_redirects"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """The answer to a FetchAsk: the response (its body as the frame's body), or `error`, the
+    message of the FetchError the val gets (status 0 then)."""
+
+    op: ClassVar[str] = "fetched"
+    id: int
+    status: int = 0
+    url: str = ""
+    headers: HeaderPairs = ()
+    body: bytes = field(default=b"", repr=False)
+    error: str | None = None
+
+    def to_frame(self) -> Frame:
+        head: dict[str, object] = {
+            "op": self.op,
+            "id": self.id,
+            "status": self.status,
+            "url": self.url,
+            "headers": [list(pair) for pair in self.headers],
+            "error": self.error,
+        }
+        return Frame(head, self.body)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Fetched:
+        _check_op(frame, cls.op)
+        head = frame.head
+        error = head.get("error")
+        if error is not None and type(error) is not str:
+            raise MessageError("'error' is not a string")
+        status = _int(head, "status")
+        if (error is None) != (100 <= status <= 999):
+            raise MessageError(f"'fetched' with status {status} and error {error!r}")
+        return cls(
+            id=_int(head, "id"),
+            status=status,
+            url=_str(head, "url"),
+            headers=_pairs(head, "headers"),
+            body=frame.body,
+            error=error,
+        )
 
 
 #: Every kind of ask; the front end answers each with a message of its own kind.
-ASKS: tuple[type[Ask], ...] = ()
+ASKS: tuple[type[Ask], ...] = (FetchAsk,)
 
 
 @overload

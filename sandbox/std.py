@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from sandbox.facades import Facade
+from sandbox.fetch import make_fetch
 from sandbox.messages import Ask, M
 
 
@@ -24,4 +25,5 @@ class Asker(Protocol):
 def make_std(ask: Asker) -> Facade:
     members: dict[str, object] = {}
     # Each capability adds its members here: outbound HTTP (fetch), storage (blob, sqlite).
+    members.update(make_fetch(ask))
     return Facade("std", members)

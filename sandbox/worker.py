@@ -78,6 +78,11 @@ class Channel:
         self.inp = inp
         self.out = out
         self.decoder = FrameDecoder()
+        #: The id of the invocation being served (asks carry it); None between invocations.
+        self.invocation: int | None = None
+        #: An ask was interrupted between sending and its answer (a MemoryError, say): the
+        #: answer may still be on its way, so the worker retires after this invocation.
+        self.broken = False
 
     def receive(self) -> Frame | None:
         return read_frame(self.inp, self.decoder)
@@ -86,11 +91,20 @@ class Channel:
         write_frame(self.out, message.to_frame())
 
     def ask(self, ask: Ask, answer: type[M], /) -> M:
-        self.send(ask)
+        if self.invocation is None:
+            # While the module loads, the front end is not listening for asks.
+            raise ValError(
+                "std functions work while the val handles a request, not while its module "
+                "loads; call them inside the exported function"
+            )
+        self.broken = True
+        self.send(replace(ask, id=self.invocation))  # type: ignore[type-var]
         frame = self.receive()
         if frame is None:
             raise ProtocolError("the front end closed the socket while the val waited")
-        return parse(frame, answer)
+        result = parse(frame, answer)
+        self.broken = False
+        return result
 
 
 class Worker:
@@ -205,11 +219,14 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
     worker = Worker(name, export, limits, log)
     channel.send(Loaded(log.take()))
     while (frame := channel.receive()) is not None:
-        reply = worker.serve(parse(frame, HttpRequest, Call))
+        message = parse(frame, HttpRequest, Call)
+        channel.invocation = message.id
+        reply = worker.serve(message)
+        channel.invocation = None
         # A worker that is out of memory or near its life's CPU budget says so and exits
         # after this reply; the front end never sends it another request.
         out_of_memory = isinstance(reply, Failure) and reply.type == "memory_limit"
-        retire = out_of_memory or not arm_cpu_limit(limits)
+        retire = out_of_memory or channel.broken or not arm_cpu_limit(limits)
         channel.send(replace(reply, retire=retire))
         if retire:
             return 0

@@ -14,7 +14,13 @@ import httpx
 import pytest
 import trio
 
-from runtime.config import Config, PoolConfig, ServerConfig, StoreConfig
+from runtime.config import (
+    Config,
+    FetchConfig,
+    PoolConfig,
+    ServerConfig,
+    StoreConfig,
+)
 from runtime.server import serve_valrun
 from runtime.store import Store
 from tests.helpers import TEST_LIMITS, Service, StartService
@@ -38,6 +44,7 @@ async def start_service(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[
             store=StoreConfig(url=f"sqlite:///{db_path}"),
             limits=limits,
             pool=pool,
+            fetch=overrides.get("fetch", FetchConfig()),
         )
         store = Store(db_path)
         tokens = {name: store.create_user(name) for name in ("alice", "bob")}

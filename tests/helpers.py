@@ -22,9 +22,12 @@ import coverage
 import httpx
 import trio
 
-from runtime.config import Config, LimitsConfig, ServerConfig, StoreConfig
+from runtime.config import Config, LimitsConfig, PoolConfig, ServerConfig, StoreConfig
+from runtime.pool import Pool, ValSpec
+from runtime.reply import ValResponse
 from runtime.server import serve_valrun
 from runtime.store import Store
+from sandbox.messages import HttpRequest
 from sandbox.wire import Frame, FrameDecoder, encode_frame
 
 # Short enough that timeout tests are quick, long enough for a cold worker on a busy machine.
@@ -270,3 +273,24 @@ def capture_access_lines() -> Iterator[AccessLines]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+# The pool driven by a fake, hostile worker (tests/fakes/hostile_worker.py)
+
+# Run by path: workers start in an empty directory, where `tests` is not importable.
+HOSTILE_WORKER = (sys.executable, str(Path(__file__).parent / "fakes" / "hostile_worker.py"))
+HOSTILE_SPEC = ValSpec(1, 1, "alice", "fake", "unused", (), "alice-fake.web.localhost")
+HOSTILE_CONFIG = Config(
+    limits=LimitsConfig(wall_time_s=1.5),
+    pool=PoolConfig(prewarm_workers=1, max_workers_per_val=1),
+)
+
+
+def hostile_request(path: str) -> HttpRequest:
+    return HttpRequest(0, "GET", path, path, "", ())
+
+
+async def hostile_ok(pool: Pool) -> bytes:
+    reply = await pool.invoke(HOSTILE_SPEC, hostile_request("/ok"))
+    assert isinstance(reply.outcome, ValResponse)
+    return reply.outcome.body

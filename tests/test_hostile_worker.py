@@ -6,39 +6,23 @@ case breaks the protocol one way, then a normal request proves the pool recovere
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
-from pathlib import Path
 from typing import cast
 
 import pytest
 import trio
 
-from runtime.config import Config, LimitsConfig, PoolConfig
+from runtime.config import LimitsConfig
 from runtime.errors import HTTPError
-from runtime.pool import Pool, ValSpec, open_pool
+from runtime.pool import ValSpec, open_pool
 from runtime.reply import ValResponse
 from runtime.savecheck import SaveChecks
 from runtime.store import AsyncStore
-from sandbox.messages import HttpRequest
-
-# Run by path: workers start in an empty directory, where `tests` is not importable.
-FAKE = (sys.executable, str(Path(__file__).parent / "fakes" / "hostile_worker.py"))
-SPEC = ValSpec(1, 1, "alice", "fake", "unused", (), "alice-fake.web.localhost")
-CONFIG = Config(
-    limits=LimitsConfig(wall_time_s=1.5),
-    pool=PoolConfig(prewarm_workers=1, max_workers_per_val=1),
-)
-
-
-def request(path: str) -> HttpRequest:
-    return HttpRequest(0, "GET", path, path, "", ())
-
-
-async def ok(pool: Pool) -> bytes:
-    reply = await pool.invoke(SPEC, request("/ok"))
-    assert isinstance(reply.outcome, ValResponse)
-    return reply.outcome.body
+from tests.helpers import HOSTILE_CONFIG as CONFIG
+from tests.helpers import HOSTILE_SPEC as SPEC
+from tests.helpers import HOSTILE_WORKER as FAKE
+from tests.helpers import hostile_ok as ok
+from tests.helpers import hostile_request as request
 
 
 @pytest.mark.parametrize(

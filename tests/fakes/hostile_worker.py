@@ -66,6 +66,22 @@ def main() -> int:
             data = encode_frame(ok)
             os.write(out, data[:10])
             return 3
+        elif str(path).startswith("/ask"):
+            # A fetch ask (`/ask`), one for another invocation (`/ask-wrong-id`), or one that
+            # is not a valid fetch message (`/ask-malformed`); the answer becomes the body.
+            ask = {"op": "fetch", "id": rid, "method": "GET", "url": "http://10.0.0.1/"}
+            ask |= {"headers": [], "timeout_s": None, "follow_redirects": True}
+            if path == "/ask-wrong-id":
+                ask["id"] = rid + 1000
+            elif path == "/ask-malformed":
+                ask["headers"] = "not a list"
+            elif path == "/ask-unknown-kind":
+                ask = {"op": "launch-missiles", "id": rid}
+            reply(out, Frame(ask))
+            answer = read_frame(inp, decoder)
+            if answer is None:
+                return 0
+            reply(out, Frame(ok.head, json.dumps(answer.head).encode()))
         elif path == "/silent-exit":
             return 0
         elif path == "/flood":
