@@ -33,6 +33,7 @@ from runtime.records import Recorder
 from runtime.reply import ValResponse
 from runtime.routes import api_routes, match_route
 from runtime.run_api import RunApi
+from runtime.storage_api import StorageApi
 from runtime.store import AsyncStore
 from sandbox.messages import HttpRequest
 
@@ -48,6 +49,7 @@ class App:
         pool: Pool,
         recorder: Recorder,
         metrics: Metrics,
+        storage: StorageApi,
     ) -> None:
         self.config = config
         self.store = store
@@ -55,7 +57,9 @@ class App:
         self.metrics = metrics
         self.invoker = Invoker(config, pool, recorder)
         self.routes = api_routes(
-            Api(config, store, pool, recorder, metrics), RunApi(config, store, self.invoker)
+            Api(config, store, pool, recorder, metrics, storage.usage),
+            RunApi(config, store, self.invoker),
+            storage,
         )
 
     async def __call__(

@@ -9,7 +9,7 @@ kinds; an ask of a kind nobody handles is a protocol error, and the worker is ki
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from runtime.reply import protocol_error
 from sandbox.messages import Ask
@@ -19,11 +19,10 @@ if TYPE_CHECKING:
     from runtime.pool import ValSpec
 
 
-class Answer:
+class Answer(Protocol):
     """What a handler returns: any message (it has `to_frame`)."""
 
-    def to_frame(self) -> Frame:
-        raise NotImplementedError
+    def to_frame(self) -> Frame: ...
 
 
 #: Answers one kind of ask for the val of `spec` (its owner's limits apply).

@@ -17,7 +17,11 @@ from runtime.config import Config
 from runtime.metrics import Metrics
 from runtime.pool import open_pool
 from runtime.records import open_recorder
+from runtime.storage import SqliteStorage
+from runtime.storage_api import StorageApi
 from runtime.store import AsyncStore, Store
+from sandbox.messages import BlobAsk, SqlAsk
+from sandbox.wire import DEFAULT_MAX_BODY_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,13 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     return hconfig
 
 
+def open_storage(config: Config) -> SqliteStorage:
+    data_dir = config.storage.data_path(config.store.sqlite_path)
+    # A SQL result travels to the worker in one frame, which reads at most this much.
+    max_result = min(config.limits.max_response_body_bytes, DEFAULT_MAX_BODY_BYTES)
+    return SqliteStorage(config.storage, data_dir, max_result)
+
+
 async def serve_valrun(
     config: Config,
     *,
@@ -46,8 +57,10 @@ async def serve_valrun(
     with (
         closing(Store(config.store.sqlite_path)) as store,
         closing(Store(config.store.sqlite_path)) as records_store,
+        closing(open_storage(config)) as storage,
     ):
         async_store = AsyncStore(store)
+        storage_api = StorageApi(storage, async_store, config.storage)
         async with (
             open_pool(config) as pool,
             # Inside the pool: at shutdown the server finishes its requests, then the
@@ -57,8 +70,10 @@ async def serve_valrun(
             ) as recorder,
         ):
             # Capabilities register their ask handlers here as they land (fetch, storage).
-            pool.broker = Broker().answer
-            app = App(config, async_store, pool, recorder, Metrics())
+            pool.broker = Broker(
+                {BlobAsk: storage_api.answer_blob, SqlAsk: storage_api.answer_sql}
+            ).answer
+            app = App(config, async_store, pool, recorder, Metrics(), storage_api)
             await serve(
                 app,
                 hypercorn_config(config),

@@ -76,6 +76,8 @@ class Channel:
         self.inp = inp
         self.out = out
         self.decoder = FrameDecoder()
+        #: The id of the invocation being served; None while the val loads.
+        self.invocation: int | None = None
 
     def receive(self) -> Frame | None:
         return read_frame(self.inp, self.decoder)
@@ -84,7 +86,12 @@ class Channel:
         write_frame(self.out, message.to_frame())
 
     def ask(self, ask: Ask, answer: type[M], /) -> M:
-        self.send(ask)
+        if self.invocation is None:
+            raise ValError(
+                "std's members work while the val serves a request, not while its module loads"
+            )
+        # The ask is about the invocation being served, whatever id its maker gave it.
+        self.send(replace(ask, id=self.invocation))  # type: ignore[type-var]  # a dataclass
         frame = self.receive()
         if frame is None:
             raise ProtocolError("the front end closed the socket while the val waited")
@@ -190,7 +197,7 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
         apply_limits(limits)
     arm_cpu_limit(limits)
     log = LogBuffer(limits.max_log_bytes)
-    modules = {"std": make_std(channel.ask)}
+    modules = {"std": make_std(channel.ask, limits)}
     try:
         export = load_export(load, name, log, modules)
     except BaseException as exc:  # a val that fails to load is one error reply, then exit
@@ -199,7 +206,10 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
     worker = Worker(name, export, limits, log)
     channel.send(Loaded(log.take()))
     while (frame := channel.receive()) is not None:
-        reply = worker.serve(parse(frame, HttpRequest, Call))
+        invocation = parse(frame, HttpRequest, Call)
+        channel.invocation = invocation.id
+        reply = worker.serve(invocation)
+        channel.invocation = None
         # A worker that is out of memory or near its life's CPU budget says so and exits
         # after this reply; the front end never sends it another request.
         out_of_memory = isinstance(reply, Failure) and reply.type == "memory_limit"
