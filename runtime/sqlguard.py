@@ -8,7 +8,8 @@ on the guard, because SQLite's own message is only "not authorized".
 Refused, and why:
 - ATTACH and DETACH: a database is one user's file; ATTACH would open any other file by path
   (another user's database included). `VACUUM` and `VACUUM INTO` ask for ATTACH too (SQLite
-  attaches the copy it writes), so they are refused with it.
+  attaches the copy it writes), so they are refused with it; inside the call's transaction
+  VACUUM fails before it asks, so `first_keyword` names it first.
 - Transactions (BEGIN, COMMIT, ROLLBACK, SAVEPOINT): each call is one transaction of the front
   end's making; a val must not leave one open between calls. Only the front end's own
   statements, made while the guard is `trusted`, may do this.
@@ -22,6 +23,7 @@ Refused, and why:
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from dataclasses import dataclass
 
@@ -58,15 +60,15 @@ READ_PRAGMAS_OF = frozenset(
 )
 REFUSED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer"})
 
-_ATTACH = "ATTACH, DETACH and VACUUM are not available: the database is yours alone"
+ATTACH_REFUSAL = "ATTACH, DETACH and VACUUM are not available: the database is yours alone"
 _TRANSACTION = (
     "transaction statements are not available: each execute is one transaction, and "
     "sqlite.batch runs its statements in one transaction"
 )
 _TEMP = "temporary tables, views, triggers and indexes are not available; create real ones"
 _REFUSALS: dict[int, str] = {
-    sqlite3.SQLITE_ATTACH: _ATTACH,
-    sqlite3.SQLITE_DETACH: _ATTACH,
+    sqlite3.SQLITE_ATTACH: ATTACH_REFUSAL,
+    sqlite3.SQLITE_DETACH: ATTACH_REFUSAL,
     sqlite3.SQLITE_TRANSACTION: _TRANSACTION,
     sqlite3.SQLITE_SAVEPOINT: _TRANSACTION,
     sqlite3.SQLITE_CREATE_TEMP_INDEX: _TEMP,
@@ -74,6 +76,21 @@ _REFUSALS: dict[int, str] = {
     sqlite3.SQLITE_CREATE_TEMP_TRIGGER: _TEMP,
     sqlite3.SQLITE_CREATE_TEMP_VIEW: _TEMP,
 }
+
+
+def first_keyword(sql: str) -> str:
+    """The statement's first word, upper-cased, after any comments (pure)."""
+    rest = sql
+    while True:
+        rest = rest.lstrip()
+        if rest.startswith("--"):
+            rest = rest.partition("\n")[2]
+        elif rest.startswith("/*"):
+            rest = rest.partition("*/")[2]
+        else:
+            break
+    word = re.match(r"[A-Za-z_]+", rest)
+    return word[0].upper() if word else ""
 
 
 def refusal(action: int, arg1: str | None, arg2: str | None) -> str | None:

@@ -38,7 +38,7 @@ import trio
 from runtime.config import StorageConfig
 from runtime.errors import StorageRefusedError
 from runtime.hosts import USER_RE
-from runtime.sqlguard import SqlGuard
+from runtime.sqlguard import ATTACH_REFUSAL, SqlGuard, first_keyword
 from sandbox.messages import SqlResult, SqlValue, Statement, encode_sql_results
 
 logger = logging.getLogger(__name__)
@@ -371,16 +371,22 @@ class SqliteStorage:
             budget = self.max_result_bytes
             for text, args in statements:
                 guard.refused = None
+                if first_keyword(text) == "VACUUM":  # it would fail inside BEGIN, less clearly
+                    raise StorageRefusedError(ATTACH_REFUSAL, "sql_refused")
                 cursor = conn.execute(text, args)
                 rows: list[tuple[SqlValue, ...]] = []
-                while chunk := cursor.fetchmany(256):
-                    budget -= sum(2 + sum(map(_value_size, row)) for row in chunk)
-                    if budget < 0:
-                        raise self._too_large()
-                    rows.extend(chunk)
-                columns = tuple(d[0] for d in cursor.description or ())
-                affected = max(cursor.rowcount, 0)
-                results.append(SqlResult(columns, tuple(rows), affected, cursor.lastrowid or 0))
+                try:
+                    while chunk := cursor.fetchmany(256):
+                        budget -= sum(2 + sum(map(_value_size, row)) for row in chunk)
+                        if budget < 0:
+                            raise self._too_large()
+                        rows.extend(chunk)
+                    columns = tuple(d[0] for d in cursor.description or ())
+                    affected = max(cursor.rowcount, 0)
+                    rowid = cursor.lastrowid or 0
+                finally:
+                    cursor.close()  # a statement left running would hold up the COMMIT
+                results.append(SqlResult(columns, tuple(rows), affected, rowid))
             body = encode_sql_results(results)
             if len(body) > self.max_result_bytes:
                 raise self._too_large()

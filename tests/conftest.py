@@ -15,7 +15,14 @@ import httpx
 import pytest
 import trio
 
-from runtime.config import Config, LimitsConfig, PoolConfig, ServerConfig, StoreConfig
+from runtime.config import (
+    Config,
+    LimitsConfig,
+    PoolConfig,
+    ServerConfig,
+    StorageConfig,
+    StoreConfig,
+)
 from runtime.server import serve_valrun
 from runtime.store import Store
 
@@ -68,7 +75,7 @@ StartService = Callable[..., Awaitable[Service]]
 
 @pytest.fixture
 async def start_service(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[StartService]:
-    """Start a valrun; keyword arguments replace fields of [limits] and [pool]."""
+    """Start a valrun; keyword arguments replace fields of [limits], [pool] and [storage]."""
     clients: list[httpx.AsyncClient] = []
 
     async def start(**overrides: Any) -> Service:
@@ -79,11 +86,16 @@ async def start_service(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[
         pool = replace(
             PoolConfig(), **{k: v for k, v in overrides.items() if hasattr(PoolConfig(), k)}
         )
+        storage = replace(
+            StorageConfig(),
+            **{k: v for k, v in overrides.items() if hasattr(StorageConfig(), k)},
+        )
         config = Config(
             server=ServerConfig(bind=("127.0.0.1:0",)),
             store=StoreConfig(url=f"sqlite:///{db_path}"),
             limits=limits,
             pool=pool,
+            storage=storage,
         )
         store = Store(db_path)
         tokens = {name: store.create_user(name) for name in ("alice", "bob")}
