@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import trio
 
@@ -117,6 +117,16 @@ class ApiClient:
         body: bytes | None = None,
         content_type: str = "text/plain; charset=utf-8",
     ) -> object:
+        return json.loads(self.fetch(method, path, body, content_type) or b"null")
+
+    def fetch(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "text/plain; charset=utf-8",
+    ) -> bytes:
+        """The response body as it is (a blob's value)."""
         request = urllib.request.Request(self.base + path, data=body, method=method)
         if self.host_header is not None:
             request.add_header("Host", self.host_header)
@@ -126,7 +136,7 @@ class ApiClient:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read() or b"null")
+                return bytes(response.read())
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode("utf-8", errors="replace")
             raise SystemExit(f"valrun: {method} {path} answered {exc.code}: {detail}") from None
@@ -238,6 +248,48 @@ def cmd_logs(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_blob(config: Config, args: argparse.Namespace) -> int:
+    client = ApiClient(config, args.server, args.token)
+    if args.blob_command == "ls":
+        after: str | None = ""
+        while after is not None:  # every page
+            query = urlencode({"prefix": args.prefix, "after": after})
+            page = client.call("GET", f"/v1/blob?{query}")
+            if not isinstance(page, dict):
+                break
+            for entry in page.get("blobs", []):
+                print(f"{entry['size']:>10}  {_when(entry['updated_at'])}  {entry['key']}")
+            after = page.get("next")
+        return 0
+    path = f"/v1/blob/{quote(args.key, safe='')}"
+    if args.blob_command == "get":
+        sys.stdout.buffer.write(client.fetch("GET", path))
+    elif args.blob_command == "put":
+        value = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+        _print_json(client.call("PUT", path, value, "application/octet-stream"))
+    else:
+        _print_json(client.call("DELETE", path))
+    return 0
+
+
+def cmd_sql(config: Config, args: argparse.Namespace) -> int:
+    client = ApiClient(config, args.server, args.token)
+    payload = {"sql": args.sql, "args": [_json_arg(a) for a in args.args]}
+    result = client.call(
+        "POST", "/v1/sqlite/execute", json.dumps(payload).encode(), "application/json"
+    )
+    if args.json or not isinstance(result, dict):
+        _print_json(result)
+        return 0
+    if result["columns"]:
+        print("\t".join(result["columns"]))
+        for row in result["rows"]:
+            print("\t".join(v if isinstance(v, str) else json.dumps(v) for v in row))
+    else:
+        print(f"{result['rows_affected']} rows affected")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="valrun", description=__doc__)
     parser.add_argument("--config", help="path to valrun.toml (default: built-in defaults)")
@@ -331,6 +383,26 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--limit", type=int, default=20)
     logs.add_argument("--json", action="store_true")
     logs.set_defaults(func=cmd_logs)
+
+    blob = commands.add_parser("blob", help="your blob storage")
+    blob_commands = blob.add_subparsers(dest="blob_command", required=True)
+    blob_ls = blob_commands.add_parser("ls", parents=[api], help="keys, sizes, update times")
+    blob_ls.add_argument("prefix", nargs="?", default="")
+    blob_get = blob_commands.add_parser("get", parents=[api], help="write a value to stdout")
+    blob_get.add_argument("key")
+    blob_put = blob_commands.add_parser("put", parents=[api], help="set KEY from FILE (- stdin)")
+    blob_put.add_argument("key")
+    blob_put.add_argument("file")
+    blob_rm = blob_commands.add_parser("rm", parents=[api], help="delete KEY")
+    blob_rm.add_argument("key")
+    for sub in (blob_ls, blob_get, blob_put, blob_rm):
+        sub.set_defaults(func=cmd_blob)
+
+    sql = commands.add_parser("sql", parents=[api], help="run one statement on your database")
+    sql.add_argument("sql")
+    sql.add_argument("args", nargs="*", metavar="ARG", help=arg_help)
+    sql.add_argument("--json", action="store_true")
+    sql.set_defaults(func=cmd_sql)
     return parser
 
 

@@ -17,7 +17,7 @@ from tests.test_service import HELLO, assert_json_error
 
 async def test_me_names_the_tokens_user(service: Service) -> None:
     response = await service.api("GET", "/v1/me", user="bob")
-    assert response.json() == {"username": "bob"}
+    assert response.json()["username"] == "bob"
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer nope", "Basic abc", "Bearer", "bearer  x"])
@@ -210,7 +210,7 @@ async def test_cli_user_create_prints_a_working_token_last(service: Service) -> 
     assert done.returncode == 0, done.stderr
     token = done.stdout.decode().splitlines()[-1]
     me = await service.api("GET", "/v1/me", user=None, headers={"authorization": f"Bearer {token}"})
-    assert me.json() == {"username": "carol"}
+    assert me.json()["username"] == "carol"
     again = await valrun(service, "user", "create", "carol")
     assert again.returncode == 2 and b"already exists" in again.stderr
 

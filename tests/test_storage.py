@@ -5,7 +5,9 @@ Every call goes val -> worker -> ask frame -> front end -> SQLite file and back.
 
 from __future__ import annotations
 
+import json
 import textwrap
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,6 +15,7 @@ import trio
 
 from runtime.demo import DEMO_VALS
 from tests.conftest import Service, StartService
+from tests.test_api import valrun
 from tests.test_service import assert_json_error
 
 PRELUDE = "from std import blob, sqlite, StorageError\n"
@@ -548,3 +551,37 @@ async def test_me_shows_storage_usage(service: Service) -> None:
     assert usage["blob_bytes"] == 5
     assert usage["blob_keys"] == 1
     assert usage["sql_bytes"] > 0
+
+
+# The CLI
+
+
+async def test_cli_blob_and_sql(service: Service, tmp_path: Path) -> None:
+    token = ("--token", service.tokens["alice"])
+    value = tmp_path / "value.bin"
+    value.write_bytes(b"\x00binary\xff")
+    put = await valrun(service, "blob", "put", *token, "files/a b", str(value))
+    assert put.returncode == 0, put.stderr
+    from_stdin = await valrun(service, "blob", "put", *token, "files/c", "-", stdin=b"text")
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    listed = await valrun(service, "blob", "ls", *token, "files/")
+    assert [line.split()[-1] for line in listed.stdout.decode().splitlines()] == ["b", "files/c"]
+    assert "files/a b" in listed.stdout.decode()
+    got = await valrun(service, "blob", "get", *token, "files/a b")
+    assert got.stdout == b"\x00binary\xff"
+    removed = await valrun(service, "blob", "rm", *token, "files/c")
+    assert removed.returncode == 0, removed.stderr
+    assert await evaluate(service, 'blob.get("files/c")') is None
+    missing = await valrun(service, "blob", "get", *token, "files/c")
+    assert missing.returncode != 0 and b"404" in missing.stderr
+
+    created = await valrun(service, "sql", *token, "CREATE TABLE t (n INTEGER, s TEXT)")
+    assert created.stdout == b"0 rows affected\n", created.stderr
+    inserted = await valrun(service, "sql", *token, "INSERT INTO t VALUES (?, ?)", "1", "one")
+    assert inserted.stdout == b"1 rows affected\n"
+    selected = await valrun(service, "sql", *token, "SELECT n, s FROM t")
+    assert selected.stdout == b"n\ts\n1\tone\n"
+    as_json = await valrun(service, "sql", *token, "--json", "SELECT n FROM t")
+    assert json.loads(as_json.stdout)["rows"] == [[1]]
+    refused = await valrun(service, "sql", *token, "ATTACH 'x' AS y")
+    assert refused.returncode != 0 and b"sql_refused" in refused.stderr
