@@ -24,6 +24,7 @@ Bounds, all per call or per user, so one tenant's storage cannot starve another'
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
@@ -39,7 +40,7 @@ from runtime.config import StorageConfig
 from runtime.errors import StorageRefusedError
 from runtime.hosts import USER_RE
 from runtime.sqlguard import ATTACH_REFUSAL, SqlGuard, first_keyword
-from sandbox.messages import SqlResult, SqlValue, Statement, encode_sql_results
+from sandbox.messages import SqlValue, Statement, encode_sql_results, sql_value_to_json
 
 logger = logging.getLogger(__name__)
 
@@ -129,15 +130,6 @@ def check_key(key: str, what: str = "a blob key", *, empty: bool = False) -> str
             "bad_key",
         )
     return key
-
-
-def _value_size(value: SqlValue) -> int:
-    """At least the bytes a value costs in the answer, minus JSON's escaping."""
-    if isinstance(value, str):
-        return len(value) + 3
-    if isinstance(value, bytes):
-        return len(value) * 4 // 3 + 12
-    return 8
 
 
 @dataclass(eq=False)
@@ -367,29 +359,20 @@ class SqliteStorage:
         conn.set_progress_handler(lambda: time.monotonic() > deadline, PROGRESS_STEPS)
         try:
             _trusted(db, "BEGIN IMMEDIATE")
-            results = []
-            budget = self.max_result_bytes
+            answer = _ResultWriter(self.max_result_bytes, self._too_large)
             for text, args in statements:
                 guard.refused = None
                 if first_keyword(text) == "VACUUM":  # it would fail inside BEGIN, less clearly
                     raise StorageRefusedError(ATTACH_REFUSAL, "sql_refused")
                 cursor = conn.execute(text, args)
-                rows: list[tuple[SqlValue, ...]] = []
                 try:
+                    answer.begin([d[0] for d in cursor.description or ()])
                     while chunk := cursor.fetchmany(256):
-                        budget -= sum(2 + sum(map(_value_size, row)) for row in chunk)
-                        if budget < 0:
-                            raise self._too_large()
-                        rows.extend(chunk)
-                    columns = tuple(d[0] for d in cursor.description or ())
-                    affected = max(cursor.rowcount, 0)
-                    rowid = cursor.lastrowid or 0
+                        answer.add_rows(chunk)
+                    answer.end(max(cursor.rowcount, 0), cursor.lastrowid or 0)
                 finally:
                     cursor.close()  # a statement left running would hold up the COMMIT
-                results.append(SqlResult(columns, tuple(rows), affected, rowid))
-            body = encode_sql_results(results)
-            if len(body) > self.max_result_bytes:
-                raise self._too_large()
+            body = answer.finish()
             conn.set_progress_handler(None, 0)
             _trusted(db, "COMMIT")
             return body
@@ -454,6 +437,49 @@ class SqliteStorage:
         pages = slot.db.conn.execute("PRAGMA page_count").fetchone()[0]
         size = slot.db.conn.execute("PRAGMA page_size").fetchone()[0]
         return int(pages) * int(size)
+
+
+class _ResultWriter:
+    """The results' wire JSON (`encode_sql_results`'s shape), written as rows are fetched:
+    a call holds at most the answer's bytes, never the rows as Python objects, and stops at
+    the cap."""
+
+    def __init__(self, max_bytes: int, too_large: Callable[[], Exception]) -> None:
+        self.max_bytes = max_bytes
+        self.too_large = too_large
+        self.parts: list[bytes] = []
+        self.size = 2  # the brackets of `finish`
+        self.results = 0
+        self.rows = 0
+
+    def _add(self, part: bytes) -> None:
+        self.size += len(part)
+        if self.size > self.max_bytes:
+            raise self.too_large()
+        self.parts.append(part)
+
+    def begin(self, columns: list[str]) -> None:
+        self._add((b"," if self.results else b"") + b'{"columns":' + _json(columns) + b',"rows":[')
+        self.rows = 0
+
+    def add_rows(self, rows: list[tuple[SqlValue, ...]]) -> None:
+        encoded = b",".join(_json([sql_value_to_json(v) for v in row]) for row in rows)
+        self._add((b"," if self.rows else b"") + encoded)
+        self.rows += len(rows)
+
+    def end(self, rows_affected: int, last_insert_rowid: int) -> None:
+        self._add(
+            b'],"rows_affected":%d,"last_insert_rowid":%d}' % (rows_affected, last_insert_rowid)
+        )
+        self.results += 1
+
+    def finish(self) -> bytes:
+        return b"[" + b"".join(self.parts) + b"]"
+
+
+def _json(value: object) -> bytes:
+    # NaN and Infinity pass, as on the wire (SQLite stores infinite REALs).
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def _trusted(db: _UserDb, sql: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import cast
 
 import pytest
 import trio
@@ -12,8 +13,11 @@ import trio.testing
 
 from runtime.config import Config, LimitsConfig, StorageConfig, parse_config
 from runtime.errors import ConfigError, StorageRefusedError
+from runtime.pool import ValSpec
 from runtime.sqlguard import first_keyword, refusal
 from runtime.storage import SqliteStorage
+from runtime.storage_api import StorageApi
+from runtime.store import AsyncStore
 from sandbox.messages import (
     ASKS,
     BlobAnswer,
@@ -253,5 +257,46 @@ async def test_blob_write_over_quota_changes_nothing(tmp_path: Path) -> None:
         assert (await storage.usage("alice")).blob_bytes == 0
         with pytest.raises(StorageRefusedError):
             await storage.blob_get("../alice", "k")  # a user name names a file: checked
+    finally:
+        storage.close()
+
+
+async def test_sql_answer_is_the_wire_json_of_the_results(tmp_path: Path) -> None:
+    storage = SqliteStorage(StorageConfig(), tmp_path, 1024 * 1024)
+    try:
+        body = await storage.sql(
+            "alice",
+            [
+                ("CREATE TABLE t (a, b)", ()),
+                ("INSERT INTO t VALUES (?, ?), (?, ?)", (1, b"\x00", "x", None)),
+                ("SELECT a, b FROM t ORDER BY rowid", ()),
+                ("SELECT a FROM t WHERE 0", ()),
+            ],
+            batch=True,
+        )
+        expected = [
+            SqlResult((), (), 0, 0),
+            SqlResult((), (), 2, 2),
+            SqlResult(("a", "b"), ((1, b"\x00"), ("x", None)), 0, 2),
+            SqlResult(("a",), (), 0, 2),
+        ]
+        assert SqlAnswer(0, body).results() == expected
+        assert body == encode_sql_results(expected)
+    finally:
+        storage.close()
+
+
+async def test_an_eval_without_a_token_has_no_storage(tmp_path: Path) -> None:
+    storage = SqliteStorage(StorageConfig(), tmp_path, 1024)
+    api = StorageApi(storage, cast(AsyncStore, None), StorageConfig())
+    anonymous = ValSpec(0, 0, "", "eval", "", (), "", "eval")
+    try:
+        blob = await api.answer_blob(anonymous, BlobAsk(3, "get", "k"))
+        sql = await api.answer_sql(anonymous, SqlAsk(3, (("SELECT 1", ()),)))
+        assert blob.error is not None and blob.error.type == "no_owner"
+        assert sql.error is not None and sql.error.type == "no_owner"
+        assert (blob.id, sql.id) == (3, 3)
+        alice = ValSpec(1, 1, "alice", "v", "", (), "")
+        assert (await api.answer_sql(alice, SqlAsk(4, (("SELECT 1", ()),)))).error is None
     finally:
         storage.close()

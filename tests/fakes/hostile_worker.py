@@ -59,6 +59,10 @@ def main() -> int:
             data = encode_frame(ok)
             os.write(out, data[:10])
             return 3
+        elif path == "/bad-storage-ask":
+            reply(out, Frame({"op": "blob", "id": rid, "action": "drop", "key": "k", "limit": 0}))
+        elif path == "/ask-for-another-request":
+            reply(out, Frame({"op": "sql", "id": rid + 1}, b'[["SELECT 1", []]]'))
         elif path == "/silent-exit":
             return 0
         elif path == "/flood":
