@@ -16,7 +16,6 @@ from runtime.errors import ConfigError
 from runtime.hosts import is_hostname
 from sandbox.confine import LAYERS
 from sandbox.limits import WorkerLimits
-from sandbox.wire import DEFAULT_MAX_BODY_BYTES
 
 MIB = 1024 * 1024
 
@@ -151,7 +150,8 @@ class StorageConfig:
     data_dir: str = ""
     #: Blob bytes (keys and values) a user may keep.
     max_user_bytes: int = 100 * MIB
-    #: One blob value.
+    #: One blob value. A value travels to the val in one message, so the smaller of this and
+    #: limits.max_response_body_bytes applies.
     max_value_bytes: int = 5 * MIB
     #: One user's SQL database file.
     max_sql_bytes: int = 100 * MIB
@@ -186,16 +186,6 @@ class Config:
     pool: PoolConfig = field(default_factory=PoolConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-
-    def __post_init__(self) -> None:
-        # A value travels to and from the worker in one frame; each side reads at most this.
-        frame_limit = min(self.limits.max_response_body_bytes, DEFAULT_MAX_BODY_BYTES)
-        if self.storage.max_value_bytes > frame_limit:
-            raise ConfigError(
-                f"storage.max_value_bytes must not be over {frame_limit} bytes "
-                "(limits.max_response_body_bytes, and the wire's 8 MiB): a value travels "
-                "to the val in one message"
-            )
 
 
 T = TypeVar("T")

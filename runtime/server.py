@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import closing
+from dataclasses import replace
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -40,9 +41,13 @@ def hypercorn_config(config: Config) -> HypercornConfig:
 
 def open_storage(config: Config) -> SqliteStorage:
     data_dir = config.storage.data_path(config.store.sqlite_path)
-    # A SQL result travels to the worker in one frame, which reads at most this much.
-    max_result = min(config.limits.max_response_body_bytes, DEFAULT_MAX_BODY_BYTES)
-    return SqliteStorage(config.storage, data_dir, max_result)
+    # A value or a SQL result travels to the worker in one frame, and the worker reads at
+    # most the response cap (the wire's own limit is 8 MiB).
+    max_message = min(config.limits.max_response_body_bytes, DEFAULT_MAX_BODY_BYTES)
+    storage = replace(
+        config.storage, max_value_bytes=min(config.storage.max_value_bytes, max_message)
+    )
+    return SqliteStorage(storage, data_dir, max_message)
 
 
 async def serve_valrun(

@@ -48,7 +48,7 @@ T = TypeVar("T")
 
 MAX_KEY_BYTES = 512
 MAX_LIST = 1000
-#: SQLite calls the progress handler every this many virtual-machine steps (~50 µs).
+#: SQLite calls the progress handler every this many virtual-machine steps (microseconds).
 PROGRESS_STEPS = 1000
 #: One statement's text.
 MAX_SQL_TEXT_BYTES = 1024 * 1024

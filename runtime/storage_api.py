@@ -57,6 +57,7 @@ _STATUS: dict[str, type[HTTPError]] = {
     "value_too_large": PayloadTooLargeError,
     "quota_exceeded": PayloadTooLargeError,
     "busy": OverloadedError,
+    "storage_failed": HTTPError,  # 500: valrun's fault, not the request's
 }
 
 

@@ -11,9 +11,10 @@ import pytest
 import trio
 import trio.testing
 
-from runtime.config import Config, LimitsConfig, StorageConfig, parse_config
+from runtime.config import Config, LimitsConfig, StorageConfig, StoreConfig, parse_config
 from runtime.errors import ConfigError, StorageRefusedError
 from runtime.pool import ValSpec
+from runtime.server import open_storage
 from runtime.sqlguard import first_keyword, refusal
 from runtime.storage import SqliteStorage
 from runtime.storage_api import StorageApi
@@ -145,10 +146,6 @@ def test_storage_config_defaults_and_keys() -> None:
         ({"storage": {"sql_timeout_s": 0}}, "storage.sql_timeout_s"),
         ({"storage": {"max_user_bytes": "1"}}, "storage.max_user_bytes"),
         ({"storage": {"max_value_bytes": 10, "max_user_bytes": 5}}, "storage.max_value_bytes"),
-        (
-            {"storage": {"max_value_bytes": 2000}, "limits": {"max_response_body_bytes": 1000}},
-            "storage.max_value_bytes",
-        ),
     ],
 )
 def test_bad_storage_config_names_the_key(raw: dict[str, object], named: str) -> None:
@@ -156,13 +153,18 @@ def test_bad_storage_config_names_the_key(raw: dict[str, object], named: str) ->
         parse_config(raw)
 
 
-def test_value_cap_follows_the_response_cap() -> None:
-    with pytest.raises(ConfigError):
-        Config(limits=LimitsConfig(max_response_body_bytes=1024))
-    Config(
+def test_the_value_cap_is_at_most_the_response_cap(tmp_path: Path) -> None:
+    config = Config(
+        store=StoreConfig(url=f"sqlite:///{tmp_path}/valrun.db"),
         limits=LimitsConfig(max_response_body_bytes=1024),
-        storage=StorageConfig(max_value_bytes=1024),
     )
+    storage = open_storage(config)
+    try:
+        assert storage.config.max_value_bytes == 1024
+        assert storage.max_result_bytes == 1024
+        assert (tmp_path / "valrun-data" / "sql").is_dir()
+    finally:
+        storage.close()
 
 
 # The worker side, with a fake front end
