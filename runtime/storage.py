@@ -178,7 +178,9 @@ class SqliteStorage:
     async def _turn(self, user: str, sql: bool) -> AsyncIterator[_UserSlot]:
         if not USER_RE.fullmatch(user):  # it names a file: never trust it blindly
             raise StorageRefusedError(f"{user!r} is not a user", "no_owner")
-        slot = self._users.setdefault(user, _UserSlot())
+        slot = self._users.get(user)
+        if slot is None:
+            slot = self._users[user] = _UserSlot()
         if slot.waiting >= self.config.max_waiting_per_user:
             raise StorageRefusedError(
                 f"{slot.waiting} storage calls of yours are running or waiting already; "
@@ -287,6 +289,8 @@ class SqliteStorage:
     # SQL
 
     async def sql(self, user: str, statements: Sequence[Statement], *, batch: bool) -> bytes:
+        if not batch and len(statements) != 1:
+            raise StorageRefusedError("execute runs exactly one statement", "bad_value")
         if not statements:
             return encode_sql_results([])
         for text, _ in statements:
