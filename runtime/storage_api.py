@@ -14,6 +14,7 @@ A refusal is an answer (the val raises `StorageError`), never a broken worker.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -111,7 +112,7 @@ class StorageApi:
             if ask.action == "delete":
                 return BlobAnswer(ask.id, await backend.blob_delete(user, ask.key))
             entries = await backend.blob_list(user, ask.key, ask.after, ask.limit)
-            body = HTTPResponse.json([e.to_json() for e in entries]).body
+            body = json.dumps([e.to_json() for e in entries], ensure_ascii=False).encode()
             return BlobAnswer(ask.id, True, body)
 
         answer = await self._fault(spec, do)
