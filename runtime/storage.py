@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -467,7 +468,7 @@ class _ResultWriter:
         self.rows = 0
 
     def add_rows(self, rows: list[tuple[SqlValue, ...]]) -> None:
-        encoded = b",".join(_json([sql_value_to_json(v) for v in row]) for row in rows)
+        encoded = b",".join(_row_json(row) for row in rows)
         self._add((b"," if self.rows else b"") + encoded)
         self.rows += len(rows)
 
@@ -482,8 +483,22 @@ class _ResultWriter:
 
 
 def _json(value: object) -> bytes:
-    # NaN and Infinity pass, as on the wire (SQLite stores infinite REALs).
     return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _row_json(row: tuple[SqlValue, ...]) -> bytes:
+    if not any(type(v) is float and not math.isfinite(v) for v in row):
+        return _json([sql_value_to_json(v) for v in row])
+    # SQLite stores infinite REALs (`SELECT 1e999`); JSON has no Infinity, but `1e999` is a
+    # valid JSON number that Python and JavaScript both read as infinity. (NaN is stored as
+    # NULL by SQLite, so none comes back.)
+    return b"[" + b",".join(_value_json(v) for v in row) + b"]"
+
+
+def _value_json(value: SqlValue) -> bytes:
+    if type(value) is float and not math.isfinite(value):
+        return b"null" if math.isnan(value) else b"1e999" if value > 0 else b"-1e999"
+    return _json(sql_value_to_json(value))
 
 
 def _trusted(db: _UserDb, sql: str) -> None:

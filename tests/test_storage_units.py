@@ -3,6 +3,8 @@ the `[storage]` config, the worker-side facade, and the SQLite backend's per-use
 
 from __future__ import annotations
 
+import json
+import math
 import sqlite3
 from pathlib import Path
 from typing import cast
@@ -302,3 +304,17 @@ async def test_an_eval_without_a_token_has_no_storage(tmp_path: Path) -> None:
         assert (await api.answer_sql(alice, SqlAsk(4, (("SELECT 1", ()),)))).error is None
     finally:
         storage.close()
+
+
+async def test_infinite_reals_are_valid_json_numbers(tmp_path: Path) -> None:
+    storage = SqliteStorage(StorageConfig(), tmp_path, 1024)
+    try:
+        body = await storage.sql("alice", [("SELECT 1e999, -1e999, 1.5", ())], batch=False)
+    finally:
+        storage.close()
+
+    def refuse(name: str) -> object:
+        raise ValueError(f"{name} is not JSON")
+
+    rows = json.loads(body, parse_constant=refuse)[0]["rows"]
+    assert rows == [[math.inf, -math.inf, 1.5]]
