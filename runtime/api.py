@@ -7,6 +7,7 @@ decided with `runtime.auth`.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 from runtime.auth import (
@@ -69,6 +70,7 @@ class Api:
         pool: Pool,
         recorder: Recorder,
         metrics: Metrics,
+        usage: Callable[[str], Awaitable[dict[str, object]]] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -77,6 +79,8 @@ class Api:
         self.metrics = metrics
         self.followers = Followers(recorder)
         self.save_checks = SaveChecks(config, pool, store)
+        #: A user's storage use, for /v1/me (runtime.storage_api).
+        self.usage = usage
 
     def url_for(self, request: HTTPRequest, val: ValVersion) -> str:
         port = request.port
@@ -132,7 +136,10 @@ class Api:
 
     async def me(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         user = await authenticate(self.store, request)
-        return HTTPResponse.json({"username": user.name})
+        body: dict[str, object] = {"username": user.name}
+        if self.usage is not None:
+            body["storage"] = await self.usage(user.name)
+        return HTTPResponse.json(body)
 
     async def list_vals(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         owner = params["user"]

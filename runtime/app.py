@@ -35,6 +35,7 @@ from runtime.records import Recorder, loggable_path
 from runtime.reply import ValResponse
 from runtime.routes import api_routes, match_route
 from runtime.run_api import RunApi
+from runtime.storage_api import StorageApi
 from runtime.store import AsyncStore
 from sandbox.messages import HttpRequest
 
@@ -50,14 +51,15 @@ class App:
         pool: Pool,
         recorder: Recorder,
         metrics: Metrics,
+        storage: StorageApi,
     ) -> None:
         self.config = config
         self.store = store
         self.pool = pool
         self.metrics = metrics
         self.invoker = Invoker(config, pool, recorder)
-        self.api = Api(config, store, pool, recorder, metrics)
-        self.routes = api_routes(self.api, RunApi(config, store, self.invoker))
+        self.api = Api(config, store, pool, recorder, metrics, storage.usage)
+        self.routes = api_routes(self.api, RunApi(config, store, self.invoker), storage)
         self.proxies = parse_networks(config.server.trusted_proxies)
 
     async def __call__(

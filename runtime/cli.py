@@ -339,6 +339,28 @@ def build_parser() -> argparse.ArgumentParser:
         "-f", "--follow", action="store_true", help="then print new records as they happen"
     )
     logs.set_defaults(func=client.cmd_logs)
+
+    blob = commands.add_parser("blob", parents=api_options, help="your blob storage")
+    blob_commands = blob.add_subparsers(dest="blob_command", required=True)
+    blob_ls = blob_commands.add_parser("ls", parents=api_options, help="keys, sizes, update times")
+    blob_ls.add_argument("prefix", nargs="?", default="")
+    blob_get = blob_commands.add_parser("get", parents=api_options, help="write a value to stdout")
+    blob_get.add_argument("key")
+    blob_put = blob_commands.add_parser(
+        "put", parents=api_options, help="set KEY from FILE (- stdin)"
+    )
+    blob_put.add_argument("key")
+    blob_put.add_argument("file")
+    blob_rm = blob_commands.add_parser("rm", parents=api_options, help="delete KEY")
+    blob_rm.add_argument("key")
+    for sub in (blob_ls, blob_get, blob_put, blob_rm):
+        sub.set_defaults(func=client.cmd_blob)
+
+    sql = commands.add_parser("sql", parents=api_options, help="run one statement on your database")
+    sql.add_argument("sql")
+    sql.add_argument("args", nargs="*", metavar="ARG", help=arg_help)
+    sql.add_argument("--json", action="store_true")
+    sql.set_defaults(func=client.cmd_sql)
     return parser
 
 

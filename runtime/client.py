@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from runtime.config import Config
 
@@ -74,6 +74,17 @@ class ApiClient:
         content_type: str = "text/plain; charset=utf-8",
         timeout_s: float = 30,
     ) -> object:
+        return json.loads(self.fetch(method, path, body, content_type, timeout_s) or b"null")
+
+    def fetch(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "text/plain; charset=utf-8",
+        timeout_s: float = 30,
+    ) -> bytes:
+        """The response body as it is (a blob's value); `call` reads it as JSON."""
         request = urllib.request.Request(self.base + path, data=body, method=method)
         if self.host_header is not None:
             request.add_header("Host", self.host_header)
@@ -83,7 +94,8 @@ class ApiClient:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                return json.loads(response.read() or b"null")
+                body_bytes: bytes = response.read()
+                return body_bytes
         except urllib.error.HTTPError as exc:
             raise SystemExit(self._describe(method, path, exc)) from None
         except urllib.error.URLError as exc:
@@ -301,3 +313,47 @@ def cmd_logs(config: Config, args: argparse.Namespace) -> int:
                 after = max(after, int(str(run["id"])))
     except KeyboardInterrupt:
         return 0
+
+
+def cmd_blob(config: Config, args: argparse.Namespace) -> int:
+    client = ApiClient(config, args.server, args.token)
+    client.require_token()
+    if args.blob_command == "ls":
+        after: str | None = ""
+        while after is not None:  # every page
+            query = urlencode({"prefix": args.prefix, "after": after})
+            page = client.call("GET", f"/v1/blob?{query}")
+            if not isinstance(page, dict):
+                break
+            for entry in page.get("blobs", []):
+                print(f"{entry['size']:>10}  {_when(entry['updated_at'])}  {entry['key']}")
+            after = page.get("next")
+        return 0
+    path = f"/v1/blob/{quote(args.key, safe='')}"
+    if args.blob_command == "get":
+        sys.stdout.buffer.write(client.fetch("GET", path))
+    elif args.blob_command == "put":
+        value = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+        _print_json(client.call("PUT", path, value, "application/octet-stream"))
+    else:
+        _print_json(client.call("DELETE", path))
+    return 0
+
+
+def cmd_sql(config: Config, args: argparse.Namespace) -> int:
+    client = ApiClient(config, args.server, args.token)
+    client.require_token()
+    payload = {"sql": args.sql, "args": [_json_arg(a) for a in args.args]}
+    result = client.call(
+        "POST", "/v1/sqlite/execute", json.dumps(payload).encode(), "application/json"
+    )
+    if args.json or not isinstance(result, dict):
+        _print_json(result)
+        return 0
+    if result["columns"]:
+        print("\t".join(result["columns"]))
+        for row in result["rows"]:
+            print("\t".join(v if isinstance(v, str) else json.dumps(v) for v in row))
+    else:
+        print(f"{result['rows_affected']} rows affected")
+    return 0

@@ -202,6 +202,43 @@ class FetchConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """`[storage]`: each user's blob store and SQL database (runtime.storage)."""
+
+    #: Where the storage lives; empty: a directory beside the store's database
+    #: (`valrun.db` -> `valrun-data/`).
+    data_dir: str = ""
+    #: Blob bytes (keys and values) a user may keep.
+    max_user_bytes: int = 100 * MIB
+    #: One blob value. A value travels to the val in one message, so the smaller of this and
+    #: limits.max_response_body_bytes applies.
+    max_value_bytes: int = 5 * MIB
+    #: One user's SQL database file.
+    max_sql_bytes: int = 100 * MIB
+    #: A SQL call (one statement or one batch) is interrupted after this long, or when the
+    #: val's own time is up, whichever comes first.
+    sql_timeout_s: float = 2.0
+    #: SQL calls running at once, all users together (each holds a thread); one user's
+    #: calls run one at a time.
+    sql_threads: int = 4
+    #: Storage calls of one user waiting for their turn; more are refused (`busy`).
+    max_waiting_per_user: int = 32
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.type != "str" and not getattr(self, f.name) > 0:
+                raise ConfigError(f"storage.{f.name} must be positive")
+        if self.max_value_bytes > self.max_user_bytes:
+            raise ConfigError("storage.max_value_bytes must not be over storage.max_user_bytes")
+
+    def data_path(self, store_path: str) -> Path:
+        if self.data_dir:
+            return Path(self.data_dir)
+        store = Path(store_path)
+        return store.with_name(store.stem + "-data")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -209,6 +246,7 @@ class Config:
     pool: PoolConfig = field(default_factory=PoolConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 T = TypeVar("T")
@@ -260,6 +298,7 @@ def parse_config(raw: Mapping[str, object]) -> Config:
         pool=_section(PoolConfig, "pool", raw.get("pool", {})),
         sandbox=_section(SandboxConfig, "sandbox", raw.get("sandbox", {})),
         fetch=_section(FetchConfig, "fetch", raw.get("fetch", {})),
+        storage=_section(StorageConfig, "storage", raw.get("storage", {})),
     )
 
 

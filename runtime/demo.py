@@ -24,14 +24,53 @@ def page(req):
     return "<!doctype html><title>valrun</title><h1>Hello, " + who + "!</h1>"
 """,
     "counter": """\
-# Module state lives as long as the warm worker that loaded this version.
-count = 0
+# The count lives in the owner's SQL database, not in the worker: every warm worker of
+# every version sees the same one, and it survives restarts.
+from std import sqlite
 
 def counter(req):
-    global count
-    count += 1
-    print("visit", count)
-    return {"visits": count}
+    visits = sqlite.batch([
+        "CREATE TABLE IF NOT EXISTS visits "
+        "(id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL)",
+        "INSERT INTO visits (id, n) VALUES (1, 1) "
+        "ON CONFLICT (id) DO UPDATE SET n = n + 1 RETURNING n",
+    ])[1].rows[0][0]
+    print("visit", visits)
+    return {"visits": visits}
+""",
+    "guestbook": """\
+# A guestbook: POST name and message (a form), GET the newest entries (?format=json for JSON).
+import html
+from std import sqlite
+
+def guestbook(req):
+    sqlite.execute(
+        "CREATE TABLE IF NOT EXISTS entries (id INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+        "message TEXT NOT NULL, at TEXT NOT NULL DEFAULT (datetime('now')))"
+    )
+    if req.method == "POST":
+        form = req.form()
+        name = (form.get("name") or "").strip()[:80] or "anonymous"
+        message = (form.get("message") or "").strip()[:1000]
+        if not message:
+            return Response("a message is needed", 400)
+        sqlite.execute("INSERT INTO entries (name, message) VALUES (?, ?)", (name, message))
+        return Response.redirect("/", 303)
+    rows = sqlite.execute(
+        "SELECT name, message, at FROM entries ORDER BY id DESC LIMIT 50"
+    ).rows
+    if req.query.get("format") == "json":
+        return [{"name": n, "message": m, "at": at} for n, m, at in rows]
+    items = "".join(
+        "<li><b>" + html.escape(n) + "</b> (" + at + "): " + html.escape(m) + "</li>"
+        for n, m, at in rows
+    )
+    return (
+        "<!doctype html><title>guestbook</title><h1>Guestbook</h1>"
+        "<form method=post><input name=name placeholder=name> "
+        "<input name=message placeholder=message required> <button>sign</button></form>"
+        "<ul>" + items + "</ul>"
+    )
 """,
     "add": """\
 # A JSON function for the Run API: GET /v1/run/demo.add?args=[1,2] answers 3.

@@ -8,6 +8,8 @@
     │   ├── InvalidError            a value the store cannot hold (a name, a privacy)  -> 400
     │   ├── ExistsError             a thing that must be new exists already           -> 409
     │   └── MissingError            a thing that must exist does not                  -> 404
+    ├── StorageRefusedError         a blob or SQL call refused (quota, bad key, SQL error):
+    │                               the val gets a StorageError, the API maps its `type`
     └── HTTPError                   anything that becomes an error response
         ├── BadRequestError         400 bad_request, bad_json, bad_name, bad_host
         ├── UnauthorizedError       401 unauthorized
@@ -52,6 +54,15 @@ class ExistsError(StoreError):
 
 class MissingError(StoreError):
     pass
+
+
+class StorageRefusedError(ValrunError):
+    """A blob or SQL call that changed nothing: `type` says why (runtime.storage)."""
+
+    def __init__(self, message: str, type: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.type = type
 
 
 class HTTPError(ValrunError):

@@ -19,6 +19,7 @@ from runtime.http import HTTPRequest, HTTPResponse, RouteLabel
 if TYPE_CHECKING:
     from runtime.api import Api
     from runtime.run_api import RunApi
+    from runtime.storage_api import StorageApi
 
 Handler = Callable[[HTTPRequest, dict[str, str]], Awaitable[HTTPResponse]]
 ANY_METHOD = "*"
@@ -49,7 +50,7 @@ class Match:
     error: HTTPError | None = None
 
 
-def api_routes(api: Api, run_api: RunApi) -> tuple[Route, ...]:
+def api_routes(api: Api, run_api: RunApi, storage: StorageApi | None = None) -> tuple[Route, ...]:
     table: tuple[tuple[str, str, Handler, RouteLabel], ...] = (
         (ANY_METHOD, EXPRESS, api.express_redirect, "api"),
         ("GET", r"/healthz", api.healthz, "api"),
@@ -74,6 +75,16 @@ def api_routes(api: Api, run_api: RunApi) -> tuple[Route, ...]:
         ("GET", _EVAL, run_api.eval_code, "eval"),
         ("OPTIONS", _EVAL, run_api.preflight, "eval"),
     )
+    if storage is not None:
+        # A key is the rest of the path, slashes included (`users/1`).
+        table += (
+            ("GET", r"/v1/blob", storage.list_blobs, "api"),
+            ("GET", r"/v1/blob/(?P<key>(?s:.+))", storage.get_blob, "api"),
+            ("PUT", r"/v1/blob/(?P<key>(?s:.+))", storage.put_blob, "api"),
+            ("DELETE", r"/v1/blob/(?P<key>(?s:.+))", storage.delete_blob, "api"),
+            ("POST", r"/v1/sqlite/execute", storage.execute, "api"),
+            ("POST", r"/v1/sqlite/batch", storage.batch, "api"),
+        )
     return tuple(
         Route(method, re.compile(pattern), handler, label)
         for method, pattern, handler, label in table

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import closing
+from dataclasses import replace
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -19,8 +20,11 @@ from runtime.fetch import open_fetcher
 from runtime.metrics import Metrics
 from runtime.pool import open_pool
 from runtime.records import open_recorder
+from runtime.storage import SqliteStorage
+from runtime.storage_api import StorageApi
 from runtime.store import AsyncStore, Store
-from sandbox.messages import FetchAsk
+from sandbox.messages import BlobAsk, FetchAsk, SqlAsk
+from sandbox.wire import DEFAULT_MAX_BODY_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +39,17 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     # The front end enforces its own body limit with a clear 413; hypercorn's is a backstop.
     hconfig.h11_max_incomplete_size = 64 * 1024
     return hconfig
+
+
+def open_storage(config: Config) -> SqliteStorage:
+    data_dir = config.storage.data_path(config.store.sqlite_path)
+    # A value or a SQL result travels to the worker in one frame, and the worker reads at
+    # most the response cap (the wire's own limit is 8 MiB).
+    max_message = min(config.limits.max_response_body_bytes, DEFAULT_MAX_BODY_BYTES)
+    storage = replace(
+        config.storage, max_value_bytes=min(config.storage.max_value_bytes, max_message)
+    )
+    return SqliteStorage(storage, data_dir, max_message)
 
 
 async def serve_valrun(
@@ -54,8 +69,10 @@ async def serve_valrun(
         closing(
             Store(config.store.sqlite_path, secret_key=config.store.secret_key)
         ) as records_store,
+        closing(open_storage(config)) as storage,
     ):
         async_store = AsyncStore(store)
+        storage_api = StorageApi(storage, async_store, config.storage)
         async with (
             open_pool(config) as pool,
             # Inside the pool: at shutdown the server finishes its requests, then the
@@ -66,8 +83,14 @@ async def serve_valrun(
             open_fetcher(config.fetch, metrics.fetches) as fetcher,
         ):
             # Capabilities register their ask handlers here as they land (fetch, storage).
-            pool.broker = Broker({FetchAsk: fetcher.answer}).answer
-            app = App(config, async_store, pool, recorder, metrics)
+            pool.broker = Broker(
+                {
+                    FetchAsk: fetcher.answer,
+                    BlobAsk: storage_api.answer_blob,
+                    SqlAsk: storage_api.answer_sql,
+                }
+            ).answer
+            app = App(config, async_store, pool, recorder, metrics, storage_api)
 
             async def shut_down() -> None:
                 if shutdown_trigger is None:

@@ -29,6 +29,14 @@ Worker -> front end::
                                                     runs; the worker blocks for the answer
     FetchAsk      id, method, url, headers, timeout_s, follow_redirects
                                                     body: the request body
+    BlobAsk       id, action, key, after, limit     body: the value (set)
+    SqlAsk        id, batch                         body: statements, JSON [[sql, [args]], ...]
+
+Front end -> worker, answers to asks::
+
+    Fetched       id, status, url, headers, error   body: the response body
+    BlobAnswer    id, found, error                  body: the value (get), entries (list)
+    SqlAnswer     id, error                         body: results, JSON [{columns, rows, ...}]
 
 What a message checks is what a frame can get wrong on its own. What depends on the front end's
 configuration (status ranges, header syntax and size limits, cookie domains) is the front end's
@@ -37,8 +45,9 @@ policy, applied after parsing in `runtime.reply`.
 
 from __future__ import annotations
 
+import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol, Self, TypeAlias, TypeVar, cast, get_args, overload
 
@@ -531,8 +540,231 @@ class Fetched:
         )
 
 
+# Storage asks (sandbox.storage makes them; runtime.storage answers them). Values travel as
+# raw frame bodies: a blob's bytes as they are, SQL statements and results as JSON in which a
+# bytes value is the object {"$b": "<base64>"} (SQL values are never objects otherwise).
+
+BlobAction = Literal["get", "set", "delete", "list"]
+BLOB_ACTIONS: frozenset[str] = frozenset(get_args(BlobAction))
+#: A SQL value as SQLite stores it.
+SqlValue: TypeAlias = int | float | str | bytes | None
+Statement: TypeAlias = tuple[str, tuple[SqlValue, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class BlobAsk:
+    """`blob.get/set/delete/list`. `key` is the prefix for `list`, which answers at most
+    `limit` entries with keys after `after`; `body` is the value for `set`."""
+
+    op: ClassVar[str] = "blob"
+    id: int
+    action: BlobAction
+    key: str
+    after: str = ""
+    limit: int = 0
+    body: bytes = field(default=b"", repr=False)
+
+    def to_frame(self) -> Frame:
+        head: dict[str, object] = {"op": self.op, "id": self.id, "action": self.action}
+        head.update(key=self.key, after=self.after, limit=self.limit)
+        return Frame(head, self.body)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> BlobAsk:
+        _check_op(frame, cls.op)
+        head = frame.head
+        action = _str(head, "action")
+        if action not in BLOB_ACTIONS:
+            raise MessageError(f"unknown blob action {action!r}")
+        return cls(
+            id=_int(head, "id"),
+            action=action,  # type: ignore[arg-type]  # checked against BLOB_ACTIONS above
+            key=_str(head, "key"),
+            after=_str(head, "after", ""),
+            limit=_int(head, "limit"),
+            body=frame.body,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SqlAsk:
+    """`sqlite.execute` (one statement) or `sqlite.batch` (several, in one transaction)."""
+
+    op: ClassVar[str] = "sql"
+    id: int
+    statements: tuple[Statement, ...]
+    batch: bool = False
+
+    def to_frame(self) -> Frame:
+        body = [[sql, [sql_value_to_json(v) for v in args]] for sql, args in self.statements]
+        return Frame({"op": self.op, "id": self.id, "batch": self.batch}, _dumps(body))
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> SqlAsk:
+        _check_op(frame, cls.op)
+        raw = _loads(frame.body, "'sql' statements")
+        if not isinstance(raw, list):
+            raise MessageError("'sql' statements are not a JSON array")
+        statements = []
+        for item in raw:
+            if not (
+                isinstance(item, list)
+                and len(item) == 2
+                and type(item[0]) is str
+                and isinstance(item[1], list)
+            ):
+                raise MessageError("a 'sql' statement is not a [sql, [args]] pair")
+            statements.append((item[0], tuple(sql_value_from_json(v) for v in item[1])))
+        return cls(
+            id=_int(frame.head, "id"),
+            statements=tuple(statements),
+            batch=_bool(frame.head, "batch"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StorageFault:
+    """Why a storage ask was refused: `type` (quota_exceeded, sql_error, ...) and a message
+    for the val's `StorageError`."""
+
+    type: str
+    message: str
+
+
+def _fault_head(fault: StorageFault | None) -> dict[str, object]:
+    return {} if fault is None else {"error": {"type": fault.type, "message": fault.message}}
+
+
+def _fault(head: Mapping[str, object]) -> StorageFault | None:
+    raw = head.get("error")
+    if raw is None:
+        return None
+    if not (
+        isinstance(raw, dict) and type(raw.get("type")) is str and type(raw.get("message")) is str
+    ):
+        raise MessageError("'error' is not a {type, message} object")
+    return StorageFault(raw["type"], raw["message"])
+
+
+@dataclass(frozen=True, slots=True)
+class BlobAnswer:
+    """`found`: the key existed (get, delete). `body`: the value (get) or, for `list`, a JSON
+    array of {key, size, updated_at}."""
+
+    op: ClassVar[str] = "blob_answer"
+    id: int
+    found: bool = False
+    body: bytes = field(default=b"", repr=False)
+    error: StorageFault | None = None
+
+    def to_frame(self) -> Frame:
+        head = {"op": self.op, "id": self.id, "found": self.found, **_fault_head(self.error)}
+        return Frame(head, self.body)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> BlobAnswer:
+        _check_op(frame, cls.op)
+        head = frame.head
+        return cls(_int(head, "id"), _bool(head, "found"), frame.body, _fault(head))
+
+
+@dataclass(frozen=True, slots=True)
+class SqlResult:
+    columns: tuple[str, ...]
+    rows: tuple[tuple[SqlValue, ...], ...]
+    rows_affected: int
+    last_insert_rowid: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "columns": list(self.columns),
+            "rows": [[sql_value_to_json(v) for v in row] for row in self.rows],
+            "rows_affected": self.rows_affected,
+            "last_insert_rowid": self.last_insert_rowid,
+        }
+
+    @classmethod
+    def from_json(cls, raw: object) -> SqlResult:
+        if not isinstance(raw, dict):
+            raise MessageError("a SQL result is not an object")
+        columns, rows = raw.get("columns"), raw.get("rows")
+        if not (isinstance(columns, list) and all(type(c) is str for c in columns)):
+            raise MessageError("a SQL result's 'columns' are not strings")
+        if not (isinstance(rows, list) and all(isinstance(r, list) for r in rows)):
+            raise MessageError("a SQL result's 'rows' are not lists")
+        return cls(
+            columns=tuple(columns),
+            rows=tuple(tuple(sql_value_from_json(v) for v in row) for row in rows),
+            rows_affected=_int(raw, "rows_affected"),
+            last_insert_rowid=_int(raw, "last_insert_rowid"),
+        )
+
+
+def encode_sql_results(results: Sequence[SqlResult]) -> bytes:
+    return _dumps([result.to_json() for result in results])
+
+
+@dataclass(frozen=True, slots=True)
+class SqlAnswer:
+    """One result per statement, or the error that undid them all. The body is the results'
+    JSON (`encode_sql_results`): the front end makes it once, to check its size."""
+
+    op: ClassVar[str] = "sql_answer"
+    id: int
+    body: bytes = field(default=b"[]", repr=False)
+    error: StorageFault | None = None
+
+    def to_frame(self) -> Frame:
+        return Frame({"op": self.op, "id": self.id, **_fault_head(self.error)}, self.body)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> SqlAnswer:
+        _check_op(frame, cls.op)
+        return cls(_int(frame.head, "id"), frame.body, _fault(frame.head))
+
+    def results(self) -> list[SqlResult]:
+        raw = _loads(self.body, "'sql_answer' results")
+        if not isinstance(raw, list):
+            raise MessageError("'sql_answer' results are not a JSON array")
+        return [SqlResult.from_json(item) for item in raw]
+
+
+def sql_value_to_json(value: SqlValue) -> object:
+    if isinstance(value, bytes):
+        return {"$b": base64.b64encode(value).decode("ascii")}
+    return value
+
+
+def sql_value_from_json(value: object) -> SqlValue:
+    if isinstance(value, dict):
+        text = value.get("$b")
+        if len(value) != 1 or type(text) is not str:
+            raise MessageError('a SQL value that is an object must be {"$b": "<base64>"}')
+        try:
+            return base64.b64decode(text, validate=True)
+        except ValueError:
+            raise MessageError("a SQL bytes value is not base64") from None
+    if value is None or type(value) in (int, float, str):
+        return cast(SqlValue, value)
+    if type(value) is bool:
+        return int(value)  # a bool: JSON true and false
+    raise MessageError(f"a SQL value cannot be a JSON {type(value).__name__}")
+
+
+def _dumps(value: object) -> bytes:
+    # NaN and Infinity pass: both ends are Python, and SQLite stores infinite REALs.
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _loads(body: bytes, what: str) -> object:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise MessageError(f"{what} are not JSON") from None
+
+
 #: Every kind of ask; the front end answers each with a message of its own kind.
-ASKS: tuple[type[Ask], ...] = (FetchAsk,)
+ASKS: tuple[type[Ask], ...] = (FetchAsk, BlobAsk, SqlAsk)
 
 
 @overload

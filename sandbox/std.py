@@ -13,7 +13,9 @@ from typing import Protocol
 
 from sandbox.facades import Facade
 from sandbox.fetch import make_fetch
+from sandbox.limits import WorkerLimits
 from sandbox.messages import Ask, M
+from sandbox.storage import make_storage
 
 
 class Asker(Protocol):
@@ -22,8 +24,10 @@ class Asker(Protocol):
     def __call__(self, ask: Ask, answer: type[M], /) -> M: ...
 
 
-def make_std(ask: Asker) -> Facade:
+def make_std(ask: Asker, limits: WorkerLimits | None = None) -> Facade:
     members: dict[str, object] = {}
     # Each capability adds its members here: outbound HTTP (fetch), storage (blob, sqlite).
     members.update(make_fetch(ask))
+    # An ask is one frame, read by the front end up to the response-body limit.
+    members.update(make_storage(ask, (limits or WorkerLimits()).max_response_body_bytes))
     return Facade("std", members)

@@ -206,7 +206,7 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
         apply_limits(limits)
     arm_cpu_limit(limits)
     log = LogBuffer(limits.max_log_bytes)
-    modules = {"std": make_std(channel.ask)}
+    modules = {"std": make_std(channel.ask, limits)}
     if load.mode == "check":  # checks at save: compile, report, exit; nothing of the val runs
         problems = check_source(load.source, name, limits.max_source_bytes, modules)
         channel.send(Checked(tuple(problems)))

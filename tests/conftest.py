@@ -19,6 +19,7 @@ from runtime.config import (
     FetchConfig,
     PoolConfig,
     ServerConfig,
+    StorageConfig,
     StoreConfig,
 )
 from runtime.server import serve_valrun
@@ -28,7 +29,7 @@ from tests.helpers import TEST_LIMITS, Service, StartService
 
 @pytest.fixture
 async def start_service(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[StartService]:
-    """Start a valrun; keyword arguments replace fields of [limits] and [pool]."""
+    """Start a valrun; keyword arguments replace fields of [limits], [pool] and [storage]."""
     clients: list[httpx.AsyncClient] = []
 
     async def start(**overrides: Any) -> Service:
@@ -39,12 +40,17 @@ async def start_service(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[
         pool = replace(
             PoolConfig(), **{k: v for k, v in overrides.items() if hasattr(PoolConfig(), k)}
         )
+        storage = replace(
+            StorageConfig(),
+            **{k: v for k, v in overrides.items() if hasattr(StorageConfig(), k)},
+        )
         config = Config(
             server=ServerConfig(bind=("127.0.0.1:0",)),
             store=StoreConfig(url=f"sqlite:///{db_path}"),
             limits=limits,
             pool=pool,
             fetch=overrides.get("fetch", FetchConfig()),
+            storage=storage,
         )
         store = Store(db_path)
         tokens = {name: store.create_user(name) for name in ("alice", "bob")}

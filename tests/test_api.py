@@ -14,7 +14,7 @@ from tests.helpers import HELLO, Service, StartService, assert_json_error, pytho
 
 async def test_me_names_the_tokens_user(service: Service) -> None:
     response = await service.api("GET", "/v1/me", user="bob")
-    assert response.json() == {"username": "bob"}
+    assert response.json()["username"] == "bob"
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer nope", "Basic abc", "Bearer", "bearer  x"])
@@ -190,7 +190,7 @@ async def test_cli_user_create_prints_a_working_token_last(service: Service) -> 
     assert done.returncode == 0, done.stderr
     token = done.stdout.decode().splitlines()[-1]
     me = await service.api("GET", "/v1/me", user=None, headers={"authorization": f"Bearer {token}"})
-    assert me.json() == {"username": "carol"}
+    assert me.json()["username"] == "carol"
     again = await valrun(service, "user", "create", "carol")
     assert again.returncode == 2
     assert b"already exists" in again.stderr

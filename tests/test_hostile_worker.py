@@ -40,6 +40,8 @@ from tests.helpers import hostile_request as request
         ("/half-then-hang", 504, "timeout"),
         ("/exit-mid-reply", 502, "worker_crashed"),
         ("/silent-exit", 502, "worker_crashed"),
+        ("/bad-storage-ask", 502, "protocol_error"),
+        ("/ask-for-another-request", 502, "protocol_error"),
         ("/flood", 502, "protocol_error"),
     ],
 )

@@ -87,7 +87,7 @@ async def test_revoking_takes_effect_on_the_next_request(service: Service) -> No
         )
     error = assert_json_error(revoked, 401, "unauthorized")
     assert "not valid" in error["message"]
-    assert still_good.json() == {"username": "alice"}
+    assert still_good.json()["username"] == "alice"
 
 
 async def test_cli_token_create_list_revoke(service: Service) -> None:
@@ -95,7 +95,7 @@ async def test_cli_token_create_list_revoke(service: Service) -> None:
     assert created.returncode == 0, created.stderr
     token = created.stdout.decode().splitlines()[-1]
     me = await service.api("GET", "/v1/me", user=None, headers={"authorization": f"Bearer {token}"})
-    assert me.json() == {"username": "alice"}
+    assert me.json()["username"] == "alice"
 
     listed = await valrun(service, "token", "list", "alice")
     lines = listed.stdout.decode().splitlines()

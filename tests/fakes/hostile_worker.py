@@ -82,6 +82,10 @@ def main() -> int:
             if answer is None:
                 return 0
             reply(out, Frame(ok.head, json.dumps(answer.head).encode()))
+        elif path == "/bad-storage-ask":
+            reply(out, Frame({"op": "blob", "id": rid, "action": "drop", "key": "k", "limit": 0}))
+        elif path == "/ask-for-another-request":
+            reply(out, Frame({"op": "sql", "id": rid + 1}, b'[["SELECT 1", []]]'))
         elif path == "/silent-exit":
             return 0
         elif path == "/flood":
