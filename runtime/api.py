@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, quote
 
+from runtime import schedule_api
 from runtime.config import Config
 from runtime.errors import (
     BadRequestError,
@@ -72,6 +73,9 @@ ROUTES: tuple[tuple[str, re.Pattern[str], str, str], ...] = tuple(
         ("DELETE", rf"/v1/vals/{_USER}/{_VAL}", "delete_val", "api"),
         ("GET", rf"/v1/vals/{_USER}/{_VAL}/versions", "list_versions", "api"),
         ("GET", rf"/v1/vals/{_USER}/{_VAL}/runs", "list_runs", "api"),
+        ("GET", rf"/v1/vals/{_USER}/{_VAL}/schedule", "get_schedule", "api"),
+        ("PUT", rf"/v1/vals/{_USER}/{_VAL}/schedule", "put_schedule", "api"),
+        ("DELETE", rf"/v1/vals/{_USER}/{_VAL}/schedule", "delete_schedule", "api"),
         ("GET", r"/v1/me/evals", "list_evals", "api"),
         ("GET", r"/v1/env", "list_env", "api"),
         ("PUT", r"/v1/env/(?P<key>[^/]+)", "put_env", "api"),
@@ -391,6 +395,17 @@ class Api:
         await self.recorder.flush()  # what was invoked before this request is in the answer
         runs = await self.store.run(Store.runs, val, limit)
         return HTTPResponse.json({"runs": [run.to_json() for run in runs]})
+
+    # Schedules: handled in runtime.schedule_api.
+
+    async def get_schedule(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
+        return await schedule_api.get_schedule(self, request, params)
+
+    async def put_schedule(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
+        return await schedule_api.put_schedule(self, request, params)
+
+    async def delete_schedule(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
+        return await schedule_api.delete_schedule(self, request, params)
 
     async def list_evals(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         caller = await self.authenticate(request)

@@ -144,12 +144,37 @@ class SandboxConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ScheduleConfig:
+    """Scheduled vals (docs/schedules.md)."""
+
+    #: Run schedules on this node. Off: schedules are kept and served by the API, and other
+    #: nodes on the same store still run them.
+    enabled: bool = True
+    #: The shortest schedule a user may set (every_s; a cron expression's gaps). Lower it only
+    #: for tests and on a machine you own: each tick is a full invocation.
+    min_interval_s: int = 60
+    #: Scheduled runs at once on this node, so that schedules cannot starve web traffic.
+    max_concurrent: int = 8
+    #: Scheduled runs of one user's vals at once (on the store, across nodes); their further
+    #: due ticks wait, so one tenant cannot take all of max_concurrent.
+    max_concurrent_per_user: int = 2
+    #: Vals with a schedule per user.
+    max_per_user: int = 50
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.type != "bool" and not getattr(self, f.name) > 0:
+                raise ConfigError(f"schedule.{f.name} must be positive")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
 T = TypeVar("T")
@@ -200,6 +225,7 @@ def parse_config(raw: Mapping[str, object]) -> Config:
         limits=_section(LimitsConfig, "limits", raw.get("limits", {})),
         pool=_section(PoolConfig, "pool", raw.get("pool", {})),
         sandbox=_section(SandboxConfig, "sandbox", raw.get("sandbox", {})),
+        schedule=_section(ScheduleConfig, "schedule", raw.get("schedule", {})),
     )
 
 

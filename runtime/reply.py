@@ -153,7 +153,7 @@ def check_headers(raw: object, limits: LimitsConfig, host: str) -> list[tuple[by
 
 
 #: The reply each request op is answered with (or "error").
-REPLY_OPS = {"http": "response", "call": "result"}
+REPLY_OPS = {"http": "response", "call": "result", "cron": "result"}
 
 
 def check_reply(

@@ -16,6 +16,7 @@ from runtime.config import Config
 from runtime.metrics import Metrics
 from runtime.pool import open_pool
 from runtime.records import open_recorder
+from runtime.scheduler import Scheduler, serve_scheduler
 from runtime.store import AsyncStore, Store
 
 logger = logging.getLogger(__name__)
@@ -42,9 +43,11 @@ async def serve_valrun(
     """Run valrun until `shutdown_trigger` returns (or forever); report the bound URLs."""
     # Two connections: the recorder's batch writes (~4 ms each) must not hold up the token
     # checks and val lookups that requests wait on; SQLite's WAL lets those read meanwhile.
+    # A third for the scheduler: its claims and leases never queue behind either.
     with (
         closing(Store(config.store.sqlite_path)) as store,
         closing(Store(config.store.sqlite_path)) as records_store,
+        closing(Store(config.store.sqlite_path)) as schedule_store,
     ):
         async_store = AsyncStore(store)
         async with (
@@ -56,9 +59,24 @@ async def serve_valrun(
             ) as recorder,
         ):
             app = App(config, async_store, pool, recorder, Metrics())
-            await serve(
-                app,
-                hypercorn_config(config),
-                shutdown_trigger=shutdown_trigger,
-                task_status=task_status,
-            )
+            async with trio.open_nursery() as nursery:
+                scheduler: Scheduler | None = None
+                if config.schedule.enabled:
+                    scheduler = await nursery.start(
+                        serve_scheduler, config, AsyncStore(schedule_store), app.runner, app.metrics
+                    )
+
+                async def stop_when_triggered() -> None:
+                    await (shutdown_trigger or trio.sleep_forever)()
+                    if scheduler is not None:
+                        scheduler.stop()  # no new ticks; runs in progress go on meanwhile
+
+                await serve(
+                    app,
+                    hypercorn_config(config),
+                    shutdown_trigger=stop_when_triggered,
+                    task_status=task_status,
+                )
+                # Scheduled runs had the requests' graceful time to end; the rest are
+                # cancelled (recorded as such).
+                nursery.cancel_scope.cancel()

@@ -23,6 +23,7 @@ import trio
 
 from runtime.errors import BadRequestError, ConflictError, NotFoundError
 from runtime.hosts import USER_RE
+from runtime.schedule import Schedule, next_tick
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -30,7 +31,8 @@ R = TypeVar("R")
 PRIVACY = ("public", "unlisted", "private")
 TOKEN_PREFIX = "vr_"
 
-SCHEMA = """
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS users (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL UNIQUE,
@@ -86,6 +88,26 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_by_bucket ON runs (val_id, user_id, id);
 """
+    + """
+-- Schedules (docs/schedules.md): at most one per val, gone with it. A tick is claimed in one
+-- transaction (Store.claim_due) that moves next_run_at past now, so with several front ends
+-- on one store each tick is claimed by one of them. `claim` counts claims: a run ends
+-- (finish_run) only the lease it took. `running_until` is that lease: a tick that comes
+-- while it holds is skipped; a node that died mid-run frees it when it expires.
+CREATE TABLE IF NOT EXISTS schedules (
+    val_id INTEGER PRIMARY KEY REFERENCES vals(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    expr TEXT NOT NULL,
+    tz TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    next_run_at REAL NOT NULL,
+    last_run_at REAL,
+    claim INTEGER NOT NULL DEFAULT 0,
+    running_until REAL
+);
+CREATE INDEX IF NOT EXISTS schedules_due ON schedules (next_run_at);
+"""
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +167,39 @@ class Record:
 
 
 Resolved = tuple[ValVersion, dict[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleInfo:
+    """A val's schedule as the API shows it."""
+
+    val_id: int
+    schedule: Schedule
+    created_at: float
+    next_run_at: float
+    last_run_at: float | None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            **self.schedule.to_json(),
+            "schedule": self.schedule.describe(),
+            "created_at": self.created_at,
+            "next_run_at": self.next_run_at,
+            "last_run_at": self.last_run_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """A tick claimed by `Store.claim_due`: to run (holding lease `claim`), or skipped."""
+
+    val_id: int
+    owner: str
+    schedule: Schedule
+    scheduled_at: float
+    last_run_at: float | None  # the run before this one
+    claim: int
+    skipped: bool
 
 
 def hash_token(token: str) -> bytes:
@@ -432,6 +487,152 @@ class Store:
         user = self.user(owner)
         sql = self._RUN_SELECT + "WHERE val_id IS NULL AND user_id = ? ORDER BY id DESC LIMIT ?"
         return [Record(*row) for row in self._db.execute(sql, (owner, user.id, limit))]
+
+    # Schedules (docs/schedules.md). The interface a shared store keeps: claim_due is the one
+    # place a tick changes hands, in one transaction (PostgreSQL: SELECT ... FOR UPDATE SKIP
+    # LOCKED over the due rows).
+
+    def _schedule_count(self, user_id: int) -> int:
+        (count,) = self._db.execute(
+            "SELECT COUNT(*) FROM schedules s JOIN vals v ON v.id = s.val_id WHERE v.user_id = ?",
+            (user_id,),
+        ).fetchone()
+        return int(count)
+
+    def put_schedule(
+        self, val_id: int, schedule: Schedule, now: float, max_per_user: int
+    ) -> tuple[ScheduleInfo, bool] | None:
+        """Set a val's schedule (its next tick counted from `now`); None if the val is gone.
+        A run in progress keeps its lease."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT user_id FROM vals WHERE id = ?", (val_id,)).fetchone()
+            if row is None:
+                return None
+            created = not self._db.execute(
+                "SELECT 1 FROM schedules WHERE val_id = ?", (val_id,)
+            ).fetchone()
+            if created and self._schedule_count(row[0]) >= max_per_user:
+                raise ConflictError(
+                    f"a user may schedule at most {max_per_user} vals; remove one first",
+                    "schedule_limit",
+                )
+            if schedule.kind == "every":
+                next_run_at = now + schedule.every_s
+            else:
+                next_run_at = next_tick(schedule, now, now)
+            self._db.execute(
+                "INSERT INTO schedules (val_id, kind, expr, tz, created_at, next_run_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (val_id) DO UPDATE SET "
+                "kind = excluded.kind, expr = excluded.expr, tz = excluded.tz, "
+                "next_run_at = excluded.next_run_at",
+                (val_id, schedule.kind, schedule.expr, schedule.tz, now, next_run_at),
+            )
+            info = self.schedule_of(val_id)
+        assert info is not None  # written in this transaction
+        return info, created
+
+    def schedule_of(self, val_id: int) -> ScheduleInfo | None:
+        row = self._db.execute(
+            "SELECT kind, expr, tz, created_at, next_run_at, last_run_at FROM schedules "
+            "WHERE val_id = ?",
+            (val_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        kind, expr, tz, created_at, next_run_at, last_run_at = row
+        return ScheduleInfo(val_id, Schedule(kind, expr, tz), created_at, next_run_at, last_run_at)
+
+    def delete_schedule(self, val_id: int) -> bool:
+        (cur,) = self._write([("DELETE FROM schedules WHERE val_id = ?", (val_id,))])
+        return cur.rowcount > 0
+
+    def claim_due(
+        self, now: float, limit: int, lease_s: float, max_running_per_user: int
+    ) -> tuple[list[Tick], float | None]:
+        """Claim up to `limit` due ticks to run, and skip those whose previous run still
+        holds its lease; move each past `now` (missed ticks collapse into this one). A user
+        with `max_running_per_user` runs in progress waits. Also: the next due time."""
+        ticks: list[Tick] = []
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            rows = self._db.execute(
+                "SELECT s.val_id, u.name, v.user_id, s.kind, s.expr, s.tz, s.next_run_at, "
+                "s.last_run_at, s.claim, s.running_until FROM schedules s "
+                "JOIN vals v ON v.id = s.val_id JOIN users u ON u.id = v.user_id "
+                "WHERE s.next_run_at <= ? ORDER BY s.next_run_at LIMIT ?",
+                (now, limit * 4 + 64),
+            ).fetchall()
+            running: dict[int, int] = dict(
+                self._db.execute(
+                    "SELECT v.user_id, COUNT(*) FROM schedules s JOIN vals v ON v.id = s.val_id "
+                    "WHERE s.running_until > ? GROUP BY v.user_id",
+                    (now,),
+                ).fetchall()
+            )
+            claimed = 0
+            for val_id, owner, user_id, kind, expr, tz, due, last, claim, lease in rows:
+                schedule = Schedule(kind, expr, tz)
+                following = next_tick(schedule, due, now)
+                if lease is not None and lease > now:
+                    self._db.execute(
+                        "UPDATE schedules SET next_run_at = ? WHERE val_id = ?",
+                        (following, val_id),
+                    )
+                    ticks.append(Tick(val_id, owner, schedule, due, last, claim, skipped=True))
+                    continue
+                if claimed >= limit or running.get(user_id, 0) >= max_running_per_user:
+                    continue  # stays due: claimed when a slot frees, late
+                self._db.execute(
+                    "UPDATE schedules SET next_run_at = ?, last_run_at = ?, claim = claim + 1, "
+                    "running_until = ? WHERE val_id = ?",
+                    (following, now, now + lease_s, val_id),
+                )
+                claimed += 1
+                running[user_id] = running.get(user_id, 0) + 1
+                ticks.append(Tick(val_id, owner, schedule, due, last, claim + 1, skipped=False))
+            (next_due,) = self._db.execute("SELECT MIN(next_run_at) FROM schedules").fetchone()
+        return ticks, next_due
+
+    def claimed_val(self, val_id: int, claim: int) -> Resolved | None:
+        """The latest version of a val and its owner's env, if the val's schedule still
+        exists and `claim` still holds its lease: a val deleted or unscheduled since its tick
+        was claimed is not run."""
+        with self._db:
+            self._db.execute("BEGIN")  # one snapshot for the three reads
+            held = self._db.execute(
+                "SELECT 1 FROM schedules WHERE val_id = ? AND claim = ?", (val_id, claim)
+            ).fetchone()
+            if held is None:
+                return None
+            row = self._db.execute(
+                self._VERSION_SELECT + "WHERE v.id = ? ORDER BY ver.version DESC LIMIT 1",
+                (val_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            val = ValVersion(*row)
+            return val, self.env(val.owner)
+
+    def renew_lease(self, val_id: int, claim: int, until: float) -> None:
+        self._write(
+            [
+                (
+                    "UPDATE schedules SET running_until = ? WHERE val_id = ? AND claim = ?",
+                    (until, val_id, claim),
+                )
+            ]
+        )
+
+    def finish_run(self, val_id: int, claim: int) -> None:
+        self._write(
+            [
+                (
+                    "UPDATE schedules SET running_until = NULL WHERE val_id = ? AND claim = ?",
+                    (val_id, claim),
+                )
+            ]
+        )
 
 
 class AsyncStore:

@@ -5,10 +5,11 @@ stdin and stdout; they are moved out of the way first, so nothing a library prin
 corrupt a frame. Every failure of the val becomes an `error` frame; a failure of the protocol
 ends the process, and the front end answers 502 for it.
 
-Two ops reach a loaded worker: `http` (the web host: the export gets a Request and returns a
-response) and `call` (Run and Eval: the export is called with JSON args and its value goes
-back as JSON). The value is turned into JSON here, inside the sandbox: a val's objects (its
-`__eq__`, `__hash__`, a dict subclass) must never run in the front end.
+Three ops reach a loaded worker: `http` (the web host: the export gets a Request and returns
+a response), `call` (Run and Eval: the export is called with JSON args and its value goes
+back as JSON) and `cron` (a scheduled run: the export gets an Interval). The value is turned
+into JSON here, inside the sandbox: a val's objects (its `__eq__`, `__hash__`, a dict
+subclass) must never run in the front end.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import BinaryIO
 from sandbox.errors import BadMessageError, ValError, describe
 from sandbox.evaluate import EVAL_NAME, compile_eval, evaluate
 from sandbox.http import Request, dumps_json, to_response
+from sandbox.interval import Interval
 from sandbox.limits import WorkerLimits, apply_limits, arm_cpu_limit
 from sandbox.policy import LogBuffer, check_source_size, load_val, val_filename
 from sandbox.wire import Frame, FrameDecoder, ProtocolError, read_frame, write_frame
@@ -130,6 +132,23 @@ class Worker:
             return self.too_large(request_id, len(body))
         return Frame({"op": "result", "id": request_id, "log": self.log.take()}, body)
 
+    def serve_cron(self, frame: Frame) -> Frame:
+        """A scheduled run: the export is called with an Interval; what it returns is
+        dropped (nobody reads it), so it need not be JSON."""
+        request_id = frame.head.get("id")
+        interval = Interval.from_body(frame.body)
+        try:
+            export = self.export()
+            if not callable(export):
+                raise ValError(
+                    f"{self.name!r} is a {type(export).__name__}; a scheduled val must export "
+                    "a function that takes an interval"
+                )
+            export(interval)
+        except BaseException as exc:  # the val's failure, whatever it raised, is one reply
+            return self.failure(request_id, exc)
+        return Frame({"op": "result", "id": request_id, "log": self.log.take()}, b"null")
+
     def serve_http(self, frame: Frame) -> Frame:
         head = frame.head
         request_id = head.get("id")
@@ -207,7 +226,7 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
         )
         return 0
     worker = Worker(name, export, limits, log)
-    serve_op = {"http": worker.serve_http, "call": worker.serve_call}
+    serve_op = {"http": worker.serve_http, "call": worker.serve_call, "cron": worker.serve_cron}
     write_frame(out, Frame({"op": "loaded", "log": log.take()}))
     while (frame := read_frame(inp, decoder)) is not None:
         if not isinstance(frame.op, str) or frame.op not in serve_op:

@@ -1,0 +1,175 @@
+"""The scheduler: claims due ticks in the store and runs them (docs/schedules.md).
+
+    serve loop ──claim_due (one store transaction)──> ticks to run, ticks skipped
+        │                                              │
+        │  each tick to run: its own task ─────────────┘
+        │     claimed_val (still scheduled? latest version, owner's env)
+        │     Runner.invoke(op "cron", source "cron")   the val's warm worker path
+        │     finish_run (frees the lease; renewed meanwhile if the run is long)
+        └─ sleeps until the next due tick, POLL_S at most (ticks set elsewhere: other nodes,
+           the API) or until a run ends (a slot is free)
+
+Nothing about a tick is decided in memory: the claim is the store's, so several front ends
+on one store run each tick once, and a run in progress on any of them makes the next tick a
+skip. At most `schedule.max_concurrent` runs at once on this node; the claim takes no more
+ticks than there are free slots, so the others stay due for a node (or a moment) that has one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import trio
+
+from runtime.config import Config
+from runtime.errors import HTTPError
+from runtime.metrics import Metrics
+from runtime.reply import ValResult
+from runtime.run_api import Runner, val_spec
+from runtime.store import AsyncStore, Record, Store, Tick
+
+logger = logging.getLogger(__name__)
+
+#: The longest the scheduler goes without asking the store what is due.
+POLL_S = 0.5
+#: A run's hold on its schedule: renewed while the run goes on, so a node that dies mid-run
+#: blocks that schedule's ticks (as skips) for at most this long.
+LEASE_S = 60.0
+#: A skipped tick's record: the status of a conflict, for there is no client.
+SKIPPED_STATUS = 409
+
+
+class Scheduler:
+    def __init__(self, config: Config, store: AsyncStore, runner: Runner, metrics: Metrics) -> None:
+        self.config = config
+        self.store = store
+        self.runner = runner
+        self.metrics = metrics
+        self.running = 0
+        self._stopping = False
+        self._wake = trio.Event()
+
+    def stop(self) -> None:
+        """Claim no more ticks; `serve` returns once the runs in progress have ended."""
+        self._stopping = True
+        self._wake.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as runs:
+            task_status.started()
+            while not self._stopping:
+                try:
+                    delay = await self._claim(runs)
+                except Exception:  # the store failing (locked, disk) must not stop the service
+                    logger.exception("claiming due schedules failed; retrying")
+                    delay = POLL_S
+                with trio.move_on_after(delay):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+
+    async def _claim(self, runs: trio.Nursery) -> float:
+        """Claim and start what is due; how long to wait before looking again."""
+        schedule = self.config.schedule
+        free = max(schedule.max_concurrent - self.running, 0)
+        now = time.time()
+        ticks, next_due = await self.store.run(
+            Store.claim_due, now, free, LEASE_S, schedule.max_concurrent_per_user
+        )
+        for tick in ticks:
+            if tick.skipped:
+                self._record_skip(tick, now)
+            else:
+                self.running += 1
+                runs.start_soon(self._run, tick)
+        if next_due is None:
+            return POLL_S
+        wait = next_due - time.time()
+        if wait <= 0:
+            # Still due: the batch was full (look again now) or every due tick waits for a
+            # free slot (a run's end wakes the loop).
+            return 0.0 if ticks else POLL_S
+        return min(wait, POLL_S)
+
+    def _record_skip(self, tick: Tick, now: float) -> None:
+        self.metrics.observe_scheduled("skipped")
+        self.runner.recorder.add(
+            Record(
+                val_id=tick.val_id,
+                owner=tick.owner,
+                source="cron",
+                version=None,
+                started_at=now,
+                duration_ms=0.0,
+                status=SKIPPED_STATUS,
+                log="",
+                error_type="skipped",
+                error_message=(
+                    f"the tick scheduled at {tick.scheduled_at:.3f} was skipped: "
+                    "the previous run was still going"
+                ),
+            )
+        )
+
+    async def _run(self, tick: Tick) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._renew, tick)
+                await self._invoke(tick)
+                nursery.cancel_scope.cancel()
+        except Exception:  # a bug or the store failing: logged, the service goes on
+            logger.exception("the scheduled run of val %d failed in valrun", tick.val_id)
+        finally:
+            self.running -= 1
+            self._wake.set()
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.store.run(Store.finish_run, tick.val_id, tick.claim)
+                except Exception:  # the lease then expires by itself
+                    logger.exception("could not free the schedule lease of val %d", tick.val_id)
+
+    async def _renew(self, tick: Tick) -> None:
+        while True:
+            await trio.sleep(LEASE_S / 3)
+            await self.store.run(Store.renew_lease, tick.val_id, tick.claim, time.time() + LEASE_S)
+
+    async def _invoke(self, tick: Tick) -> None:
+        resolved = await self.store.run(Store.claimed_val, tick.val_id, tick.claim)
+        if resolved is None:
+            return  # deleted or unscheduled since the claim: it does not fire
+        started_at = time.time()
+        spec = val_spec(*resolved, self.config.server.web_domain)
+        body = interval_body(tick)
+        lateness = max(started_at - tick.scheduled_at, 0.0)
+        try:
+            await self.runner.invoke(spec, {"op": "cron"}, body, source="cron", expect=ValResult)
+        except HTTPError:  # the val failed, timed out, or its queue was full: recorded
+            self.metrics.observe_scheduled("error", lateness)
+        else:
+            self.metrics.observe_scheduled("ok", lateness)
+
+
+def interval_body(tick: Tick) -> bytes:
+    """The body of a `cron` frame: what the worker makes the val's interval object of."""
+    fields = {
+        "scheduled_at": tick.scheduled_at,
+        "last_run_at": tick.last_run_at,
+        "schedule": tick.schedule.describe(),
+    }
+    return json.dumps(fields).encode()
+
+
+async def serve_scheduler(
+    config: Config,
+    store: AsyncStore,
+    runner: Runner,
+    metrics: Metrics,
+    *,
+    task_status: trio.TaskStatus[Scheduler] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run schedules until cancelled or stopped; report the Scheduler (for `stop`)."""
+    scheduler = Scheduler(config, store, runner, metrics)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.serve)
+        task_status.started(scheduler)
