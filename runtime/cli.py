@@ -116,6 +116,8 @@ class ApiClient:
         path: str,
         body: bytes | None = None,
         content_type: str = "text/plain; charset=utf-8",
+        *,
+        missing_ok: bool = False,
     ) -> object:
         request = urllib.request.Request(self.base + path, data=body, method=method)
         if self.host_header is not None:
@@ -128,6 +130,8 @@ class ApiClient:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
+            if missing_ok and exc.code == 404:
+                return None
             detail = exc.read().decode("utf-8", errors="replace")
             raise SystemExit(f"valrun: {method} {path} answered {exc.code}: {detail}") from None
         except urllib.error.URLError as exc:
@@ -160,6 +164,50 @@ def cmd_val(config: Config, args: argparse.Namespace) -> int:
         else:
             result = client.call("DELETE", path)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_val_schedule(config: Config, args: argparse.Namespace) -> int:
+    """`val schedule USER/VAL CRON [--tz TZ]`, `--every SECONDS`, or `--off`."""
+    client = ApiClient(config, args.server, args.token)
+    user, val = _user_val(args.target)
+    path = f"/v1/vals/{user}/{val}/schedule"
+    given = [args.cron is not None, args.every is not None, args.off]
+    if sum(given) != 1 or (args.tz and args.cron is None):
+        raise SystemExit("valrun: give one of CRON (with --tz TZ), --every SECONDS, --off")
+    if args.off:
+        _print_json(client.call("DELETE", path))
+        return 0
+    payload: dict[str, object] = (
+        {"cron": args.cron, **({"tz": args.tz} if args.tz else {})}
+        if args.cron is not None
+        else {"every_s": args.every}
+    )
+    _print_json(client.call("PUT", path, json.dumps(payload).encode(), "application/json"))
+    return 0
+
+
+def cmd_val_show(config: Config, args: argparse.Namespace) -> int:
+    """A val's metadata and its schedule (or none)."""
+    client = ApiClient(config, args.server, args.token)
+    user, val = _user_val(args.target)
+    meta = client.call("GET", f"/v1/vals/{user}/{val}")
+    schedule = client.call("GET", f"/v1/vals/{user}/{val}/schedule", missing_ok=True)
+    if not isinstance(meta, dict):
+        raise SystemExit("valrun: the server answered something that is not a val")
+    meta.pop("code", None)
+    if args.json:
+        _print_json({**meta, "schedule": schedule})
+        return 0
+    print(f"{meta['user']}/{meta['name']}  v{meta['version']}  {meta['privacy']}  {meta['url']}")
+    if not isinstance(schedule, dict):
+        print("schedule: none")
+        return 0
+    zone = f" ({schedule['tz']})" if "tz" in schedule else ""
+    last = schedule["last_run_at"]
+    print(f"schedule: {schedule['schedule']}{zone}")
+    print(f"  next run {_when(schedule['next_run_at'])}")
+    print(f"  last run {_when(last) if last is not None else 'never'}")
     return 0
 
 
@@ -293,6 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("target", metavar="USER/VAL")
     for sub in (put, get, listing, delete):
         sub.set_defaults(func=cmd_val)
+    schedule = val_commands.add_parser(
+        "schedule", help="run a val on a cron schedule, every N seconds, or --off"
+    )
+    schedule.add_argument("target", metavar="USER/VAL")
+    schedule.add_argument("cron", nargs="?", help='five-field cron, such as "*/5 * * * *"')
+    schedule.add_argument("--tz", help="the cron expression's time zone (default UTC)")
+    schedule.add_argument("--every", type=int, metavar="SECONDS", help="every N seconds")
+    schedule.add_argument("--off", action="store_true", help="remove the schedule")
+    schedule.set_defaults(func=cmd_val_schedule)
+    show = val_commands.add_parser("show", help="a val's metadata and schedule")
+    show.add_argument("target", metavar="USER/VAL")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_val_show)
 
     # Commands over the API take the same --server and --token as `val`.
     api = argparse.ArgumentParser(add_help=False)
