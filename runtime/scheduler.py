@@ -121,13 +121,14 @@ class Scheduler:
         except Exception:  # a bug or the store failing: logged, the service goes on
             logger.exception("the scheduled run of val %d failed in valrun", tick.val_id)
         finally:
-            self.running -= 1
-            self._wake.set()
+            # The lease goes before the slot: a claim woken by this run's end must see both.
             with trio.CancelScope(shield=True):
                 try:
                     await self.store.run(Store.finish_run, tick.val_id, tick.claim)
                 except Exception:  # the lease then expires by itself
                     logger.exception("could not free the schedule lease of val %d", tick.val_id)
+            self.running -= 1
+            self._wake.set()
 
     async def _renew(self, tick: Tick) -> None:
         while True:
