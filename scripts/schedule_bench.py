@@ -23,6 +23,7 @@ Exits 0 when everything was measured; 1 when something could not be.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import sqlite3
 import sys
@@ -97,23 +98,28 @@ async def drive(target: Target, duration_s: float, connections: int) -> list[tup
     return samples
 
 
-def in_tick_window(at: float, every_s: float) -> bool:
-    return at % every_s < AFTER_TICK_S
+def in_tick_window(at: float, ticks: list[float]) -> bool:
+    """Whether `at` is within AFTER_TICK_S after one of the (sorted) ticks."""
+    index = bisect.bisect_right(ticks, at)
+    return index > 0 and at - ticks[index - 1] < AFTER_TICK_S
 
 
-def lateness_of_runs(db_path: Path) -> tuple[list[float], int]:
-    """Lateness of each scheduled run that ran, from the records; and how many were skipped."""
+def lateness_of_runs(db_path: Path) -> tuple[list[float], list[float], int]:
+    """Lateness of each scheduled run that ran, from the records; the ticks (sorted); and how
+    many were skipped."""
     with sqlite3.connect(db_path) as db:
         rows = db.execute(
             "SELECT started_at, log, error_type FROM runs WHERE source = 'cron'"
         ).fetchall()
-    late, skipped = [], 0
+    late, ticks, skipped = [], set(), 0
     for started_at, log, error_type in rows:
         if error_type == "skipped":
             skipped += 1
         elif log.strip():
-            late.append(started_at - float(log.strip().splitlines()[-1]))
-    return late, skipped
+            tick = float(log.strip().splitlines()[-1])
+            late.append(started_at - tick)
+            ticks.add(tick)
+    return late, sorted(ticks), skipped
 
 
 def prepare(db_path: Path, vals: int) -> list[int]:
@@ -156,7 +162,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> Result:
     schedule = (
         Schedule("every", str(args.every_s)) if args.every_s else Schedule("cron", "* * * * *")
     )
-    period = float(args.every_s or 60)
+    period = args.every_s or 60
     command = [sys.executable, "-m", "runtime.cli", "--config", str(config), "serve"]
     target = Target("127.0.0.1", port)
     async with open_server("valrun", command, port, workdir / "valrun.log"):
@@ -164,14 +170,14 @@ async def measure(args: argparse.Namespace, workdir: Path) -> Result:
         await drive(target, 3, args.connections)
         baseline = await drive(target, args.baseline_s, args.connections)
         schedule_all(db_path, ids, schedule)
-        # Start on a tick boundary, so each minute of load holds one round of ticks.
-        await trio.sleep(period - time.time() % period + 0.5)
+        # Start 2 s before a round of ticks, so each period of load holds whole rounds.
+        await trio.sleep((period - time.time() % period - 2.0) % period)
         print(
             f"{args.vals} vals scheduled ({schedule.describe()}); load for {args.minutes} min",
             file=sys.stderr,
         )
         loaded = await drive(target, args.minutes * 60, args.connections)
-    late, skipped = lateness_of_runs(db_path)
+    late, ticks, skipped = lateness_of_runs(db_path)
     if not late:
         raise MeasureError("no scheduled run was recorded")
     return Result(
@@ -184,7 +190,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> Result:
         lateness_max_s=max(late),
         web_baseline=latency([s for _, s in baseline]),
         web_with_schedules=latency([s for _, s in loaded]),
-        web_in_tick_windows=latency([s for at, s in loaded if in_tick_window(at, period)]),
+        web_in_tick_windows=latency([s for at, s in loaded if in_tick_window(at, ticks)]),
     )
 
 

@@ -14,6 +14,7 @@ from runtime.schedule import Schedule, next_tick, parse_schedule
 from runtime.store import Store
 from sandbox.errors import BadMessageError
 from sandbox.interval import Interval
+from sandbox.wire import Frame
 
 
 def utc(text: str) -> float:
@@ -292,3 +293,39 @@ def test_two_connections_racing_claim_each_tick_once(tmp_path: Path, store: Stor
     every = claimed[0] + claimed[1]
     assert len(every) == len(set(every))  # no tick twice
     assert {val_id for val_id, _ in every} == set(ids)
+
+
+# The worker's `cron` op, as a real subprocess.
+
+
+def test_worker_calls_the_export_with_an_interval_and_drops_what_it_returns() -> None:
+    from tests.test_worker import load_frame, run_worker
+
+    source = """
+        def f(interval):
+            print(interval.scheduled_at, interval.last_run_at, interval.schedule)
+            try:
+                interval.schedule = "* * * * *"
+            except (AttributeError, TypeError):  # the write guard refuses it first
+                print("read-only")
+            return {1, 2}  # not JSON: nobody reads it
+    """
+    body = b'{"scheduled_at": 60.0, "last_run_at": 0.5, "schedule": "@every 60s"}'
+    run = run_worker(load_frame(source), Frame({"op": "cron", "id": 1}, body))
+    loaded, reply = run.frames
+    assert loaded.head["op"] == "loaded"
+    assert reply.head["op"] == "result" and reply.head["id"] == 1 and reply.body == b"null"
+    assert reply.head["log"] == "60.0 0.5 @every 60s\nread-only\n"
+
+
+def test_worker_cron_failures_are_the_vals_and_a_bad_body_ends_the_worker() -> None:
+    from tests.test_worker import load_frame, run_worker
+
+    body = b'{"scheduled_at": 1, "last_run_at": null, "schedule": "x"}'
+    not_callable = run_worker(load_frame("f = 1"), Frame({"op": "cron", "id": 1}, body))
+    assert not_callable.frames[1].head["type"] == "val_error"
+    assert "must export a function" in str(not_callable.frames[1].head["message"])
+    raises = run_worker(load_frame("def f(i):\n    1 / 0"), Frame({"op": "cron", "id": 2}, body))
+    assert raises.frames[1].head["type"] == "val_error"
+    broken = run_worker(load_frame("def f(i):\n    pass"), Frame({"op": "cron", "id": 3}, b"[]"))
+    assert len(broken.frames) == 1 and broken.returncode == 2
