@@ -1,21 +1,24 @@
 """Measure scheduled vals on this machine: how late ticks start with many vals scheduled, and
 what that costs web traffic.
 
-    scripts/schedule_bench [--vals 500] [--minutes 2] [--every-s N] [--json FILE]
+    scripts/schedule_bench [--vals 500] [--minutes 2] [--every-s N] [--max-concurrent 8]
+                           [--json FILE]
 
 One valrun (`valrun --config TMP serve`, a real subprocess over a temporary SQLite file) with
 default [pool] and [schedule] settings, except `min_interval_s = 1` (so that `--every-s` may
-go below a minute). The vals belong to vals/5 users (5 each: the default per-user concurrency
-cap, 2, then applies as it would to real tenants). Each scheduled val prints the tick it was
-called for; its invocation record holds when it started, so lateness = started - scheduled,
-per run, exactly.
+go below a minute) and `max_concurrent` (--max-concurrent; 8 by default, as the service's).
+The vals belong to vals/5 users (5 each: the default per-user concurrency cap, 2, then
+applies as it would to real tenants). Each scheduled val prints the tick it was called for;
+its invocation record holds when it started, so lateness = started - scheduled, per run,
+exactly. Also reported: how long each run took (with 500 vals and 64 warm workers at most,
+nearly every run is a cold start).
 
 1. Baseline: a warm `hello` val, driven by a closed loop of --connections clients for
    --baseline-s seconds, with no schedules: its p50 and p99.
 2. The vals get a schedule (`* * * * *` by default: every minute, all on the minute, the
    usual and worst case; or `--every-s N`), and the same load runs for --minutes minutes.
    Reported: the lateness of ticks (p50, p99, max) and the hello val's p50/p99 over the whole
-   run and within the first 10 s after each minute (when the ticks fire).
+   run and within the first 10 s after each tick (when the runs start).
 
 Exits 0 when everything was measured; 1 when something could not be.
 """
@@ -61,8 +64,12 @@ class Latency:
 class Result:
     vals: int
     schedule: str
+    max_concurrent: int
     ticks_run: int
     ticks_skipped: int
+    ticks_failed: int
+    run_p50_ms: float
+    run_p99_ms: float
     lateness_p50_s: float
     lateness_p99_s: float
     lateness_max_s: float
@@ -104,22 +111,35 @@ def in_tick_window(at: float, ticks: list[float]) -> bool:
     return index > 0 and at - ticks[index - 1] < AFTER_TICK_S
 
 
-def lateness_of_runs(db_path: Path) -> tuple[list[float], list[float], int]:
-    """Lateness of each scheduled run that ran, from the records; the ticks (sorted); and how
-    many were skipped."""
+@dataclass
+class Runs:
+    lateness_s: list[float]  # started - scheduled, per run
+    durations_s: list[float]  # invocation time (a cold start included), per run
+    ticks: list[float]  # sorted
+    skipped: int
+    failed: int
+
+
+def read_runs(db_path: Path) -> Runs:
+    """The scheduled runs, from their invocation records."""
     with sqlite3.connect(db_path) as db:
         rows = db.execute(
-            "SELECT started_at, log, error_type FROM runs WHERE source = 'cron'"
+            "SELECT started_at, duration_ms, log, error_type FROM runs WHERE source = 'cron'"
         ).fetchall()
-    late, ticks, skipped = [], set(), 0
-    for started_at, log, error_type in rows:
+    runs = Runs([], [], [], 0, 0)
+    ticks = set()
+    for started_at, duration_ms, log, error_type in rows:
         if error_type == "skipped":
-            skipped += 1
-        elif log.strip():
+            runs.skipped += 1
+        elif error_type is not None or not log.strip():
+            runs.failed += 1
+        else:
             tick = float(log.strip().splitlines()[-1])
-            late.append(started_at - tick)
+            runs.lateness_s.append(started_at - tick)
+            runs.durations_s.append(duration_ms / 1000)
             ticks.add(tick)
-    return late, sorted(ticks), skipped
+    runs.ticks = sorted(ticks)
+    return runs
 
 
 def prepare(db_path: Path, vals: int) -> list[int]:
@@ -157,7 +177,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> Result:
     config.write_text(
         f'[server]\nbind = ["127.0.0.1:{port}"]\n'
         f'[store]\nurl = "sqlite:///{db_path}"\n'
-        "[schedule]\nmin_interval_s = 1\n"
+        f"[schedule]\nmin_interval_s = 1\nmax_concurrent = {args.max_concurrent}\n"
     )
     schedule = (
         Schedule("every", str(args.every_s)) if args.every_s else Schedule("cron", "* * * * *")
@@ -177,27 +197,34 @@ async def measure(args: argparse.Namespace, workdir: Path) -> Result:
             file=sys.stderr,
         )
         loaded = await drive(target, args.minutes * 60, args.connections)
-    late, ticks, skipped = lateness_of_runs(db_path)
+    runs = read_runs(db_path)
+    late = runs.lateness_s
     if not late:
         raise MeasureError("no scheduled run was recorded")
     return Result(
         vals=args.vals,
         schedule=schedule.describe(),
+        max_concurrent=args.max_concurrent,
         ticks_run=len(late),
-        ticks_skipped=skipped,
+        ticks_skipped=runs.skipped,
+        ticks_failed=runs.failed,
+        run_p50_ms=percentile(runs.durations_s, 50) * 1000,
+        run_p99_ms=percentile(runs.durations_s, 99) * 1000,
         lateness_p50_s=percentile(late, 50),
         lateness_p99_s=percentile(late, 99),
         lateness_max_s=max(late),
         web_baseline=latency([s for _, s in baseline]),
         web_with_schedules=latency([s for _, s in loaded]),
-        web_in_tick_windows=latency([s for at, s in loaded if in_tick_window(at, ticks)]),
+        web_in_tick_windows=latency([s for at, s in loaded if in_tick_window(at, runs.ticks)]),
     )
 
 
 def report(result: Result) -> str:
     lines = [
-        f"{result.vals} vals scheduled {result.schedule!r}: {result.ticks_run} runs, "
-        f"{result.ticks_skipped} skipped",
+        f"{result.vals} vals scheduled {result.schedule!r} (max_concurrent "
+        f"{result.max_concurrent}): {result.ticks_run} runs, "
+        f"{result.ticks_skipped} skipped, {result.ticks_failed} failed; a run took "
+        f"p50 {result.run_p50_ms:.1f} ms, p99 {result.run_p99_ms:.1f} ms",
         f"lateness (started - scheduled): p50 {result.lateness_p50_s * 1000:.0f} ms, "
         f"p99 {result.lateness_p99_s * 1000:.0f} ms, max {result.lateness_max_s * 1000:.0f} ms",
     ]
@@ -219,6 +246,7 @@ def main() -> int:
     parser.add_argument("--baseline-s", type=int, default=30)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--every-s", type=int, help="every N seconds instead of '* * * * *'")
+    parser.add_argument("--max-concurrent", type=int, default=8, help="[schedule] max_concurrent")
     parser.add_argument("--json", type=Path, help="also write the result as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="valrun-schedule-bench-") as tmp:

@@ -395,8 +395,10 @@ async def test_two_valrun_processes_on_one_store_run_each_tick_once(
         f'[store]\nurl = "sqlite:///{db_path}"\n'
         "[schedule]\nmin_interval_s = 1\nmax_concurrent = 1\nmax_concurrent_per_user = 6\n"
     )
-    nodes = [await start_process(nursery, config) for _ in range(2)]
+    nodes: list[tuple[trio.Process, int]] = []
     try:
+        for _ in range(2):
+            nodes.append(await start_process(nursery, config))
         with trio.fail_after(40):
             while _cron_count(db_path) < len(names) * 5:
                 await trio.sleep(0.5)
