@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -139,3 +140,59 @@ def next_tick(schedule: Schedule, anchor: float, after: float) -> float:
     while (tick := next(ticks).timestamp()) <= after:
         pass
     return tick
+
+
+# Claims: which due ticks a node takes. Pure; a store runs it inside its claim transaction.
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A schedule whose tick is due, as the store holds it."""
+
+    val_id: int
+    owner: str
+    user_id: int
+    schedule: Schedule
+    next_run_at: float  # the due tick
+    last_run_at: float | None
+    claim: int  # claims so far
+    running_until: float | None  # the lease of a run in progress
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """A due tick, decided: to run (holding lease `claim`), or skipped."""
+
+    val_id: int
+    owner: str
+    schedule: Schedule
+    scheduled_at: float
+    last_run_at: float | None  # the run before this one
+    claim: int
+    skipped: bool
+    next_run_at: float  # where the schedule goes next: the first tick after now
+
+
+def plan_claims(
+    due: Sequence[Due],
+    now: float,
+    limit: int,
+    max_running_per_user: int,
+    running: Mapping[int, int],
+) -> list[Tick]:
+    """Decide the due ticks, oldest first: skip those whose previous run holds its lease
+    (they move on, a skip takes no slot); run at most `limit`, and none of an owner who has
+    `max_running_per_user` runs going (`running`, by user id). The rest stay due."""
+    ticks: list[Tick] = []
+    taken: dict[int, int] = dict(running)
+    claimed = 0
+    for row in due:
+        following = next_tick(row.schedule, row.next_run_at, now)
+        common = (row.val_id, row.owner, row.schedule, row.next_run_at, row.last_run_at)
+        if row.running_until is not None and row.running_until > now:
+            ticks.append(Tick(*common, row.claim, skipped=True, next_run_at=following))
+        elif claimed < limit and taken.get(row.user_id, 0) < max_running_per_user:
+            claimed += 1
+            taken[row.user_id] = taken.get(row.user_id, 0) + 1
+            ticks.append(Tick(*common, row.claim + 1, skipped=False, next_run_at=following))
+    return ticks

@@ -28,7 +28,8 @@ from runtime.errors import HTTPError
 from runtime.metrics import Metrics
 from runtime.reply import ValResult
 from runtime.run_api import Runner, val_spec
-from runtime.store import AsyncStore, Record, Store, Tick
+from runtime.schedule import Tick
+from runtime.store import AsyncStore, Record, Store
 
 logger = logging.getLogger(__name__)
 

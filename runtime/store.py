@@ -23,7 +23,7 @@ import trio
 
 from runtime.errors import BadRequestError, ConflictError, NotFoundError
 from runtime.hosts import USER_RE
-from runtime.schedule import Schedule, next_tick
+from runtime.schedule import Due, Schedule, Tick, next_tick, plan_claims
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -187,19 +187,6 @@ class ScheduleInfo:
             "next_run_at": self.next_run_at,
             "last_run_at": self.last_run_at,
         }
-
-
-@dataclass(frozen=True, slots=True)
-class Tick:
-    """A tick claimed by `Store.claim_due`: to run (holding lease `claim`), or skipped."""
-
-    val_id: int
-    owner: str
-    schedule: Schedule
-    scheduled_at: float
-    last_run_at: float | None  # the run before this one
-    claim: int
-    skipped: bool
 
 
 def hash_token(token: str) -> bytes:
@@ -553,9 +540,9 @@ class Store:
         """Claim up to `limit` due ticks to run, and skip those whose previous run still
         holds its lease; move each past `now` (missed ticks collapse into this one). A user
         with `max_running_per_user` runs in progress waits. Also: the next due time."""
-        ticks: list[Tick] = []
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
+            # Due rows beyond the free slots too: skips take no slot, and some owners wait.
             rows = self._db.execute(
                 "SELECT s.val_id, u.name, v.user_id, s.kind, s.expr, s.tz, s.next_run_at, "
                 "s.last_run_at, s.claim, s.running_until FROM schedules s "
@@ -563,34 +550,30 @@ class Store:
                 "WHERE s.next_run_at <= ? ORDER BY s.next_run_at LIMIT ?",
                 (now, limit * 4 + 64),
             ).fetchall()
-            running: dict[int, int] = dict(
+            running = dict(
                 self._db.execute(
                     "SELECT v.user_id, COUNT(*) FROM schedules s JOIN vals v ON v.id = s.val_id "
                     "WHERE s.running_until > ? GROUP BY v.user_id",
                     (now,),
                 ).fetchall()
             )
-            claimed = 0
-            for val_id, owner, user_id, kind, expr, tz, due, last, claim, lease in rows:
-                schedule = Schedule(kind, expr, tz)
-                following = next_tick(schedule, due, now)
-                if lease is not None and lease > now:
+            due = [
+                Due(val_id, owner, user_id, Schedule(kind, expr, tz), *rest)
+                for val_id, owner, user_id, kind, expr, tz, *rest in rows
+            ]
+            ticks = plan_claims(due, now, limit, max_running_per_user, running)
+            for tick in ticks:
+                if tick.skipped:
                     self._db.execute(
                         "UPDATE schedules SET next_run_at = ? WHERE val_id = ?",
-                        (following, val_id),
+                        (tick.next_run_at, tick.val_id),
                     )
-                    ticks.append(Tick(val_id, owner, schedule, due, last, claim, skipped=True))
-                    continue
-                if claimed >= limit or running.get(user_id, 0) >= max_running_per_user:
-                    continue  # stays due: claimed when a slot frees, late
-                self._db.execute(
-                    "UPDATE schedules SET next_run_at = ?, last_run_at = ?, claim = claim + 1, "
-                    "running_until = ? WHERE val_id = ?",
-                    (following, now, now + lease_s, val_id),
-                )
-                claimed += 1
-                running[user_id] = running.get(user_id, 0) + 1
-                ticks.append(Tick(val_id, owner, schedule, due, last, claim + 1, skipped=False))
+                else:
+                    self._db.execute(
+                        "UPDATE schedules SET next_run_at = ?, last_run_at = ?, claim = ?, "
+                        "running_until = ? WHERE val_id = ?",
+                        (tick.next_run_at, now, tick.claim, now + lease_s, tick.val_id),
+                    )
             (next_due,) = self._db.execute("SELECT MIN(next_run_at) FROM schedules").fetchone()
         return ticks, next_due
 

@@ -10,7 +10,7 @@ import pytest
 
 from runtime.config import ScheduleConfig, parse_config
 from runtime.errors import BadRequestError, ConfigError, ConflictError
-from runtime.schedule import Schedule, next_tick, parse_schedule
+from runtime.schedule import Due, Schedule, next_tick, parse_schedule, plan_claims
 from runtime.store import Store
 from sandbox.errors import BadMessageError
 from sandbox.interval import Interval
@@ -128,6 +128,27 @@ def test_schedule_config_defaults_and_refusals() -> None:
 )
 def test_next_tick(schedule: Schedule, anchor: float, after: float, expected: float) -> None:
     assert next_tick(schedule, anchor, after) == expected
+
+
+# Claims: pure.
+
+
+def test_plan_claims_skips_leased_takes_free_slots_and_respects_owner_caps() -> None:
+    every = Schedule("every", "10")
+
+    def due(val_id: int, user_id: int, lease: float | None = None) -> Due:
+        return Due(val_id, f"u{user_id}", user_id, every, 100.0, None, 7, lease)
+
+    rows = [due(1, 1, lease=200.0), due(2, 1), due(3, 1), due(4, 2), due(5, 3), due(6, 4)]
+    ticks = plan_claims(rows, 105.0, limit=3, max_running_per_user=2, running={1: 1})
+    assert [(t.val_id, t.skipped, t.claim) for t in ticks] == [
+        (1, True, 7),  # its run holds the lease: skipped, takes no slot
+        (2, False, 8),  # user 1 had one run going: one more
+        (4, False, 8),  # user 1 at the cap: 3 waits
+        (5, False, 8),  # the third slot; 6 waits
+    ]
+    assert all(t.next_run_at == 110.0 and t.scheduled_at == 100.0 for t in ticks)
+    assert plan_claims(rows, 105.0, limit=0, max_running_per_user=2, running={}) == ticks[:1]
 
 
 # The interval object the worker hands a val.
