@@ -153,8 +153,11 @@ class ScheduleConfig:
     #: The shortest schedule a user may set (every_s; a cron expression's gaps). Lower it only
     #: for tests and on a machine you own: each tick is a full invocation.
     min_interval_s: int = 60
-    #: Scheduled runs at once on this node, so that schedules cannot starve web traffic.
-    max_concurrent: int = 8
+    #: Scheduled runs at once on this node, so that schedules cannot starve web traffic. Vals
+    #: cannot wait on the network, so runs are CPU work, and a herd of them is mostly cold
+    #: starts, which the one fork server makes one at a time: more slots queue runs in the
+    #: pool without running more of them (docs/schedules.md, "Measured").
+    max_concurrent: int = 4
     #: Scheduled runs of one user's vals at once (on the store, across nodes); their further
     #: due ticks wait, so one tenant cannot take all of max_concurrent.
     max_concurrent_per_user: int = 2

@@ -6,7 +6,7 @@ what that costs web traffic.
 
 One valrun (`valrun --config TMP serve`, a real subprocess over a temporary SQLite file) with
 default [pool] and [schedule] settings, except `min_interval_s = 1` (so that `--every-s` may
-go below a minute) and `max_concurrent` (--max-concurrent; 8 by default, as the service's).
+go below a minute) and `max_concurrent` (--max-concurrent; 4 by default, as the service's).
 The vals belong to vals/5 users (5 each: the default per-user concurrency cap, 2, then
 applies as it would to real tenants). Each scheduled val prints the tick it was called for;
 its invocation record holds when it started, so lateness = started - scheduled, per run,
@@ -246,7 +246,7 @@ def main() -> int:
     parser.add_argument("--baseline-s", type=int, default=30)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--every-s", type=int, help="every N seconds instead of '* * * * *'")
-    parser.add_argument("--max-concurrent", type=int, default=8, help="[schedule] max_concurrent")
+    parser.add_argument("--max-concurrent", type=int, default=4, help="[schedule] max_concurrent")
     parser.add_argument("--json", type=Path, help="also write the result as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="valrun-schedule-bench-") as tmp:
