@@ -1,13 +1,16 @@
 """The scheduler: claims due ticks in the store and runs them (docs/schedules.md).
 
-    serve loop ──claim_due (one store transaction)──> ticks to run, ticks skipped
+    serve loop ──claim_due (one store transaction)──> ticks skipped, ticks to run with
+        │     frees the leases of runs that ended        the val's latest version and env
         │                                              │
         │  each tick to run: its own task ─────────────┘
-        │     claimed_val (still scheduled? latest version, owner's env)
         │     Runner.invoke(op "cron", source "cron")   the val's warm worker path
-        │     finish_run (frees the lease; renewed meanwhile if the run is long)
+        │     (its lease renewed while it runs long; freed by the next claim when it ends)
         └─ sleeps until the next due tick, POLL_S at most (ticks set elsewhere: other nodes,
            the API) or until a run ends (a slot is free)
+
+One store round trip per batch of ticks, not per run: under load each trip to the store's
+thread costs milliseconds of scheduling, and 500 ticks may fall on the same second.
 
 Nothing about a tick is decided in memory: the claim is the store's, so several front ends
 on one store run each tick once, and a run in progress on any of them makes the next tick a
@@ -29,7 +32,7 @@ from runtime.metrics import Metrics
 from runtime.reply import ValResult
 from runtime.run_api import Runner, val_spec
 from runtime.schedule import Tick
-from runtime.store import AsyncStore, Record, Store
+from runtime.store import AsyncStore, Record, Store, ValVersion
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class Scheduler:
         self.runner = runner
         self.metrics = metrics
         self.running = 0
+        #: (val_id, claim) of runs that ended, whose leases the next claim frees.
+        self._finished: list[tuple[int, int]] = []
         self._stopping = False
         self._wake = trio.Event()
 
@@ -58,32 +63,50 @@ class Scheduler:
         self._wake.set()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as runs:
-            task_status.started()
-            while not self._stopping:
-                try:
-                    delay = await self._claim(runs)
-                except Exception:  # the store failing (locked, disk) must not stop the service
-                    logger.exception("claiming due schedules failed; retrying")
-                    delay = POLL_S
-                with trio.move_on_after(delay):
-                    await self._wake.wait()
-                self._wake = trio.Event()
+        try:
+            async with trio.open_nursery() as runs:
+                task_status.started()
+                while not self._stopping:
+                    try:
+                        delay = await self._claim(runs)
+                    except Exception:  # the store failing (locked, disk) must not stop valrun
+                        logger.exception("claiming due schedules failed; retrying")
+                        delay = POLL_S
+                    with trio.move_on_after(delay):
+                        await self._wake.wait()
+                    self._wake = trio.Event()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._free_finished()
+
+    async def _free_finished(self) -> None:
+        finished, self._finished = self._finished, []
+        if not finished:
+            return
+        try:
+            await self.store.run(Store.finish_runs, finished)
+        except Exception:  # the leases then expire by themselves
+            logger.exception("could not free %d schedule leases", len(finished))
 
     async def _claim(self, runs: trio.Nursery) -> float:
         """Claim and start what is due; how long to wait before looking again."""
         schedule = self.config.schedule
         free = max(schedule.max_concurrent - self.running, 0)
         now = time.time()
-        ticks, next_due = await self.store.run(
-            Store.claim_due, now, free, LEASE_S, schedule.max_concurrent_per_user
-        )
+        finished, self._finished = self._finished, []
+        try:
+            ticks, next_due, vals = await self.store.run(
+                Store.claim_due, now, free, LEASE_S, schedule.max_concurrent_per_user, finished
+            )
+        except BaseException:
+            self._finished += finished  # freed by the next claim
+            raise
         for tick in ticks:
             if tick.skipped:
                 self._record_skip(tick, now)
             else:
                 self.running += 1
-                runs.start_soon(self._run, tick)
+                runs.start_soon(self._run, tick, *vals[tick.val_id])
         if next_due is None:
             return POLL_S
         wait = next_due - time.time()
@@ -113,21 +136,16 @@ class Scheduler:
             )
         )
 
-    async def _run(self, tick: Tick) -> None:
+    async def _run(self, tick: Tick, val: ValVersion, env: dict[str, str]) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._renew, tick)
-                await self._invoke(tick)
+                await self._invoke(tick, val, env)
                 nursery.cancel_scope.cancel()
         except Exception:  # a bug or the store failing: logged, the service goes on
             logger.exception("the scheduled run of val %d failed in valrun", tick.val_id)
         finally:
-            # The lease goes before the slot: a claim woken by this run's end must see both.
-            with trio.CancelScope(shield=True):
-                try:
-                    await self.store.run(Store.finish_run, tick.val_id, tick.claim)
-                except Exception:  # the lease then expires by itself
-                    logger.exception("could not free the schedule lease of val %d", tick.val_id)
+            self._finished.append((tick.val_id, tick.claim))
             self.running -= 1
             self._wake.set()
 
@@ -136,12 +154,9 @@ class Scheduler:
             await trio.sleep(LEASE_S / 3)
             await self.store.run(Store.renew_lease, tick.val_id, tick.claim, time.time() + LEASE_S)
 
-    async def _invoke(self, tick: Tick) -> None:
-        resolved = await self.store.run(Store.claimed_val, tick.val_id, tick.claim)
-        if resolved is None:
-            return  # deleted or unscheduled since the claim: it does not fire
+    async def _invoke(self, tick: Tick, val: ValVersion, env: dict[str, str]) -> None:
         started_at = time.time()
-        spec = val_spec(*resolved, self.config.server.web_domain)
+        spec = val_spec(val, env, self.config.server.web_domain)
         body = interval_body(tick)
         lateness = max(started_at - tick.scheduled_at, 0.0)
         try:

@@ -14,7 +14,7 @@ import hmac
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
@@ -92,7 +92,7 @@ CREATE INDEX IF NOT EXISTS runs_by_bucket ON runs (val_id, user_id, id);
 -- Schedules (docs/schedules.md): at most one per val, gone with it. A tick is claimed in one
 -- transaction (Store.claim_due) that moves next_run_at past now, so with several front ends
 -- on one store each tick is claimed by one of them. `claim` counts claims: a run ends
--- (finish_run) only the lease it took. `running_until` is that lease: a tick that comes
+-- (finish_runs) only the lease it took. `running_until` is that lease: a tick that comes
 -- while it holds is skipped; a node that died mid-run frees it when it expires.
 CREATE TABLE IF NOT EXISTS schedules (
     val_id INTEGER PRIMARY KEY REFERENCES vals(id) ON DELETE CASCADE,
@@ -535,13 +535,22 @@ class Store:
         return cur.rowcount > 0
 
     def claim_due(
-        self, now: float, limit: int, lease_s: float, max_running_per_user: int
-    ) -> tuple[list[Tick], float | None]:
-        """Claim up to `limit` due ticks to run, and skip those whose previous run still
-        holds its lease; move each past `now` (missed ticks collapse into this one). A user
-        with `max_running_per_user` runs in progress waits. Also: the next due time."""
+        self,
+        now: float,
+        limit: int,
+        lease_s: float,
+        max_running_per_user: int,
+        finished: Sequence[tuple[int, int]] = (),
+    ) -> tuple[list[Tick], float | None, dict[int, Resolved]]:
+        """Free the leases of the `finished` runs ((val_id, claim) pairs); claim up to
+        `limit` due ticks to run, and skip those whose previous run still holds its lease;
+        move each past `now` (missed ticks collapse into this one). A user with
+        `max_running_per_user` runs in progress waits. Answers the ticks, the next due time,
+        and what each claimed tick runs: its val's latest version and owner's env, read in
+        the same transaction (so a val deleted or unscheduled before the claim never runs)."""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
+            self._free_leases(finished)
             # Due rows beyond the free slots too: skips take no slot, and some owners wait.
             rows = self._db.execute(
                 "SELECT s.val_id, u.name, v.user_id, s.kind, s.expr, s.tz, s.next_run_at, "
@@ -575,27 +584,19 @@ class Store:
                         (tick.next_run_at, now, tick.claim, now + lease_s, tick.val_id),
                     )
             (next_due,) = self._db.execute("SELECT MIN(next_run_at) FROM schedules").fetchone()
-        return ticks, next_due
-
-    def claimed_val(self, val_id: int, claim: int) -> Resolved | None:
-        """The latest version of a val and its owner's env, if the val's schedule still
-        exists and `claim` still holds its lease: a val deleted or unscheduled since its tick
-        was claimed is not run."""
-        with self._db:
-            self._db.execute("BEGIN")  # one snapshot for the three reads
-            held = self._db.execute(
-                "SELECT 1 FROM schedules WHERE val_id = ? AND claim = ?", (val_id, claim)
-            ).fetchone()
-            if held is None:
-                return None
-            row = self._db.execute(
-                self._VERSION_SELECT + "WHERE v.id = ? ORDER BY ver.version DESC LIMIT 1",
-                (val_id,),
-            ).fetchone()
-            if row is None:
-                return None
-            val = ValVersion(*row)
-            return val, self.env(val.owner)
+            vals: dict[int, Resolved] = {}
+            envs: dict[str, dict[str, str]] = {}
+            for tick in ticks:
+                if not tick.skipped:
+                    row = self._db.execute(
+                        self._VERSION_SELECT + "WHERE v.id = ? ORDER BY ver.version DESC LIMIT 1",
+                        (tick.val_id,),
+                    ).fetchone()
+                    val = ValVersion(*row)  # the join above found the val: it has versions
+                    if val.owner not in envs:
+                        envs[val.owner] = self.env(val.owner)
+                    vals[tick.val_id] = (val, envs[val.owner])
+        return ticks, next_due, vals
 
     def renew_lease(self, val_id: int, claim: int, until: float) -> None:
         self._write(
@@ -607,14 +608,16 @@ class Store:
             ]
         )
 
-    def finish_run(self, val_id: int, claim: int) -> None:
-        self._write(
-            [
-                (
-                    "UPDATE schedules SET running_until = NULL WHERE val_id = ? AND claim = ?",
-                    (val_id, claim),
-                )
-            ]
+    def finish_runs(self, finished: Sequence[tuple[int, int]]) -> None:
+        """Free the leases of finished runs ((val_id, claim) pairs); `claim_due` does it too."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._free_leases(finished)
+
+    def _free_leases(self, finished: Sequence[tuple[int, int]]) -> None:
+        # Only the lease a run took: a later claim's lease is not this run's to free.
+        self._db.executemany(
+            "UPDATE schedules SET running_until = NULL WHERE val_id = ? AND claim = ?", finished
         )
 
 

@@ -202,26 +202,29 @@ def test_a_due_tick_is_claimed_once_and_moves_past_now(store: Store) -> None:
     val_id = scheduled_val(store, "alice", "a", EVERY_10, now=1000.0)
     info = store.schedule_of(val_id)
     assert info is not None and info.next_run_at == 1010.0 and info.last_run_at is None
-    assert store.claim_due(1009.0, 8, 60.0, 2) == ([], 1010.0)
-    ticks, next_due = store.claim_due(1010.5, 8, 60.0, 2)
+    assert store.claim_due(1009.0, 8, 60.0, 2) == ([], 1010.0, {})
+    ticks, next_due, vals = store.claim_due(1010.5, 8, 60.0, 2)
     assert [(t.val_id, t.scheduled_at, t.last_run_at, t.skipped) for t in ticks] == [
         (val_id, 1010.0, None, False)
     ]
-    assert next_due == 1020.0
+    assert next_due == 1020.0 and vals[val_id][0].name == "a"
     assert store.claim_due(1010.5, 8, 60.0, 2)[0] == []  # claimed: not again
-    store.finish_run(val_id, ticks[0].claim)
+    store.finish_runs([(val_id, ticks[0].claim)])
     info = store.schedule_of(val_id)
     assert info is not None and info.last_run_at == 1010.5
 
 
 def test_a_tick_that_comes_while_the_run_holds_its_lease_is_skipped(store: Store) -> None:
     val_id = scheduled_val(store, "alice", "a", EVERY_10, now=1000.0)
-    (first,), _ = store.claim_due(1010.0, 8, 60.0, 2)
-    (second,), _ = store.claim_due(1020.0, 8, 60.0, 2)
-    assert second.skipped and second.scheduled_at == 1020.0
-    store.finish_run(val_id, first.claim)
-    (third,), _ = store.claim_due(1030.0, 8, 60.0, 2)
+    (first,), _, _ = store.claim_due(1010.0, 8, 60.0, 2)
+    (second,), _, vals = store.claim_due(1020.0, 8, 60.0, 2)
+    assert second.skipped and second.scheduled_at == 1020.0 and vals == {}
+    # The run's end is told to the next claim, which frees the lease first.
+    (third,), _, _ = store.claim_due(1030.0, 8, 60.0, 2, finished=[(val_id, first.claim)])
     assert not third.skipped and third.last_run_at == 1010.0
+    # A stale end (an older claim) does not free the lease of the run now going.
+    (fourth,), _, _ = store.claim_due(1040.0, 8, 60.0, 2, finished=[(val_id, first.claim)])
+    assert fourth.skipped
 
 
 def test_a_lease_left_by_a_dead_node_expires(store: Store) -> None:
@@ -233,10 +236,10 @@ def test_a_lease_left_by_a_dead_node_expires(store: Store) -> None:
 
 def test_missed_ticks_collapse_into_one_catch_up_run(store: Store) -> None:
     val_id = scheduled_val(store, "alice", "a", EVERY_10, now=1000.0)
-    ticks, next_due = store.claim_due(5005.0, 8, 60.0, 2)  # ~400 ticks missed
+    ticks, next_due, _ = store.claim_due(5005.0, 8, 60.0, 2)  # ~400 ticks missed
     assert [(t.scheduled_at, t.skipped) for t in ticks] == [(1010.0, False)]
     assert next_due == 5010.0  # the phase is kept; nothing in between is replayed
-    store.finish_run(val_id, ticks[0].claim)
+    store.finish_runs([(val_id, ticks[0].claim)])
     assert store.claim_due(5009.0, 8, 60.0, 2)[0] == []
 
 
@@ -245,14 +248,13 @@ def test_a_claim_takes_no_more_than_the_free_slots_and_a_user_waits_at_their_cap
 ) -> None:
     alice = [scheduled_val(store, "alice", f"a{i}", EVERY_10, now=1000.0) for i in range(4)]
     bob = scheduled_val(store, "bob", "b", EVERY_10, now=1000.0)
-    ticks, next_due = store.claim_due(1010.0, 8, 60.0, 2)
+    ticks, next_due, _ = store.claim_due(1010.0, 8, 60.0, 2)
     taken = {t.val_id for t in ticks}
     assert len(taken & set(alice)) == 2 and bob in taken and len(ticks) == 3
     assert next_due == 1010.0  # alice's two others are still due
     assert store.claim_due(1010.0, 8, 60.0, 2)[0] == []  # still at her cap
     done = next(t for t in ticks if t.val_id in alice)
-    store.finish_run(done.val_id, done.claim)
-    again, _ = store.claim_due(1011.0, 1, 60.0, 2)
+    again, _, _ = store.claim_due(1011.0, 1, 60.0, 2, finished=[(done.val_id, done.claim)])
     assert len(again) == 1 and again[0].val_id in set(alice) - taken
     assert store.claim_due(1011.0, 0, 60.0, 2)[0] == []  # no free slot: nothing
 
@@ -263,24 +265,17 @@ def test_a_deleted_val_or_removed_schedule_never_fires_even_if_due(store: Store)
     removed = scheduled_val(store, "alice", "removed", EVERY_10, now=1000.0)
     assert store.delete_val("alice", "gone") is not None
     assert store.delete_schedule(removed) and not store.delete_schedule(removed)
-    ticks, _ = store.claim_due(1010.0, 8, 60.0, 5)
-    assert [t.val_id for t in ticks] == [kept]
-    # Claimed, then unscheduled before it started: it does not run either.
-    assert store.claimed_val(kept, ticks[0].claim) is not None
-    store.delete_schedule(kept)
-    assert store.claimed_val(kept, ticks[0].claim) is None
+    ticks, _, vals = store.claim_due(1010.0, 8, 60.0, 5)
+    assert [t.val_id for t in ticks] == [kept] and list(vals) == [kept]
 
 
 def test_the_claimed_val_is_the_latest_version_with_the_owners_env(store: Store) -> None:
     val_id = scheduled_val(store, "alice", "a", EVERY_10, now=1000.0)
     store.put_val("alice", "a", "def a(i):\n    return 2\n", None)
     store.set_env("alice", "KEY", "value")
-    (tick,), _ = store.claim_due(1010.0, 8, 60.0, 2)
-    resolved = store.claimed_val(val_id, tick.claim)
-    assert resolved is not None
-    val, env = resolved
+    _, _, vals = store.claim_due(1010.0, 8, 60.0, 2)
+    val, env = vals[val_id]
     assert (val.version, env) == (2, {"KEY": "value"})
-    assert store.claimed_val(val_id, tick.claim + 1) is None  # another claim's lease
 
 
 def test_schedules_per_user_are_limited(store: Store) -> None:
@@ -301,7 +296,7 @@ def test_two_connections_racing_claim_each_tick_once(tmp_path: Path, store: Stor
         other = Store(tmp_path / "valrun.db")
         try:
             for step in range(30):
-                ticks, _ = other.claim_due(1010.0 + step * 10, 8, 0.001, 100)
+                ticks, _, _ = other.claim_due(1010.0 + step * 10, 8, 0.001, 100)
                 claimed[index] += [(t.val_id, t.scheduled_at) for t in ticks if not t.skipped]
         finally:
             other.close()
