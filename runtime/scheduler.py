@@ -14,8 +14,8 @@ thread costs milliseconds of scheduling, and 500 ticks may fall on the same seco
 
 Nothing about a tick is decided in memory: the claim is the store's, so several front ends
 on one store run each tick once, and a run in progress on any of them makes the next tick a
-skip. At most `schedule.max_concurrent` runs at once on this node; the claim takes no more
-ticks than there are free slots, so the others stay due for a node (or a moment) that has one.
+skip. At most `schedule.max_concurrent` runs at once on this node, and at most as many again
+claimed ahead, waiting for a slot; the others stay due for a node (or a moment) that has one.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ class Scheduler:
         self.store = store
         self.runner = runner
         self.metrics = metrics
+        #: Ticks claimed and not yet ended: running, or waiting for one of the slots.
         self.running = 0
+        self._slots = trio.Semaphore(config.schedule.max_concurrent)
         #: (val_id, claim) of runs that ended, whose leases the next claim frees.
         self._finished: list[tuple[int, int]] = []
         self._stopping = False
@@ -89,9 +91,14 @@ class Scheduler:
             logger.exception("could not free %d schedule leases", len(finished))
 
     async def _claim(self, runs: trio.Nursery) -> float:
-        """Claim and start what is due; how long to wait before looking again."""
+        """Claim and start what is due; how long to wait before looking again.
+
+        Up to twice max_concurrent ticks are claimed ahead (they wait their turn for a slot,
+        holding their leases), and the loop is woken again only when the ones waiting have
+        gone: one claim per batch of runs, not one per run, for each claim is a trip to the
+        store's thread that costs milliseconds when the machine is busy."""
         schedule = self.config.schedule
-        free = max(schedule.max_concurrent - self.running, 0)
+        free = max(2 * schedule.max_concurrent - self.running, 0)
         now = time.time()
         finished, self._finished = self._finished, []
         try:
@@ -112,7 +119,7 @@ class Scheduler:
         wait = next_due - time.time()
         if wait <= 0:
             # Still due: the batch was full (look again now) or every due tick waits for a
-            # free slot (a run's end wakes the loop).
+            # free slot (the runs' end wakes the loop).
             return 0.0 if ticks else POLL_S
         return min(wait, POLL_S)
 
@@ -140,14 +147,16 @@ class Scheduler:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._renew, tick)
-                await self._invoke(tick, val, env)
+                async with self._slots:
+                    await self._invoke(tick, val, env)
                 nursery.cancel_scope.cancel()
         except Exception:  # a bug or the store failing: logged, the service goes on
             logger.exception("the scheduled run of val %d failed in valrun", tick.val_id)
         finally:
             self._finished.append((tick.val_id, tick.claim))
             self.running -= 1
-            self._wake.set()
+            if self.running <= self.config.schedule.max_concurrent:  # none left waiting
+                self._wake.set()
 
     async def _renew(self, tick: Tick) -> None:
         while True:
