@@ -25,7 +25,8 @@ class Interval:
 
     #: The tick this run is for (Unix time); a catch-up run's is the first tick it stands for.
     scheduled_at = property(lambda self: self._scheduled_at)
-    #: When the previous run of this schedule started (Unix time), or None.
+    #: When the previous run of this schedule was claimed (it started then, or as soon as a
+    #: slot was free), as Unix time; None before the first run.
     last_run_at = property(lambda self: self._last_run_at)
     #: The schedule: a cron expression, or `@every 300s`.
     schedule = property(lambda self: self._schedule)
