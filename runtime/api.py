@@ -10,6 +10,7 @@ import re
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
+from runtime import schedule_api
 from runtime.auth import (
     authenticate,
     check_names,
@@ -244,6 +245,17 @@ class Api:
             lambda: self.store.call(Store.records, val, limit, follow.after),
         )
         return HTTPResponse.json({"runs": [run.to_json() for run in runs]})
+
+    # Schedules: handled in runtime.schedule_api.
+
+    async def get_schedule(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
+        return await schedule_api.get_schedule(self, request, params)
+
+    async def put_schedule(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
+        return await schedule_api.put_schedule(self, request, params)
+
+    async def delete_schedule(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
+        return await schedule_api.delete_schedule(self, request, params)
 
     async def list_eval_records(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         caller = await authenticate(self.store, request)

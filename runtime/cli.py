@@ -303,6 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (put, get, listing, versions, rollback, privacy, remove):
         sub.set_defaults(func=client.cmd_val)
     remove.set_defaults(val_command="rm")
+    schedule = val_commands.add_parser(
+        "schedule",
+        parents=api_options,
+        help="run a val on a cron schedule, every N seconds, or --off",
+    )
+    schedule.add_argument("target", metavar="USER/VAL")
+    schedule.add_argument("cron", nargs="?", help='five-field cron, such as "*/5 * * * *"')
+    schedule.add_argument("--tz", help="the cron expression's time zone (default UTC)")
+    schedule.add_argument("--every", type=int, metavar="SECONDS", help="every N seconds")
+    schedule.add_argument("--off", action="store_true", help="remove the schedule")
+    schedule.set_defaults(func=client.cmd_val_schedule)
+    show = val_commands.add_parser(
+        "show", parents=api_options, help="a val's metadata and schedule"
+    )
+    show.add_argument("target", metavar="USER/VAL")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=client.cmd_val_show)
 
     arg_help = "JSON if it parses as JSON, else a string"
     run = commands.add_parser("run", parents=api_options, help="call a val through the Run API")

@@ -73,8 +73,12 @@ class ApiClient:
         body: bytes | None = None,
         content_type: str = "text/plain; charset=utf-8",
         timeout_s: float = 30,
+        *,
+        missing_ok: bool = False,
     ) -> object:
-        return json.loads(self.fetch(method, path, body, content_type, timeout_s) or b"null")
+        """The answer as JSON; with `missing_ok`, None for a 404."""
+        answer = self.fetch(method, path, body, content_type, timeout_s, missing_ok=missing_ok)
+        return None if answer is None else json.loads(answer or b"null")
 
     def fetch(
         self,
@@ -83,7 +87,9 @@ class ApiClient:
         body: bytes | None = None,
         content_type: str = "text/plain; charset=utf-8",
         timeout_s: float = 30,
-    ) -> bytes:
+        *,
+        missing_ok: bool = False,
+    ) -> bytes | None:
         """The response body as it is (a blob's value); `call` reads it as JSON."""
         request = urllib.request.Request(self.base + path, data=body, method=method)
         if self.host_header is not None:
@@ -97,6 +103,8 @@ class ApiClient:
                 body_bytes: bytes = response.read()
                 return body_bytes
         except urllib.error.HTTPError as exc:
+            if missing_ok and exc.code == 404:
+                return None
             raise SystemExit(self._describe(method, path, exc)) from None
         except urllib.error.URLError as exc:
             raise SystemExit(
@@ -331,7 +339,7 @@ def cmd_blob(config: Config, args: argparse.Namespace) -> int:
         return 0
     path = f"/v1/blob/{quote(args.key, safe='')}"
     if args.blob_command == "get":
-        sys.stdout.buffer.write(client.fetch("GET", path))
+        sys.stdout.buffer.write(client.fetch("GET", path) or b"")
     elif args.blob_command == "put":
         value = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
         _print_json(client.call("PUT", path, value, "application/octet-stream"))
@@ -356,4 +364,50 @@ def cmd_sql(config: Config, args: argparse.Namespace) -> int:
             print("\t".join(v if isinstance(v, str) else json.dumps(v) for v in row))
     else:
         print(f"{result['rows_affected']} rows affected")
+    return 0
+
+
+def cmd_val_schedule(config: Config, args: argparse.Namespace) -> int:
+    """`val schedule USER/VAL CRON [--tz TZ]`, `--every SECONDS`, or `--off`."""
+    client = ApiClient(config, args.server, args.token)
+    client.require_token()
+    user, val = _user_val(args.target)
+    path = f"/v1/vals/{user}/{val}/schedule"
+    given = [args.cron is not None, args.every is not None, args.off]
+    if sum(given) != 1 or (args.tz and args.cron is None):
+        raise SystemExit("valrun: give one of CRON (with --tz TZ), --every SECONDS, --off")
+    if args.off:
+        _print_json(client.call("DELETE", path))
+        return 0
+    payload: dict[str, object] = (
+        {"cron": args.cron, **({"tz": args.tz} if args.tz else {})}
+        if args.cron is not None
+        else {"every_s": args.every}
+    )
+    _print_json(client.call("PUT", path, json.dumps(payload).encode(), "application/json"))
+    return 0
+
+
+def cmd_val_show(config: Config, args: argparse.Namespace) -> int:
+    """A val's metadata and its schedule (or none)."""
+    client = ApiClient(config, args.server, args.token)
+    client.require_token()
+    user, val = _user_val(args.target)
+    meta = client.call("GET", f"/v1/vals/{user}/{val}")
+    schedule = client.call("GET", f"/v1/vals/{user}/{val}/schedule", missing_ok=True)
+    if not isinstance(meta, dict):
+        raise SystemExit("valrun: the server answered something that is not a val")
+    meta.pop("code", None)
+    if args.json:
+        _print_json({**meta, "schedule": schedule})
+        return 0
+    print(f"{meta['user']}/{meta['name']}  v{meta['version']}  {meta['privacy']}  {meta['url']}")
+    if not isinstance(schedule, dict):
+        print("schedule: none")
+        return 0
+    zone = f" ({schedule['tz']})" if "tz" in schedule else ""
+    last = schedule["last_run_at"]
+    print(f"schedule: {schedule['schedule']}{zone}")
+    print(f"  next run {_when(schedule['next_run_at'])}")
+    print(f"  last run {_when(last) if last is not None else 'never'}")
     return 0

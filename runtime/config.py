@@ -239,6 +239,33 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ScheduleConfig:
+    """Scheduled vals (docs/schedules.md)."""
+
+    #: Run schedules on this node. Off: schedules are kept and served by the API, and other
+    #: nodes on the same store still run them.
+    enabled: bool = True
+    #: The shortest schedule a user may set (every_s; a cron expression's gaps). Lower it only
+    #: for tests and on a machine you own: each tick is a full invocation.
+    min_interval_s: int = 60
+    #: Scheduled runs at once on this node, so that schedules cannot starve web traffic. Vals
+    #: cannot wait on the network, so runs are CPU work, and a herd of them is mostly cold
+    #: starts, which the one fork server makes one at a time: more slots queue runs in the
+    #: pool without running more of them (docs/schedules.md, "Measured").
+    max_concurrent: int = 4
+    #: Scheduled runs of one user's vals at once (on the store, across nodes); their further
+    #: due ticks wait, so one tenant cannot take all of max_concurrent.
+    max_concurrent_per_user: int = 2
+    #: Vals with a schedule per user.
+    max_per_user: int = 50
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.type != "bool" and not getattr(self, f.name) > 0:
+                raise ConfigError(f"schedule.{f.name} must be positive")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -247,6 +274,7 @@ class Config:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
 T = TypeVar("T")
@@ -299,6 +327,7 @@ def parse_config(raw: Mapping[str, object]) -> Config:
         sandbox=_section(SandboxConfig, "sandbox", raw.get("sandbox", {})),
         fetch=_section(FetchConfig, "fetch", raw.get("fetch", {})),
         storage=_section(StorageConfig, "storage", raw.get("storage", {})),
+        schedule=_section(ScheduleConfig, "schedule", raw.get("schedule", {})),
     )
 
 

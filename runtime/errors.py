@@ -7,7 +7,8 @@
     │   │                           maps each to one with `http_error`)
     │   ├── InvalidError            a value the store cannot hold (a name, a privacy)  -> 400
     │   ├── ExistsError             a thing that must be new exists already           -> 409
-    │   └── MissingError            a thing that must exist does not                  -> 404
+    │   ├── MissingError            a thing that must exist does not                  -> 404
+    │   └── QuotaError              a per-user limit is reached (schedules)            -> 409
     ├── StorageRefusedError         a blob or SQL call refused (quota, bad key, SQL error):
     │                               the val gets a StorageError, the API maps its `type`
     └── HTTPError                   anything that becomes an error response
@@ -53,6 +54,10 @@ class ExistsError(StoreError):
 
 
 class MissingError(StoreError):
+    pass
+
+
+class QuotaError(StoreError):
     pass
 
 
@@ -146,7 +151,7 @@ def http_error(error: StoreError) -> HTTPError:
     cls: type[HTTPError] = HTTPError
     if isinstance(error, InvalidError):
         cls = BadRequestError
-    elif isinstance(error, ExistsError):
+    elif isinstance(error, ExistsError | QuotaError):
         cls = ConflictError
     elif isinstance(error, MissingError):
         cls = NotFoundError

@@ -14,6 +14,10 @@ from runtime.http import RouteLabel
 
 # Seconds. Warm vals answer in about a millisecond; the wall-time limit is 10 s by default.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Seconds a scheduled run started after its tick: the scheduler looks every 0.5 s at most;
+# a catch-up run after downtime is as late as the downtime was long.
+LATENESS_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+SCHEDULED_OUTCOMES = ("ok", "error", "skipped")
 
 
 class Histogram:
@@ -44,6 +48,14 @@ class Metrics:
         self.latency: dict[str, Histogram] = {}
         #: Vals' fetches by outcome, counted by `runtime.fetch.Fetcher` (its `outcomes`).
         self.fetches: Counter[str] = Counter()
+        self.scheduled: Counter[str] = Counter()
+        self.schedule_lateness = Histogram(LATENESS_BUCKETS_S)
+
+    def observe_scheduled(self, outcome: str, lateness_s: float | None = None) -> None:
+        """One tick: run (`ok` or `error`, started `lateness_s` after its time) or skipped."""
+        self.scheduled[outcome] += 1
+        if lateness_s is not None:
+            self.schedule_lateness.observe(lateness_s)
 
     def observe(self, label: RouteLabel, status: int, seconds: float) -> None:
         """One finished request; `label` says what answered it (its `kind` in the output)."""
@@ -97,4 +109,18 @@ class Metrics:
         ]
         for outcome, count in sorted(self.fetches.items()):
             lines.append(f'valrun_fetches_total{{outcome="{outcome}"}} {count}')
+        lines += [
+            "# HELP valrun_scheduled_runs_total Scheduled ticks, by outcome (skipped: the "
+            "previous run was still going).",
+            "# TYPE valrun_scheduled_runs_total counter",
+        ]
+        for outcome in SCHEDULED_OUTCOMES:
+            lines.append(
+                f'valrun_scheduled_runs_total{{outcome="{outcome}"}} {self.scheduled[outcome]}'
+            )
+        lines += [
+            "# HELP valrun_schedule_lateness_seconds Time from a tick to the start of its run.",
+            "# TYPE valrun_schedule_lateness_seconds histogram",
+            *self.schedule_lateness.lines("valrun_schedule_lateness_seconds"),
+        ]
         return "\n".join(lines) + "\n"

@@ -98,6 +98,26 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE runs ADD COLUMN fetches TEXT NOT NULL DEFAULT '[]';
     """,
+    # 4: schedules (docs/schedules.md).
+    """
+    -- Schedules (docs/schedules.md): at most one per val, gone with it. A tick is claimed in one
+    -- transaction (Store.claim_due) that moves next_run_at past now, so with several front ends
+    -- on one store each tick is claimed by one of them. `claim` counts claims: a run ends
+    -- (finish_runs) only the lease it took. `running_until` is that lease: a tick that comes
+    -- while it holds is skipped; a node that died mid-run frees it when it expires.
+    CREATE TABLE IF NOT EXISTS schedules (
+        val_id INTEGER PRIMARY KEY REFERENCES vals(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
+        expr TEXT NOT NULL,
+        tz TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        next_run_at REAL NOT NULL,
+        last_run_at REAL,
+        claim INTEGER NOT NULL DEFAULT 0,
+        running_until REAL
+    );
+    CREATE INDEX IF NOT EXISTS schedules_due ON schedules (next_run_at);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -20,6 +20,7 @@ from runtime.fetch import open_fetcher
 from runtime.metrics import Metrics
 from runtime.pool import open_pool
 from runtime.records import open_recorder
+from runtime.scheduler import Scheduler, serve_scheduler
 from runtime.storage import SqliteStorage
 from runtime.storage_api import StorageApi
 from runtime.store import AsyncStore, Store
@@ -61,6 +62,7 @@ async def serve_valrun(
     """Run valrun until `shutdown_trigger` returns (or forever); report the bound URLs."""
     # Two connections: the recorder's batch writes (~4 ms each) must not hold up the token
     # checks and val lookups that requests wait on; SQLite's WAL lets those read meanwhile.
+    # A third for the scheduler: its claims and leases never queue behind either.
     metrics = Metrics()
     with (
         # Shared: restore and rotate-key refuse to run under a serving valrun.
@@ -70,6 +72,9 @@ async def serve_valrun(
             Store(config.store.sqlite_path, secret_key=config.store.secret_key)
         ) as records_store,
         closing(open_storage(config)) as storage,
+        closing(
+            Store(config.store.sqlite_path, secret_key=config.store.secret_key)
+        ) as schedule_store,
     ):
         async_store = AsyncStore(store)
         storage_api = StorageApi(storage, async_store, config.storage)
@@ -82,7 +87,7 @@ async def serve_valrun(
             ) as recorder,
             open_fetcher(config.fetch, metrics.fetches) as fetcher,
         ):
-            # Capabilities register their ask handlers here as they land (fetch, storage).
+            # Capabilities register their ask handlers here (fetch, storage).
             pool.broker = Broker(
                 {
                     FetchAsk: fetcher.answer,
@@ -91,17 +96,25 @@ async def serve_valrun(
                 }
             ).answer
             app = App(config, async_store, pool, recorder, metrics, storage_api)
+            async with trio.open_nursery() as nursery:
+                scheduler: Scheduler | None = None
+                if config.schedule.enabled:
+                    scheduler = await nursery.start(
+                        serve_scheduler, config, AsyncStore(schedule_store), app.invoker, metrics
+                    )
 
-            async def shut_down() -> None:
-                if shutdown_trigger is None:
-                    await trio.sleep_forever()
-                else:
-                    await shutdown_trigger()
-                app.api.followers.stop()  # long polls answer now, not at their timeout
+                async def shut_down() -> None:
+                    await (shutdown_trigger or trio.sleep_forever)()
+                    app.api.followers.stop()  # long polls answer now, not at their timeout
+                    if scheduler is not None:
+                        scheduler.stop()  # no new ticks; runs in progress go on meanwhile
 
-            await serve(
-                app,
-                hypercorn_config(config),
-                shutdown_trigger=shut_down,
-                task_status=task_status,
-            )
+                await serve(
+                    app,
+                    hypercorn_config(config),
+                    shutdown_trigger=shut_down,
+                    task_status=task_status,
+                )
+                # Scheduled runs had the requests' graceful time to end; the rest are
+                # cancelled (recorded as such).
+                nursery.cancel_scope.cancel()

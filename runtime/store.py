@@ -17,15 +17,16 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, get_args
 
 import trio
 
-from runtime.errors import ConfigError, ExistsError, InvalidError, MissingError
+from runtime.errors import ConfigError, ExistsError, InvalidError, MissingError, QuotaError
 from runtime.hosts import USER_RE
+from runtime.schedule import Due, Schedule, Tick, next_tick, plan_claims
 from runtime.schema import create_private, migrate
 from runtime.sealing import Sealer
 
@@ -36,8 +37,8 @@ R = TypeVar("R")
 
 Privacy = Literal["public", "unlisted", "private"]
 PRIVACY: tuple[Privacy, ...] = get_args(Privacy)
-#: Who invoked: a val's web host, the Run API, the Eval API. Records carry it.
-Source = Literal["web", "run", "eval"]
+#: Who invoked: a val's web host, the Run API, the Eval API, its schedule. Records carry it.
+Source = Literal["web", "run", "eval", "cron"]
 TOKEN_PREFIX = "vr_"
 
 
@@ -111,6 +112,26 @@ class Record:
 
 
 Resolved = tuple[ValVersion, dict[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleInfo:
+    """A val's schedule as the API shows it."""
+
+    val_id: int
+    schedule: Schedule
+    created_at: float
+    next_run_at: float
+    last_run_at: float | None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            **self.schedule.to_json(),
+            "schedule": self.schedule.describe(),
+            "created_at": self.created_at,
+            "next_run_at": self.next_run_at,
+            "last_run_at": self.last_run_at,
+        }
 
 
 def hash_token(token: str) -> bytes:
@@ -488,6 +509,151 @@ class Store:
             sql = self._RUN_SELECT + where + "AND id > ? ORDER BY id LIMIT ?"
             rows = self._db.execute(sql, (*params, after, limit))
         return [_record(row) for row in rows]
+
+    # Schedules (docs/schedules.md). The interface a shared store keeps: claim_due is the one
+    # place a tick changes hands, in one transaction (PostgreSQL: SELECT ... FOR UPDATE SKIP
+    # LOCKED over the due rows).
+
+    def _schedule_count(self, user_id: int) -> int:
+        (count,) = self._db.execute(
+            "SELECT COUNT(*) FROM schedules s JOIN vals v ON v.id = s.val_id WHERE v.user_id = ?",
+            (user_id,),
+        ).fetchone()
+        return int(count)
+
+    def put_schedule(
+        self, val_id: int, schedule: Schedule, now: float, max_per_user: int
+    ) -> tuple[ScheduleInfo, bool] | None:
+        """Set a val's schedule (its next tick counted from `now`); None if the val is gone.
+        A run in progress keeps its lease."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT user_id FROM vals WHERE id = ?", (val_id,)).fetchone()
+            if row is None:
+                return None
+            created = not self._db.execute(
+                "SELECT 1 FROM schedules WHERE val_id = ?", (val_id,)
+            ).fetchone()
+            if created and self._schedule_count(row[0]) >= max_per_user:
+                raise QuotaError(
+                    f"a user may schedule at most {max_per_user} vals; remove one first",
+                    "schedule_limit",
+                )
+            if schedule.kind == "every":
+                next_run_at = now + schedule.every_s
+            else:
+                next_run_at = next_tick(schedule, now, now)
+            self._db.execute(
+                "INSERT INTO schedules (val_id, kind, expr, tz, created_at, next_run_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (val_id) DO UPDATE SET "
+                "kind = excluded.kind, expr = excluded.expr, tz = excluded.tz, "
+                "next_run_at = excluded.next_run_at",
+                (val_id, schedule.kind, schedule.expr, schedule.tz, now, next_run_at),
+            )
+            info = self.schedule_of(val_id)
+        assert info is not None  # written in this transaction
+        return info, created
+
+    def schedule_of(self, val_id: int) -> ScheduleInfo | None:
+        row = self._db.execute(
+            "SELECT kind, expr, tz, created_at, next_run_at, last_run_at FROM schedules "
+            "WHERE val_id = ?",
+            (val_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        kind, expr, tz, created_at, next_run_at, last_run_at = row
+        return ScheduleInfo(val_id, Schedule(kind, expr, tz), created_at, next_run_at, last_run_at)
+
+    def delete_schedule(self, val_id: int) -> bool:
+        (cur,) = self._write([("DELETE FROM schedules WHERE val_id = ?", (val_id,))])
+        return cur.rowcount > 0
+
+    def claim_due(
+        self,
+        now: float,
+        limit: int,
+        lease_s: float,
+        max_running_per_user: int,
+        finished: Sequence[tuple[int, int]] = (),
+    ) -> tuple[list[Tick], float | None, dict[int, Resolved]]:
+        """Free the leases of the `finished` runs ((val_id, claim) pairs); claim up to
+        `limit` due ticks to run, and skip those whose previous run still holds its lease;
+        move each past `now` (missed ticks collapse into this one). A user with
+        `max_running_per_user` runs in progress waits. Answers the ticks, the next due time,
+        and what each claimed tick runs: its val's latest version and owner's env, read in
+        the same transaction (so a val deleted or unscheduled before the claim never runs)."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._free_leases(finished)
+            # Due rows beyond the free slots too: skips take no slot, and some owners wait.
+            rows = self._db.execute(
+                "SELECT s.val_id, u.name, v.user_id, s.kind, s.expr, s.tz, s.next_run_at, "
+                "s.last_run_at, s.claim, s.running_until FROM schedules s "
+                "JOIN vals v ON v.id = s.val_id JOIN users u ON u.id = v.user_id "
+                "WHERE s.next_run_at <= ? ORDER BY s.next_run_at LIMIT ?",
+                (now, limit * 4 + 64),
+            ).fetchall()
+            running = dict(
+                self._db.execute(
+                    "SELECT v.user_id, COUNT(*) FROM schedules s JOIN vals v ON v.id = s.val_id "
+                    "WHERE s.running_until > ? GROUP BY v.user_id",
+                    (now,),
+                ).fetchall()
+            )
+            due = [
+                Due(val_id, owner, user_id, Schedule(kind, expr, tz), *rest)
+                for val_id, owner, user_id, kind, expr, tz, *rest in rows
+            ]
+            ticks = plan_claims(due, now, limit, max_running_per_user, running)
+            for tick in ticks:
+                if tick.skipped:
+                    self._db.execute(
+                        "UPDATE schedules SET next_run_at = ? WHERE val_id = ?",
+                        (tick.next_run_at, tick.val_id),
+                    )
+                else:
+                    self._db.execute(
+                        "UPDATE schedules SET next_run_at = ?, last_run_at = ?, claim = ?, "
+                        "running_until = ? WHERE val_id = ?",
+                        (tick.next_run_at, now, tick.claim, now + lease_s, tick.val_id),
+                    )
+            (next_due,) = self._db.execute("SELECT MIN(next_run_at) FROM schedules").fetchone()
+            vals: dict[int, Resolved] = {}
+            envs: dict[str, dict[str, str]] = {}
+            for tick in ticks:
+                if not tick.skipped:
+                    row = self._db.execute(
+                        self._VERSION_SELECT + "WHERE v.id = ? ORDER BY ver.version DESC LIMIT 1",
+                        (tick.val_id,),
+                    ).fetchone()
+                    val = ValVersion(*row)  # the join above found the val: it has versions
+                    if val.owner not in envs:
+                        envs[val.owner] = self.env(val.owner)
+                    vals[tick.val_id] = (val, envs[val.owner])
+        return ticks, next_due, vals
+
+    def renew_lease(self, val_id: int, claim: int, until: float) -> None:
+        self._write(
+            [
+                (
+                    "UPDATE schedules SET running_until = ? WHERE val_id = ? AND claim = ?",
+                    (until, val_id, claim),
+                )
+            ]
+        )
+
+    def finish_runs(self, finished: Sequence[tuple[int, int]]) -> None:
+        """Free the leases of finished runs ((val_id, claim) pairs); `claim_due` does it too."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._free_leases(finished)
+
+    def _free_leases(self, finished: Sequence[tuple[int, int]]) -> None:
+        # Only the lease a run took: a later claim's lease is not this run's to free.
+        self._db.executemany(
+            "UPDATE schedules SET running_until = NULL WHERE val_id = ? AND claim = ?", finished
+        )
 
 
 def _record(row: tuple[Any, ...]) -> Record:

@@ -13,6 +13,7 @@ Front end -> worker::
     HttpRequest   id, method, url, path, query, headers    body: the request body
     Call          id                                body: the args (a JSON array), or empty
                                                           for "do not call" (Eval without args)
+    ScheduledRun  id, scheduled_at, last_run_at, schedule   (op `cron`: a scheduled run)
     <answers>     id, ...                           the answer to a worker's ask (below)
     Fetched       id, status, url, headers, error   body: the response body
 
@@ -236,7 +237,50 @@ class Call:
         return cls(id=_int(frame.head, "id"), args=args)
 
 
-Invocation: TypeAlias = HttpRequest | Call
+@dataclass(frozen=True, slots=True)
+class ScheduledRun:
+    """A scheduled run (a cron or interval tick): the export is called with an interval
+    object of these fields; what it returns is dropped, so it need not be JSON."""
+
+    op: ClassVar[str] = "cron"
+    id: int
+    #: The tick this run is for, as Unix time.
+    scheduled_at: float
+    #: When the schedule last ran, or None before its first run.
+    last_run_at: float | None
+    #: The schedule: a cron expression, or `@every 300s`.
+    schedule: str
+
+    def to_frame(self) -> Frame:
+        head: dict[str, object] = {
+            "op": self.op,
+            "id": self.id,
+            "scheduled_at": self.scheduled_at,
+            "last_run_at": self.last_run_at,
+            "schedule": self.schedule,
+        }
+        return Frame(head)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> ScheduledRun:
+        _check_op(frame, cls.op)
+        head = frame.head
+        return cls(
+            id=_int(head, "id"),
+            scheduled_at=_time(head, "scheduled_at"),
+            last_run_at=None if head.get("last_run_at") is None else _time(head, "last_run_at"),
+            schedule=_str(head, "schedule"),
+        )
+
+
+def _time(head: Mapping[str, object], key: str) -> float:
+    value = head.get(key)
+    if type(value) not in (int, float) or not 0 <= cast(float, value) < 2**40:
+        raise MessageError(f"{key!r} is not a Unix time")
+    return float(cast(float, value))
+
+
+Invocation: TypeAlias = HttpRequest | Call | ScheduledRun
 
 
 # Worker -> front end
@@ -422,6 +466,7 @@ Reply: TypeAlias = HttpResponse | Result | Failure
 REPLY_TO: dict[type[Invocation], type[HttpResponse] | type[Result]] = {
     HttpRequest: HttpResponse,
     Call: Result,
+    ScheduledRun: Result,
 }
 
 

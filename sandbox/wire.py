@@ -19,11 +19,14 @@ Messages (``op`` values), front end -> worker:
     http   head: id, method, url, path, query, headers       body: the request body
     call   head: id                                          body: the args, a JSON array,
                                                                    or empty: "do not call"
+    cron   head: id                                          body: JSON {scheduled_at,
+                                                                   last_run_at, schedule}
 Worker -> front end:
     loaded   head: log
     checked  head: problems, a list of {line, message} (the `check` mode; then it exits)
     response head: id, status, headers, log, retire          body: the response body
     result   head: id, log, retire                           body: the value as UTF-8 JSON
+                                                                   (`null` for cron)
     error    head: id (absent for a failed load), type, message, traceback, log, retire
 
 ``mode`` is ``"module"`` (a val: run the module once, its export is the top-level name equal

@@ -5,10 +5,11 @@ stdin and stdout; they are moved out of the way first, so nothing a library prin
 corrupt a frame. Every failure of the val becomes an `error` frame; a failure of the protocol
 ends the process, and the front end answers 502 for it.
 
-Two ops reach a loaded worker: `http` (the web host: the export gets a Request and returns a
-response) and `call` (Run and Eval: the export is called with JSON args and its value goes
-back as JSON). The value is turned into JSON here, inside the sandbox: a val's objects (its
-`__eq__`, `__hash__`, a dict subclass) must never run in the front end.
+Three ops reach a loaded worker: `http` (the web host: the export gets a Request and returns
+a response), `call` (Run and Eval: the export is called with JSON args and its value goes
+back as JSON) and `cron` (a scheduled run: the export gets an Interval). The value is turned
+into JSON here, inside the sandbox: a val's objects (its `__eq__`, `__hash__`, a dict
+subclass) must never run in the front end.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sandbox.errors import BadMessageError, ValError, describe
 from sandbox.evaluate import EVAL_NAME, compile_eval, evaluate
 from sandbox.facades import Facade
 from sandbox.http import Request, dumps_json, to_response
+from sandbox.interval import Interval
 from sandbox.limits import WorkerLimits, apply_limits, arm_cpu_limit
 from sandbox.messages import (
     Ask,
@@ -32,11 +34,13 @@ from sandbox.messages import (
     Failure,
     HttpRequest,
     HttpResponse,
+    Invocation,
     Load,
     Loaded,
     M,
     Reply,
     Result,
+    ScheduledRun,
     parse,
 )
 from sandbox.policy import LogBuffer, check_source_size, load_val, val_filename
@@ -148,6 +152,22 @@ class Worker:
             return self.too_large(call.id, len(body))
         return Result(call.id, body, self.log.take())
 
+    def serve_scheduled(self, run: ScheduledRun) -> Reply:
+        """A scheduled run: the export is called with an Interval; what it returns is
+        dropped (nobody reads it), so it need not be JSON."""
+        interval = Interval(run.scheduled_at, run.last_run_at, run.schedule)
+        try:
+            export = self.export()
+            if not callable(export):
+                raise ValError(
+                    f"{self.name!r} is a {type(export).__name__}; a scheduled val must export "
+                    "a function that takes an interval"
+                )
+            export(interval)
+        except BaseException as exc:  # the val's failure, whatever it raised, is one reply
+            return self.failure(run.id, exc)
+        return Result(run.id, b"null", self.log.take())
+
     def serve_http(self, message: HttpRequest) -> Reply:
         request = Request(
             method=message.method,
@@ -172,9 +192,11 @@ class Worker:
         headers = tuple((name, value) for name, value in response.header_pairs())
         return HttpResponse(message.id, response.status, headers, response.body, self.log.take())
 
-    def serve(self, message: HttpRequest | Call) -> Reply:
+    def serve(self, message: Invocation) -> Reply:
         if isinstance(message, HttpRequest):
             return self.serve_http(message)
+        if isinstance(message, ScheduledRun):
+            return self.serve_scheduled(message)
         return self.serve_call(message)
 
 
@@ -219,7 +241,7 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
     worker = Worker(name, export, limits, log)
     channel.send(Loaded(log.take()))
     while (frame := channel.receive()) is not None:
-        message = parse(frame, HttpRequest, Call)
+        message = parse(frame, HttpRequest, Call, ScheduledRun)
         channel.invocation = message.id
         reply = worker.serve(message)
         channel.invocation = None
