@@ -94,7 +94,9 @@ class Pool:
         self.factory = factory
         self._vals: dict[SlotKey, _ValPool] = {}
         self._warm_count = 0
-        self._room = trio.Event()  # set whenever a warm worker becomes idle or goes away
+        # Woken whenever a warm worker becomes idle or goes away. A parking lot, not an
+        # event each waiter replaces: every waiter is woken, none can be left asleep.
+        self._room = trio.lowlevel.ParkingLot()
         self._ready: list[WorkerProcess] = []
         self._want_ready = trio.Event()
         self._request_ids = itertools.count(1)
@@ -207,7 +209,7 @@ class Pool:
                 raise
         except BaseException:
             self._warm_count -= 1
-            self._room.set()
+            self._room.unpark_all()
             raise
         self.stats["cold_starts"] += 1
         return _Warm(worker, pool, trio.current_time(), load_log=load_log)
@@ -223,8 +225,7 @@ class Pool:
                     self.stats["evicted_lru"] += 1
                     self._drop(oldest)
                     continue
-                self._room = trio.Event()
-                await self._room.wait()
+                await self._room.park()
             return
         raise OverloadedError(
             f"all {self.config.pool.max_workers} workers are busy; retry shortly",
@@ -312,7 +313,7 @@ class Pool:
             self._drop(warm)
         else:
             warm.owner.idle.append(warm)
-            self._room.set()
+            self._room.unpark_all()
 
     def _grown(self, warm: _Warm) -> bool:
         """True when a worker's memory has grown past the limit (module state that leaks)."""
@@ -326,7 +327,7 @@ class Pool:
 
     def _drop(self, warm: _Warm) -> None:
         self._warm_count -= 1
-        self._room.set()
+        self._room.unpark_all()
         self._close(warm.worker)
 
     def _close(self, worker: WorkerProcess) -> None:
