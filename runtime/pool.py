@@ -33,6 +33,7 @@ from runtime.errors import HTTPError, OverloadedError, WorkerTimeoutError
 from runtime.isolation import check_required, health, log_table, probe_layers
 from runtime.process import ForkServer, SpawnedWorker, SupervisedForkServer, WorkerProcess
 from runtime.reply import Reply, bounded_log, check_failure, check_reply, protocol_error
+from runtime.supply import WorkerSupply
 from sandbox.wire import Frame
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class Pool:
         self.limits = config.limits
         self.nursery = nursery
         self.factory = factory
+        self.supply = WorkerSupply(factory, timeout_s=config.pool.load_timeout_s)
         self._vals: dict[SlotKey, _ValPool] = {}
         self._warm_count = 0
         # Woken whenever a warm worker becomes idle or goes away. A parking lot, not an
@@ -185,7 +187,7 @@ class Pool:
                 self.stats["prewarmed_used"] += 1
                 return worker
         self.stats["forked_on_demand"] += 1
-        return await self.factory()
+        return await self.supply.get()
 
     def _idle_worker(self, pool: _ValPool) -> _Warm | None:
         """The most recently used idle worker still running (one may have died idle)."""
@@ -340,7 +342,10 @@ class Pool:
         task_status.started()
         while True:
             while len(self._ready) < self.config.pool.prewarm_workers:
-                self._ready.append(await self.factory())
+                try:
+                    self._ready.append(await self.supply.get())
+                except OverloadedError:  # logged by the supply, once per outage
+                    await self.supply.wait_to_retry()
             self._want_ready = trio.Event()
             await self._want_ready.wait()
 
@@ -402,7 +407,10 @@ async def open_pool(
                         plan=plan,
                         max_body_bytes=max_body,
                         inherit_stderr=inherit,
-                    )
+                    ),
+                    # Two tries fit in the supply's timeout, so a wedged fork server is
+                    # replaced, not merely given up on.
+                    spawn_timeout_s=config.pool.load_timeout_s / 3,
                 )
                 await fork_server.start()
                 factory = fork_server.spawn

@@ -221,7 +221,12 @@ class ForkedWorker(WorkerProcess):
 
 
 class ForkServerError(Exception):
-    pass
+    """No worker from the fork server: it is gone, wedged, or could not start."""
+
+
+class SpawnFailedError(ForkServerError):
+    """The fork server is fine but could not make this worker (fork failed with EAGAIN at
+    the process limit, descriptors ran out on either side): trying again later may work."""
 
 
 class ForkServer:
@@ -235,7 +240,8 @@ class ForkServer:
         self.closed = False
         self.gone = trio.Event()  # its control channel ended: it and its workers are dead
         self._spawn_lock = trio.Lock()
-        send, self._spawned = trio.open_memory_channel[ForkedWorker](1)
+        # A worker, or why this spawn failed.
+        send, self._spawned = trio.open_memory_channel[ForkedWorker | str](1)
         self._spawned_send = send
 
     @classmethod
@@ -271,9 +277,17 @@ class ForkServer:
             except OSError as exc:
                 raise ForkServerError(f"the fork server is gone: {exc}") from None
             try:
-                return await self._spawned.receive()
+                spawned = await self._spawned.receive()
             except trio.EndOfChannel:
                 raise ForkServerError("the fork server exited") from None
+            if isinstance(spawned, str):
+                raise SpawnFailedError(spawned)
+            return spawned
+
+    def kill(self) -> None:
+        """Kill a fork server that stopped answering; its control reader then ends."""
+        if self.process.returncode is None:
+            self.process.kill()
 
     async def _serve_control(self) -> None:
         fd_space = socket.CMSG_SPACE(2 * array.array("i").itemsize)
@@ -282,11 +296,17 @@ class ForkServer:
         try:
             with trio.CancelScope(shield=True):
                 await self._read_control(fd_space)
+        except (ValueError, KeyError, TypeError) as exc:  # garbage on the control channel
+            logger.error("the fork server broke its protocol (%s); killing it", exc)
+            self.kill()
         finally:
             self.closed = True
             await self._spawned_send.aclose()
-            # Its workers die with it (PR_SET_PDEATHSIG); nobody will report their exits.
+            # Its workers die with it (PR_SET_PDEATHSIG, armed after the uid drop), and
+            # nobody will report their exits. Killed through their pidfds before those are
+            # closed, so none can run on unsupervised, whatever happened to their parent.
             for worker in self.workers.values():
+                worker.kill()
                 worker.exited(-signal.SIGKILL)
             self.control.close()
             self.gone.set()
@@ -294,7 +314,7 @@ class ForkServer:
     async def _read_control(self, fd_space: int) -> None:
         while True:
             try:
-                message, ancillary, _flags, _addr = await self.control.recvmsg(65536, fd_space)
+                message, ancillary, flags, _addr = await self.control.recvmsg(65536, fd_space)
             except OSError as exc:  # ECONNRESET when it died with our messages unread
                 logger.error("the fork server's control channel failed: %s", exc)
                 return
@@ -302,7 +322,18 @@ class ForkServer:
                 return
             fds = _received_fds(ancillary)
             head = json.loads(message)
-            if head["op"] == "spawned":
+            if head["op"] == "spawn_failed":
+                await self._spawned_send.send(f"the fork server could not fork: {head['error']}")
+            elif head["op"] == "spawned" and (flags & socket.MSG_CTRUNC or len(fds) != 2):
+                # Out of descriptors here: the kernel cut the SCM_RIGHTS message. Whatever
+                # did arrive is closed; the worker sees EOF on its socket and exits.
+                for fd in fds:
+                    os.close(fd)
+                await self._spawned_send.send(
+                    "the front end could not receive the worker's descriptors "
+                    "(out of file descriptors?)"
+                )
+            elif head["op"] == "spawned":
                 sock_fd, pidfd = fds
                 sock = trio.socket.from_stdlib_socket(socket.socket(fileno=sock_fd))
                 worker = ForkedWorker(head["pid"], sock, pidfd, self.max_body_bytes)
@@ -338,15 +369,26 @@ class SupervisedForkServer:
     """A fork server that is started again if it dies, so one lost process (a val that
     escaped and killed its parent, an operator's stray `kill`) cannot take valrun down."""
 
-    def __init__(self, start: Callable[[], Awaitable[ForkServer]]) -> None:
+    def __init__(
+        self, start: Callable[[], Awaitable[ForkServer]], *, spawn_timeout_s: float = 10.0
+    ) -> None:
         self._start = start  # ForkServer.start with its arguments bound
+        self.spawn_timeout_s = spawn_timeout_s
         self.server: ForkServer | None = None
         self.restarts = 0
         self._lock = trio.Lock()  # one restart, however many tasks notice the death
 
     async def start(self) -> ForkServer:
-        self.server = await self._start()
+        try:
+            self.server = await self._start()
+        except OSError as exc:  # EAGAIN at the process limit, EMFILE: not now, not fatal
+            raise ForkServerError(f"cannot start a fork server: {exc}") from exc
         return self.server
+
+    @property
+    def restarting(self) -> bool:
+        """True while the fork server is dead and no new one has come up yet."""
+        return self.server is None or self.server.closed
 
     async def _current(self) -> ForkServer:
         async with self._lock:
@@ -363,12 +405,22 @@ class SupervisedForkServer:
     async def spawn(self) -> WorkerProcess:
         for _attempt in range(2):
             server = await self._current()
-            try:
-                return await server.spawn()
-            except ForkServerError as exc:
-                logger.error("%s", exc)
-                server.closed = True
-        raise ForkServerError("the fork server failed twice in a row; see the log")
+            with trio.move_on_after(self.spawn_timeout_s):
+                try:
+                    return await server.spawn()
+                except SpawnFailedError:
+                    raise  # the fork server is fine; a new one would fail the same way
+                except ForkServerError as exc:
+                    logger.error("%s", exc)
+                    server.closed = True
+                    continue
+            # Stopped (SIGSTOP) or wedged: a fork server that does not answer is replaced.
+            logger.error(
+                "the fork server did not answer within %s s; replacing it", self.spawn_timeout_s
+            )
+            server.kill()
+            server.closed = True
+        raise ForkServerError("the fork server failed twice in a row")
 
     async def aclose(self) -> None:
         if self.server is not None:

@@ -11,6 +11,7 @@ carry descriptors). Front end -> fork server, one JSON object per message:
 Fork server -> front end:
     {"op": "spawned", "pid": N}  + SCM_RIGHTS [worker socket, pidfd]
     {"op": "exited", "pid": N, "status": S}    (S < 0: killed by signal -S)
+    {"op": "spawn_failed", "error": "..."}     fork or a descriptor failed; this process lives on
 
 A worker is forked, confined (sandbox.confine: every layer the front end asks for, applied
 before the worker reads a byte of any val), and then waits, generic, for its `load` frame on
@@ -105,22 +106,40 @@ class ForkServer:
     def spawn(self) -> None:
         if self.plan is None:
             raise BadMessageError("spawn before configure")
+        try:
+            self._spawn(self.plan)
+        except OSError as exc:
+            # EAGAIN at the process limit (a cgroup's pids.max, RLIMIT_NPROC), EMFILE/ENFILE:
+            # a reason to answer "not now", never to die and take every worker along.
+            failed = {"op": "spawn_failed", "error": f"{exc.strerror or exc}"}
+            self.control.send(json.dumps(failed).encode())
+
+    def _spawn(self, plan: ConfinePlan) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.spawned += 1
         # Not created here: confine() makes it, empty, 0700, owned by the user it drops to.
         cwd = os.path.join(self.workdir, f"w{os.getpid()}-{self.spawned}")
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            parent_end.close()
+            child_end.close()
+            raise
         if pid == 0:  # the worker
             code = 1
             try:
                 parent_end.close()
                 self.control.close()
-                code = run_worker(child_end, cwd, self.plan)
+                code = run_worker(child_end, cwd, plan)
             finally:
                 os._exit(code)
         child_end.close()
         self.children[pid] = cwd
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            parent_end.close()  # the worker reads EOF and exits; reap() reports it
+            raise
         try:
             payload = json.dumps({"op": "spawned", "pid": pid}).encode()
             socket.send_fds(self.control, [payload], [parent_end.fileno(), pidfd])
@@ -186,7 +205,7 @@ def run_worker(sock: socket.socket, cwd: str, plan: ConfinePlan) -> int:
     inp = os.fdopen(fd, "rb", buffering=0)
     out = os.fdopen(os.dup(fd), "wb")
     try:
-        return sandbox.worker.serve(inp, out, confined=True)
+        return sandbox.worker.serve(inp, out, confined=True, tethered=True)
     except Exception as exc:  # a protocol violation by the front end: say so, exit non-zero
         print(f"valrun worker: {exc}", file=sys.stderr)
         return 2
