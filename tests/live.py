@@ -1,0 +1,125 @@
+"""valrun as its users run it: `python -m runtime.cli serve` in a subprocess of its own, so a
+test can send it signals, kill it, and look at the processes it leaves."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import trio
+
+from runtime.store import Store
+
+SERVING_RE = re.compile(r"valrun is serving on http://127\.0\.0\.1:(\d+)")
+
+
+@dataclass
+class LiveValrun:
+    process: trio.Process
+    port: int
+    token: str
+    stderr: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def api_headers(self) -> dict[str, str]:
+        return {"host": f"api.localhost:{self.port}", "authorization": f"Bearer {self.token}"}
+
+    def web_headers(self, val: str) -> dict[str, str]:
+        return {"host": f"alice-{val}.web.localhost:{self.port}"}
+
+    def fork_server_pid(self) -> int:
+        (pid,) = children(self.process.pid)
+        return pid
+
+    def worker_pids(self) -> list[int]:
+        return children(self.fork_server_pid())
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    config = tmp_path / "valrun.toml"
+    config.write_text(
+        f'[store]\nurl = "sqlite:///{tmp_path / "valrun.db"}"\n'
+        "[server]\nshutdown_timeout_s = 10.0\n" + extra
+    )
+    return config
+
+
+def cli_command(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "runtime.cli", "--config", str(config), *args]
+
+
+async def start_live(nursery: trio.Nursery, tmp_path: Path, extra_config: str = "") -> LiveValrun:
+    config = write_config(tmp_path, extra_config)
+    store = Store(tmp_path / "valrun.db")
+    token = store.create_user("alice")
+    store.close()
+    process = await trio.lowlevel.open_process(
+        cli_command(config, "serve", "--bind", "127.0.0.1:0"),
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    port: trio.Event = trio.Event()
+    found: list[int] = []
+
+    async def read_stderr() -> None:
+        assert process.stderr is not None
+        pending = b""
+        async for chunk in process.stderr:
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                text = line.decode(errors="replace")
+                lines.append(text)
+                if (match := SERVING_RE.search(text)) and not found:
+                    found.append(int(match.group(1)))
+                    port.set()
+        port.set()  # exited before serving: the caller sees no port
+
+    nursery.start_soon(read_stderr)
+    with trio.fail_after(30):
+        await port.wait()
+    assert found, "valrun did not start:\n" + "\n".join(lines)
+    return LiveValrun(process, found[0], token, lines)
+
+
+async def put_val(client: httpx.AsyncClient, live: LiveValrun, name: str, code: str) -> None:
+    response = await client.put(
+        f"{live.base_url}/v1/vals/alice/{name}", headers=live.api_headers(), content=code
+    )
+    assert response.status_code in (200, 201), response.text
+
+
+def children(pid: int) -> list[int]:
+    """The children of every thread of `pid` (proc(5): /proc/PID/task/TID/children)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(child) for child in f.read().split()]
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running or stopped; a zombie (dead, not yet reaped) is not alive."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
