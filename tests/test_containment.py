@@ -7,6 +7,7 @@ run on re-parented: the uid drop cleared their parent-death signal.)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -24,10 +25,8 @@ async def busy_worker(live: LiveValrun, client: httpx.AsyncClient, nursery: trio
     await put_val(client, live, "sleeper", SLEEPER)
 
     async def call() -> None:
-        try:
+        with contextlib.suppress(httpx.HTTPError):  # the front end is killed under it
             await client.get(live.base_url + "/", headers=live.web_headers("sleeper"))
-        except httpx.HTTPError:
-            pass  # the front end was killed under it
 
     nursery.start_soon(call)
     while not any(sleeping(pid) for pid in live.worker_pids()):
