@@ -16,6 +16,7 @@ from runtime.api import Api, parse_version, path_kind
 from runtime.config import Config
 from runtime.cors import finalize_cors
 from runtime.errors import BadRequestError, HTTPError, NotFoundError
+from runtime.headers import check_request_headers
 from runtime.hosts import Route, UnknownHost, ValHost, route_host
 from runtime.http import (
     HTTPRequest,
@@ -92,6 +93,13 @@ class App:
         try:
             route = route_host(host, server.api_host, server.web_domain)
             kind = request_kind(route, scope["path"])
+            check_request_headers(
+                scope["method"],
+                scope.get("raw_path") or scope["path"].encode(),
+                scope["query_string"],
+                scope["headers"],
+                self.config.limits,
+            )
             if isinstance(route, UnknownHost):
                 raise NotFoundError(
                     f"no valrun service at {route.host!r}: vals live at "

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import os
-import signal
+import sqlite3
 import sys
 import time
 import urllib.error
@@ -20,21 +20,12 @@ import trio
 
 from runtime.config import Config, load_config, with_bind
 from runtime.demo import seed_demo
-from runtime.errors import ConfigError, HTTPError
-from runtime.server import serve_valrun
+from runtime.errors import ConfigError, HTTPError, StartupError
+from runtime.server import serve_until_signalled
+from runtime.startup import explain, lone_error, store_problem
 from runtime.store import Store
 
 logger = logging.getLogger("valrun")
-
-
-async def _wait_for_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            logger.info(
-                "received %s: finishing in-flight requests, then stopping",
-                signal.Signals(signum).name,
-            )
-            return
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
@@ -49,14 +40,21 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            urls = await nursery.start(
-                lambda task_status: serve_valrun(
-                    config, shutdown_trigger=_wait_for_signal, task_status=task_status
-                )
-            )
+            urls = await nursery.start(serve_until_signalled, config)
             logger.info("valrun is serving on %s", ", ".join(urls))
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except Exception as exc:
+        message = explain(exc, config)
+        if message is None and not args.debug:
+            message = (
+                f"stopped by an unexpected error: {type(lone_error(exc)).__name__}: "
+                f"{lone_error(exc)} (run with --debug for the traceback)"
+            )
+        if message is None or args.debug:
+            raise
+        raise StartupError(message) from None
     return 0
 
 
@@ -241,6 +239,7 @@ def cmd_logs(config: Config, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="valrun", description=__doc__)
     parser.add_argument("--config", help="path to valrun.toml (default: built-in defaults)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the service")
@@ -345,6 +344,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, HTTPError) as exc:
         print(f"valrun: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"valrun: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:  # the admin commands open the store directly
+        if args.debug:
+            raise
+        path = config.store.sqlite_path
+        print(
+            f"valrun: cannot use the database {path}: {store_problem(path, exc)}", file=sys.stderr
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -19,6 +19,26 @@ from sandbox.confine import LAYERS
 MIB = 1024 * 1024
 
 
+def check_bind(address: str) -> None:
+    """`HOST:PORT`, `[IPV6]:PORT`, `unix:PATH` or `fd://N`, or a ConfigError naming it.
+
+    Strict where hypercorn is lenient: it serves `127.0.0.1` (no port) on :8000, which
+    nobody who wrote that meant.
+    """
+    if address.startswith("unix:") and len(address) > len("unix:"):
+        return
+    if address.startswith("fd://") and address[len("fd://") :].isdigit():
+        return
+    host, colon, port = address.rpartition(":")
+    # A bare IPv6 address is ambiguous (which colon ends it?): it needs brackets.
+    host_ok = host.endswith("]") and len(host) > 2 if host.startswith("[") else ":" not in host
+    if not colon or not host or not host_ok or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"server.bind {address!r} is not an address to listen on: use HOST:PORT "
+            "('127.0.0.1:8080', '0.0.0.0:80'), '[::1]:8080', 'unix:/path/to.sock' or 'fd://3'"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     bind: tuple[str, ...] = ("127.0.0.1:8080",)
@@ -31,10 +51,17 @@ class ServerConfig:
     #: The Eval API runs arbitrary code as the token's user; without a token it would run
     #: as nobody, with no env. Off unless an operator opts in.
     anonymous_eval: bool = False
+    #: Connections the kernel queues before they are accepted (listen(2)); a burst beyond
+    #: it waits a second for the client's SYN retry. Capped by net.core.somaxconn.
+    backlog: int = 4096
 
     def __post_init__(self) -> None:
         if not self.bind:
             raise ConfigError("server.bind needs at least one HOST:PORT")
+        for address in self.bind:
+            check_bind(address)
+        if type(self.backlog) is not int or not 1 <= self.backlog <= 65535:
+            raise ConfigError("server.backlog must be a whole number from 1 to 65535")
         for name in ("api_host", "web_domain"):
             value = getattr(self, name)
             if not is_hostname(value) or value != value.lower() or value.endswith("."):
@@ -62,10 +89,15 @@ class StoreConfig:
     url: str = "sqlite:///valrun.db"
     #: Invocation records kept per val; older ones are deleted as new ones arrive.
     max_runs_per_val: int = 100
+    #: All invocation records together (their logs and error messages) stay under this;
+    #: the oldest, whichever val they belong to, go first.
+    max_runs_bytes: int = 256 * MIB
 
     def __post_init__(self) -> None:
         if not self.max_runs_per_val > 0:
             raise ConfigError("store.max_runs_per_val must be positive")
+        if not self.max_runs_bytes > 0:
+            raise ConfigError("store.max_runs_bytes must be positive")
         if not self.url.startswith("sqlite:///"):
             raise ConfigError(f"store.url {self.url!r}: only sqlite:///PATH is supported so far")
 
@@ -81,6 +113,9 @@ class LimitsConfig:
     cpu_time_s: int = 10
     worker_cpu_time_s: int = 600
     max_request_body_bytes: int = 2 * MIB
+    #: A request's header block (request line and header lines), and how many lines.
+    max_request_header_bytes: int = 64 * 1024
+    max_request_headers: int = 100
     max_response_body_bytes: int = 5 * MIB
     max_response_headers: int = 100
     max_response_header_bytes: int = 64 * 1024

@@ -3,6 +3,7 @@ app turns any of them into the one JSON error shape, in one place.
 
     ValrunError
     ├── ConfigError                 valrun.toml or the command line is wrong (no status)
+    ├── StartupError                valrun cannot start here: port, database, disk (no status)
     └── HTTPError                   anything that becomes an error response
         ├── BadRequestError         400 bad_request, bad_json, bad_name, bad_host
         ├── UnauthorizedError       401 unauthorized
@@ -11,8 +12,11 @@ app turns any of them into the one JSON error shape, in one place.
         ├── MethodNotAllowedError   405 method_not_allowed
         ├── ConflictError           409 conflict
         ├── PayloadTooLargeError    413 request_too_large
+        ├── HeadersTooLargeError    431 headers_too_large
         ├── ClientGoneError         499 client_gone (nobody reads it: for logs and metrics)
         ├── OverloadedError         503 overloaded (with Retry-After)
+        ├── StoreUnavailableError   503 store_unavailable (read-only or failing disk)
+        ├── StorageFullError        507 storage_full (the store's disk is full)
         ├── WorkerTimeoutError      504 timeout
         └── WorkerError             502 val_error, memory_limit, response_too_large,
                                         bad_response, worker_crashed, protocol_error
@@ -26,6 +30,10 @@ class ValrunError(Exception):
 
 
 class ConfigError(ValrunError):
+    pass
+
+
+class StartupError(ValrunError):
     pass
 
 
@@ -79,6 +87,10 @@ class PayloadTooLargeError(HTTPError):
     status, default_type = 413, "request_too_large"
 
 
+class HeadersTooLargeError(HTTPError):
+    status, default_type = 431, "headers_too_large"
+
+
 class ClientGoneError(HTTPError):
     # nginx's 499: the client closed the connection before its request was complete.
     status, default_type = 499, "client_gone"
@@ -86,6 +98,15 @@ class ClientGoneError(HTTPError):
 
 class OverloadedError(HTTPError):
     status, default_type = 503, "overloaded"
+
+
+class StoreUnavailableError(HTTPError):
+    status, default_type = 503, "store_unavailable"
+
+
+class StorageFullError(HTTPError):
+    # RFC 4918 §11.5: the server cannot store what is needed to complete the request.
+    status, default_type = 507, "storage_full"
 
 
 class WorkerTimeoutError(HTTPError):

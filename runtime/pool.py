@@ -18,13 +18,10 @@ import dataclasses
 import functools
 import itertools
 import logging
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 
@@ -34,6 +31,7 @@ from runtime.isolation import check_required, health, log_table, probe_layers
 from runtime.process import ForkServer, SpawnedWorker, SupervisedForkServer, WorkerProcess
 from runtime.reply import Reply, bounded_log, check_failure, check_reply, protocol_error
 from runtime.supply import WorkerSupply
+from runtime.workdir import claim_workdir
 from sandbox.wire import Frame
 
 logger = logging.getLogger(__name__)
@@ -388,8 +386,8 @@ async def open_pool(
         # Everything available is applied, required or not.
         "layers": sorted(layer for layer, status in isolation.items() if status.active),
     }
-    workdir = Path(tempfile.mkdtemp(prefix="valrun-workers-"))
-    workdir.chmod(0o711)  # workers run as another user; they need to reach their own dir
+    claimed = claim_workdir()
+    workdir = claimed.path
     inherit = config.pool.inherit_worker_stderr
     max_body = config.limits.max_response_body_bytes
     try:
@@ -443,4 +441,4 @@ async def open_pool(
                         await fork_server.aclose()
                 nursery.cancel_scope.cancel()
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        claimed.remove()

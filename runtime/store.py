@@ -21,7 +21,13 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 import trio
 
-from runtime.errors import BadRequestError, ConflictError, NotFoundError
+from runtime.errors import (
+    BadRequestError,
+    ConflictError,
+    NotFoundError,
+    StorageFullError,
+    StoreUnavailableError,
+)
 from runtime.hosts import USER_RE
 
 P = ParamSpec("P")
@@ -85,6 +91,11 @@ CREATE TABLE IF NOT EXISTS runs (
     error_message TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_bucket ON runs (val_id, user_id, id);
+-- One row, rewritten by the write probe (Store.check_writable): proof the store takes writes.
+CREATE TABLE IF NOT EXISTS health (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_at REAL NOT NULL
+);
 """
 
 
@@ -129,6 +140,11 @@ class Record:
     error_type: str | None = None
     error_message: str | None = None
 
+    @property
+    def size_bytes(self) -> int:
+        """What it weighs against store.max_runs_bytes: its log and its error message."""
+        return len(self.log.encode()) + len((self.error_message or "").encode())
+
     def to_json(self) -> dict[str, object]:
         error = None
         if self.error_type is not None:
@@ -159,9 +175,30 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        if "bytes" not in columns:  # a store made before the global ceiling on records
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("ALTER TABLE runs ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0")
+                self._db.execute(
+                    "UPDATE runs SET bytes = length(CAST(log AS BLOB)) "
+                    "+ coalesce(length(CAST(error_message AS BLOB)), 0)"
+                )
+        # Covering: the sum of all sizes and the walk from the oldest read only this index,
+        # never the records' (possibly 64 KiB) logs.
+        self._db.execute("CREATE INDEX IF NOT EXISTS runs_sizes ON runs (id, bytes)")
 
     def close(self) -> None:
         self._db.close()
+
+    def check_writable(self) -> None:
+        """Commit one small write, or raise the sqlite3.Error that says why it cannot be."""
+        self._write(
+            [("INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)", (time.time(),))]
+        )
 
     def _write(self, sql_and_params: list[tuple[str, tuple[object, ...]]]) -> list[sqlite3.Cursor]:
         with self._db:  # one transaction: all or nothing
@@ -375,9 +412,10 @@ class Store:
 
     # Invocation records
 
-    def add_runs(self, records: list[Record], keep: int) -> None:
+    def add_runs(self, records: list[Record], keep: int, max_bytes: int | None = None) -> None:
         """Write records and trim each affected bucket to its newest `keep`, in one
-        transaction."""
+        transaction; with `max_bytes`, trim the oldest of all records too, to keep their
+        logs and messages under it."""
         buckets: set[tuple[int | None, int | None]] = set()
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
@@ -390,9 +428,9 @@ class Store:
                     # The val may have been deleted since: then its record goes with it.
                     cur = self._db.execute(
                         "INSERT INTO runs (val_id, source, version, started_at, duration_ms, "
-                        "status, log, error_type, error_message) "
-                        "SELECT id, ?, ?, ?, ?, ?, ?, ?, ? FROM vals WHERE id = ?",
-                        (*values, r.val_id),
+                        "status, log, error_type, error_message, bytes) "
+                        "SELECT id, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM vals WHERE id = ?",
+                        (*values, r.size_bytes, r.val_id),
                     )
                     if cur.rowcount:
                         buckets.add((r.val_id, None))
@@ -400,9 +438,9 @@ class Store:
                     user_id = self._user_id(r.owner) if r.owner else None
                     self._db.execute(
                         "INSERT INTO runs (user_id, source, version, started_at, duration_ms, "
-                        "status, log, error_type, error_message) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (user_id, *values),
+                        "status, log, error_type, error_message, bytes) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (user_id, *values, r.size_bytes),
                     )
                     buckets.add((None, user_id))
             for val_id, user_id in buckets:
@@ -412,6 +450,21 @@ class Store:
                     "  ORDER BY id DESC LIMIT 1 OFFSET ?)",
                     (val_id, user_id, val_id, user_id, keep),
                 )
+            if max_bytes is not None:
+                self._trim_runs_to(max_bytes)
+
+    def _trim_runs_to(self, max_bytes: int) -> None:
+        (total,) = self._db.execute("SELECT coalesce(sum(bytes), 0) FROM runs").fetchone()
+        if total <= max_bytes:
+            return
+        # Down to 90 %, so a store at its ceiling is not trimmed on every batch.
+        excess, last = total - max_bytes * 9 // 10, None
+        for run_id, size in self._db.execute("SELECT id, bytes FROM runs ORDER BY id"):
+            excess -= size
+            last = run_id
+            if excess <= 0:
+                break
+        self._db.execute("DELETE FROM runs WHERE id <= ?", (last,))
 
     def _user_id(self, name: str) -> int | None:
         row = self._db.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()
@@ -432,6 +485,30 @@ class Store:
         user = self.user(owner)
         sql = self._RUN_SELECT + "WHERE val_id IS NULL AND user_id = ? ORDER BY id DESC LIMIT ?"
         return [Record(*row) for row in self._db.execute(sql, (owner, user.id, limit))]
+
+
+# Result codes (sqlite3 sqlite_errorcode & 0xFF, https://sqlite.org/rescode.html) that mean
+# the disk, not valrun nor the request, is at fault.
+SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = 8, 10, 13, 14
+
+
+def store_error(exc: sqlite3.Error) -> Exception:
+    """An sqlite3 error as the HTTP error a client should see: 507 for a full disk, 503 for
+    a store that cannot be written; anything else stays what it was (a bug: 500)."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code == SQLITE_FULL:
+        return StorageFullError(
+            f"the disk that holds valrun's store is full ({exc}): nothing was saved; "
+            "reads and invocations still work",
+            headers=(("retry-after", "60"),),
+        )
+    if code in (SQLITE_READONLY, SQLITE_IOERR, SQLITE_CANTOPEN):
+        return StoreUnavailableError(
+            f"valrun's store cannot be written right now ({exc}): nothing was saved; "
+            "reads and invocations still work",
+            headers=(("retry-after", "60"),),
+        )
+    return exc
 
 
 class AsyncStore:
@@ -466,6 +543,11 @@ class AsyncStore:
             return await trio.to_thread.run_sync(
                 lambda: method(self.store, *args, **kwargs), limiter=self._limiter
             )
+        except sqlite3.Error as exc:
+            error = store_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
         finally:
             if method in self.INVALIDATES:
                 self._generation += 1
