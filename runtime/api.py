@@ -34,6 +34,7 @@ from runtime.errors import (
     PayloadTooLargeError,
     UnauthorizedError,
 )
+from runtime.health import Health
 from runtime.hosts import USER_RE, VAL_RE, val_host
 from runtime.http import HTTPRequest, HTTPResponse
 from runtime.metrics import Metrics
@@ -227,6 +228,7 @@ class Api:
         self.run_api = run_api
         self.recorder = recorder
         self.metrics = metrics
+        self.health = Health(pool, recorder, store)
 
     async def handle(self, request: HTTPRequest) -> HTTPResponse:
         server = self.config.server
@@ -282,8 +284,15 @@ class Api:
             "facade_imports": {"active": True, "detail": "imports are vetted facades only"},
             **self.pool.isolation,
         }
+        problems = await self.health.problems()
         return HTTPResponse.json(
-            {"status": "ok", "isolation": isolation, "workers": self.pool.gauges()}
+            {
+                "status": "degraded" if problems else "ok",
+                **({"problems": problems} if problems else {}),
+                "isolation": isolation,
+                "workers": self.pool.gauges(),
+            },
+            503 if problems else 200,
         )
 
     async def serve_metrics(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:

@@ -71,6 +71,7 @@ class Recorder:
         #: Set while the store refuses records (a full or read-only disk); for /healthz.
         self.failing_since = 0.0
         self.failures = 0
+        self.written_at = 0.0  # when records were last written: the store took writes then
         self._trimmed_at = -TRIM_EVERY_S
 
     @property
@@ -110,6 +111,7 @@ class Recorder:
                 )
                 if trim:
                     self._trimmed_at = now
+                self.written_at = trio.current_time()
             except (StorageFullError, StoreUnavailableError) as exc:
                 # The disk, not the records: keep them (within the queue's bounds) and retry.
                 self._requeue(batch)

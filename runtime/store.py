@@ -194,6 +194,11 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
+    @property
+    def changes(self) -> int:
+        """Rows written through this connection so far (sqlite3's total_changes)."""
+        return self._db.total_changes
+
     def check_writable(self) -> None:
         """Commit one small write, or raise the sqlite3.Error that says why it cannot be."""
         self._write(
@@ -530,6 +535,9 @@ class AsyncStore:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        #: When and why a write last failed for want of a writable disk; None once a write
+        #: has succeeded since. For /healthz.
+        self.write_failure: tuple[float, str] | None = None
         self._limiter = trio.CapacityLimiter(1)
         self._resolved: dict[tuple[str, str, int | None], tuple[float, Resolved | None]] = {}
         # Bumped by every invalidating write: a resolve that started before the write must
@@ -539,19 +547,24 @@ class AsyncStore:
     async def run(
         self, method: Callable[Concatenate[Store, P], R], *args: P.args, **kwargs: P.kwargs
     ) -> R:
+        changes = self.store.changes
         try:
-            return await trio.to_thread.run_sync(
+            result = await trio.to_thread.run_sync(
                 lambda: method(self.store, *args, **kwargs), limiter=self._limiter
             )
         except sqlite3.Error as exc:
             error = store_error(exc)
             if error is exc:
                 raise
+            self.write_failure = (trio.current_time(), str(error))
             raise error from exc
         finally:
             if method in self.INVALIDATES:
                 self._generation += 1
                 self._resolved.clear()
+        if self.store.changes != changes and method is not Store.check_writable:
+            self.write_failure = None  # a real write went through: there is room again
+        return result
 
     async def resolve(self, owner: str, name: str, version: int | None) -> Resolved | None:
         """`Store.resolve`, cached."""

@@ -56,15 +56,20 @@ def cli_command(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "runtime.cli", "--config", str(config), *args]
 
 
-async def start_live(nursery: trio.Nursery, tmp_path: Path, extra_config: str = "") -> LiveValrun:
+async def start_live(
+    nursery: trio.Nursery, tmp_path: Path, extra_config: str = "", *, tmpdir: Path | None = None
+) -> LiveValrun:
+    """`tmpdir`: the front end's temporary folder (TMPDIR), where its workers' directory goes."""
     config = write_config(tmp_path, extra_config)
     store = Store(tmp_path / "valrun.db")
-    token = store.create_user("alice")
+    token = store.create_token("alice") if store.user_exists("alice") else store.create_user("alice")
     store.close()
+    env = {**os.environ, **({"TMPDIR": str(tmpdir)} if tmpdir is not None else {})}
     process = await trio.lowlevel.open_process(
         cli_command(config, "serve", "--bind", "127.0.0.1:0"),
         stderr=subprocess.PIPE,
         cwd=tmp_path,
+        env=env,
     )
     assert process.stderr is not None
     lines: list[str] = []
