@@ -62,7 +62,8 @@ async def start_live(
     """`tmpdir`: the front end's temporary folder (TMPDIR), where its workers' directory goes."""
     config = write_config(tmp_path, extra_config)
     store = Store(tmp_path / "valrun.db")
-    token = store.create_token("alice") if store.user_exists("alice") else store.create_user("alice")
+    exists = store.user_exists("alice")
+    token = store.create_token("alice") if exists else store.create_user("alice")
     store.close()
     env = {**os.environ, **({"TMPDIR": str(tmpdir)} if tmpdir is not None else {})}
     process = await trio.lowlevel.open_process(

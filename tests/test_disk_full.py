@@ -54,7 +54,9 @@ async def start(nursery: trio.Nursery, db_path: Path) -> Service:
     tokens = {"alice": store.create_user("alice")}
     store.close()
     with trio.fail_after(20):
-        urls = await nursery.start(lambda task_status: serve_valrun(config, task_status=task_status))
+        urls = await nursery.start(
+            lambda task_status: serve_valrun(config, task_status=task_status)
+        )
     port = int(urls[0].rpartition(":")[2])
     client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30)
     return Service(config, port, client, tokens, db_path)

@@ -25,9 +25,7 @@ async def test_a_second_sigterm_cuts_the_grace_short_but_not_the_shutdown(
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     with trio.fail_after(60):
-        live = await start_live(
-            nursery, tmp_path, "[limits]\nwall_time_s = 60.0\n", tmpdir=tmpdir
-        )
+        live = await start_live(nursery, tmp_path, "[limits]\nwall_time_s = 60.0\n", tmpdir=tmpdir)
         statuses: list[int | str] = []
         async with httpx.AsyncClient(timeout=60) as client:
             await put_val(client, live, "slow", SLOW)
@@ -47,6 +45,8 @@ async def test_a_second_sigterm_cuts_the_grace_short_but_not_the_shutdown(
                 fork_server, workers = live.fork_server_pid(), live.worker_pids()
                 assert len(workdirs(tmpdir)) == 1
                 live.process.send_signal(signal.SIGTERM)
+                while not any("received SIGTERM" in line for line in live.stderr):
+                    await trio.sleep(0.02)  # the first one is being acted on
                 live.process.send_signal(signal.SIGTERM)
                 await live.process.wait()
         # Orderly: a clean exit, the records written, nothing left behind.
