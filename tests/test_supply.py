@@ -8,6 +8,7 @@ import logging
 import os
 import resource
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,10 +106,17 @@ def pids_cgroup(pid: int) -> Iterator[Path]:
     try:
         (group / "cgroup.procs").write_text(str(pid))
         yield group
-    finally:  # it and the workers it forked meanwhile
-        for member in (group / "cgroup.procs").read_text().split():
-            with contextlib.suppress(OSError):
-                (PIDS_CGROUPS / "cgroup.procs").write_text(member)
+    finally:
+        # It and the workers it forked meanwhile; a worker forked during the move (or a
+        # zombie not yet reaped) needs another round.
+        for _round in range(200):
+            members = (group / "cgroup.procs").read_text().split()
+            if not members:
+                break
+            for member in members:
+                with contextlib.suppress(OSError):
+                    (PIDS_CGROUPS / "cgroup.procs").write_text(member)
+            time.sleep(0.01)
         group.rmdir()
 
 
