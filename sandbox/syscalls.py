@@ -44,8 +44,6 @@ def prctl(option: int, *args: object) -> int:
 
 
 # prctl(2) options, <linux/prctl.h>.
-PR_SET_PDEATHSIG = 1
-PR_GET_PDEATHSIG = 2
 PR_SET_DUMPABLE = 4
 PR_GET_SECCOMP = 21
 PR_SET_SECCOMP = 22

@@ -80,16 +80,20 @@ async def start_live(
     async def read_stderr() -> None:
         assert process.stderr is not None
         pending = b""
-        async for chunk in process.stderr:
-            pending += chunk
-            *complete, pending = pending.split(b"\n")
-            for line in complete:
-                text = line.decode(errors="replace")
-                lines.append(text)
-                if (match := SERVING_RE.search(text)) and not found:
-                    found.append(int(match.group(1)))
-                    port.set()
-        port.set()  # exited before serving: the caller sees no port
+        try:
+            async for chunk in process.stderr:
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for line in complete:
+                    text = line.decode(errors="replace")
+                    lines.append(text)
+                    if (match := SERVING_RE.search(text)) and not found:
+                        found.append(int(match.group(1)))
+                        port.set()
+        finally:  # the test is over (or failed): no valrun of its outlives it
+            port.set()  # exited before serving: the caller sees no port
+            if process.returncode is None:
+                process.kill()
 
     nursery.start_soon(read_stderr)
     with trio.fail_after(30):

@@ -73,7 +73,7 @@ async def test_fork_server_killed_is_restarted() -> None:
             zygote = pool.fork_server.server
             os.kill(zygote.process.pid, signal.SIGKILL)
             await zygote.gone.wait()
-            # Ready workers died with it (PR_SET_PDEATHSIG); new vals still get workers.
+            # A new fork server makes the next workers; new vals still get them.
             for val_id in (2, 3, 4):
                 assert await body(pool, spec(val_id)) == b"1"
             assert pool.fork_server.restarts == 1
