@@ -36,7 +36,10 @@ class LiveValrun:
         return {"host": f"alice-{val}.web.localhost:{self.port}"}
 
     def fork_server_pid(self) -> int:
-        (pid,) = children(self.process.pid)
+        """Of the front end's children, the one in its network namespace (it also adopts the
+        workers of a fork server that died; those have a namespace of their own)."""
+        net = os.readlink(f"/proc/{self.process.pid}/ns/net")
+        (pid,) = [p for p in children(self.process.pid) if _net(p) == net]
         return pid
 
     def worker_pids(self) -> list[int]:
@@ -123,6 +126,13 @@ def children(pid: int) -> list[int]:
         except FileNotFoundError:
             continue
     return found
+
+
+def _net(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
 
 
 def alive(pid: int) -> bool:
