@@ -435,6 +435,8 @@ async def open_pool(
             pool.isolation = health(isolation) if worker_command is None else {}
             try:
                 async with trio.open_nursery() as background:
+                    if fork_server is not None:
+                        await background.start(fork_server.serve_restarts)
                     await background.start(pool.serve_prewarm)
                     await background.start(pool.serve_idle_expiry)
                     try:

@@ -446,7 +446,27 @@ class SupervisedForkServer:
                 logger.error("the fork server died; starting a new one")
                 if old.process.returncode is None:
                     old.process.kill()
+                self.server = None  # said once: a start that fails below does not repeat it
             return await self.start()
+
+    async def serve_restarts(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Replace a fork server as soon as it dies, not when a request next needs one: while
+        it is down, /healthz says so."""
+        task_status.started()
+        failing = False
+        while True:
+            server = self.server
+            if server is not None and not server.closed:
+                await server.gone.wait()
+            try:
+                await self._current()
+            except ForkServerError as exc:
+                if not failing:
+                    logger.error("%s; retrying every second", exc)
+                failing = True
+                await trio.sleep(1)
+            else:
+                failing = False
 
     async def spawn(self) -> WorkerProcess:
         for _attempt in range(2):

@@ -90,7 +90,8 @@ class Recorder:
             self._batch_ready.set()
 
     async def flush(self) -> None:
-        """Write every queued record; when this returns, all records added before are stored."""
+        """Write every queued record; when this returns, all records added before are stored,
+        unless the store refused them (a full or read-only disk): then they wait for a retry."""
         async with self._lock:
             if self._dropped:
                 logger.warning(
