@@ -53,6 +53,9 @@ def remove_stale_workdirs(tmp: Path) -> int:
     """Remove every workers' directory in `tmp` whose front end is gone; how many."""
     removed = 0
     for path in tmp.glob(PREFIX + "*"):
+        # Only real directories of this user: a shared /tmp may hold anyone's look-alikes.
+        if path.is_symlink() or not path.is_dir() or path.stat().st_uid != os.geteuid():
+            continue
         try:
             fd = os.open(path / OWNER, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError:

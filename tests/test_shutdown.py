@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import signal
 import sqlite3
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from runtime.workdir import OWNER, remove_stale_workdirs
 from tests.live import alive, put_val, start_live
 from tests.test_containment import sleeping
 
@@ -80,3 +83,24 @@ async def test_a_killed_front_end_s_workers_directory_goes_at_the_next_start(
         second.process.terminate()
         await second.process.wait()
         assert workdirs(tmpdir) == []
+
+
+def test_only_directories_whose_owner_is_gone_are_removed(tmp_path: Path) -> None:
+    def workdir(name: str, *, owner: bool) -> Path:
+        path = tmp_path / f"valrun-workers-{name}"
+        path.mkdir()
+        if owner:
+            (path / OWNER).touch()
+        return path
+
+    dead = workdir("dead", owner=True)
+    running = workdir("running", owner=True)
+    unknown = workdir("unknown", owner=False)  # being made, or an older valrun's
+    (tmp_path / "valrun-workers-link").symlink_to(running)
+    held = os.open(running / OWNER, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        assert remove_stale_workdirs(tmp_path) == 1
+    finally:
+        os.close(held)
+    assert not dead.exists() and running.exists() and unknown.exists()
