@@ -22,7 +22,7 @@ from runtime.config import Config, load_config, with_bind
 from runtime.demo import seed_demo
 from runtime.errors import ConfigError, HTTPError, StartupError
 from runtime.server import serve_until_signalled
-from runtime.startup import explain, lone_error, store_problem
+from runtime.startup import explain, store_problem
 from runtime.store import Store
 
 logger = logging.getLogger("valrun")
@@ -46,12 +46,9 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     try:
         trio.run(main)
     except Exception as exc:
+        # What the operator must fix is one line; anything else is a bug, and its traceback
+        # is what a bug report needs.
         message = explain(exc, config)
-        if message is None and not args.debug:
-            message = (
-                f"stopped by an unexpected error: {type(lone_error(exc)).__name__}: "
-                f"{lone_error(exc)} (run with --debug for the traceback)"
-            )
         if message is None or args.debug:
             raise
         raise StartupError(message) from None
