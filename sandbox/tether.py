@@ -11,32 +11,32 @@ SIGIO is ignored, so the arrival of the next request costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import select
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 
-def tether(fd: int) -> None:
-    """Arrange for SIGIO on `fd`'s activity; ignored until `ends_at_eof` is entered."""
-    signal.signal(signal.SIGIO, signal.SIG_IGN)
-    fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+class Tether:
+    """A worker's socket whose hang-up ends the worker: `with tether:` while a val runs."""
 
-
-@contextmanager
-def ends_at_eof(fd: int | None) -> Iterator[None]:
-    """While inside, the peer's hang-up (or any data) on a tethered `fd` ends this process."""
-    if fd is None:
-        yield
-        return
-    signal.signal(signal.SIGIO, signal.SIG_DFL)
-    # A hang-up that came while SIGIO was still ignored sent nothing: look once.
-    if select.select([fd], [], [], 0)[0]:
-        os._exit(0)
-    try:
-        yield
-    finally:
+    def __init__(self, fd: int) -> None:
         signal.signal(signal.SIGIO, signal.SIG_IGN)
+        fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+
+    def __enter__(self) -> None:
+        signal.signal(signal.SIGIO, signal.SIG_DFL)
+        # A hang-up that came while SIGIO was still ignored sent nothing: look once.
+        if self._poll.poll(0):
+            os._exit(0)
+
+    def __exit__(self, *exc_info: object) -> None:
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
+
+
+#: For a worker without a tether (one spawned directly, in tests): nothing to arm.
+UNTETHERED = contextlib.nullcontext()

@@ -24,7 +24,7 @@ from sandbox.evaluate import EVAL_NAME, compile_eval, evaluate
 from sandbox.http import Request, dumps_json, to_response
 from sandbox.limits import WorkerLimits, apply_limits, arm_cpu_limit
 from sandbox.policy import LogBuffer, check_source_size, load_val, val_filename
-from sandbox.tether import ends_at_eof, tether
+from sandbox.tether import UNTETHERED, Tether
 from sandbox.wire import Frame, FrameDecoder, ProtocolError, read_frame, write_frame
 
 
@@ -180,9 +180,7 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False, tethered: boo
     """Load one val, then serve it until EOF. `confined`: the process limits are in force
     already (the fork server's sandbox.confine set them); otherwise apply them here.
     `tethered`: `inp` is a socket whose hang-up ends the worker even while a val runs."""
-    tether_fd = inp.fileno() if tethered else None
-    if tether_fd is not None:
-        tether(tether_fd)
+    tether = Tether(inp.fileno()) if tethered else UNTETHERED
     decoder = FrameDecoder()
     load = read_frame(inp, decoder)
     if load is None:
@@ -205,7 +203,7 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False, tethered: boo
     log = LogBuffer(limits.max_log_bytes)
     source = load.body.decode("utf-8", errors="replace")
     try:
-        with ends_at_eof(tether_fd):
+        with tether:
             export = load_export(mode, source, name, env, log, limits.max_source_bytes)
     except BaseException as exc:  # a val that fails to load is one error reply, then exit
         write_frame(
@@ -218,7 +216,7 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False, tethered: boo
     while (frame := read_frame(inp, decoder)) is not None:
         if not isinstance(frame.op, str) or frame.op not in serve_op:
             raise BadMessageError(f"unknown op {frame.op!r}")
-        with ends_at_eof(tether_fd):
+        with tether:
             reply = serve_op[frame.op](frame)
         # A worker that is out of memory or near its life's CPU budget says so and exits
         # after this reply; the front end never sends it another request.
