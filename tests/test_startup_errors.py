@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from runtime.config import check_bind
+from runtime.errors import ConfigError
 from runtime.store import Store
 
 NOBODY = 65534
@@ -169,3 +171,26 @@ async def test_debug_shows_the_traceback(root: Path) -> None:
     result = await run_cli(root, CASES["database_is_a_directory"], "--debug")
     assert result.returncode != 0
     assert "Traceback" in result.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        *("127.0.0.1:0", "0.0.0.0:80", "[::1]:8080", "[::]:80", "localhost:8080"),
+        *("unix:/run/v.sock", "fd://3"),
+    ],
+)
+def test_bind_addresses_that_can_be_listened_on(address: str) -> None:
+    check_bind(address)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        *("127.0.0.1", "localhost", "::1:80", "[::1]", "[]:80", "host:", ":80", "h:65536"),
+        *("h:-1", "h:http", "unix:", "fd://", "fd://x", ""),
+    ],
+)
+def test_bind_addresses_without_a_usable_port_are_refused(address: str) -> None:
+    with pytest.raises(ConfigError, match="not an address to listen on"):
+        check_bind(address)
