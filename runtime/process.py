@@ -3,6 +3,7 @@
 Two kinds, one interface (`WorkerProcess`):
 - `ForkedWorker`: made by the fork server (sandbox/forkserver.py), the normal path. The front
   end holds the worker's socket and a pidfd; the fork server reaps it and reports its exit.
+  If the fork server dies, its workers live on: the front end, their subreaper, reaps them.
 - `SpawnedWorker`: a direct subprocess running any command; used to test the front end
   against fake, hostile workers.
 
