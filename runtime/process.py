@@ -346,6 +346,7 @@ class ForkServer:
             for worker in self.workers.values():
                 self._nursery.start_soon(worker.reap_orphan)
             self.workers.clear()
+            self._nursery.start_soon(self.process.wait)  # no zombie fork server either
             # A worker spawned for a request that gave up waiting (a timeout) was never
             # handed out: no one else will ever close it.
             while True:
