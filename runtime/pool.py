@@ -97,7 +97,9 @@ class Pool:
         self.limits = config.limits
         self.nursery = nursery
         self.factory = factory
-        self.supply = WorkerSupply(factory, timeout_s=config.pool.load_timeout_s)
+        self.supply = WorkerSupply(
+            factory, timeout_s=config.pool.load_timeout_s, on_failure=self._wake_prewarm
+        )
         self._vals: dict[SlotKey, _ValPool] = {}
         self._warm_count = 0
         # Woken whenever a warm worker becomes idle or goes away. A parking lot, not an
@@ -345,13 +347,19 @@ class Pool:
         """Keep `prewarm_workers` generic workers ready."""
         task_status.started()
         while True:
-            while len(self._ready) < self.config.pool.prewarm_workers:
+            # While the supply fails, this task is what retries it, even with every ready
+            # worker in place (a request found none to spare): until it works again, requests
+            # that need a new worker get 503 and /healthz says degraded.
+            while len(self._ready) < self.config.pool.prewarm_workers or self.supply.failing:
                 try:
                     self._ready.append(await self.supply.get())
                 except OverloadedError:  # logged by the supply, once per outage
                     await self.supply.wait_to_retry()
             self._want_ready = trio.Event()
             await self._want_ready.wait()
+
+    def _wake_prewarm(self) -> None:
+        self._want_ready.set()
 
     async def serve_idle_expiry(self, *, task_status: trio.TaskStatus[None]) -> None:
         timeout = self.config.pool.idle_timeout_s

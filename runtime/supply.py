@@ -32,9 +32,17 @@ MAX_BACKOFF_S = 1.0
 
 
 class WorkerSupply:
-    def __init__(self, make: Callable[[], Awaitable[WorkerProcess]], *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        make: Callable[[], Awaitable[WorkerProcess]],
+        *,
+        timeout_s: float,
+        on_failure: Callable[[], None] = lambda: None,
+    ) -> None:
         self._make = make
         self.timeout_s = timeout_s
+        #: Called at each failure: whoever retries in the background must know.
+        self._on_failure = on_failure
         self.failures = 0  # consecutive failed attempts; 0 while healthy
         self.reason = ""
         self._failing_since = 0.0
@@ -80,6 +88,7 @@ class WorkerSupply:
             )
         self.failures += 1
         self.reason = reason
+        self._on_failure()
         self._retry_at = now + min(MAX_BACKOFF_S, MIN_BACKOFF_S * 2 ** (self.failures - 1))
 
     def _unavailable(self) -> OverloadedError:

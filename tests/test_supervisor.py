@@ -63,6 +63,8 @@ async def test_healthz_is_503_while_workers_cannot_be_started(
             async def health() -> httpx.Response:
                 return await client.get("/healthz", headers=live.api_headers())
 
+            while (await health()).json()["workers"]["ready"] < 1:  # prewarmed
+                await trio.sleep(0.02)
             assert (await health()).status_code == 200
             with pids_cgroup(live.fork_server_pid()) as group:
                 (group / "pids.max").write_text("1")

@@ -18,7 +18,8 @@ import trio
 from runtime.config import Config, LimitsConfig, PoolConfig
 from runtime.errors import HTTPError, OverloadedError
 from runtime.pool import Pool, open_pool
-from runtime.process import ForkServer
+from runtime.process import ForkServer, ForkServerError, WorkerProcess
+from tests.fakes.memory_worker import MemoryWorker
 from tests.test_pool import body, spec
 
 CONFIG = Config(
@@ -179,3 +180,27 @@ async def test_out_of_descriptors_is_503_not_a_crash_and_recovers() -> None:
                 assert "descriptors" in pool.supply.reason
             await until_ok(pool, 3)
             assert await body(pool, spec(1)) == b"2"  # the warm worker served on throughout
+
+
+async def test_the_supply_recovers_by_itself_even_with_every_ready_worker_in_place() -> None:
+    # A request found no worker to spare and the supply failed; the prewarm task, its ready
+    # list full, must still be the one that retries, or an idle service stays degraded.
+    broken = False
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def factory() -> WorkerProcess:
+                if broken:
+                    raise ForkServerError("the fork server exited")
+                return MemoryWorker(nursery, 0.0)
+
+            pool = Pool(Config(pool=PoolConfig(prewarm_workers=1)), nursery, factory)
+            await nursery.start(pool.serve_prewarm)
+            await ready(pool)
+            broken = True
+            with pytest.raises(OverloadedError):
+                await pool.supply.get()  # as a request that needed one more worker
+            broken = False
+            while pool.supply.failing:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
