@@ -4,9 +4,12 @@ The front end holds the other end of the worker's socket. While the worker waits
 request, the front end's end-of-file (its exit, crash or `send_eof`) ends the read loop. But
 while a val runs (`sleep(40)`, a loop), nothing reads the socket. So the socket is put in
 async mode (O_ASYNC, fcntl(2)): the kernel sends this process SIGIO when the socket becomes
-readable or its peer hangs up. While a val runs, SIGIO keeps its default action (terminate)
-and the front end sends nothing but, at most, its EOF; while the worker waits for a frame,
-SIGIO is ignored, so the arrival of the next request costs nothing.
+readable or its peer hangs up. While a val runs, the front end sends nothing but, at most, its
+EOF, so a SIGIO that finds the socket readable means the end: the handler exits at once. (The
+kernel also sends SIGIO when room frees up in the send buffer, after a large reply: then the
+socket is not readable and the val goes on. A `sleep` is interrupted by the signal; a long
+computation in C sees it when it returns, within the CPU limit.) While the worker waits for a
+frame, SIGIO is ignored, so the arrival of the next request costs nothing.
 """
 
 from __future__ import annotations
@@ -29,13 +32,16 @@ class Tether:
         self._poll.register(fd, select.POLLIN)
 
     def __enter__(self) -> None:
-        signal.signal(signal.SIGIO, signal.SIG_DFL)
+        signal.signal(signal.SIGIO, self._on_io)
         # A hang-up that came while SIGIO was still ignored sent nothing: look once.
-        if self._poll.poll(0):
-            os._exit(0)
+        self._on_io(signal.SIGIO, None)
 
     def __exit__(self, *exc_info: object) -> None:
         signal.signal(signal.SIGIO, signal.SIG_IGN)
+
+    def _on_io(self, signum: int, frame: object) -> None:
+        if self._poll.poll(0):  # readable: the front end hung up (nothing else comes now)
+            os._exit(0)
 
 
 #: For a worker without a tether (one spawned directly, in tests): nothing to arm.
