@@ -23,6 +23,7 @@ from runtime.auth import (
 from runtime.config import Config
 from runtime.errors import BadRequestError, ForbiddenError, NotFoundError, PayloadTooLargeError
 from runtime.follow import Followers, parse_follow
+from runtime.health import Health
 from runtime.hosts import val_host
 from runtime.http import HTTPRequest, HTTPResponse
 from runtime.metrics import Metrics
@@ -82,6 +83,7 @@ class Api:
         self.save_checks = SaveChecks(config, pool, store)
         #: A user's storage use, for /v1/me (runtime.storage_api).
         self.usage = usage
+        self.health = Health(pool, recorder, store)
 
     def url_for(self, request: HTTPRequest, val: ValVersion) -> str:
         port = request.port
@@ -122,13 +124,16 @@ class Api:
             "facade_imports": {"active": True, "detail": "imports are vetted facades only"},
             **self.pool.isolation,
         }
+        problems = await self.health.problems()
         return HTTPResponse.json(
             {
-                "status": "ok",
+                "status": "degraded" if problems else "ok",
+                **({"problems": problems} if problems else {}),
                 "isolation": isolation,
                 "workers": self.pool.gauges(),
                 "log_followers": self.followers.waiting,
-            }
+            },
+            503 if problems else 200,
         )
 
     async def serve_metrics(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:

@@ -19,6 +19,7 @@ from runtime.config import Config, ServerConfig
 from runtime.cors import finalize_cors
 from runtime.errors import BadRequestError, HTTPError, NotFoundError, StoreError, http_error
 from runtime.forwarded import client_address, parse_networks
+from runtime.headers import check_request_headers
 from runtime.hosts import ApiHost, Route, UnknownHost, ValHost, route_host
 from runtime.http import (
     HTTPRequest,
@@ -115,6 +116,13 @@ class App:
                 host = server.api_host  # whatever the probe sent (an address, nothing)
             else:
                 route = route_host(host, server.api_host, server.web_domain)
+            check_request_headers(
+                scope["method"],
+                scope.get("raw_path") or scope["path"].encode(),
+                scope["query_string"],
+                scope["headers"],
+                self.config.limits,
+            )
             if isinstance(route, ValHost):
                 label = "web"
             elif isinstance(route, UnknownHost):

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -33,9 +34,10 @@ from runtime.config import (
     with_secret_key_from_env,
 )
 from runtime.demo import seed_demo
-from runtime.errors import ValrunError
+from runtime.errors import StartupError, ValrunError
 from runtime.sealing import Sealer
-from runtime.server import serve_valrun
+from runtime.server import serve_until_signalled
+from runtime.startup import explain, store_problem
 from runtime.store import Store
 
 DESCRIPTION = """\
@@ -54,16 +56,6 @@ NEW_SECRET_KEY_ENV = "VALRUN_NEW_SECRET_KEY"
 logger = logging.getLogger("valrun")
 
 
-async def _wait_for_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            logger.info(
-                "received %s: finishing in-flight requests, then stopping",
-                signal.Signals(signum).name,
-            )
-            return
-
-
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     if args.bind:
         config = with_bind(config, tuple(args.bind))
@@ -78,14 +70,18 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            urls = await nursery.start(
-                lambda task_status: serve_valrun(
-                    config, shutdown_trigger=_wait_for_signal, task_status=task_status
-                )
-            )
+            urls = await nursery.start(serve_until_signalled, config)
             logger.info("valrun is serving on %s", ", ".join(urls))
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except Exception as exc:
+        # What the operator must fix is one line; anything else is a bug, and its traceback
+        # is what a bug report needs.
+        message = explain(exc, config)
+        if message is None or args.debug:
+            raise
+        raise StartupError(message) from None
     return 0
 
 
@@ -202,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=api_options,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", parents=store_options, help="run the service")
@@ -403,6 +400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(path) if path else resolve_store_path(Config(), Path.cwd())
         config = with_secret_key_from_env(config)
         return int(args.func(config, args))
+    except StartupError as exc:
+        print(f"valrun: {exc}", file=sys.stderr)
+        return 1
     except ValrunError as exc:
         print(f"valrun: {exc}", file=sys.stderr)
         return 2
@@ -411,6 +411,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # SIGPIPE would, without a traceback (and without Python's own complaint at exit).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    except sqlite3.Error as exc:  # the admin commands open the store directly
+        if args.debug:
+            raise
+        db = config.store.sqlite_path
+        print(f"valrun: cannot use the database {db}: {store_problem(db, exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

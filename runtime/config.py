@@ -26,6 +26,26 @@ MIN_SECRET_KEY_CHARS = 32
 SECRET_KEY_ENV = "VALRUN_SECRET_KEY"
 
 
+def check_bind(address: str) -> None:
+    """`HOST:PORT`, `[IPV6]:PORT`, `unix:PATH` or `fd://N`, or a ConfigError naming it.
+
+    Strict where hypercorn is lenient: it serves `127.0.0.1` (no port) on :8000, which
+    nobody who wrote that meant.
+    """
+    if address.startswith("unix:") and len(address) > len("unix:"):
+        return
+    if address.startswith("fd://") and address[len("fd://") :].isdigit():
+        return
+    host, colon, port = address.rpartition(":")
+    # A bare IPv6 address is ambiguous (which colon ends it?): it needs brackets.
+    host_ok = host.endswith("]") and len(host) > 2 if host.startswith("[") else ":" not in host
+    if not colon or not host or not host_ok or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"server.bind {address!r} is not an address to listen on: use HOST:PORT "
+            "('127.0.0.1:8080', '0.0.0.0:80'), '[::1]:8080', 'unix:/path/to.sock' or 'fd://3'"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     bind: tuple[str, ...] = ("127.0.0.1:8080",)
@@ -44,6 +64,9 @@ class ServerConfig:
     #: The one header trusted proxies name the client in: `x-forwarded-for` (nginx, Caddy)
     #: or `forwarded` (RFC 7239).
     forwarded_header: str = "x-forwarded-for"
+    #: Connections the kernel queues before they are accepted (listen(2)); a burst beyond
+    #: it waits a second for the client's SYN retry. Capped by net.core.somaxconn.
+    backlog: int = 4096
 
     def __post_init__(self) -> None:
         if self.forwarded_header not in ("x-forwarded-for", "forwarded"):
@@ -58,6 +81,10 @@ class ServerConfig:
                 ) from None
         if not self.bind:
             raise ConfigError("server.bind needs at least one HOST:PORT")
+        for address in self.bind:
+            check_bind(address)
+        if type(self.backlog) is not int or not 1 <= self.backlog <= 65535:
+            raise ConfigError("server.backlog must be a whole number from 1 to 65535")
         for name in ("api_host", "web_domain"):
             value = getattr(self, name)
             if not is_hostname(value) or value != value.lower() or value.endswith("."):
@@ -88,11 +115,16 @@ class StoreConfig:
     #: When set (here or in $VALRUN_SECRET_KEY), env values are encrypted at rest with a key
     #: derived from it (runtime.secrets). Empty: stored as plain text.
     secret_key: str = field(default="", repr=False)
+    #: All invocation records together (their logs and error messages) stay under this;
+    #: the oldest, whichever val they belong to, go first.
+    max_runs_bytes: int = 256 * MIB
 
     def __post_init__(self) -> None:
         if not self.max_runs_per_val > 0:
             raise ConfigError("store.max_runs_per_val must be positive")
         check_secret_key(self.secret_key, "store.secret_key")
+        if not self.max_runs_bytes > 0:
+            raise ConfigError("store.max_runs_bytes must be positive")
         if not self.url.startswith("sqlite:///"):
             raise ConfigError(f"store.url {self.url!r}: only sqlite:///PATH is supported so far")
 
@@ -108,6 +140,9 @@ class LimitsConfig(WorkerLimits):
 
     wall_time_s: float = 10.0
     max_request_body_bytes: int = 2 * MIB
+    #: A request's header block (request line and header lines), and how many lines.
+    max_request_header_bytes: int = 64 * 1024
+    max_request_headers: int = 100
     max_response_headers: int = 100
     max_response_header_bytes: int = 64 * 1024
 

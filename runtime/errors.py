@@ -8,9 +8,12 @@
     │   ├── InvalidError            a value the store cannot hold (a name, a privacy)  -> 400
     │   ├── ExistsError             a thing that must be new exists already           -> 409
     │   ├── MissingError            a thing that must exist does not                  -> 404
-    │   └── QuotaError              a per-user limit is reached (schedules)            -> 409
+    │   ├── QuotaError              a per-user limit is reached (schedules)            -> 409
+    │   ├── StorageFullError        the store's disk is full                          -> 507
+    │   └── StoreUnavailableError   the store cannot be written (read-only, failing)  -> 503
     ├── StorageRefusedError         a blob or SQL call refused (quota, bad key, SQL error):
     │                               the val gets a StorageError, the API maps its `type`
+    ├── StartupError                valrun cannot start here: port, database, disk (no status)
     └── HTTPError                   anything that becomes an error response
         ├── BadRequestError         400 bad_request, bad_json, bad_name, bad_host
         ├── UnauthorizedError       401 unauthorized
@@ -20,6 +23,7 @@
         ├── ConflictError           409 conflict
         ├── PayloadTooLargeError    413 request_too_large
         ├── TooManyRequestsError    429 too_many_requests (with Retry-After)
+        ├── HeadersTooLargeError    431 headers_too_large
         ├── ClientGoneError         499 client_gone (nobody reads it: for logs and metrics)
         ├── OverloadedError         503 overloaded (with Retry-After)
         ├── WorkerTimeoutError      504 timeout
@@ -61,6 +65,16 @@ class QuotaError(StoreError):
     pass
 
 
+class StorageFullError(StoreError):
+    def __init__(self, message: str, type: str = "storage_full") -> None:
+        super().__init__(message, type)
+
+
+class StoreUnavailableError(StoreError):
+    def __init__(self, message: str, type: str = "store_unavailable") -> None:
+        super().__init__(message, type)
+
+
 class StorageRefusedError(ValrunError):
     """A blob or SQL call that changed nothing: `type` says why (runtime.storage)."""
 
@@ -68,6 +82,10 @@ class StorageRefusedError(ValrunError):
         super().__init__(message)
         self.message = message
         self.type = type
+
+
+class StartupError(ValrunError):
+    pass
 
 
 class HTTPError(ValrunError):
@@ -124,6 +142,10 @@ class TooManyRequestsError(HTTPError):
     status, default_type = 429, "too_many_requests"
 
 
+class HeadersTooLargeError(HTTPError):
+    status, default_type = 431, "headers_too_large"
+
+
 class ClientGoneError(HTTPError):
     # nginx's 499: the client closed the connection before its request was complete.
     status, default_type = 499, "client_gone"
@@ -148,6 +170,13 @@ class WorkerError(HTTPError):
 
 def http_error(error: StoreError) -> HTTPError:
     """The HTTP answer to a store's refusal."""
+    if isinstance(error, StorageFullError | StoreUnavailableError):
+        # RFC 4918 §11.5 (507): the server cannot store what the request needs. Both are the
+        # disk's state, not the request's: retry later.
+        status = 507 if isinstance(error, StorageFullError) else 503
+        refused = HTTPError(error.message, error.type, headers=(("retry-after", "60"),))
+        refused.status = status
+        return refused
     cls: type[HTTPError] = HTTPError
     if isinstance(error, InvalidError):
         cls = BadRequestError

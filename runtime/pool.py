@@ -19,21 +19,26 @@ import dataclasses
 import functools
 import itertools
 import logging
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 
 from runtime.config import Config
 from runtime.errors import HTTPError, OverloadedError, WorkerTimeoutError
 from runtime.isolation import check_required, health, log_table, probe_layers
-from runtime.process import ForkServerHandle, SpawnedWorker, SupervisedForkServer, WorkerProcess
+from runtime.process import (
+    ForkServerHandle,
+    SpawnedWorker,
+    SupervisedForkServer,
+    WorkerProcess,
+    become_subreaper,
+)
 from runtime.reply import Reply, bounded_log, check_failure, check_reply, protocol_error
+from runtime.supply import WorkerSupply
+from runtime.workdir import claim_workdir
 from sandbox.messages import ASKS, Ask, Failure, Invocation, Load, Loaded, MessageError, Mode, parse
 from sandbox.wire import Frame
 
@@ -104,9 +109,14 @@ class Pool:
         self.limits = config.limits
         self.nursery = nursery
         self.factory = factory
+        self.supply = WorkerSupply(
+            factory, timeout_s=config.pool.load_timeout_s, on_failure=self._wake_prewarm
+        )
         self._vals: dict[SlotKey, _ValPool] = {}
         self._warm_count = 0
-        self._room = trio.Event()  # set whenever a warm worker becomes idle or goes away
+        # Woken whenever a warm worker becomes idle or goes away. A parking lot, not an
+        # event each waiter replaces: every waiter is woken, none can be left asleep.
+        self._room = trio.lowlevel.ParkingLot()
         self._ready: list[WorkerProcess] = []
         self._want_ready = trio.Event()
         self._request_ids = itertools.count(1)
@@ -211,7 +221,7 @@ class Pool:
                 return worker
             self._close(worker)  # died ready (with its fork server, say): free its socket
         self.stats["forked_on_demand"] += 1
-        return await self.factory()
+        return await self.supply.get()
 
     def _idle_worker(self, pool: _ValPool) -> _Warm | None:
         """The most recently used idle worker still running (one may have died idle)."""
@@ -235,7 +245,7 @@ class Pool:
                 raise
         except BaseException:
             self._warm_count -= 1
-            self._room.set()
+            self._room.unpark_all()
             raise
         self.stats["cold_starts"] += 1
         return _Warm(worker, pool, trio.current_time(), load_log=load_log)
@@ -251,8 +261,7 @@ class Pool:
                     self.stats["evicted_lru"] += 1
                     self._drop(oldest)
                     continue
-                self._room = trio.Event()
-                await self._room.wait()
+                await self._room.park()
             return
         raise OverloadedError(
             f"all {self.config.pool.max_workers} workers are busy; retry shortly",
@@ -359,7 +368,7 @@ class Pool:
             self._drop(warm)
         else:
             warm.val_pool.idle.append(warm)
-            self._room.set()
+            self._room.unpark_all()
 
     def _grown(self, warm: _Warm) -> bool:
         """True when a worker's memory has grown past the limit (module state that leaks)."""
@@ -373,7 +382,7 @@ class Pool:
 
     def _drop(self, warm: _Warm) -> None:
         self._warm_count -= 1
-        self._room.set()
+        self._room.unpark_all()
         self._close(warm.worker)
 
     def _close(self, worker: WorkerProcess) -> None:
@@ -385,10 +394,19 @@ class Pool:
         """Keep `prewarm_workers` generic workers ready."""
         task_status.started()
         while True:
-            while len(self._ready) < self.config.pool.prewarm_workers:
-                self._ready.append(await self.factory())
+            # While the supply fails, this task is what retries it, even with every ready
+            # worker in place (a request found none to spare): until it works again, requests
+            # that need a new worker get 503 and /healthz says degraded.
+            while len(self._ready) < self.config.pool.prewarm_workers or self.supply.failing:
+                try:
+                    self._ready.append(await self.supply.get())
+                except OverloadedError:  # logged by the supply, once per outage
+                    await self.supply.wait_to_retry()
             self._want_ready = trio.Event()
             await self._want_ready.wait()
+
+    def _wake_prewarm(self) -> None:
+        self._want_ready.set()
 
     async def serve_idle_expiry(self, *, task_status: trio.TaskStatus[None]) -> None:
         timeout = self.config.pool.idle_timeout_s
@@ -411,13 +429,6 @@ class Pool:
                 nursery.start_soon(worker.aclose)
 
 
-def make_workdir() -> Path:
-    """A fresh directory that holds the workers' own directories."""
-    workdir = Path(tempfile.mkdtemp(prefix="valrun-workers-"))
-    workdir.chmod(0o711)  # workers run as another user; they need to reach their own dir
-    return workdir
-
-
 @asynccontextmanager
 async def open_pool(
     config: Config, *, worker_command: tuple[str, ...] | None = None
@@ -436,7 +447,8 @@ async def open_pool(
         # Everything available is applied, required or not.
         "layers": sorted(layer for layer, status in isolation.items() if status.active),
     }
-    workdir = await trio.to_thread.run_sync(make_workdir)
+    claimed = await trio.to_thread.run_sync(claim_workdir)
+    workdir = claimed.path
     inherit = config.pool.inherit_worker_stderr
     max_body = config.limits.max_response_body_bytes
     try:
@@ -446,6 +458,7 @@ async def open_pool(
             fork_server: SupervisedForkServer | None = None
             factory: WorkerFactory
             if worker_command is None:
+                become_subreaper()
                 fork_server = SupervisedForkServer(
                     functools.partial(
                         ForkServerHandle.start,
@@ -454,7 +467,10 @@ async def open_pool(
                         plan=plan,
                         max_body_bytes=max_body,
                         inherit_stderr=inherit,
-                    )
+                    ),
+                    # Two tries fit in the supply's timeout, so a wedged fork server is
+                    # replaced, not merely given up on.
+                    spawn_timeout_s=config.pool.load_timeout_s / 3,
                 )
                 await fork_server.start()
                 factory = fork_server.spawn
@@ -474,6 +490,8 @@ async def open_pool(
             pool.isolation = health(isolation) if worker_command is None else {}
             try:
                 async with trio.open_nursery() as background:
+                    if fork_server is not None:
+                        await background.start(fork_server.serve_restarts)
                     await background.start(pool.serve_prewarm)
                     await background.start(pool.serve_idle_expiry)
                     try:
@@ -487,4 +505,4 @@ async def open_pool(
                         await fork_server.aclose()
                 nursery.cancel_scope.cancel()
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        claimed.remove()

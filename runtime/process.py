@@ -3,6 +3,7 @@
 Two kinds, one interface (`WorkerProcess`):
 - `ForkedWorker`: made by the fork server (sandbox/forkserver.py), the normal path. The front
   end holds the worker's socket and a pidfd; the fork server reaps it and reports its exit.
+  If the fork server dies, its workers live on: the front end, their subreaper, reaps them.
 - `SpawnedWorker`: a direct subprocess running any command; used to test the front end
   against fake, hostile workers.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -29,6 +31,7 @@ import trio
 
 from runtime.errors import WorkerError
 from sandbox.limits import SERVING_NICE
+from sandbox.syscalls import prctl
 from sandbox.wire import Frame, FrameDecoder, FrameTooLargeError, ProtocolError, encode_frame
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ WORKER_COMMAND = (sys.executable, "-I", "-m", "sandbox.worker")
 FORK_SERVER_COMMAND = (sys.executable, "-I", "-m", "sandbox.forkserver")
 RECEIVE_CHUNK_BYTES = 65536
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 
 class WorkerProcess:
@@ -225,23 +229,64 @@ class ForkedWorker(WorkerProcess):
             with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
+    async def reap_orphan(self) -> None:
+        """After its fork server died: wait for this worker's exit and reap it ourselves."""
+        try:
+            await trio.lowlevel.wait_readable(self.pidfd)
+        except trio.Cancelled:  # the service is stopping: it must not outlive it
+            self.kill()
+            raise
+        try:
+            # The front end is the subreaper (runtime.process.become_subreaper): the orphan
+            # is its child now, and waitid gives its real exit status.
+            # The pidfd said it exited: this returns at once.
+            result = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)  # noqa: ASYNC222
+        except ChildProcessError:  # reaped by init instead: how it ended is not known
+            self.exited(-signal.SIGKILL)
+            return
+        if result is None:  # only with WNOHANG, which is not asked for
+            self.exited(-signal.SIGKILL)
+        elif result.si_code == os.CLD_EXITED:
+            self.exited(result.si_status)
+        else:  # killed or dumped: the signal
+            self.exited(-result.si_status)
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants (the workers of a fork server that died) become this process's
+    children, for it to reap, instead of init's (prctl(2) PR_SET_CHILD_SUBREAPER)."""
+    prctl(PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(1))
+
 
 class ForkServerError(Exception):
-    pass
+    """No worker from the fork server: it is gone, wedged, or could not start."""
+
+
+class SpawnFailedError(ForkServerError):
+    """The fork server is fine but could not make this worker (fork failed with EAGAIN at
+    the process limit, descriptors ran out on either side): trying again later may work."""
 
 
 class ForkServerHandle:
     """The front end's handle on sandbox/forkserver.py."""
 
-    def __init__(self, process: trio.Process, control: trio.socket.SocketType, max_body: int):
+    def __init__(
+        self,
+        process: trio.Process,
+        control: trio.socket.SocketType,
+        max_body: int,
+        nursery: trio.Nursery,
+    ):
         self.process = process
+        self._nursery = nursery
         self.control = control
         self.max_body_bytes = max_body
         self.workers: dict[int, ForkedWorker] = {}
         self.closed = False
         self.gone = trio.Event()  # its control channel ended: it and its workers are dead
         self._spawn_lock = trio.Lock()
-        send, self._spawned = trio.open_memory_channel[ForkedWorker](1)
+        # A worker, or why this spawn failed.
+        send, self._spawned = trio.open_memory_channel[ForkedWorker | str](1)
         self._spawned_send = send
 
     @classmethod
@@ -264,7 +309,7 @@ class ForkServerHandle:
                 env={},  # the fork server and its workers never see the front end's secrets
                 cwd=workdir,
             )
-        server = cls(process, trio.socket.from_stdlib_socket(ours), max_body_bytes)
+        server = cls(process, trio.socket.from_stdlib_socket(ours), max_body_bytes, nursery)
         configure = {"op": "configure", "workdir": str(workdir), "plan": plan}
         await server.control.send(json.dumps(configure).encode())
         nursery.start_soon(server._serve_control)
@@ -277,9 +322,17 @@ class ForkServerHandle:
             except OSError as exc:
                 raise ForkServerError(f"the fork server is gone: {exc}") from None
             try:
-                return await self._spawned.receive()
+                spawned = await self._spawned.receive()
             except trio.EndOfChannel:
                 raise ForkServerError("the fork server exited") from None
+            if isinstance(spawned, str):
+                raise SpawnFailedError(spawned)
+            return spawned
+
+    def kill(self) -> None:
+        """Kill a fork server that stopped answering; its control reader then ends."""
+        if self.process.returncode is None:
+            self.process.kill()
 
     async def _serve_control(self) -> None:
         fd_space = socket.CMSG_SPACE(2 * array.array("i").itemsize)
@@ -288,6 +341,9 @@ class ForkServerHandle:
         try:
             with trio.CancelScope(shield=True):
                 await self._read_control(fd_space)
+        except (ValueError, KeyError, TypeError) as exc:  # garbage on the control channel
+            logger.error("the fork server broke its protocol (%s); killing it", exc)
+            self.kill()
         finally:
             self.closed = True
             # close(), not aclose(): this runs while the service is being cancelled, and a
@@ -296,17 +352,32 @@ class ForkServerHandle:
             # A worker whose spawner was cancelled waits in the channel; nobody will take it.
             with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
                 while True:
-                    self._spawned.receive_nowait().discard()
-            # Its workers die with it (PR_SET_PDEATHSIG); nobody will report their exits.
+                    unclaimed = self._spawned.receive_nowait()
+                    if isinstance(unclaimed, ForkedWorker):
+                        unclaimed.discard()
+            # Its workers live on: they finish their requests, and their pidfds still let
+            # the front end kill them at their wall time. The front end, their subreaper
+            # now, reaps them and learns how they ended (nobody else will report it).
             for worker in self.workers.values():
-                worker.exited(-signal.SIGKILL)
+                self._nursery.start_soon(worker.reap_orphan)
+            self.workers.clear()
+            self._nursery.start_soon(self.process.wait)  # no zombie fork server either
+            # A worker spawned for a request that gave up waiting (a timeout) was never
+            # handed out: no one else will ever close it.
+            while True:
+                try:
+                    undelivered = self._spawned.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if not isinstance(undelivered, str):
+                    undelivered.kill()
             self.control.close()
             self.gone.set()
 
     async def _read_control(self, fd_space: int) -> None:
         while True:
             try:
-                message, ancillary, _flags, _addr = await self.control.recvmsg(65536, fd_space)
+                message, ancillary, flags, _addr = await self.control.recvmsg(65536, fd_space)
             except OSError as exc:  # ECONNRESET when it died with our messages unread
                 logger.error("the fork server's control channel failed: %s", exc)
                 return
@@ -314,7 +385,18 @@ class ForkServerHandle:
                 return
             fds = _received_fds(ancillary)
             head = json.loads(message)
-            if head["op"] == "spawned":
+            if head["op"] == "spawn_failed":
+                await self._spawned_send.send(f"the fork server could not fork: {head['error']}")
+            elif head["op"] == "spawned" and (flags & socket.MSG_CTRUNC or len(fds) != 2):
+                # Out of descriptors here: the kernel cut the SCM_RIGHTS message. Whatever
+                # did arrive is closed; the worker sees EOF on its socket and exits.
+                for fd in fds:
+                    os.close(fd)
+                await self._spawned_send.send(
+                    "the front end could not receive the worker's descriptors "
+                    "(out of file descriptors?)"
+                )
+            elif head["op"] == "spawned":
                 sock_fd, pidfd = fds
                 sock = trio.socket.from_stdlib_socket(socket.socket(fileno=sock_fd))
                 worker = ForkedWorker(head["pid"], sock, pidfd, self.max_body_bytes)
@@ -350,15 +432,26 @@ class SupervisedForkServer:
     """A fork server that is started again if it dies, so one lost process (a val that
     escaped and killed its parent, an operator's stray `kill`) cannot take valrun down."""
 
-    def __init__(self, start: Callable[[], Awaitable[ForkServerHandle]]) -> None:
+    def __init__(
+        self, start: Callable[[], Awaitable[ForkServerHandle]], *, spawn_timeout_s: float = 10.0
+    ) -> None:
         self._start = start  # ForkServerHandle.start with its arguments bound
+        self.spawn_timeout_s = spawn_timeout_s
         self.server: ForkServerHandle | None = None
         self.restarts = 0
         self._lock = trio.Lock()  # one restart, however many tasks notice the death
 
     async def start(self) -> ForkServerHandle:
-        self.server = await self._start()
+        try:
+            self.server = await self._start()
+        except OSError as exc:  # EAGAIN at the process limit, EMFILE: not now, not fatal
+            raise ForkServerError(f"cannot start a fork server: {exc}") from exc
         return self.server
+
+    @property
+    def restarting(self) -> bool:
+        """True while the fork server is dead and no new one has come up yet."""
+        return self.server is None or self.server.closed
 
     async def _current(self) -> ForkServerHandle:
         async with self._lock:
@@ -372,17 +465,48 @@ class SupervisedForkServer:
                     old.process.kill()
                 with trio.CancelScope(shield=True):
                     await old.process.wait()  # reap it; it is dead or killed, so this is quick
+                self.server = None  # said once: a start that fails below does not repeat it
             return await self.start()
+
+    async def serve_restarts(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Replace a fork server as soon as it dies, not when a request next needs one: while
+        it is down, /healthz says so."""
+        task_status.started()
+        failing = False
+        while True:
+            server = self.server
+            if server is not None and not server.closed:
+                await server.gone.wait()
+            try:
+                await self._current()
+            except ForkServerError as exc:
+                if not failing:
+                    logger.error("%s; retrying every second", exc)
+                failing = True
+                await trio.sleep(1)
+            else:
+                failing = False
 
     async def spawn(self) -> WorkerProcess:
         for _attempt in range(2):
             server = await self._current()
-            try:
-                return await server.spawn()
-            except ForkServerError as exc:
-                logger.error("%s", exc)
-                server.closed = True
-        raise ForkServerError("the fork server failed twice in a row; see the log")
+            with trio.move_on_after(self.spawn_timeout_s):
+                try:
+                    worker: WorkerProcess = await server.spawn()
+                    return worker
+                except SpawnFailedError:
+                    raise  # the fork server is fine; a new one would fail the same way
+                except ForkServerError as exc:
+                    logger.error("%s", exc)
+                    server.closed = True
+                    continue
+            # Stopped (SIGSTOP) or wedged: a fork server that does not answer is replaced.
+            logger.error(
+                "the fork server did not answer within %s s; replacing it", self.spawn_timeout_s
+            )
+            server.kill()
+            server.closed = True
+        raise ForkServerError("the fork server failed twice in a row")
 
     async def aclose(self) -> None:
         if self.server is not None:

@@ -21,12 +21,17 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from runtime.errors import StorageFullError, StoreUnavailableError
 from runtime.store import AsyncStore, Record, Store
 
 logger = logging.getLogger(__name__)
 
 #: Env values shorter than this are not masked: masking "1" or "on" would garble every log.
 MIN_MASKED_CHARS = 4
+MAX_RETRY_PAUSE_S = 5.0
+TRIM_EVERY_S = 1.0
+#: At shutdown, records the store refuses are tried this many more times, a second apart.
+SHUTDOWN_RETRIES = 3
 
 
 def mask_env(text: str, env: Iterable[tuple[str, str]]) -> str:
@@ -44,6 +49,7 @@ class Recorder:
         store: AsyncStore,
         *,
         keep_per_val: int,
+        max_bytes: int = 256 * 1024 * 1024,
         flush_interval_s: float = 0.1,
         batch_size: int = 256,
         max_pending: int = 10_000,
@@ -51,6 +57,7 @@ class Recorder:
     ) -> None:
         self.store = store
         self.keep_per_val = keep_per_val
+        self.max_bytes = max_bytes
         self.flush_interval_s = flush_interval_s
         self.batch_size = batch_size
         self.max_pending = max_pending
@@ -64,6 +71,11 @@ class Recorder:
         #: Events of live-log followers, by what they follow (`follow_key`); set and
         #: dropped when a record for that key is added.
         self._watchers: dict[tuple[str, object], trio.Event] = {}
+        #: Set while the store refuses records (a full or read-only disk); for /healthz.
+        self.failing_since = 0.0
+        self.failures = 0
+        self.written_at = 0.0  # when records were last written: the store took writes then
+        self._trimmed_at = -TRIM_EVERY_S
 
     def watch(self, key: tuple[str, object]) -> trio.Event:
         """An event set when the next record for `key` is added (see `follow_key`)."""
@@ -103,7 +115,8 @@ class Recorder:
             self._batch_ready.set()
 
     async def flush(self) -> None:
-        """Write every queued record; when this returns, all records added before are stored."""
+        """Write every queued record; when this returns, all records added before are stored,
+        unless the store refused them (a full or read-only disk): then they wait for a retry."""
         async with self._lock:
             if self._dropped:
                 logger.warning(
@@ -115,11 +128,46 @@ class Recorder:
             batch = list(self._pending)
             self._pending.clear()
             self._pending_bytes = 0
+            # The global ceiling costs a scan of an index: once a second is enough.
+            now = trio.current_time()
+            trim = now - self._trimmed_at >= TRIM_EVERY_S
             try:
-                await self.store.call(Store.add_records, batch, self.keep_per_val)
+                await self.store.call(
+                    Store.add_records, batch, self.keep_per_val, self.max_bytes if trim else None
+                )
+                if trim:
+                    self._trimmed_at = now
+                self.written_at = trio.current_time()
+            except (StorageFullError, StoreUnavailableError) as exc:
+                # The disk, not the records: keep them (within the queue's bounds) and retry.
+                self._requeue(batch)
+                if not self.failing_since:
+                    logger.error(
+                        "cannot write invocation records (%s); keeping up to %d and retrying",
+                        exc.message,
+                        self.max_pending,
+                    )
+                    self.failing_since = trio.current_time()
+                self.failures += 1
+                return
             except sqlite3.Error:
                 # Records are worth less than serving: log and go on.
                 logger.exception("could not write %d invocation records", len(batch))
+            if self.failing_since:
+                logger.warning(
+                    "invocation records are written again, after %.1f s",
+                    trio.current_time() - self.failing_since,
+                )
+                self.failing_since = 0.0
+                self.failures = 0
+
+    def _requeue(self, batch: list[Record]) -> None:
+        """Put a batch that could not be written back in front, oldest dropped past the bounds."""
+        newer = list(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+        for record in batch + newer:
+            self.add(record)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -130,6 +178,9 @@ class Recorder:
             self._arrived = trio.Event()
             self._batch_ready = trio.Event()
             await self.flush()
+            if self.failures:  # held back: try again after a pause that grows, up to 5 s
+                await trio.sleep(min(MAX_RETRY_PAUSE_S, self.flush_interval_s * 2**self.failures))
+                self._arrived.set()
 
 
 def follow_key(record: Record) -> tuple[str, object]:
@@ -150,8 +201,10 @@ def _size(record: Record) -> int:
 
 
 @asynccontextmanager
-async def open_recorder(store: AsyncStore, *, keep_per_val: int) -> AsyncIterator[Recorder]:
-    recorder = Recorder(store, keep_per_val=keep_per_val)
+async def open_recorder(
+    store: AsyncStore, *, keep_per_val: int, max_bytes: int = 256 * 1024 * 1024
+) -> AsyncIterator[Recorder]:
+    recorder = Recorder(store, keep_per_val=keep_per_val, max_bytes=max_bytes)
     async with trio.open_nursery() as nursery:
         await nursery.start(recorder.serve)
         try:
@@ -160,4 +213,11 @@ async def open_recorder(store: AsyncStore, *, keep_per_val: int) -> AsyncIterato
             # Requests have finished (the server stops first): what they recorded is kept.
             with trio.CancelScope(shield=True):
                 await recorder.flush()
+                for _retry in range(SHUTDOWN_RETRIES):
+                    if not recorder.pending:
+                        break
+                    await trio.sleep(1)
+                    await recorder.flush()
+                if recorder.pending:
+                    logger.error("%d invocation records could not be written", recorder.pending)
             nursery.cancel_scope.cancel()

@@ -118,6 +118,19 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX IF NOT EXISTS schedules_due ON schedules (next_run_at);
     """,
+    # 5: each record's size (its log and error message), for the ceiling on all records
+    # together (store.max_runs_bytes), with a covering index so that the sum and the walk from
+    # the oldest never read the logs; and the write probe's one row (Store.check_writable).
+    """
+    ALTER TABLE runs ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+    UPDATE runs SET bytes = length(CAST(log AS BLOB))
+        + coalesce(length(CAST(error_message AS BLOB)), 0);
+    CREATE INDEX IF NOT EXISTS runs_sizes ON runs (id, bytes);
+    CREATE TABLE IF NOT EXISTS health (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        checked_at REAL NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

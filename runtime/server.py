@@ -4,6 +4,7 @@ server around the app."""
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Awaitable, Callable
 from contextlib import closing
 from dataclasses import replace
@@ -21,9 +22,10 @@ from runtime.metrics import Metrics
 from runtime.pool import open_pool
 from runtime.records import open_recorder
 from runtime.scheduler import Scheduler, serve_scheduler
+from runtime.startup import open_store
 from runtime.storage import SqliteStorage
 from runtime.storage_api import StorageApi
-from runtime.store import AsyncStore, Store
+from runtime.store import AsyncStore
 from sandbox.messages import BlobAsk, FetchAsk, SqlAsk
 from sandbox.wire import DEFAULT_MAX_BODY_BYTES
 
@@ -37,8 +39,10 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     hconfig.accesslog = None  # valrun writes its own access line (runtime.app)
     hconfig.errorlog = logging.getLogger("hypercorn.error")  # through our logging setup
     hconfig.include_server_header = False
-    # The front end enforces its own body limit with a clear 413; hypercorn's is a backstop.
-    hconfig.h11_max_incomplete_size = 64 * 1024
+    hconfig.backlog = config.server.backlog
+    # The front end enforces the header limits with a clear 431 (runtime.headers); h11's
+    # limit applies only to a header block still incomplete, so it is a backstop.
+    hconfig.h11_max_incomplete_size = config.limits.max_request_header_bytes
     return hconfig
 
 
@@ -67,14 +71,10 @@ async def serve_valrun(
     with (
         # Shared: restore and rotate-key refuse to run under a serving valrun.
         dblock.hold(config.store.sqlite_path, exclusive=False, what="serve"),
-        closing(Store(config.store.sqlite_path, secret_key=config.store.secret_key)) as store,
-        closing(
-            Store(config.store.sqlite_path, secret_key=config.store.secret_key)
-        ) as records_store,
+        closing(open_store(config.store.sqlite_path, config.store.secret_key)) as store,
+        closing(open_store(config.store.sqlite_path, config.store.secret_key)) as records_store,
         closing(open_storage(config)) as storage,
-        closing(
-            Store(config.store.sqlite_path, secret_key=config.store.secret_key)
-        ) as schedule_store,
+        closing(open_store(config.store.sqlite_path, config.store.secret_key)) as schedule_store,
     ):
         async_store = AsyncStore(store)
         storage_api = StorageApi(storage, async_store, config.storage)
@@ -83,7 +83,9 @@ async def serve_valrun(
             # Inside the pool: at shutdown the server finishes its requests, then the
             # recorder writes what they recorded, then the workers stop.
             open_recorder(
-                AsyncStore(records_store), keep_per_val=config.store.max_runs_per_val
+                AsyncStore(records_store),
+                keep_per_val=config.store.max_runs_per_val,
+                max_bytes=config.store.max_runs_bytes,
             ) as recorder,
             open_fetcher(config.fetch, metrics.fetches) as fetcher,
         ):
@@ -118,3 +120,39 @@ async def serve_valrun(
                 # Scheduled runs had the requests' graceful time to end; the rest are
                 # cancelled (recorded as such).
                 nursery.cancel_scope.cancel()
+
+
+async def serve_until_signalled(
+    config: Config, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run valrun until SIGINT or SIGTERM, then stop in order.
+
+    The first signal stops accepting and lets in-flight requests finish for up to
+    `shutdown_timeout_s`. A second one cuts that grace short: in-flight requests are cancelled
+    (and recorded as such), but the rest of the shutdown is the same: records written,
+    workers and fork server stopped, the workers' directory removed. The receiver stays open
+    until the end, so no later signal falls back to the default action (instant death).
+    """
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        stopping = trio.Event()
+        serving = trio.CancelScope()
+
+        async def watch() -> None:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not stopping.is_set():
+                    logger.info("received %s: finishing in-flight requests, then stopping", name)
+                    stopping.set()
+                elif not serving.cancel_called:
+                    logger.warning(
+                        "received %s again: cancelling in-flight requests; records are still "
+                        "written and workers stopped",
+                        name,
+                    )
+                    serving.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            with serving:
+                await serve_valrun(config, shutdown_trigger=stopping.wait, task_status=task_status)
+            nursery.cancel_scope.cancel()

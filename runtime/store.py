@@ -24,7 +24,15 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, get_args
 
 import trio
 
-from runtime.errors import ConfigError, ExistsError, InvalidError, MissingError, QuotaError
+from runtime.errors import (
+    ConfigError,
+    ExistsError,
+    InvalidError,
+    MissingError,
+    QuotaError,
+    StorageFullError,
+    StoreUnavailableError,
+)
 from runtime.hosts import USER_RE
 from runtime.schedule import Due, Schedule, Tick, next_tick, plan_claims
 from runtime.schema import create_private, migrate
@@ -89,6 +97,11 @@ class Record:
     id: int | None = None  # set once stored; increases with time (the cursor of `after=`)
     #: JSON: the fetches the invocation made (`runtime.fetch.FetchLog.entries`).
     fetches: str = "[]"
+
+    @property
+    def size_bytes(self) -> int:
+        """What it weighs against store.max_runs_bytes: its log and its error message."""
+        return len(self.log.encode()) + len((self.error_message or "").encode())
 
     def to_json(self) -> dict[str, object]:
         error: dict[str, object] | None = None
@@ -156,6 +169,17 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+
+    @property
+    def changes(self) -> int:
+        """Rows written through this connection so far (sqlite3's total_changes)."""
+        return self._db.total_changes
+
+    def check_writable(self) -> None:
+        """Commit one small write, or raise the sqlite3.Error that says why it cannot be."""
+        self._write(
+            [("INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)", (time.time(),))]
+        )
 
     def _write(self, sql_and_params: list[tuple[str, tuple[object, ...]]]) -> list[sqlite3.Cursor]:
         with self._db:  # one transaction: all or nothing
@@ -437,9 +461,10 @@ class Store:
 
     # Invocation records
 
-    def add_records(self, records: list[Record], keep: int) -> None:
+    def add_records(self, records: list[Record], keep: int, max_bytes: int | None = None) -> None:
         """Write records and trim each affected bucket to its newest `keep`, in one
-        transaction."""
+        transaction; with `max_bytes`, trim the oldest of all records too, to keep their
+        logs and messages under it."""
         buckets: set[tuple[int | None, int | None]] = set()
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
@@ -451,14 +476,14 @@ class Store:
                 )
                 columns = (
                     "source, version, started_at, duration_ms, status, log, "
-                    "error_type, error_message, traceback, method, path, fetches"
+                    "error_type, error_message, traceback, method, path, fetches, bytes"
                 )
                 if r.val_id is not None:
                     # The val may have been deleted since: then its record goes with it.
                     cur = self._db.execute(
                         f"INSERT INTO runs (val_id, {columns}) "
-                        "SELECT id, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM vals WHERE id = ?",
-                        (*values, r.val_id),
+                        "SELECT id, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM vals WHERE id = ?",
+                        (*values, r.size_bytes, r.val_id),
                     )
                     if cur.rowcount:
                         buckets.add((r.val_id, None))
@@ -466,8 +491,8 @@ class Store:
                     user_id = self._user_id(r.owner) if r.owner else None
                     self._db.execute(
                         f"INSERT INTO runs (user_id, {columns}) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (user_id, *values),
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (user_id, *values, r.size_bytes),
                     )
                     buckets.add((None, user_id))
             for val_id, user_id in buckets:
@@ -477,6 +502,21 @@ class Store:
                     "  ORDER BY id DESC LIMIT 1 OFFSET ?)",
                     (val_id, user_id, val_id, user_id, keep),
                 )
+            if max_bytes is not None:
+                self._trim_runs_to(max_bytes)
+
+    def _trim_runs_to(self, max_bytes: int) -> None:
+        (total,) = self._db.execute("SELECT coalesce(sum(bytes), 0) FROM runs").fetchone()
+        if total <= max_bytes:
+            return
+        # Down to 90 %, so a store at its ceiling is not trimmed on every batch.
+        excess, last = total - max_bytes * 9 // 10, None
+        for run_id, size in self._db.execute("SELECT id, bytes FROM runs ORDER BY id"):
+            excess -= size
+            last = run_id
+            if excess <= 0:
+                break
+        self._db.execute("DELETE FROM runs WHERE id <= ?", (last,))
 
     def _user_id(self, name: str) -> int | None:
         row = self._db.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()
@@ -678,6 +718,28 @@ def _record(row: tuple[Any, ...]) -> Record:
     )
 
 
+# Result codes (sqlite3 sqlite_errorcode & 0xFF, https://sqlite.org/rescode.html) that mean
+# the disk, not valrun nor the request, is at fault.
+SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = 8, 10, 13, 14
+
+
+def store_error(exc: sqlite3.Error) -> Exception:
+    """An sqlite3 error as the HTTP error a client should see: 507 for a full disk, 503 for
+    a store that cannot be written; anything else stays what it was (a bug: 500)."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code == SQLITE_FULL:
+        return StorageFullError(
+            f"the disk that holds valrun's store is full ({exc}): nothing was saved; "
+            "reads and invocations still work",
+        )
+    if code in (SQLITE_READONLY, SQLITE_IOERR, SQLITE_CANTOPEN):
+        return StoreUnavailableError(
+            f"valrun's store cannot be written right now ({exc}): nothing was saved; "
+            "reads and invocations still work",
+        )
+    return exc
+
+
 class AsyncStore:
     """The front end's handle: `await store.call(Store.get_val, owner, name, None)`.
 
@@ -697,6 +759,9 @@ class AsyncStore:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        #: When and why a write last failed for want of a writable disk; None once a write
+        #: has succeeded since. For /healthz.
+        self.write_failure: tuple[float, str] | None = None
         self._limiter = trio.CapacityLimiter(1)
         self._resolved: dict[tuple[str, str, int | None], tuple[float, Resolved | None]] = {}
         # Bumped by every invalidating write: a resolve that started before the write must
@@ -706,14 +771,24 @@ class AsyncStore:
     async def call(
         self, method: Callable[Concatenate[Store, P], R], *args: P.args, **kwargs: P.kwargs
     ) -> R:
+        changes = self.store.changes
         try:
-            return await trio.to_thread.run_sync(
+            result = await trio.to_thread.run_sync(
                 lambda: method(self.store, *args, **kwargs), limiter=self._limiter
             )
+        except sqlite3.Error as exc:
+            error = store_error(exc)
+            if error is exc:
+                raise
+            self.write_failure = (trio.current_time(), str(error))
+            raise error from exc
         finally:
             if method in self.INVALIDATES:
                 self._generation += 1
                 self._resolved.clear()
+        if self.store.changes != changes and method is not Store.check_writable:
+            self.write_failure = None  # a real write went through: there is room again
+        return result
 
     async def resolve(self, owner: str, name: str, version: int | None) -> Resolved | None:
         """`Store.resolve`, cached."""

@@ -11,6 +11,7 @@ carry descriptors). Front end -> fork server, one JSON object per message:
 Fork server -> front end:
     {"op": "spawned", "pid": N}  + SCM_RIGHTS [worker socket, pidfd]
     {"op": "exited", "pid": N, "status": S}    (S < 0: killed by signal -S)
+    {"op": "spawn_failed", "error": "..."}     fork or a descriptor failed; this process lives on
 
 A worker is forked, confined (sandbox.confine: every layer the front end asks for, applied
 before the worker reads a byte of any val), and then waits, generic, for its `load` frame on
@@ -21,7 +22,6 @@ process reaps the worker and reports how it ended.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import json
@@ -44,14 +44,6 @@ from sandbox.policy import LogBuffer, load_val
 from sandbox.wire import encode_frame
 
 MAX_MESSAGE_BYTES = 65536
-PR_SET_PDEATHSIG = 1  # prctl(2): signal this process when its parent dies
-
-
-def _die_with_parent() -> None:
-    # For workers: their parent is this single-threaded process, so "parent thread" and
-    # "parent" are the same here (unlike for the fork server itself, see main()).
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class ForkServer:
@@ -77,7 +69,7 @@ class ForkServer:
             if self.control.fileno() in ready:
                 message = self.control.recv(MAX_MESSAGE_BYTES)
                 if not message:
-                    return  # the front end is gone: so are we (workers follow via PDEATHSIG)
+                    return  # the front end is gone: so are we (workers follow: sandbox.tether)
                 self.handle(json.loads(message))
 
     def handle(self, message: dict[str, object]) -> None:
@@ -106,22 +98,40 @@ class ForkServer:
     def spawn(self) -> None:
         if self.plan is None:
             raise BadMessageError("spawn before configure")
+        try:
+            self._spawn(self.plan)
+        except OSError as exc:
+            # EAGAIN at the process limit (a cgroup's pids.max, RLIMIT_NPROC), EMFILE/ENFILE:
+            # a reason to answer "not now", never to die and take every worker along.
+            failed = {"op": "spawn_failed", "error": f"{exc.strerror or exc}"}
+            self.control.send(json.dumps(failed).encode())
+
+    def _spawn(self, plan: ConfinePlan) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.spawned += 1
         # Not created here: confine() makes it, empty, 0700, owned by the user it drops to.
         cwd = os.path.join(self.workdir, f"w{os.getpid()}-{self.spawned}")
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            parent_end.close()
+            child_end.close()
+            raise
         if pid == 0:  # the worker
             code = 1
             try:
                 parent_end.close()
                 self.control.close()
-                code = run_worker(child_end, cwd, self.plan)
+                code = run_worker(child_end, cwd, plan)
             finally:
                 os._exit(code)
         child_end.close()
         self.children[pid] = cwd
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            parent_end.close()  # the worker reads EOF and exits; reap() reports it
+            raise
         try:
             payload = json.dumps({"op": "spawned", "pid": pid}).encode()
             socket.send_fds(self.control, [payload], [parent_end.fileno(), pidfd])
@@ -176,7 +186,11 @@ def run_worker(sock: socket.socket, cwd: str, plan: ConfinePlan) -> int:
     """In the forked child: confine, then become a worker on `sock`. Returns the exit code."""
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    _die_with_parent()
+    # No parent-death signal: a worker is supervised by the front end, not by this process.
+    # If this process dies, its workers finish their requests for the front end, which
+    # still holds their pidfds (to kill them at their wall time) and reaps them as their
+    # subreaper. If the front end dies, each worker ends at its socket's hang-up, even
+    # mid-val (sandbox.tether).
     fd = sock.fileno()
     try:
         confine(dataclasses.replace(plan, workdir=cwd, keep_fds=(fd, 2)))
@@ -188,7 +202,7 @@ def run_worker(sock: socket.socket, cwd: str, plan: ConfinePlan) -> int:
     inp = os.fdopen(fd, "rb", buffering=0)
     out = os.fdopen(os.dup(fd), "wb")
     try:
-        return sandbox.worker.serve(inp, out, confined=True)
+        return sandbox.worker.serve(inp, out, confined=True, tethered=True)
     except Exception as exc:  # a protocol violation by the front end: say so, exit non-zero
         print(f"valrun worker: {exc}", file=sys.stderr)
         return 2

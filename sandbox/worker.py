@@ -45,6 +45,7 @@ from sandbox.messages import (
 )
 from sandbox.policy import LogBuffer, check_source_size, load_val, val_filename
 from sandbox.std import make_std
+from sandbox.tether import UNTETHERED, Tether, Untethered
 from sandbox.wire import Frame, FrameDecoder, ProtocolError, read_frame, write_frame
 
 
@@ -78,10 +79,12 @@ class Channel:
     request (an `Ask`) and blocks for its answer: the val has no network or storage of its own.
     """
 
-    def __init__(self, inp: BinaryIO, out: BinaryIO) -> None:
+    def __init__(self, inp: BinaryIO, out: BinaryIO, tether: Tether | Untethered) -> None:
         self.inp = inp
         self.out = out
         self.decoder = FrameDecoder()
+        #: Ends the worker when the front end hangs up while a val runs (sandbox.tether).
+        self.tether = tether
         #: The id of the invocation being served (asks carry it); None between invocations.
         self.invocation: int | None = None
         #: An ask was interrupted between sending and its answer (a MemoryError, say): the
@@ -102,8 +105,9 @@ class Channel:
                 "loads; call them inside the exported function"
             )
         self.broken = True
-        self.send(replace(ask, id=self.invocation))  # type: ignore[type-var]
-        frame = self.receive()
+        with self.tether.paused():  # the answer makes the socket readable: not a hang-up
+            self.send(replace(ask, id=self.invocation))  # type: ignore[type-var]
+            frame = self.receive()
         if frame is None:
             raise ProtocolError("the front end closed the socket while the val waited")
         result = parse(frame, answer)
@@ -213,10 +217,12 @@ def load_export(
     return lambda: val.export
 
 
-def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
+def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False, tethered: bool = False) -> int:
     """Load one val, then serve it until EOF. `confined`: the process limits are in force
-    already (the fork server's sandbox.confine set them); otherwise apply them here."""
-    channel = Channel(inp, out)
+    already (the fork server's sandbox.confine set them); otherwise apply them here.
+    `tethered`: `inp` is a socket whose hang-up ends the worker even while a val runs."""
+    tether = Tether(inp.fileno()) if tethered else UNTETHERED
+    channel = Channel(inp, out, tether)
     frame = channel.receive()
     if frame is None:
         return 0  # closed while generic: a spare worker at shutdown
@@ -234,7 +240,8 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
         channel.send(Checked(tuple(problems)))
         return 0
     try:
-        export = load_export(load, name, log, modules)
+        with tether:
+            export = load_export(load, name, log, modules)
     except BaseException as exc:  # a val that fails to load is one error reply, then exit
         channel.send(describe(exc, val_filename(name), None, log.take()))
         return 0
@@ -243,7 +250,8 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False) -> int:
     while (frame := channel.receive()) is not None:
         message = parse(frame, HttpRequest, Call, ScheduledRun)
         channel.invocation = message.id
-        reply = worker.serve(message)
+        with tether:
+            reply = worker.serve(message)
         channel.invocation = None
         # A worker that is out of memory or near its life's CPU budget says so and exits
         # after this reply; the front end never sends it another request.

@@ -294,3 +294,26 @@ async def hostile_ok(pool: Pool) -> bytes:
     reply = await pool.invoke(HOSTILE_SPEC, hostile_request("/ok"))
     assert isinstance(reply.outcome, ValResponse)
     return reply.outcome.body
+
+
+# The pool driven directly (no HTTP), with a counter val
+
+POOL_COUNTER = "n = 0\ndef c(req):\n    global n\n    n += 1\n    return str(n)\n"
+
+
+def counter_spec(
+    val_id: int = 1,
+    version: int = 1,
+    code: str = POOL_COUNTER,
+    env: tuple[tuple[str, str], ...] = (),
+) -> ValSpec:
+    return ValSpec(val_id, version, "alice", "c", code, env, "alice-c.web.localhost")
+
+
+COUNTER_REQUEST = HttpRequest(0, "GET", "/", "/", "", ())
+
+
+async def counter_body(pool: Pool, val: ValSpec) -> bytes:
+    reply = await pool.invoke(val, COUNTER_REQUEST)
+    assert isinstance(reply.outcome, ValResponse), reply.outcome
+    return reply.outcome.body

@@ -8,40 +8,24 @@ import signal
 import trio
 
 from runtime.config import Config, LimitsConfig, PoolConfig
-from runtime.pool import Pool, ValSpec, open_pool
-from runtime.reply import ValResponse
-from sandbox.messages import HttpRequest
+from runtime.pool import open_pool
+from tests.helpers import counter_body as body
+from tests.helpers import counter_spec as spec
 
 CONFIG = Config(limits=LimitsConfig(wall_time_s=3.0), pool=PoolConfig(prewarm_workers=2))
-COUNTER = "n = 0\ndef c(req):\n    global n\n    n += 1\n    return str(n)\n"
-
-
-def spec(
-    val_id: int = 1, version: int = 1, code: str = COUNTER, env: tuple[tuple[str, str], ...] = ()
-) -> ValSpec:
-    return ValSpec(val_id, version, "alice", "c", code, env, "alice-c.web.localhost")
-
-
-REQUEST = HttpRequest(0, "GET", "/", "/", "", ())
-
-
-async def body(pool: Pool, val: ValSpec) -> bytes:
-    reply = await pool.invoke(val, REQUEST)
-    assert isinstance(reply.outcome, ValResponse), reply.outcome
-    return reply.outcome.body
 
 
 async def test_prewarmed_workers_are_used_and_refilled() -> None:
     with trio.fail_after(20):
         async with open_pool(CONFIG) as pool:
             # ASYNC110: the pool has no event for this, so poll (under the fail_after above).
-            while pool.gauges()["ready"] < 2:  # noqa: ASYNC110
+            while pool.gauges()["ready"] < 2:
                 await trio.sleep(0.01)
             assert await body(pool, spec(1)) == b"1"
             assert await body(pool, spec(2)) == b"1"
             assert pool.stats["prewarmed_used"] == 2
             # Refilled in the background; no event says so (ASYNC110): poll, under fail_after.
-            while pool.gauges()["ready"] < 2:  # noqa: ASYNC110
+            while pool.gauges()["ready"] < 2:
                 await trio.sleep(0.01)
 
 
@@ -70,7 +54,7 @@ async def test_fork_server_killed_is_restarted() -> None:
             zygote = pool.fork_server.server
             os.kill(zygote.process.pid, signal.SIGKILL)
             await zygote.gone.wait()
-            # Ready workers died with it (PR_SET_PDEATHSIG); new vals still get workers.
+            # A new fork server makes the next workers; new vals still get them.
             for val_id in (2, 3, 4):
                 assert await body(pool, spec(val_id)) == b"1"
             assert pool.fork_server.restarts == 1
@@ -128,7 +112,7 @@ async def test_a_long_request_runs_at_idle_priority_until_it_answers() -> None:
 
             nursery.start_soon(call)
             # ASYNC110: the pool has no event for this, so poll (under the fail_after above).
-            while pool.stats["demoted"] == 0:  # noqa: ASYNC110
+            while pool.stats["demoted"] == 0:
                 await trio.sleep(0.01)
             (worker,) = [
                 w
@@ -180,7 +164,7 @@ async def test_a_warm_worker_that_died_idle_costs_no_request() -> None:
             (victim,) = pool.idle_workers()
             victim.kill()
             # ASYNC110: a process's exit has no event here, so poll (under the fail_after above).
-            while victim.still_running():  # noqa: ASYNC110
+            while victim.still_running():
                 await trio.sleep(0.01)
             assert await body(pool, spec()) == b"1"  # a fresh worker, not a 502
             assert pool.stats["died_idle"] == 1

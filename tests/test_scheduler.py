@@ -413,7 +413,7 @@ async def test_two_valrun_processes_on_one_store_run_each_tick_once(
         for _ in range(2):
             nodes.append(await start_process(nursery, config))
         with trio.fail_after(40):
-            while _cron_count(db_path) < len(names) * 5:  # noqa: ASYNC110 (another process writes)
+            while _cron_count(db_path) < len(names) * 5:
                 await trio.sleep(0.5)
         oks = []
         async with httpx.AsyncClient(timeout=10) as client:

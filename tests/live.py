@@ -1,0 +1,182 @@
+"""valrun as its users run it: `python -m runtime.cli serve` in a subprocess of its own, so a
+test can send it signals, kill it, and look at the processes it leaves."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import trio
+
+from runtime.store import Store
+
+SERVING_RE = re.compile(r"valrun is serving on http://127\.0\.0\.1:(\d+)")
+
+
+@dataclass
+class LiveValrun:
+    process: trio.Process
+    port: int
+    token: str
+    stderr: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def api_headers(self) -> dict[str, str]:
+        return {"host": f"api.localhost:{self.port}", "authorization": f"Bearer {self.token}"}
+
+    def web_headers(self, val: str) -> dict[str, str]:
+        return {"host": f"alice-{val}.web.localhost:{self.port}"}
+
+    def fork_server_pid(self) -> int:
+        """Of the front end's children, the one in its network namespace (it also adopts the
+        workers of a fork server that died; those have a namespace of their own)."""
+        net = os.readlink(f"/proc/{self.process.pid}/ns/net")
+        (pid,) = [p for p in children(self.process.pid) if _net(p) == net]
+        return pid
+
+    def worker_pids(self) -> list[int]:
+        return children(self.fork_server_pid())
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    config = tmp_path / "valrun.toml"
+    config.write_text(
+        f'[store]\nurl = "sqlite:///{tmp_path / "valrun.db"}"\n'
+        "[server]\nshutdown_timeout_s = 10.0\n" + extra
+    )
+    return config
+
+
+def cli_command(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "runtime.cli", "--config", str(config), *args]
+
+
+async def start_live(
+    nursery: trio.Nursery, tmp_path: Path, extra_config: str = "", *, tmpdir: Path | None = None
+) -> LiveValrun:
+    """`tmpdir`: the front end's temporary folder (TMPDIR), where its workers' directory goes."""
+    config = write_config(tmp_path, extra_config)
+    store = Store(tmp_path / "valrun.db")
+    exists = store.user_exists("alice")
+    token = store.create_token("alice") if exists else store.create_user("alice")
+    store.close()
+    env = {**os.environ, **({"TMPDIR": str(tmpdir)} if tmpdir is not None else {})}
+    process = await trio.lowlevel.open_process(
+        cli_command(config, "serve", "--bind", "127.0.0.1:0"),
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    port: trio.Event = trio.Event()
+    found: list[int] = []
+
+    async def read_stderr() -> None:
+        assert process.stderr is not None
+        pending = b""
+        try:
+            async for chunk in process.stderr:
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for line in complete:
+                    text = line.decode(errors="replace")
+                    lines.append(text)
+                    if (match := SERVING_RE.search(text)) and not found:
+                        found.append(int(match.group(1)))
+                        port.set()
+        finally:  # the test is over (or failed): no valrun of its outlives it
+            port.set()  # exited before serving: the caller sees no port
+            if process.returncode is None:
+                process.kill()
+
+    nursery.start_soon(read_stderr)
+    with trio.fail_after(30):
+        await port.wait()
+    assert found, "valrun did not start:\n" + "\n".join(lines)
+    return LiveValrun(process, found[0], token, lines)
+
+
+async def put_val(client: httpx.AsyncClient, live: LiveValrun, name: str, code: str) -> None:
+    response = await client.put(
+        f"{live.base_url}/v1/vals/alice/{name}", headers=live.api_headers(), content=code
+    )
+    assert response.status_code in (200, 201), response.text
+
+
+def children(pid: int) -> list[int]:
+    """The children of every thread of `pid` (proc(5): /proc/PID/task/TID/children)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(child) for child in f.read().split()]
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def _net(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    """Running or stopped; a zombie (dead, not yet reaped) is not alive."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def sleeping(pid: int) -> bool:
+    """In the val's `time.sleep`: the kernel function it waits in (proc(5): wchan)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return "nanosleep" in f.read()
+    except OSError:
+        return False
+
+
+PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")
+
+
+@contextlib.contextmanager
+def pids_cgroup(pid: int) -> Iterator[Path]:
+    """`pid` in a new pids cgroup of its own (cgroup v1 here), moved back afterwards."""
+    group = PIDS_CGROUPS / f"valrun-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "cgroup.procs").write_text(str(pid))
+        yield group
+    finally:
+        # It and the workers it forked meanwhile; a worker forked during the move (or a
+        # zombie not yet reaped) needs another round.
+        for _round in range(200):
+            members = (group / "cgroup.procs").read_text().split()
+            if not members:
+                break
+            for member in members:
+                with contextlib.suppress(OSError):
+                    (PIDS_CGROUPS / "cgroup.procs").write_text(member)
+            time.sleep(0.01)
+        group.rmdir()
