@@ -225,6 +225,19 @@ class Api:
         self.pool.retire(val_id)
         return HTTPResponse.json({"deleted": f"{owner}/{name}"})
 
+    async def delete_version(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
+        """Retire one old version (one that printed a secret, say); not the latest."""
+        owner, name = params["user"], params["val"]
+        check_names(owner, name)
+        await owner_only(self.store, request, owner)
+        version = int(params["version"])  # the route matched digits only
+        if not 0 < version < 2**31:
+            raise NotFoundError(f"{owner}/{name} has no version {params['version']}")
+        await self.recorder.flush()  # its records go too, those still queued included
+        val_id = await self.store.call(Store.delete_version, owner, name, version)
+        self.pool.retire(val_id)  # its warm workers go; the latest's start again on demand
+        return HTTPResponse.json({"deleted": f"{owner}/{name}", "version": version})
+
     async def list_versions(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         latest = await self.readable_val(request, params)
         versions = await self.store.call(Store.versions, latest.owner, latest.name)

@@ -15,6 +15,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, S
 from runtime.accesslog import access_line
 from runtime.api import Api
 from runtime.auth import parse_version
+from runtime.bounds import check_request_fields
 from runtime.config import Config, ServerConfig
 from runtime.cors import finalize_cors
 from runtime.errors import BadRequestError, HTTPError, NotFoundError, StoreError, http_error
@@ -30,6 +31,7 @@ from runtime.http import (
     send_response,
 )
 from runtime.invoke import Invoker, val_spec
+from runtime.logsafe import printable
 from runtime.metrics import Metrics
 from runtime.pool import Pool
 from runtime.records import Recorder, loggable_path
@@ -146,6 +148,7 @@ class App:
                 body=body,
             )
             if isinstance(route, ValHost):
+                check_request_fields(request, self.config.limits)
                 response = await self.serve_val(route, request)
             else:
                 response = await match.handler(request, match.params)
@@ -155,7 +158,9 @@ class App:
             response = HTTPResponse.from_error(http_error(exc), cors=label != "api")
         except Exception:
             # A bug in valrun, not the client's or the val's fault: log it, answer JSON.
-            logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            logger.exception(
+                "unhandled error on %s %s", printable(scope["method"]), printable(scope["path"])
+            )
             error = HTTPError("valrun failed on this request; its log has the details")
             response = HTTPResponse.from_error(error, cors=label != "api")
         response.label = label

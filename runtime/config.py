@@ -140,7 +140,8 @@ class LimitsConfig(WorkerLimits):
 
     wall_time_s: float = 10.0
     max_request_body_bytes: int = 2 * MIB
-    #: A request's header block (request line and header lines), and how many lines.
+    #: A request's header block (request line and header lines), and how many lines (each
+    #: name is also hashed in a val's worker): over either, 431 before any worker is used.
     max_request_header_bytes: int = 64 * 1024
     max_request_headers: int = 100
     max_response_headers: int = 100
@@ -191,6 +192,11 @@ class SandboxConfig:
     require: tuple[str, ...] = LAYERS
     #: The unprivileged user (and group) workers drop to when the service runs as root.
     worker_uid: int = 65534
+    #: Each user's workers come from a fork server of their own, so no two users' vals share
+    #: a hash secret or a memory layout (runtime.tenants). False: one fork server for all.
+    fork_server_per_user: bool = True
+    #: Fork servers kept running for users who have no worker left.
+    max_idle_fork_servers: int = 8
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.require) - set(LAYERS))
@@ -200,6 +206,8 @@ class SandboxConfig:
             )
         if not 0 < self.worker_uid < 2**31:
             raise ConfigError("sandbox.worker_uid must be a positive uid")
+        if self.max_idle_fork_servers < 0:
+            raise ConfigError("sandbox.max_idle_fork_servers must be zero or more")
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@
     │   ├── ExistsError             a thing that must be new exists already           -> 409
     │   ├── MissingError            a thing that must exist does not                  -> 404
     │   ├── QuotaError              a per-user limit is reached (schedules)            -> 409
+    │   ├── RefusedError            the thing exists, but its state forbids this      -> 409
     │   ├── StorageFullError        the store's disk is full                          -> 507
     │   └── StoreUnavailableError   the store cannot be written (read-only, failing)  -> 503
     ├── StorageRefusedError         a blob or SQL call refused (quota, bad key, SQL error):
@@ -62,6 +63,10 @@ class MissingError(StoreError):
 
 
 class QuotaError(StoreError):
+    pass
+
+
+class RefusedError(StoreError):
     pass
 
 
@@ -166,6 +171,9 @@ class WorkerError(HTTPError):
     #: What the val printed before it failed, when the failure came with no reply to carry it
     #: (a val that raised while its module loaded).
     log = ""
+    #: The val failed while it loaded (did not compile, or its module raised): the message
+    #: may quote its source, so only its owner sees it (runtime.invoke).
+    during_load = False
 
 
 def http_error(error: StoreError) -> HTTPError:
@@ -180,7 +188,7 @@ def http_error(error: StoreError) -> HTTPError:
     cls: type[HTTPError] = HTTPError
     if isinstance(error, InvalidError):
         cls = BadRequestError
-    elif isinstance(error, ExistsError | QuotaError):
+    elif isinstance(error, ExistsError | QuotaError | RefusedError):
         cls = ConflictError
     elif isinstance(error, MissingError):
         cls = NotFoundError

@@ -75,9 +75,11 @@ class Invoker:
         source: Source,
         expect: type[Outcome],
         origin: HTTPRequest | None = None,
+        by_owner: bool = False,
     ) -> Outcome:
         """Invoke through the pool and record it; the outcome, or the val's error raised.
-        `origin` is the HTTP request that asked for it (its method and path are recorded)."""
+        `origin` is the HTTP request that asked for it (its method and path are recorded);
+        `by_owner`: the caller is the val's owner, who is shown its load errors in full."""
         started_at, started = time.time(), trio.current_time()
 
         fetches = FetchLog()  # the invocation's own, from `fetch_log()` below
@@ -112,7 +114,7 @@ class Invoker:
         except HTTPError as exc:
             error = _masked(exc, spec)
             record(error.status, error.log if isinstance(error, WorkerError) else "", error)
-            raise error from None
+            raise (error if by_owner else shown_to_others(error, spec)) from None
         except trio.Cancelled:  # the service is stopping under this request
             gone = ClientGoneError("cancelled: valrun was shutting down", "cancelled")
             record(gone.status, error=gone)
@@ -149,11 +151,13 @@ class Invoker:
         val: ValVersion,
         env: dict[str, str],
         args: list[object],
+        caller: User | None = None,
         origin: HTTPRequest | None = None,
     ) -> HTTPResponse:
         spec = val_spec(val, env, self.config.server.web_domain)
+        by_owner = caller is not None and caller.name == val.owner
         result = await self.invoke(
-            spec, Call(0, args), source="run", expect=ValResult, origin=origin
+            spec, Call(0, args), source="run", expect=ValResult, by_owner=by_owner, origin=origin
         )
         return result_response(result)
 
@@ -166,8 +170,9 @@ class Invoker:
         origin: HTTPRequest | None = None,
     ) -> HTTPResponse:
         spec = eval_spec(code, user, env)
+        # Eval's code is the caller's own, whatever it says about it.
         result = await self.invoke(
-            spec, Call(0, args), source="eval", expect=ValResult, origin=origin
+            spec, Call(0, args), source="eval", expect=ValResult, by_owner=True, origin=origin
         )
         return result_response(result)
 
@@ -177,8 +182,30 @@ def _masked(error: HTTPError, spec: ValSpec) -> HTTPError:
     if not isinstance(error, WorkerError):
         return error
     message = mask_env(error.message, spec.env)
-    if message == error.message:
+    details = {
+        key: [mask_env(line, spec.env) for line in value]
+        if isinstance(value, list) and all(isinstance(line, str) for line in value)
+        else value
+        for key, value in error.details.items()
+    }
+    if message == error.message and details == error.details:
         return error
-    masked = WorkerError(message, error.type, headers=error.headers, details=error.details)
-    masked.log = error.log
+    masked = WorkerError(message, error.type, headers=error.headers, details=details)
+    masked.log, masked.during_load = error.log, error.during_load
     return masked
+
+
+def shown_to_others(error: HTTPError, spec: ValSpec) -> HTTPError:
+    """The error as anyone but the val's owner sees it. A failed load's message may quote the
+    source (a compiler's message quotes the offending line; a private val's source is
+    private): others learn only that it failed, and where its owner reads why."""
+    if not (isinstance(error, WorkerError) and error.during_load):
+        return error
+    shown = WorkerError(
+        f"the val {spec.owner}/{spec.name} (version {spec.version}) failed to load; its owner "
+        "can read why in the val's invocation records",
+        error.type,
+        headers=error.headers,
+    )
+    shown.during_load = True
+    return shown

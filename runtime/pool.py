@@ -30,6 +30,7 @@ from runtime.config import Config
 from runtime.errors import HTTPError, OverloadedError, WorkerTimeoutError
 from runtime.isolation import check_required, health, log_table, probe_layers
 from runtime.process import (
+    ForkServerError,
     ForkServerHandle,
     SpawnedWorker,
     SupervisedForkServer,
@@ -38,6 +39,7 @@ from runtime.process import (
 )
 from runtime.reply import Reply, bounded_log, check_failure, check_reply, protocol_error
 from runtime.supply import WorkerSupply
+from runtime.tenants import TenantForkServers
 from runtime.workdir import claim_workdir
 from sandbox.messages import ASKS, Ask, Failure, Invocation, Load, Loaded, MessageError, Mode, parse
 from sandbox.wire import Frame
@@ -122,6 +124,8 @@ class Pool:
         self._request_ids = itertools.count(1)
         self.stats: Counter[str] = Counter()
         self.fork_server: SupervisedForkServer | None = None
+        #: One fork server per user (`sandbox.fork_server_per_user`), instead of `factory`.
+        self.tenants: TenantForkServers | None = None
         #: The /healthz view of the confinement layers in force.
         self.isolation: dict[str, dict[str, object]] = {}
 
@@ -133,8 +137,9 @@ class Pool:
         """Workers by state and queued requests, for /metrics and /healthz."""
         pools = self._vals.values()
         idle = sum(len(pool.idle) for pool in pools)
+        spares = self.tenants.spares if self.tenants is not None else 0
         return {
-            "ready": len(self._ready),
+            "ready": len(self._ready) + spares,
             "idle": idle,
             "busy": self._warm_count - idle,
             "queued": sum(pool.capacity.statistics().tasks_waiting for pool in pools),
@@ -169,7 +174,7 @@ class Pool:
 
     async def invoke_once(self, spec: ValSpec, request: Invocation) -> Reply:
         """Run one request in a fresh worker that serves nothing else (the Eval API)."""
-        worker = await self._generic_worker()
+        worker = await self._generic_worker(spec.owner)
         try:
             load_log = await self._load(worker, spec)
             reply = await self._exchange(worker, spec, request)
@@ -178,10 +183,10 @@ class Pool:
             self._close(worker)
             self._want_ready.set()
 
-    async def check_once(self, name: str, code: str) -> Frame:
+    async def check_once(self, owner: str, name: str, code: str) -> Frame:
         """Compile a val's code in a fresh worker used once (checks at save); its raw reply,
         unchecked (runtime.savecheck checks it)."""
-        worker = await self._generic_worker()
+        worker = await self._generic_worker(owner)
         try:
             with trio.move_on_after(self.config.pool.load_timeout_s):
                 await worker.send(Load(name, code, "check", (), self.limits).to_frame())
@@ -211,7 +216,15 @@ class Pool:
 
     # Workers: generic (prewarmed) -> specialized (warm, in a _ValPool) -> closed.
 
-    async def _generic_worker(self) -> WorkerProcess:
+    async def _generic_worker(self, owner: str) -> WorkerProcess:
+        if self.tenants is not None:  # from the user's own fork server, with its own spares
+            try:
+                return await self.tenants.spawn(owner)
+            except (ForkServerError, OSError) as exc:  # the process limit, descriptors, ...
+                raise OverloadedError(
+                    f"no worker can be started right now ({exc}); retry shortly",
+                    headers=(("retry-after", "1"),),
+                ) from None
         # The refill (a fork plus ~2 ms of confinement) is asked for after this request, in
         # `_release`: started now, it would compete with this request for the CPU.
         while self._ready:
@@ -237,7 +250,7 @@ class Pool:
         await self._make_room()
         self._warm_count += 1
         try:
-            worker = await self._generic_worker()
+            worker = await self._generic_worker(pool.spec.owner)
             try:
                 load_log = await self._load(worker, pool.spec)
             except BaseException:
@@ -282,6 +295,7 @@ class Pool:
             if isinstance(loaded, Failure):
                 failure = check_failure(loaded)
                 failure.log = log
+                failure.during_load = True
                 raise failure
             return log
         raise WorkerTimeoutError(
@@ -429,6 +443,10 @@ class Pool:
                 nursery.start_soon(worker.aclose)
 
 
+async def _no_shared_workers() -> WorkerProcess:
+    raise RuntimeError("workers come from each user's own fork server (runtime.tenants)")
+
+
 @asynccontextmanager
 async def open_pool(
     config: Config, *, worker_command: tuple[str, ...] | None = None
@@ -456,18 +474,29 @@ async def open_pool(
         # and the workers' closing; `background` holds what stops first.
         async with trio.open_nursery() as nursery:
             fork_server: SupervisedForkServer | None = None
+            tenants: TenantForkServers | None = None
             factory: WorkerFactory
+            start_fork_server = functools.partial(
+                ForkServerHandle.start,
+                nursery,
+                workdir=workdir,
+                plan=plan,
+                max_body_bytes=max_body,
+                inherit_stderr=inherit,
+            )
             if worker_command is None:
                 become_subreaper()
+            if worker_command is None and config.sandbox.fork_server_per_user:
+                tenants = TenantForkServers(
+                    start_fork_server,
+                    nursery,
+                    max_spares=config.pool.prewarm_workers,
+                    max_idle_servers=config.sandbox.max_idle_fork_servers,
+                )
+                factory = _no_shared_workers
+            elif worker_command is None:
                 fork_server = SupervisedForkServer(
-                    functools.partial(
-                        ForkServerHandle.start,
-                        nursery,
-                        workdir=workdir,
-                        plan=plan,
-                        max_body_bytes=max_body,
-                        inherit_stderr=inherit,
-                    ),
+                    start_fork_server,
                     # Two tries fit in the supply's timeout, so a wedged fork server is
                     # replaced, not merely given up on.
                     spawn_timeout_s=config.pool.load_timeout_s / 3,
@@ -487,12 +516,14 @@ async def open_pool(
 
             pool = Pool(config, nursery, factory)
             pool.fork_server = fork_server
+            pool.tenants = tenants
             pool.isolation = health(isolation) if worker_command is None else {}
             try:
                 async with trio.open_nursery() as background:
                     if fork_server is not None:
                         await background.start(fork_server.serve_restarts)
-                    await background.start(pool.serve_prewarm)
+                    if tenants is None:  # per user, spares are kept by `tenants`
+                        await background.start(pool.serve_prewarm)
                     await background.start(pool.serve_idle_expiry)
                     try:
                         yield pool
@@ -503,6 +534,8 @@ async def open_pool(
                     await pool.aclose()
                     if fork_server is not None:
                         await fork_server.aclose()
+                    if tenants is not None:
+                        await tenants.aclose()
                 nursery.cancel_scope.cancel()
     finally:
         claimed.remove()

@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from runtime.errors import StorageFullError, StoreUnavailableError
+from runtime.masking import mask_secrets
 from runtime.store import AsyncStore, Record, Store
 
 logger = logging.getLogger(__name__)
@@ -35,12 +36,9 @@ SHUTDOWN_RETRIES = 3
 
 
 def mask_env(text: str, env: Iterable[tuple[str, str]]) -> str:
-    """`text` with every env value (of MIN_MASKED_CHARS or more) replaced by `[env KEY]`."""
-    # Longest first, so a value that contains another is masked whole.
-    for key, value in sorted(env, key=lambda pair: len(pair[1]), reverse=True):
-        if len(value) >= MIN_MASKED_CHARS and value in text:
-            text = text.replace(value, f"[env {key}]")
-    return text
+    """`text` with every env value replaced by `[env KEY]`, in every form Python prints it
+    (runtime.masking)."""
+    return mask_secrets(text, env)
 
 
 class Recorder:

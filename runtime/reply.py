@@ -178,9 +178,20 @@ def check_reply(
     log = bounded_log(message.log, limits)
     if isinstance(message, Failure):
         return Reply(check_failure(message), log, message.retire)
-    if isinstance(message, Result):
-        return Reply(ValResult(check_result_body(message.body, limits), log), log, message.retire)
-    return Reply(check_response(message, limits, host, log), log, message.retire)
+    try:
+        if isinstance(message, Result):
+            outcome: ValResponse | ValResult = ValResult(
+                check_result_body(message.body, limits), log
+            )
+        else:
+            outcome = check_response(message, limits, host, log)
+    except WorkerError as exc:
+        if exc.type == "protocol_error":
+            raise
+        # A well-formed reply whose content the val got wrong (a header, a size): its
+        # error, and the worker, which kept the protocol, serves on.
+        return Reply(exc, log, message.retire)
+    return Reply(outcome, log, message.retire)
 
 
 def check_response(message: HttpResponse, limits: LimitsConfig, host: str, log: str) -> ValResponse:
@@ -201,7 +212,12 @@ def check_result_body(body: bytes, limits: WorkerLimits) -> bytes:
             "response_too_large",
         )
     try:
-        strictjson.loads(body)  # only checked: the worker's bytes are what the client gets
+        strictjson.loads_any(body)  # only checked: the worker's bytes are what the client gets
+    except strictjson.NestingError:
+        raise WorkerError(
+            "the result is JSON nested too deeply to pass on; return a flatter value",
+            "val_error",
+        ) from None
     except ValueError as exc:
         raise protocol_error(f"the result is not UTF-8 JSON: {exc}") from None
     return body

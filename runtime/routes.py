@@ -26,6 +26,7 @@ ANY_METHOD = "*"
 
 _USER = r"(?P<user>[^/]+)"
 _VAL = r"(?P<val>[^/]+)"
+_VERSION = r"(?P<version>[0-9]{1,10})"
 _RUN = r"/v1/run/(?P<target>[^/]+)"
 # Eval's code is the rest of the path, slashes and newlines included (`1/2`, `x = 1\nx`).
 _EVAL = r"/v1/eval/(?P<code>(?s:.*))"
@@ -62,6 +63,7 @@ def api_routes(api: Api, run_api: RunApi, storage: StorageApi | None = None) -> 
         ("PATCH", rf"/v1/vals/{_USER}/{_VAL}", api.patch_val, "api"),
         ("DELETE", rf"/v1/vals/{_USER}/{_VAL}", api.delete_val, "api"),
         ("GET", rf"/v1/vals/{_USER}/{_VAL}/versions", api.list_versions, "api"),
+        ("DELETE", rf"/v1/vals/{_USER}/{_VAL}/versions/{_VERSION}", api.delete_version, "api"),
         ("GET", rf"/v1/vals/{_USER}/{_VAL}/runs", api.list_records, "api"),
         ("GET", rf"/v1/vals/{_USER}/{_VAL}/schedule", api.get_schedule, "api"),
         ("PUT", rf"/v1/vals/{_USER}/{_VAL}/schedule", api.put_schedule, "api"),

@@ -19,6 +19,9 @@ from runtime.errors import (
 from runtime.http import HTTPRequest, HTTPResponse
 from runtime.invoke import Invoker
 from runtime.store import AsyncStore, Store
+from sandbox.limits import WorkerLimits
+
+DEFAULT_LIMITS = WorkerLimits()
 
 
 class RunApi:
@@ -32,7 +35,7 @@ class RunApi:
     async def run_val(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         owner, name = run_target(params["target"])
         caller = await optional_user(self.store, request)
-        args = run_args(request)
+        args = run_args(request, self.config.limits)
         version = parse_version(request.query_string)
         resolved = await self.store.resolve(owner, name, version)
         if resolved is None or not may_read(resolved[0], caller):
@@ -41,7 +44,7 @@ class RunApi:
                 f"no val {owner}.{name}" + (f" version {version}" if version else "")
             )
         val, env = resolved
-        return await self.invoker.run(val, env, args, origin=request)
+        return await self.invoker.run(val, env, args, caller, origin=request)
 
     async def eval_code(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         caller = await optional_user(self.store, request)
@@ -49,7 +52,7 @@ class RunApi:
             raise UnauthorizedError(
                 "the Eval API needs a token: send 'Authorization: Bearer <token>'"
             )
-        code, args = eval_input(request, params.get("code"))
+        code, args = eval_input(request, params.get("code"), self.config.limits)
         check_code_size(code, self.config.limits.max_source_bytes)
         env = await self.store.call(Store.env, caller.name) if caller else {}
         return await self.invoker.eval(code, args, caller, env, origin=request)
@@ -71,9 +74,11 @@ def run_target(target: str) -> tuple[str, str]:
     return user, val
 
 
-def _loads(text: bytes | str, what: str) -> object:
+def _loads(text: bytes | str, what: str, limits: WorkerLimits = DEFAULT_LIMITS) -> object:
     try:
-        return strictjson.loads(text)
+        return strictjson.loads(text, limits)
+    except strictjson.TooManyFieldsError as exc:
+        raise BadRequestError(f"{what} is too large to pass on: {exc}", "too_many_fields") from None
     except ValueError as exc:
         raise BadRequestError(f"{what} is not valid JSON: {exc}", "bad_json") from None
 
@@ -92,23 +97,23 @@ def _json_type(value: object) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def query_args(query_string: str) -> list[object] | None:
+def query_args(query_string: str, limits: WorkerLimits = DEFAULT_LIMITS) -> list[object] | None:
     """`?args=<JSON array>`; None when absent or empty."""
     values = parse_qs(query_string, keep_blank_values=True).get("args")
     if not values or not values[0].strip():
         return None
-    return _args_array(_loads(values[0], "?args"))
+    return _args_array(_loads(values[0], "?args", limits))
 
 
-def run_args(request: HTTPRequest) -> list[object]:
+def run_args(request: HTTPRequest, limits: WorkerLimits = DEFAULT_LIMITS) -> list[object]:
     """Run's args: `?args=` on GET; on POST a body `{"args": [...]}` or a bare JSON array."""
     if request.method != "POST":
-        return query_args(request.query_string) or []
-    if query_args(request.query_string) is not None:
+        return query_args(request.query_string, limits) or []
+    if query_args(request.query_string, limits) is not None:
         raise BadRequestError("on POST, send args in the body, not in ?args=", "bad_args")
     if not request.body.strip():
         return []
-    body = _loads(request.body, "the request body")
+    body = _loads(request.body, "the request body", limits)
     if isinstance(body, dict):
         unknown = set(body) - {"args"}
         if unknown:
@@ -119,12 +124,14 @@ def run_args(request: HTTPRequest) -> list[object]:
     return _args_array(body)
 
 
-def eval_input(request: HTTPRequest, path_code: str | None) -> tuple[str, list[object] | None]:
+def eval_input(
+    request: HTTPRequest, path_code: str | None, limits: WorkerLimits = DEFAULT_LIMITS
+) -> tuple[str, list[object] | None]:
     """Eval's code and args (None: not given, so a callable value is not called)."""
     if request.method != "POST":
-        code, args = path_code or "", query_args(request.query_string)
+        code, args = path_code or "", query_args(request.query_string, limits)
     else:
-        body = _loads(request.body, "the request body")
+        body = _loads(request.body, "the request body", limits)
         if not isinstance(body, dict) or not isinstance(body.get("code"), str):
             raise BadRequestError('send {"code": "...", "args": [...]} ("args" is optional)')
         unknown = set(body) - {"code", "args"}

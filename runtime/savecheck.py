@@ -69,7 +69,7 @@ class SaveChecks:
         export = existing.name if existing is not None else name
         with self._slot(owner):
             try:
-                frame = await self.pool.check_once(export, code)
+                frame = await self.pool.check_once(owner, export, code)
             except WorkerTimeoutError as exc:
                 raise _code_fault(exc.message) from None
             except WorkerError as exc:

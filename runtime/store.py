@@ -30,6 +30,7 @@ from runtime.errors import (
     InvalidError,
     MissingError,
     QuotaError,
+    RefusedError,
     StorageFullError,
     StoreUnavailableError,
 )
@@ -363,6 +364,38 @@ class Store:
                 return None
             self._db.execute("DELETE FROM vals WHERE id = ?", (row[0],))
             return int(row[0])
+
+    def delete_version(self, owner: str, name: str, version: int) -> int:
+        """Delete one version of a val, and its invocation records; the val's id.
+
+        The latest version cannot go: it is what the val's host and Run answer with, and its
+        number would be handed out again by the next save, while a version number must mean
+        one code for good (`?v=N`). Save a new version first, then delete the old one.
+        """
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute(
+                "SELECT v.id, (SELECT MAX(version) FROM versions WHERE val_id = v.id) "
+                "FROM vals v JOIN users u ON u.id = v.user_id "
+                "WHERE u.name = ? AND v.name_key = ?",
+                (owner, name.lower()),
+            ).fetchone()
+            if row is None:
+                raise MissingError(f"no val {owner}/{name}", "not_found")
+            val_id, latest = row
+            if version == latest:
+                raise RefusedError(
+                    f"version {version} is the latest of {owner}/{name}: save a new version "
+                    "first, or delete the val",
+                    "latest_version",
+                )
+            cur = self._db.execute(
+                "DELETE FROM versions WHERE val_id = ? AND version = ?", (val_id, version)
+            )
+            if cur.rowcount == 0:
+                raise MissingError(f"{owner}/{name} has no version {version}", "not_found")
+            self._db.execute("DELETE FROM runs WHERE val_id = ? AND version = ?", (val_id, version))
+            return int(val_id)
 
     # Env
 
@@ -754,7 +787,10 @@ class AsyncStore:
     RESOLVE_CACHE_ENTRIES = 10_000
     #: Store methods after which cached resolutions may be wrong.
     INVALIDATES: frozenset[Callable[..., object]] = frozenset(
-        {Store.put_val, Store.delete_val, Store.set_privacy, Store.set_env, Store.delete_env}
+        {
+            *(Store.put_val, Store.delete_val, Store.delete_version, Store.set_privacy),
+            *(Store.set_env, Store.delete_env),
+        }
     )
 
     def __init__(self, store: Store) -> None:

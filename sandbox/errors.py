@@ -15,6 +15,12 @@ from types import TracebackType
 
 from sandbox.messages import Failure, FailureType
 
+#: What one failure may say: the front end shows no more (runtime.reply), and a message of
+#: megabytes must not outgrow the wire's head limit and take the worker down with it.
+MAX_MESSAGE_CHARS = 3500  # under the front end's 4096, with room for the marker and a frame
+MAX_FRAMES = 64
+MAX_FRAME_CHARS = 200
+
 
 class SandboxError(Exception):
     pass
@@ -31,11 +37,20 @@ class BadMessageError(SandboxError):
 def _val_frames(tb: TracebackType | None, filename: str) -> list[str]:
     # Host frames (this package, RestrictedPython, the stdlib) are dropped: their paths
     # describe the host, and the val's author can do nothing with them.
-    return [
-        f"line {frame.lineno}, in {frame.name}"
+    frames = [
+        f"line {frame.lineno}, in {frame.name}"[:MAX_FRAME_CHARS]
         for frame in traceback.extract_tb(tb)
         if frame.filename == filename
     ]
+    return frames[-MAX_FRAMES:]
+
+
+def bounded(message: str) -> str:
+    """A message cut to MAX_MESSAGE_CHARS, marked when cut."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    more = len(message) - MAX_MESSAGE_CHARS
+    return f"{message[:MAX_MESSAGE_CHARS]} [... {more} more characters]"
 
 
 def describe(
@@ -64,6 +79,7 @@ def describe(
         ):
             message = f"SyntaxError: {exc.msg} (line {exc.lineno})"
     frames = _val_frames(exc.__traceback__, filename)
+    message = bounded(message)
     if frames and kind == "val_error":
         message = f"{message} ({frames[-1]})"
     return Failure(request_id, kind, message, tuple(frames), log)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import json as _json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import ClassVar
-from urllib.parse import parse_qsl
 
-from sandbox.multipart import MAX_PARTS, Part, parse_multipart
+from sandbox.fields import loads_json, parse_fields
+from sandbox.limits import WorkerLimits
+from sandbox.multipart import Part, parse_multipart
 
 JSON_TYPE = "application/json"
 HTML_TYPE = "text/html; charset=utf-8"
@@ -169,8 +170,11 @@ class Form(_MultiMap):
         return next((f for f in self._files if f.name == name), None)
 
 
+_DEFAULT_LIMITS = WorkerLimits()
+
+
 class Request:
-    __slots__ = ("_body", "_headers", "_method", "_path", "_query", "_url")
+    __slots__ = ("_body", "_headers", "_limits", "_method", "_path", "_query", "_url")
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         raise TypeError("Request cannot be subclassed")
@@ -183,11 +187,13 @@ class Request:
         query_string: str,
         headers: Iterable[tuple[str, str]],
         body: bytes,
+        limits: WorkerLimits = _DEFAULT_LIMITS,
     ) -> None:
+        self._limits = limits
         self._method = method
         self._url = url
         self._path = path
-        self._query = Query(parse_qsl(query_string, keep_blank_values=True))
+        self._query = Query(parse_fields(query_string, limits.max_request_fields))
         self._headers = Headers(headers)
         self._body = body
 
@@ -202,7 +208,8 @@ class Request:
         return self._body.decode("utf-8", errors="replace")
 
     def json(self) -> object:
-        return _json.loads(self._body)
+        limits = self._limits
+        return loads_json(self._body, limits.max_json_keys, limits.max_json_object_keys)
 
     def form(self) -> Form:
         """The fields of a form: `multipart/form-data` (fields and `files`) or, for any other
@@ -214,7 +221,7 @@ class Request:
                 [(p.name, p.body.decode("utf-8", errors="replace")) for p in parts if not p.file],
                 [UploadedFile(p) for p in parts if p.file],
             )
-        return Form(parse_qsl(self.text(), keep_blank_values=True, max_num_fields=MAX_PARTS))
+        return Form(parse_fields(self.text(), self._limits.max_request_fields, "form"))
 
     def __repr__(self) -> str:
         return f"<Request {self._method} {self._url}>"

@@ -30,6 +30,12 @@ class WorkerLimits:
     max_response_body_bytes: int = 5 * MIB
     max_source_bytes: int = 256 * 1024
     open_files: int = 64
+    #: Query parameters and form fields in one request (sandbox.fields): each is hashed.
+    max_request_fields: int = 1000
+    #: Object keys in one JSON document a client sends (Run args, `req.json()`), and in one
+    #: object of it: a dict of n colliding keys costs n² to build.
+    max_json_keys: int = 10000
+    max_json_object_keys: int = 1000
 
     @classmethod
     def from_head(cls, raw: object) -> WorkerLimits:

@@ -34,6 +34,7 @@ from RestrictedPython.Guards import (
 from sandbox.errors import ValError
 from sandbox.facades import Facade, import_facade
 from sandbox.http import Request, Response
+from sandbox.resolved import forwards, refusal
 from sandbox.shims import (
     BoundFormat,
     BoundFormatMap,
@@ -72,6 +73,14 @@ _REFUSED_ATTRIBUTES: dict[type, frozenset[str]] = {
     type: frozenset({"mro"}),
     abc.ABCMeta: frozenset({"register"}),
 }
+
+_REFUSED_NAMES = frozenset().union(*_REFUSED_ATTRIBUTES.values())
+# Built-in types that vals use all the time, none of which forwards attribute access: their
+# attribute reads skip `forwards` (every attribute read in a val goes through here).
+_PLAIN_TYPES = frozenset(
+    {str, bytes, int, float, bool, list, dict, tuple, set, frozenset, bytearray, type(None)}
+    | {types.FunctionType, types.BuiltinFunctionType, type, Request, Response}
+)
 
 _INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
     "+=": operator.iadd,
@@ -211,9 +220,19 @@ def guarded_getattr(obj: object, name: str, default: object = _NO_DEFAULT) -> ob
 
 
 def _checked_getattr(obj: object, name: str) -> object:
-    for owner, refused in _REFUSED_ATTRIBUTES.items():
-        if name in refused and isinstance(obj, owner):
-            raise AttributeError(f"{name!r} is not available to vals")
+    if type(name) is not str:  # first: a str subclass's methods must not run in here
+        raise TypeError("type(name) must be str")
+    kind = type(obj)
+    if kind not in _PLAIN_TYPES and forwards(kind):
+        # `Cls[int].mro` is `Cls.mro`: every check below would look at the wrong object.
+        raise AttributeError(
+            f"{kind.__name__} objects forward attribute access to another object; "
+            "their attributes are not available to vals"
+        )
+    if name in _REFUSED_NAMES:
+        for owner, refused in _REFUSED_ATTRIBUTES.items():
+            if name in refused and isinstance(obj, owner):
+                raise AttributeError(f"{name!r} is not available to vals")
     if isinstance(obj, types.ModuleType):
         # Facades are never modules; a real module here means a hole elsewhere: don't widen it.
         raise AttributeError("modules are not available to vals")
@@ -228,7 +247,12 @@ def _checked_getattr(obj: object, name: str) -> object:
         # the whole process: a val comparing it with its object (reflected `__eq__`) would
         # get that dict and could rename another user of the pattern's groups. A copy.
         return dict(obj.groupindex)
-    return _restricted_getattr(obj, name)
+    value = _restricted_getattr(obj, name)
+    # Decided on what the name resolved to, whatever object it came through.
+    why = refusal(value)
+    if why is not None:
+        raise AttributeError(why)
+    return value
 
 
 # str.format and str.format_map, with fields read through `guarded_getattr` (sandbox/shims.py)
@@ -294,6 +318,9 @@ class _ValClasses:
 
     def write_guard(self, obj: object) -> object:
         kind = type(obj)
+        if forwards(kind):
+            # RestrictedPython's wrapper would look for `__guarded_setitem__` through it.
+            raise TypeError(f"{kind.__name__} objects cannot be written to")
         if kind in _WRITABLE_TYPES or kind in self.classes:
             return obj
         if isinstance(obj, type) and obj in self.classes:

@@ -79,7 +79,11 @@ class Frame:
 
 
 def encode_frame(frame: Frame) -> bytes:
-    head = json.dumps(frame.head, separators=(",", ":"), ensure_ascii=False).encode()
+    # A lone surrogate ("\ud800", which a val can put in any string it hands back) cannot be
+    # UTF-8. It can only occur inside a JSON string, so backslashreplace writes it as exactly
+    # the JSON escape `\ud800`: the head stays valid UTF-8 JSON, and never fails to encode.
+    text = json.dumps(frame.head, separators=(",", ":"), ensure_ascii=False)
+    head = text.encode("utf-8", errors="backslashreplace")
     return PREFIX.pack(len(head), len(frame.body)) + head + frame.body
 
 

@@ -44,6 +44,7 @@ from sandbox.messages import (
     parse,
 )
 from sandbox.policy import LogBuffer, check_source_size, load_val, val_filename
+from sandbox.replies import encode_reply
 from sandbox.std import make_std
 from sandbox.tether import UNTETHERED, Tether, Untethered
 from sandbox.wire import Frame, FrameDecoder, ProtocolError, read_frame, write_frame
@@ -95,7 +96,11 @@ class Channel:
         return read_frame(self.inp, self.decoder)
 
     def send(self, message: Reply | Loaded | Checked | Ask) -> None:
-        write_frame(self.out, message.to_frame())
+        if isinstance(message, Loaded | HttpResponse | Result | Failure):
+            self.out.write(encode_reply(message))  # fitted to the wire, whatever the val did
+            self.out.flush()
+        else:
+            write_frame(self.out, message.to_frame())
 
     def ask(self, ask: Ask, answer: type[M], /) -> M:
         if self.invocation is None:
@@ -173,15 +178,18 @@ class Worker:
         return Result(run.id, b"null", self.log.take())
 
     def serve_http(self, message: HttpRequest) -> Reply:
-        request = Request(
-            method=message.method,
-            url=message.url,
-            path=message.path,
-            query_string=message.query,
-            headers=list(message.headers),
-            body=message.body,
-        )
         try:
+            # In the val's error handling: a query over the field limit is the request's
+            # fault, answered as the val's error, never the worker's death.
+            request = Request(
+                method=message.method,
+                url=message.url,
+                path=message.path,
+                query_string=message.query,
+                headers=list(message.headers),
+                body=message.body,
+                limits=self.limits,
+            )
             export = self.export()
             if not callable(export):
                 raise ValError(

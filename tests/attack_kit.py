@@ -199,6 +199,18 @@ def check_outcome(response: httpx.Response, outcome: Outcome) -> None:
             assert error["traceback"], error  # it ran, and failed on one of its own lines
 
 
+async def as_owner_if_load_failed(
+    service: Service, name: str, response: httpx.Response
+) -> httpx.Response:
+    """A val that failed to load tells anonymous callers only that (its message may quote the
+    source); its owner gets the full error, here through the Run API, which loads it alike."""
+    if response.status_code != 502 or "failed to load" not in response.text:
+        return response
+    error = json_error(response, 502, response.json()["error"]["type"])
+    assert error["message"].endswith("its owner can read why in the val's invocation records")
+    return await service.api("POST", f"/v1/run/alice.{name}", user="alice", json={"args": []})
+
+
 async def assert_service_recovers(service: Service) -> None:
     """The next request, to a normal val, is answered normally."""
     response = await service.web("alice", "hello", "/?name=after")

@@ -116,7 +116,9 @@ def test_head_matches_get_routes(path: str, handler: str) -> None:
         "/v1/vals/alice/",
         "/v1/vals/alice/hello/",
         "/v1/vals/alice/hello/version",
-        "/v1/vals/alice/hello/versions/1",
+        "/v1/vals/alice/hello/versions/",
+        "/v1/vals/alice/hello/versions/one",
+        "/v1/vals/alice/hello/versions/1/",
         "/v1/vals//hello",
         "/v1/env/",
         "/v1/env/a/b",
@@ -129,6 +131,13 @@ def test_unknown_api_path_is_not_found(method: str, path: str) -> None:
     with pytest.raises(NotFoundError) as caught:
         handler_of(method, path)
     assert (caught.value.status, caught.value.type) == (404, "not_found")
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT"])
+def test_a_single_version_can_only_be_deleted(method: str) -> None:
+    with pytest.raises(MethodNotAllowedError) as caught:
+        handler_of(method, "/v1/vals/alice/hello/versions/1")
+    assert caught.value.headers == (("allow", "DELETE"),)
 
 
 @pytest.mark.parametrize(

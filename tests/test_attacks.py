@@ -45,6 +45,7 @@ from tests.attack_kit import (
     Limit,
     RunningService,
     Runtime,
+    as_owner_if_load_failed,
     assert_no_loot,
     assert_service_recovers,
     attack,
@@ -1344,6 +1345,7 @@ async def test_attack_is_refused_and_the_pool_recovers(
                 else:
                     assert saved.status_code == 201, saved.text
                     response = await service.web("alice", case.name)
+                    response = await as_owner_if_load_failed(service, case.name, response)
                     check_outcome(response, case.outcome)
                     assert_no_loot(response)
                 await assert_service_recovers(service)

@@ -7,12 +7,18 @@ import signal
 
 import trio
 
-from runtime.config import Config, LimitsConfig, PoolConfig
+from runtime.config import Config, LimitsConfig, PoolConfig, SandboxConfig
 from runtime.pool import open_pool
 from tests.helpers import counter_body as body
 from tests.helpers import counter_spec as spec
 
-CONFIG = Config(limits=LimitsConfig(wall_time_s=3.0), pool=PoolConfig(prewarm_workers=2))
+# The shared fork server (one for all users), whose supervision and prewarming these tests
+# look at directly; each user's own (the default) is tested in test_attacks_tenants.py.
+CONFIG = Config(
+    limits=LimitsConfig(wall_time_s=3.0),
+    pool=PoolConfig(prewarm_workers=2),
+    sandbox=SandboxConfig(fork_server_per_user=False),
+)
 
 
 async def test_prewarmed_workers_are_used_and_refilled() -> None:

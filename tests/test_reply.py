@@ -55,10 +55,18 @@ def check(head: dict[str, object], body: bytes = b"", limits: LimitsConfig = LIM
 def refused(
     head: dict[str, object], body: bytes = b"", limits: LimitsConfig = LIMITS
 ) -> WorkerError:
-    with pytest.raises(WorkerError) as caught:
-        check_reply(Frame(head, body), REQUEST_ID, HttpRequest, limits, HOST)
-    assert caught.value.status == 502
-    return caught.value
+    """The 502 for a reply: raised when the worker broke the protocol (it is killed), or the
+    outcome of a well-formed reply whose content the val got wrong (the worker serves on)."""
+    try:
+        reply = check_reply(Frame(head, body), REQUEST_ID, HttpRequest, limits, HOST)
+    except WorkerError as exc:
+        assert exc.status == 502  # noqa: PT017 (raised or returned: both are refusals)
+        assert exc.type in ("protocol_error", "bad_response"), exc.type  # noqa: PT017
+        return exc
+    assert isinstance(reply.outcome, WorkerError), reply.outcome
+    assert reply.outcome.status == 502
+    assert reply.outcome.type != "protocol_error"
+    return reply.outcome
 
 
 def checked_headers(raw: object) -> list[tuple[bytes, bytes]]:

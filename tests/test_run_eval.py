@@ -160,13 +160,20 @@ def test_result_that_is_json_is_forwarded_as_sent(body: bytes) -> None:
         pytest.param(b"1 2", id="two-values"),
         pytest.param(b'"\xff"', id="not-utf8"),
         pytest.param('"x"'.encode("utf-16"), id="utf16"),
-        pytest.param(b"[" * 100_000 + b"]" * 100_000, id="deep"),
     ],
 )
 def test_result_that_is_not_json_is_a_protocol_error(body: bytes) -> None:
     with pytest.raises(WorkerError) as caught:
         check_result_body(body, TEST_LIMITS)
     assert (caught.value.status, caught.value.type) == (502, "protocol_error")
+
+
+def test_valid_result_nested_too_deeply_is_the_vals_error() -> None:
+    # Valid JSON that a val can build: its fault, not a lying worker's.
+    with pytest.raises(WorkerError) as caught:
+        check_result_body(b"[" * 100_000 + b"]" * 100_000, TEST_LIMITS)
+    assert (caught.value.status, caught.value.type) == (502, "val_error")
+    assert "nested too deeply" in caught.value.message
 
 
 def test_result_over_the_response_limit_is_response_too_large() -> None:
