@@ -18,6 +18,7 @@ from __future__ import annotations
 import _py_abc
 import abc
 import codecs
+import enum
 import functools
 import string
 import types
@@ -50,6 +51,9 @@ FORWARDING_TYPES: tuple[type, ...] = (
 
 
 _FORWARDING = frozenset(FORWARDING_TYPES)
+#: Classes whose Python `__getattr__` looks up only their own members: the facades', and the
+#: enum metaclass's (Python 3.11: a member by name, from the class's own member map).
+_OWN_LOOKUP = frozenset({Facade, enum.EnumType})
 
 
 def _forwards(kind: type) -> bool:
@@ -62,7 +66,7 @@ def _forwards(kind: type) -> bool:
             return True
         namespace = klass.__dict__
         if "__getattr__" in namespace:
-            return klass is not Facade
+            return klass not in _OWN_LOOKUP
         if type(namespace.get("__getattribute__")) is types.FunctionType:
             return True
     return False

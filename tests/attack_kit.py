@@ -59,6 +59,9 @@ def attack(name: str, outcome: Outcome, source: str, known_hole: str = "") -> At
 
 
 UNDERSCORE = "is an invalid attribute name because it starts with"
+# A bound method forwards attribute reads to its function (`m.__globals__`): the guards give
+# vals no attributes of it at all (sandbox/resolved.py), before any `_` name is looked at.
+METHOD_FORWARDING = "method objects forward attribute access to another object"
 
 
 # CPU bombs meet RLIMIT_CPU (1 s) long before the wall clock on an idle machine. Workers run

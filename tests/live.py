@@ -51,9 +51,12 @@ class LiveValrun:
 
 def write_config(tmp_path: Path, extra: str = "") -> Path:
     config = tmp_path / "valrun.toml"
+    # One shared fork server: these tests kill, stop and limit *the* fork server by its pid
+    # (per-user fork servers are tested in tests/test_attacks_tenants.py).
     config.write_text(
         f'[store]\nurl = "sqlite:///{tmp_path / "valrun.db"}"\n'
-        "[server]\nshutdown_timeout_s = 10.0\n" + extra
+        "[server]\nshutdown_timeout_s = 10.0\n"
+        "[sandbox]\nfork_server_per_user = false\n" + extra
     )
     return config
 

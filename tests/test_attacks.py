@@ -37,6 +37,7 @@ from runtime.hosts import VAL_RE
 from tests.attack_kit import (
     ATTACK_LIMITS,
     ATTACK_POOL,
+    METHOD_FORWARDING,
     SLEEPER_LIMITS,
     SLEEPER_POOL,
     UNDERSCORE,
@@ -151,7 +152,7 @@ CVE_CLASSES = [
     ),
     attack(
         "str_format_map_with_crafted_mapping",
-        Runtime(STR_FORMAT),
+        Runtime(METHOD_FORWARDING),
         """
         def attack(req):
             return "{r.text.__globals__}".format_map({"r": req})
@@ -159,7 +160,7 @@ CVE_CLASSES = [
     ),
     attack(
         "str_format_unbound_from_the_str_class",
-        Runtime(STR_FORMAT),
+        Runtime(METHOD_FORWARDING),
         """
         def attack(req):
             fmt = str.format
@@ -168,7 +169,7 @@ CVE_CLASSES = [
     ),
     attack(
         "str_subclass_format",
-        Runtime(STR_FORMAT),
+        Runtime(METHOD_FORWARDING),
         """
         class Template(str):
             pass

@@ -18,6 +18,7 @@ from runtime.hosts import VAL_RE
 from tests.attack_kit import (
     ATTACK_LIMITS,
     ATTACK_POOL,
+    METHOD_FORWARDING,
     UNDERSCORE,
     Attack,
     Compile,
@@ -450,7 +451,7 @@ FORMAT = [
     ),
     attack(
         "format_field_function_globals",
-        Runtime(UNDERSCORE),
+        Runtime(METHOD_FORWARDING),
         """
         def attack(req):
             return {"escaped": True, "loot": "{r.text.__globals__}".format(r=req)}
@@ -458,7 +459,7 @@ FORMAT = [
     ),
     attack(
         "format_map_field_walk",
-        Runtime(UNDERSCORE),
+        Runtime(METHOD_FORWARDING),
         """
         def attack(req):
             return {"escaped": True, "loot": "{r.json.__globals__}".format_map({"r": req})}
@@ -474,7 +475,7 @@ FORMAT = [
     ),
     attack(
         "format_unbound_from_the_str_class",
-        Runtime(UNDERSCORE),
+        Runtime(METHOD_FORWARDING),
         """
         def attack(req):
             fmt = str.format

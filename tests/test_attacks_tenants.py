@@ -79,12 +79,21 @@ BROKEN = {
     "module_raises": f"raise ValueError('{MARKER}')\ndef broken(req):\n    return 1\n",
     "name_error": f"x = {MARKER}\ndef broken(req):\n    return 1\n",
 }
+# What does not compile is refused when saved, so no version of it is ever loaded.
+REFUSED_AT_SAVE = frozenset({"syntax", "refused_name", "unclosed"})
 
 
 @pytest.mark.parametrize("privacy", ["private", "public"])
 async def test_load_error_never_quotes_the_source_to_others(service: Service, privacy: str) -> None:
     for kind, code in BROKEN.items():
         await service.api("DELETE", "/v1/vals/alice/broken")
+        if kind in REFUSED_AT_SAVE:
+            # Checks at save refuse it: only the owner, who sent it, reads why.
+            saved = await service.api(
+                "PUT", "/v1/vals/alice/broken", json={"code": code, "privacy": privacy}
+            )
+            json_error(saved, 400, "bad_code")
+            continue
         await service.put_val("broken", code, privacy=privacy)
         # A second, good version: `?v=1` still reaches the broken one.
         await service.put_val("broken", "def broken(req):\n    return 'fine'\n")
@@ -557,6 +566,7 @@ def test_ordinary_attributes_are_not_refused(value: object) -> None:
 # Python). Those that do not forward to another object, and why they are harmless.
 NOT_FORWARDING = {
     "builtins.module": "every module is refused whole by the getattr guard",
+    "enum.EnumType": "its __getattr__ (3.11) answers only the enum's own members, by name",
     "builtins.instancemethod": "made only by C code (PyInstanceMethod_New), never reachable",
     "decimal.Context": "its C lookup answers its own `flags` and `traps`, nothing else's",
     "_thread._local": "its own per-thread attributes; no thread-local reaches a val",
@@ -710,7 +720,10 @@ async def test_a_killed_users_fork_server_restarts_without_touching_others() -> 
             assert fork_server.server is not None
             os.kill(fork_server.server.process.pid, signal.SIGKILL)
             await fork_server.server.gone.wait()
-            again = await probe_pool(pool, "alice", 3)  # a cold start: a new fork server
+            # Her spare, forked before, outlives its fork server (workers are tethered to the
+            # front end, not to it) and is still hers; the next cold start needs a new one.
+            await probe_pool(pool, "alice", 3)
+            again = await probe_pool(pool, "alice", 4)
             assert fork_server.restarts == 1
             assert again["hash"] != alice["hash"]  # a new process, a new secret
             # Bob's worker, of bob's fork server, never noticed.
@@ -743,10 +756,8 @@ async def test_query_headers_and_form_fields_are_bounded(service: Service) -> No
                 )
         many = [(f"x-h{i}", "1") for i in range(service.config.limits.max_request_headers + 1)]
         response = await service.web("alice", "fields", headers=dict(many))
-        assert (
-            "limits.max_request_headers"
-            in json_error(response, 431, "headers_too_large")["message"]
-        )
+        error = json_error(response, 431, "headers_too_large")
+        assert f"at most {service.config.limits.max_request_headers}" in error["message"]
         body = "&".join(f"f{i}=1" for i in range(limit + 1))
         response = await service.web("alice", "fields", method="POST", content=body, headers=form)
         json_error(response, 400, "too_many_fields")

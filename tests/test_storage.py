@@ -339,7 +339,8 @@ async def test_sql_never_runs_past_the_vals_remaining_time(start_service: StartS
 
 async def test_storage_at_module_level_is_a_clear_val_error(service: Service) -> None:
     await service.put_val("early", f'{PRELUDE}x = blob.get("k")\ndef early(req):\n    return 1\n')
-    response = await service.web("alice", "early")
+    # Its owner reads why it failed to load (anyone else is told only that it did).
+    response = await service.api("POST", "/v1/run/alice.early", json={"args": []})
     error = assert_json_error(response, 502, "val_error")
     assert "not while its module loads" in error["message"]
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from runtime.config import Config, LimitsConfig, PoolConfig
+from runtime.config import Config, LimitsConfig, PoolConfig, SandboxConfig
 from runtime.errors import HTTPError, OverloadedError
 from runtime.pool import Pool, open_pool
 from runtime.process import ForkServerError, ForkServerHandle, WorkerProcess
@@ -22,8 +22,12 @@ from tests.helpers import counter_body as body
 from tests.helpers import counter_spec as spec
 from tests.live import PIDS_CGROUPS, pids_cgroup
 
+# The shared fork server's supply (with one fork server per user, a user's fork server that
+# cannot fork is the same 503: runtime.pool._generic_worker).
 CONFIG = Config(
-    limits=LimitsConfig(wall_time_s=3.0), pool=PoolConfig(prewarm_workers=1, load_timeout_s=3.0)
+    limits=LimitsConfig(wall_time_s=3.0),
+    pool=PoolConfig(prewarm_workers=1, load_timeout_s=3.0),
+    sandbox=SandboxConfig(fork_server_per_user=False),
 )
 
 
