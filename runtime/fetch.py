@@ -36,9 +36,9 @@ import trio
 
 from runtime.config import FetchConfig
 from runtime.egress import BadURLError, EgressError, check_url
+from runtime.masking import mask_secrets
 from runtime.pinned import EgressTransport, ResolveError
 from runtime.pool import ValSpec
-from runtime.records import mask_env
 from sandbox.messages import FetchAsk, Fetched
 
 logger = logging.getLogger(__name__)
@@ -139,14 +139,14 @@ class Fetcher:
             entry.update(status=response.status_code, bytes=len(body))
         except FetchProblem as problem:
             outcome, answer = problem.outcome, Fetched(ask.id, error=problem.message)
-            entry.update(error=mask_env(problem.message, spec.env), bytes=0)
+            entry.update(error=mask_secrets(problem.message, spec.env), bytes=0)
         finally:
             entry["ms"] = round((trio.current_time() - started) * 1000, 3)
             if outcome == "cancelled":
                 entry.update(error="cancelled: the val's wall time ran out", bytes=0)
             for key, value in entry.items():  # a val may put an env value anywhere
                 if isinstance(value, str):
-                    entry[key] = mask_env(value, spec.env)
+                    entry[key] = mask_secrets(value, spec.env)
             self.outcomes[outcome] += 1
             if outcome != "limit":
                 log.entries.append(entry)

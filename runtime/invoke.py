@@ -19,8 +19,9 @@ from runtime.errors import ClientGoneError, HTTPError, OverloadedError, WorkerEr
 from runtime.fetch import FetchLog, fetch_log
 from runtime.hosts import val_host
 from runtime.http import JSON_HEADERS, HTTPRequest, HTTPResponse
+from runtime.masking import mask_secrets
 from runtime.pool import Pool, ValSpec
-from runtime.records import Recorder, loggable_path, mask_env
+from runtime.records import Recorder, loggable_path
 from runtime.reply import Reply, ValResponse, ValResult, protocol_error
 from runtime.store import Record, Source, User, ValVersion
 from sandbox.messages import Call, Invocation
@@ -95,7 +96,7 @@ class Invoker:
                     started_at=started_at,
                     duration_ms=(trio.current_time() - started) * 1000,
                     status=status,
-                    log=mask_env(log, spec.env),
+                    log=mask_secrets(log, spec.env),
                     error_type=error.type if error else None,
                     error_message=error.message if error else None,
                     traceback=tuple(map(str, steps)) if isinstance(steps, list) else None,
@@ -181,9 +182,9 @@ def _masked(error: HTTPError, spec: ValSpec) -> HTTPError:
     """The val's own error with env values taken out; valrun's own errors hold none."""
     if not isinstance(error, WorkerError):
         return error
-    message = mask_env(error.message, spec.env)
+    message = mask_secrets(error.message, spec.env)
     details = {
-        key: [mask_env(line, spec.env) for line in value]
+        key: [mask_secrets(line, spec.env) for line in value]
         if isinstance(value, list) and all(isinstance(line, str) for line in value)
         else value
         for key, value in error.details.items()

@@ -8,7 +8,7 @@ transaction. A reader calls `flush` first, so a client that invoked and then rea
 record; `open_recorder` flushes once more at shutdown.
 
 What a record holds is decided by `runtime.run_api.Runner`: never a request body, never an env
-value (`mask_env` takes them out of logs and error messages).
+value (`runtime.masking.mask_secrets` takes them out of logs and error messages).
 """
 
 from __future__ import annotations
@@ -16,29 +16,20 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
 
 from runtime.errors import StorageFullError, StoreUnavailableError
-from runtime.masking import mask_secrets
 from runtime.store import AsyncStore, Record, Store
 
 logger = logging.getLogger(__name__)
 
-#: Env values shorter than this are not masked: masking "1" or "on" would garble every log.
-MIN_MASKED_CHARS = 4
 MAX_RETRY_PAUSE_S = 5.0
 TRIM_EVERY_S = 1.0
 #: At shutdown, records the store refuses are tried this many more times, a second apart.
 SHUTDOWN_RETRIES = 3
-
-
-def mask_env(text: str, env: Iterable[tuple[str, str]]) -> str:
-    """`text` with every env value replaced by `[env KEY]`, in every form Python prints it
-    (runtime.masking)."""
-    return mask_secrets(text, env)
 
 
 class Recorder:

@@ -14,7 +14,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pytest
 import trio
 
-from runtime.records import Recorder, mask_env, open_recorder
+from runtime.masking import mask_secrets
+from runtime.records import Recorder, open_recorder
 from runtime.store import AsyncStore, Record, Store, ValVersion
 from tests.helpers import Service, StartService, assert_json_error, configured_service, valrun
 
@@ -37,7 +38,7 @@ R = TypeVar("R")
     ],
 )
 def test_env_values_are_masked(text: str, env: list[tuple[str, str]], masked: str) -> None:
-    assert mask_env(text, env) == masked
+    assert mask_secrets(text, env) == masked
 
 
 # The recorder, against a real store
