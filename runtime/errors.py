@@ -27,7 +27,9 @@
         ├── HeadersTooLargeError    431 headers_too_large
         ├── ClientGoneError         499 client_gone (nobody reads it: for logs and metrics)
         ├── OverloadedError         503 overloaded (with Retry-After)
+        ├── StoreUnavailableHTTPError 503 store_unavailable (read-only or failing disk)
         ├── WorkerTimeoutError      504 timeout
+        ├── InsufficientStorageError 507 storage_full (the store's disk is full)
         └── WorkerError             502 val_error, memory_limit, response_too_large,
                                         bad_response, worker_crashed, protocol_error
 """
@@ -160,8 +162,17 @@ class OverloadedError(HTTPError):
     status, default_type = 503, "overloaded"
 
 
+class StoreUnavailableHTTPError(HTTPError):
+    status, default_type = 503, "store_unavailable"
+
+
 class WorkerTimeoutError(HTTPError):
     status, default_type = 504, "timeout"
+
+
+class InsufficientStorageError(HTTPError):
+    # RFC 4918 §11.5: the server cannot store what the request needs (a full disk).
+    status, default_type = 507, "storage_full"
 
 
 class WorkerError(HTTPError):
@@ -176,20 +187,21 @@ class WorkerError(HTTPError):
     during_load = False
 
 
+#: The HTTP answer to each kind of store refusal; a StoreError of no listed kind is a 500.
+HTTP_FOR_STORE: tuple[tuple[type[StoreError], type[HTTPError]], ...] = (
+    (InvalidError, BadRequestError),
+    (ExistsError, ConflictError),
+    (QuotaError, ConflictError),
+    (RefusedError, ConflictError),
+    (MissingError, NotFoundError),
+    (StorageFullError, InsufficientStorageError),
+    (StoreUnavailableError, StoreUnavailableHTTPError),
+)
+
+
 def http_error(error: StoreError) -> HTTPError:
-    """The HTTP answer to a store's refusal."""
-    if isinstance(error, StorageFullError | StoreUnavailableError):
-        # RFC 4918 §11.5 (507): the server cannot store what the request needs. Both are the
-        # disk's state, not the request's: retry later.
-        status = 507 if isinstance(error, StorageFullError) else 503
-        refused = HTTPError(error.message, error.type, headers=(("retry-after", "60"),))
-        refused.status = status
-        return refused
-    cls: type[HTTPError] = HTTPError
-    if isinstance(error, InvalidError):
-        cls = BadRequestError
-    elif isinstance(error, ExistsError | QuotaError | RefusedError):
-        cls = ConflictError
-    elif isinstance(error, MissingError):
-        cls = NotFoundError
-    return cls(error.message, error.type)
+    """The HTTP answer to a store's refusal, with the store's type and message."""
+    cls = next((http for store, http in HTTP_FOR_STORE if isinstance(error, store)), HTTPError)
+    # The disk's state, not the request's: a client may retry later.
+    retry = cls in (InsufficientStorageError, StoreUnavailableHTTPError)
+    return cls(error.message, error.type, headers=(("retry-after", "60"),) if retry else ())
