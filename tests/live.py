@@ -183,3 +183,25 @@ def pids_cgroup(pid: int) -> Iterator[Path]:
                     (PIDS_CGROUPS / "cgroup.procs").write_text(member)
             time.sleep(0.01)
         group.rmdir()
+
+
+@contextlib.contextmanager
+def tmpfs(root: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `root / "mnt"` (root only), unmounted afterwards."""
+    mount = root / "mnt"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mount], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", mount], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Write to `disk` until it is full; the file that filled it."""
+    filler = disk / "filler"
+    with contextlib.suppress(OSError), open(filler, "wb") as f:
+        while True:
+            f.write(b"\0" * 4096)
+            f.flush()
+    return filler

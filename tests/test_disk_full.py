@@ -4,10 +4,7 @@ room again, /healthz says degraded, and nothing acknowledged is lost."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,30 +15,11 @@ from runtime.config import Config, LimitsConfig, ServerConfig, StoreConfig
 from runtime.server import serve_valrun
 from runtime.store import Store
 from tests.helpers import Service
+from tests.live import fill, tmpfs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
 
 HELLO = "def hello(req):\n    print('called')\n    return 'hi'\n"
-
-
-@contextlib.contextmanager
-def small_disk(root: Path, size: str = "2m") -> Iterator[Path]:
-    mount = root / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mount], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", mount], check=True)
-
-
-def fill(disk: Path) -> Path:
-    filler = disk / "filler"
-    with contextlib.suppress(OSError), open(filler, "wb") as f:
-        while True:
-            f.write(b"\0" * 4096)
-            f.flush()
-    return filler
 
 
 async def start(nursery: trio.Nursery, db_path: Path) -> Service:
@@ -65,7 +43,7 @@ async def start(nursery: trio.Nursery, db_path: Path) -> Service:
 async def test_full_disk_refuses_writes_clearly_and_loses_nothing(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    with small_disk(tmp_path) as disk, trio.fail_after(60):
+    with tmpfs(tmp_path, "2m") as disk, trio.fail_after(60):
         service = await start(nursery, disk / "valrun.db")
         await service.put_val("hello", HELLO)
         assert (await service.api("GET", "/healthz", user=None)).status_code == 200

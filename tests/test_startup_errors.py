@@ -8,7 +8,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import trio
 from runtime.config import check_bind
 from runtime.errors import ConfigError
 from runtime.store import Store
+from tests.live import fill, tmpfs
 
 NOBODY = 65534
 
@@ -53,17 +54,6 @@ def read_only_file(root: Path, stack: contextlib.ExitStack) -> tuple[Path, str]:
     return path, ""
 
 
-@contextlib.contextmanager
-def tmpfs(root: Path, size: str) -> Iterator[Path]:
-    mount = root / "mnt"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mount], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", mount], check=True)
-
-
 def read_only_file_system(root: Path, stack: contextlib.ExitStack) -> tuple[Path, str]:
     mount = stack.enter_context(tmpfs(root, "4m"))
     Store(mount / "valrun.db").close()
@@ -73,10 +63,7 @@ def read_only_file_system(root: Path, stack: contextlib.ExitStack) -> tuple[Path
 
 def full_disk(root: Path, stack: contextlib.ExitStack) -> tuple[Path, str]:
     mount = stack.enter_context(tmpfs(root, "1m"))
-    with contextlib.suppress(OSError), open(mount / "filler", "wb") as filler:
-        while True:
-            filler.write(b"\0" * 4096)
-            filler.flush()
+    fill(mount)
     return mount / "valrun.db", ""
 
 
