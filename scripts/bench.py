@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import trio
-from loadlib import HttpError, Target, ValrunClient, percentile
+from loadlib import HttpError, SetupError, Target, ValrunClient, create_user, percentile
 
 SCRIPTS = Path(__file__).resolve().parent
 HELLO_APP = SCRIPTS / "hello_app.py"
@@ -653,16 +653,11 @@ async def run_bench(options: Options, workdir: Path) -> Report:
     db = workdir / "valrun.db"
     config = workdir / "valrun.toml"
     config.write_text(valrun_config(0, db, options))
-    created = await trio.run_process(
-        [str(valrun_bin), "--config", str(config), "user", "create", USER],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
-    if created.returncode != 0:
-        report.failures.append(f"valrun user create failed: {created.stderr!r}")
+    try:
+        token = await create_user(config, USER)
+    except SetupError as exc:
+        report.failures.append(str(exc))
         return report
-    token = created.stdout.decode().strip().splitlines()[-1]
 
     for round_index in range(options.rounds):
         say(f"round {round_index + 1} of {options.rounds}")

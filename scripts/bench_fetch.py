@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 import trio
 from bench import MeasureError, cpu_seconds, free_port, open_server, say
-from loadlib import HttpError, Target, ValrunClient, percentile
+from loadlib import HttpError, SetupError, Target, ValrunClient, create_user, percentile
 
 SCRIPTS = Path(__file__).resolve().parent
 USER = "bench"
@@ -174,17 +174,11 @@ async def run(options: argparse.Namespace) -> Report:
         db = workdir / "valrun.db"
         config = workdir / "valrun.toml"
         config.write_text(valrun_config(0, db, options.fetches))
-        valrun_bin = Path(sys.executable).with_name("valrun")
-        created = await trio.run_process(
-            [str(valrun_bin), "--config", str(config), "user", "create", USER],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-        if created.returncode != 0:
-            report.failures.append(f"valrun user create failed: {created.stderr!r}")
+        try:
+            token = await create_user(config, USER)
+        except SetupError as exc:
+            report.failures.append(str(exc))
             return report
-        token = created.stdout.decode().strip().splitlines()[-1]
         for index in range(options.rounds):
             say(f"fetch round {index + 1} of {options.rounds}")
             try:

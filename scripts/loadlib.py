@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import h11
 import trio
@@ -183,3 +185,21 @@ class ValrunClient:
 
     async def aclose(self) -> None:
         await self.connection.aclose()
+
+
+class SetupError(Exception):
+    """valrun could not be set up for a measurement (its CLI said why)."""
+
+
+async def create_user(config: Path, name: str) -> str:
+    """`valrun user create NAME` with this config, as the benches' setup; the user's token."""
+    valrun = Path(sys.executable).with_name("valrun")
+    created = await trio.run_process(
+        [str(valrun), "--config", str(config), "user", "create", name],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    if created.returncode != 0:
+        raise SetupError(f"valrun user create failed: {created.stderr!r}")
+    return created.stdout.decode().strip().splitlines()[-1]

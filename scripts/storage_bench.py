@@ -26,7 +26,7 @@ from pathlib import Path
 
 import trio
 from bench import MeasureError, free_port, open_server, run_wrk
-from loadlib import percentile
+from loadlib import create_user, percentile
 
 from runtime.config import StorageConfig
 from runtime.demo import DEMO_VALS
@@ -121,12 +121,7 @@ async def main(options: argparse.Namespace) -> int:
         f'[server]\nbind = ["127.0.0.1:{port}"]\n[store]\nurl = "sqlite:///{workdir}/valrun.db"\n'
         "[limits]\nwall_time_s = 60.0\n"
     )
-    created = await trio.run_process(
-        [str(valrun), "--config", str(config), "user", "create", USER],
-        capture_stdout=True,
-        check=True,
-    )
-    token = created.stdout.decode().strip().splitlines()[-1]
+    token = await create_user(config, USER)
     command = [str(valrun), "--config", str(config), "serve"]
     print(f"valrun on 127.0.0.1:{port}, data in {workdir}", file=sys.stderr)
     results: dict[str, object] = {}
