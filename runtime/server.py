@@ -25,7 +25,7 @@ from runtime.scheduler import Scheduler, serve_scheduler
 from runtime.startup import open_store
 from runtime.storage import SqliteStorage
 from runtime.storage_api import StorageApi
-from runtime.store import AsyncStore
+from runtime.store import AsyncStore, Store
 from sandbox.messages import BlobAsk, FetchAsk, SqlAsk
 from sandbox.wire import DEFAULT_MAX_BODY_BYTES
 
@@ -71,10 +71,16 @@ async def serve_valrun(
     with (
         # Shared: restore and rotate-key refuse to run under a serving valrun.
         dblock.hold(config.store.sqlite_path, exclusive=False, what="serve"),
+        # The first connection proves the file usable and writable (startup.open_store); the
+        # others open what it just migrated and wrote.
         closing(open_store(config.store.sqlite_path, config.store.secret_key)) as store,
-        closing(open_store(config.store.sqlite_path, config.store.secret_key)) as records_store,
+        closing(
+            Store(config.store.sqlite_path, secret_key=config.store.secret_key)
+        ) as records_store,
         closing(open_storage(config)) as storage,
-        closing(open_store(config.store.sqlite_path, config.store.secret_key)) as schedule_store,
+        closing(
+            Store(config.store.sqlite_path, secret_key=config.store.secret_key)
+        ) as schedule_store,
     ):
         async_store = AsyncStore(store)
         storage_api = StorageApi(storage, async_store, config.storage)

@@ -71,9 +71,9 @@ def test_format_fields_cannot_walk_to_underscore_names(expression: str) -> None:
     def f():
         return {expression}
     """
-    with pytest.raises((AttributeError, ValueError, TypeError, KeyError)) as caught:
+    # The guard's own refusal, not some other failure that would hide a walk that worked.
+    with pytest.raises(AttributeError, match="is an invalid attribute name because it starts"):
         call(source)
-    assert "__" not in str(caught.value) or "invalid attribute" in str(caught.value)
 
 
 def test_format_of_a_missing_field_is_the_vals_error() -> None:
