@@ -68,19 +68,16 @@ async def serve_valrun(
     # checks and val lookups that requests wait on; SQLite's WAL lets those read meanwhile.
     # A third for the scheduler: its claims and leases never queue behind either.
     metrics = Metrics()
+    db, key = config.store.sqlite_path, config.store.secret_key
     with (
         # Shared: restore and rotate-key refuse to run under a serving valrun.
-        dblock.hold(config.store.sqlite_path, exclusive=False, what="serve"),
+        dblock.hold(db, exclusive=False, what="serve"),
         # The first connection proves the file usable and writable (startup.open_store); the
         # others open what it just migrated and wrote.
-        closing(open_store(config.store.sqlite_path, config.store.secret_key)) as store,
-        closing(
-            Store(config.store.sqlite_path, secret_key=config.store.secret_key)
-        ) as records_store,
+        closing(open_store(db, key)) as store,
+        closing(Store(db, secret_key=key)) as records_store,
         closing(open_storage(config)) as storage,
-        closing(
-            Store(config.store.sqlite_path, secret_key=config.store.secret_key)
-        ) as schedule_store,
+        closing(Store(db, secret_key=key)) as schedule_store,
     ):
         async_store = AsyncStore(store)
         storage_api = StorageApi(storage, async_store, config.storage)
