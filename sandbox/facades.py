@@ -35,10 +35,12 @@ import hashlib
 import heapq
 import hmac
 import html
+import importlib
 import itertools
 import json
 import math
 import operator
+import os
 import random
 import re
 import statistics
@@ -120,7 +122,28 @@ def _as_ints(module: ModuleType, names: str) -> dict[str, object]:
     return {name: int(getattr(module, name)) for name in names.split()}
 
 
-_TIMEZONES = frozenset(zoneinfo.available_timezones())
+def _system_timezones() -> frozenset[str]:
+    """The zones of the system's tz database (zoneinfo.TZPATH), the one the facade serves.
+    Not `zoneinfo.available_timezones()`: that also imports the PyPI `tzdata` package when one
+    is installed, and the sandbox imports nothing but the standard library."""
+    zones = set()
+    for root in zoneinfo.TZPATH:
+        for folder, _dirs, files in os.walk(root):
+            for file in files:
+                path = os.path.join(folder, file)
+                try:
+                    with open(path, "rb") as f:
+                        if f.read(4) != b"TZif":  # zone files start so (RFC 8536 §3.1)
+                            continue
+                except OSError:
+                    continue
+                key = os.path.relpath(path, root)
+                if not key.startswith(("posix" + os.sep, "right" + os.sep)) and key != "posixrules":
+                    zones.add(key)
+    return frozenset(zones)
+
+
+_TIMEZONES = _system_timezones()
 
 
 def _available_timezones() -> set[str]:
@@ -337,6 +360,10 @@ def _preload() -> None:
     statistics.NormalDist().samples(1, seed=1)  # random's seeding by a value
     csv.Sniffer().sniff("a,b\n1,2\n")
     zoneinfo.ZoneInfo("UTC")
+    # An unknown key makes zoneinfo look for the PyPI `tzdata` package through
+    # importlib.resources (stdlib): imported here, so that look-up fails as ZoneInfoNotFoundError
+    # in the worker rather than as an ImportError.
+    importlib.import_module("importlib.resources")
     time.localtime()  # the C library reads /etc/localtime once
     collections.Counter("ab").most_common(1)  # imports heapq
     for algorithm in sorted(hashlib.algorithms_guaranteed):
