@@ -221,7 +221,7 @@ def _closure_refusal(
         route = " -> ".join(p.label for p in [*chain, path])
         if any((p.user, p.val.lower()) == (path.user, path.val.lower()) for p in chain):
             return f"import cycle: {route}"
-        if len(chain) > limits.max_import_depth:
+        if importer.depth(chain) >= limits.max_import_depth:
             depth = limits.max_import_depth
             return f"imports nest deeper than limits.max_import_depth ({depth}): {route}"
         answer = importer.fetch(path)

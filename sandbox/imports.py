@@ -136,12 +136,17 @@ class ValImporter:
         self._answers: dict[tuple[str, str, int | None], ImportAnswer] = {}
         #: The vals being loaded, outermost first: the worker's own val first (None: Eval).
         self._chain: list[ValPath] = [top] if top is not None else []
+        self._top = top
         self.loaded_bytes = 0
 
     @property
     def chain(self) -> list[ValPath]:
         """The vals being loaded, outermost first (the worker's own val first)."""
         return list(self._chain)
+
+    def depth(self, chain: list[ValPath]) -> int:
+        """How many imported vals `chain` holds (the worker's own val is not one)."""
+        return len(chain) - (self._top is not None)
 
     def fetch(self, path: ValPath) -> ImportAnswer:
         """The front end's answer for `path` (asked once per worker)."""
@@ -193,7 +198,7 @@ class ValImporter:
         chain = " -> ".join(p.label for p in [*self._chain, path])
         if any((p.user, p.val.lower()) == (path.user, path.val.lower()) for p in self._chain):
             raise ImportError(f"import cycle: {chain}")
-        if len(self._chain) > self.limits.max_import_depth:
+        if self.depth(self._chain) >= self.limits.max_import_depth:
             raise ImportError(
                 f"imports nest deeper than limits.max_import_depth "
                 f"({self.limits.max_import_depth}): {chain}"
