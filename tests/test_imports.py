@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import trio
 
+from runtime.errors import HTTPError
 from runtime.imports import Imports, missing
-from runtime.pool import Pool, ValSpec
-from runtime.store import AsyncStore, Store
+from runtime.pool import Pool, ValSpec, open_pool
+from runtime.store import AsyncStore, Store, ValVersion
 from sandbox.check import check_source
 from sandbox.facades import ValModule
 from sandbox.imports import ValImporter, ValPath, parse_path
@@ -27,7 +29,16 @@ from sandbox.limits import WorkerLimits
 from sandbox.messages import LOAD_ASK_ID, ImportAnswer, ImportAsk, M, MessageError, parse
 from sandbox.policy import LogBuffer, guarded_getattr, load_val, run_module
 from sandbox.wire import Frame
-from tests.helpers import Service, StartService, configured_service
+from tests.helpers import (
+    HOSTILE_CONFIG,
+    HOSTILE_SPEC,
+    HOSTILE_WORKER,
+    Service,
+    StartService,
+    configured_service,
+    hostile_ok,
+    hostile_request,
+)
 
 LIB = "def double(x):\n    return 2 * x\n\nscale = 10\nlib = 'helpers'\n"
 
@@ -298,6 +309,73 @@ def test_import_messages_round_trip_and_refuse_garbage() -> None:
 
 def spec_of(owner: str) -> ValSpec:
     return ValSpec(1, 1, owner, "main", "", (), "")
+
+
+# --- the pool: asks while a module loads, from a worker that may lie ----------------------------
+
+
+@pytest.mark.parametrize("kind", ["fetch", "wrong-id", "malformed", "unanswered"])
+async def test_while_loading_only_an_import_ask_is_answered(kind: str) -> None:
+    spec = replace(HOSTILE_SPEC, val_id=5, code=f"load-ask:{kind}")
+    with trio.fail_after(20):
+        async with open_pool(HOSTILE_CONFIG, worker_command=HOSTILE_WORKER) as pool:
+            # "unanswered": a well-formed import ask, but nothing answers imports here.
+            with pytest.raises(HTTPError) as caught:
+                await pool.invoke(spec, hostile_request("/ok"))
+            assert (caught.value.status, caught.value.type) == (502, "protocol_error")
+            assert await hostile_ok(pool) == b"ok"  # the pool goes on
+
+
+async def test_an_import_ask_while_loading_is_answered_as_the_workers_user() -> None:
+    asked: list[tuple[str, ImportAsk]] = []
+
+    async def broker(spec: ValSpec, ask: Any) -> Frame:
+        asked.append((spec.owner, ask))
+        return ImportAnswer(ask.id, "bob", "util", 3, b"lib = 1\n").to_frame()
+
+    spec = replace(HOSTILE_SPEC, code="load-ask:ok")
+    with trio.fail_after(20):
+        async with open_pool(HOSTILE_CONFIG, worker_command=HOSTILE_WORKER) as pool:
+            pool.broker = broker
+            reply = await pool.invoke(spec, hostile_request("/ok"))
+    assert asked == [("alice", ImportAsk(LOAD_ASK_ID, "bob", "util"))]
+    head = json.loads(reply.log)
+    assert (head["op"], head["owner"], head["version"]) == ("import_answer", "bob", 3)
+
+
+async def test_an_import_answered_across_a_change_retires_the_importers() -> None:
+    """The store read the old version; the change's retirement ran before the import was
+    noted. The handler sees `val_changes` moved and retires the val's importers again."""
+
+    class Racing:
+        def __init__(self, pool: _RecordingPool) -> None:
+            self.pool = pool
+
+        async def resolve(self, owner: str, name: str, version: int | None) -> Any:
+            self.pool.val_changes += 1  # a change lands while the store is read
+            val = ValVersion(9, owner, name, "public", 1, "lib = 1\n", 0.0)
+            return (val, {})
+
+    pool = _RecordingPool()
+    handler = Imports(cast(AsyncStore, Racing(pool)), cast(Pool, pool))
+    answer = await handler.answer(spec_of("alice"), ImportAsk(2, "bob", "util"))
+    assert answer.version == 1
+    assert pool.events == [("note", 9), ("retire", 9)]
+    pool.events.clear()
+    await handler.answer(spec_of("alice"), ImportAsk(2, "bob", "util", 1))  # pinned
+    assert pool.events == []
+
+
+class _RecordingPool:
+    def __init__(self) -> None:
+        self.val_changes = 0
+        self.events: list[tuple[str, int]] = []
+
+    def note_import(self, spec: ValSpec, val_id: int) -> None:
+        self.events.append(("note", val_id))
+
+    def retire_importers_of(self, val_id: int) -> None:
+        self.events.append(("retire", val_id))
 
 
 # --- through the real server -------------------------------------------------------------------
