@@ -23,6 +23,7 @@ from runtime.imports import Imports, missing
 from runtime.pool import Pool, ValSpec, open_pool
 from runtime.store import AsyncStore, Store, ValVersion
 from sandbox.check import check_source
+from sandbox.errors import ValError
 from sandbox.facades import ValModule
 from sandbox.imports import ValImporter, ValPath, parse_path
 from sandbox.limits import WorkerLimits
@@ -162,11 +163,16 @@ def test_an_imported_val_exposes_no_underscore_names_nor_its_namespace() -> None
             guarded_getattr(module, name)
     with pytest.raises(AttributeError, match="read-only"):
         module.scale = 1
-    # In a val, the compiler refuses the `_` names outright.
-    for attack in ("u.__dict__", "u._namespace", "getattr(u, '_namespace')", "u.__class__"):
-        with pytest.raises((ImportError, SyntaxError, AttributeError, NameError, Exception)) as e:
+    assert repr(module) == "<val bob/util>"
+    assert dir(module) == ["double", "lib", "scale"]
+    with pytest.raises(AttributeError, match="read-only"):
+        del module.scale
+    # In a val, the compiler refuses the `_` names outright, and getattr refuses them too.
+    for attack in ("u.__dict__", "u._namespace", "u.__class__"):
+        with pytest.raises(ValError, match="starts with"):
             load(f"import vals.bob.util as u\nmain = {attack}\n", imp)
-        assert "_" in str(e.value)
+    with pytest.raises(AttributeError):
+        load("import vals.bob.util as u\nmain = getattr(u, '_namespace')\n", imp)
 
 
 def test_the_dependency_sees_the_importers_env_not_its_owners() -> None:
@@ -599,30 +605,49 @@ async def test_an_import_cannot_reach_another_tenants_env(service: Service) -> N
 
 
 @pytest.mark.parametrize(
-    "code",
+    ("code", "refusal"),
     [
-        "import vals.bob.util.__class__ as c\nc",
-        "import vals\nvals.__dict__",
-        "from vals.bob.util import _x\n_x",
-        "from vals.bob.util import __builtins__ as b\nb",
-        "import vals.bob.util as u\nu._namespace",
-        "import vals.bob.util as u\ngetattr(u, '_namespace')",
-        "from vals.bob.secret import lib\nlib",
-        "from vals.bob.util.v1.lib import x\nx",
+        ("import vals.bob.util.__class__ as c\nc", "names no version of bob/util"),
+        ("import vals\nvals.__dict__", '"__dict__" is an invalid attribute name'),
+        ("from vals.bob.util import _x\n_x", '"_x" is an invalid variable name'),
+        ("from vals.bob.util import __builtins__ as b\nb", '"__builtins__" is an invalid'),
+        ("import vals.bob.util as u\nu._namespace", '"_namespace" is an invalid attribute'),
+        ("import vals.bob.util as u\ngetattr(u, '_namespace')", "_namespace"),
+        ("import vals.bob.util as u\ngetattr(u.double, '__globals__')", "__globals__"),
+        ("import vals.bob.util as u\nu.env", "the val bob/util exports no 'env'"),
+        ("import vals.bob.util as u\nu.Response", "exports no 'Response'"),
+        ("import vals.bob.util as u\n[k for k in u]", "not iterable"),
+        ("from vals.bob.secret import lib\nlib", "ImportError: no val bob/secret"),
+        ("from vals.bob.util.v1.lib import x\nx", "'vals.bob.util.v1.lib' names no val"),
+        ("from vals.bob.util import double\ndouble.__globals__", '"__globals__" is an invalid'),
     ],
 )
-async def test_import_path_attacks_are_refused(service: Service, code: str) -> None:
+async def test_import_path_attacks_are_refused(service: Service, code: str, refusal: str) -> None:
     await put(service, "bob", "util", library("util"))
     await put(service, "bob", "secret", library("secret", "bob private code"), "private")
     response = await service.api("POST", "/v1/eval", user="alice", json={"code": code})
-    assert response.status_code in (400, 502), response.text
+    assert response.status_code == 502, response.text
+    assert refusal in response.json()["error"]["message"]
     assert "bob private code" not in response.text
     # The service goes on.
-    assert (
-        await service.api(
-            "POST", "/v1/eval", user="alice", json={"code": "from vals.bob.util import lib\nlib"}
-        )
-    ).json() == "helpers"
+    fine = {"code": "from vals.bob.util import lib\nlib"}
+    assert (await service.api("POST", "/v1/eval", user="alice", json=fine)).json() == "helpers"
+
+
+async def test_a_public_val_importing_its_owners_private_val_is_for_its_owner_only(
+    service: Service,
+) -> None:
+    """Imports of imports are resolved as the worker's user: bob's worker may not reach
+    alice's private helper through alice's public val."""
+    await put(service, "alice", "helper", library("helper", "alice private"), "private")
+    await put(service, "alice", "front", "from vals.alice.helper import lib\nfront = lib\n")
+    assert (await run(service, "alice", "front")).json() == "alice private"  # alice's worker
+    code = {"code": "from vals.alice.front import front\nfront"}
+    response = await service.api("POST", "/v1/eval", user="bob", json=code)
+    assert response.status_code == 502
+    message = response.json()["error"]["message"]
+    assert "alice/front raised while loading at line 1: ImportError: no val alice/helper" in message
+    assert "alice private" not in response.text
 
 
 async def test_a_hostile_worker_asking_for_anothers_private_val_gets_no_val(
