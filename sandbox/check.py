@@ -95,13 +95,14 @@ def _import_problems(
     # is worse: the first visitor to that path gets the 502), except in the body of a `try`
     # that catches the ImportError: that code expects the refusal (`requests = None`).
     # Iterative: a deep tree must not take this stack either.
+    closure = _Closure(importer) if importer is not None else None
     pending: list[ast.AST] = [tree]
     while pending:
         node = pending.pop()
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if is_val_import(alias.name):
-                    refusal = val_import_refusal(importer, alias.name, None)
+                    refusal = val_import_refusal(closure, alias.name, None)
                 else:
                     refusal = import_refusal(alias.name, None, 0, modules)
                 if refusal:
@@ -109,7 +110,7 @@ def _import_problems(
         elif isinstance(node, ast.ImportFrom):
             fromlist = tuple(alias.name for alias in node.names)
             if node.level == 0 and is_val_import(node.module or ""):
-                refusal = val_import_refusal(importer, node.module or "", fromlist)
+                refusal = val_import_refusal(closure, node.module or "", fromlist)
             else:
                 refusal = import_refusal(node.module or "", fromlist, node.level, modules)
             if refusal:
@@ -174,10 +175,10 @@ def _target_binds(target: ast.expr, name: str) -> bool:
 
 
 def val_import_refusal(
-    importer: ValImporter | None, name: str, fromlist: tuple[str, ...] | None
+    closure: _Closure | None, name: str, fromlist: tuple[str, ...] | None
 ) -> str | None:
     """Why `import name` (or `from name import fromlist`) of a val would fail, or None."""
-    if importer is None:
+    if closure is None:
         return "this code cannot import vals"
     path = parse_path(name)
     if isinstance(path, str):
@@ -185,62 +186,83 @@ def val_import_refusal(
     refusal = fromlist_refusal(name, fromlist)
     if refusal is not None:
         return refusal
+    importer = closure.importer
     answer = importer.fetch(path)
     if answer.error is not None:
         return answer.error
-    label = ValPath(answer.owner, answer.name, path.version).label
-    tree = _parse_val(answer.source, label)
+    found = ValPath(answer.owner, answer.name, path.version)
+    tree = closure.parse(found, answer.source)
     if isinstance(tree, str):
         return tree
     exports = sorted(name for name in _top_level_names(tree) if not name.startswith("_"))
     for item in fromlist or ():
         if item not in exports:
-            return f"cannot import {item!r} from {label}: it exports " + (
+            return f"cannot import {item!r} from {found.label}: it exports " + (
                 ", ".join(exports) or "nothing"
             )
-    return _closure_refusal(importer, [*importer.chain, path], tree, len(answer.body))
+    return closure.refusal([*importer.chain, found], tree)
 
 
-def _parse_val(source: str, label: str) -> ast.Module | str:
-    try:
-        return ast.parse(source, f"<val {label}>")
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
-        return f"{label} does not compile: {type(exc).__name__}"
+class _Closure:
+    """The imports of imports of one checked val, each val read and followed once however
+    many paths reach it (a diamond of imports must not cost exponential time)."""
 
+    def __init__(self, importer: ValImporter) -> None:
+        self.importer = importer
+        self.trees: dict[tuple[str, str, int | None], ast.Module | str] = {}
+        #: Vals followed to the end without a problem: how many levels of imports they have.
+        self.heights: dict[tuple[str, str, int | None], int] = {}
 
-def _closure_refusal(
-    importer: ValImporter, chain: list[ValPath], tree: ast.Module, loaded_bytes: int
-) -> str | None:
-    """What the imports of the val at the end of `chain` (its parsed `tree`) would fail on:
-    a cycle, the depth or size limits, a val that is missing or not the saver's to import."""
-    limits = importer.limits
-    for name in _val_imports(tree):
-        path = parse_path(name)
-        if isinstance(path, str):
-            continue  # its own problem, found when it was saved
-        route = " -> ".join(p.label for p in [*chain, path])
-        if any((p.user, p.val.lower()) == (path.user, path.val.lower()) for p in chain):
-            return f"import cycle: {route}"
-        if importer.depth(chain) >= limits.max_import_depth:
-            depth = limits.max_import_depth
-            return f"imports nest deeper than limits.max_import_depth ({depth}): {route}"
-        answer = importer.fetch(path)
+    def parse(self, path: ValPath, source: str) -> ast.Module | str:
+        tree = self.trees.get(path.key)
+        if tree is None:
+            try:
+                tree = ast.parse(source, f"<val {path.label}>")
+            except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+                tree = f"{path.label} does not compile: {type(exc).__name__}"
+            self.trees[path.key] = tree
+        return tree
+
+    def refusal(self, chain: list[ValPath], tree: ast.Module) -> str | None:
+        """What the imports of the val at the end of `chain` (its parsed `tree`) would fail
+        on: a cycle, the depth or size limits, a val missing or not the saver's to import."""
+        importer, limits = self.importer, self.importer.limits
+        height = 0
+        for name in _val_imports(tree):
+            path = parse_path(name)
+            if isinstance(path, str):
+                continue  # its own problem, found when it was saved
+            route = " -> ".join(p.label for p in [*chain, path])
+            if any((p.user, p.val.lower()) == (path.user, path.val.lower()) for p in chain):
+                return f"import cycle: {route}"
+            below = self.heights.get(path.key, 0)
+            if importer.depth(chain) + 1 + below > limits.max_import_depth:
+                depth = limits.max_import_depth
+                more = " -> ..." if below else ""
+                return f"imports nest deeper than limits.max_import_depth ({depth}): {route}{more}"
+            if path.key not in self.heights:
+                refusal = self._follow(chain, path, route)
+                if refusal is not None:
+                    return refusal
+            height = max(height, 1 + self.heights[path.key])
+        self.heights[chain[-1].key] = height
+        return None
+
+    def _follow(self, chain: list[ValPath], path: ValPath, route: str) -> str | None:
+        answer = self.importer.fetch(path)
         if answer.error is not None:
             return f"{chain[-1].label} imports {path.label}: {answer.error}"
-        loaded_bytes += len(answer.body)
-        if loaded_bytes > limits.max_import_bytes:
-            return (
-                f"the vals imported through {route} pass limits.max_import_bytes "
-                f"({limits.max_import_bytes})"
-            )
+        limit = self.importer.limits.max_import_bytes
+        if self.importer.fetched_bytes > limit:
+            return f"the vals imported through {route} pass limits.max_import_bytes ({limit})"
         found = ValPath(answer.owner, answer.name, path.version)
-        subtree = _parse_val(answer.source, found.label)
+        subtree = self.parse(found, answer.source)
         if isinstance(subtree, str):
             return subtree
-        refusal = _closure_refusal(importer, [*chain, found], subtree, loaded_bytes)
-        if refusal is not None:
-            return refusal
-    return None
+        refusal = self.refusal([*chain, found], subtree)
+        if refusal is None:
+            self.heights[path.key] = self.heights[found.key]
+        return refusal
 
 
 def _val_imports(tree: ast.Module) -> Iterator[str]:

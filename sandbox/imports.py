@@ -144,6 +144,11 @@ class ValImporter:
         """The vals being loaded, outermost first (the worker's own val first)."""
         return list(self._chain)
 
+    @property
+    def fetched_bytes(self) -> int:
+        """The source of every val answered so far, together (the checks at save count it)."""
+        return sum(len(answer.body) for answer in self._answers.values())
+
     def depth(self, chain: list[ValPath]) -> int:
         """How many imported vals `chain` holds (the worker's own val is not one)."""
         return len(chain) - (self._top is not None)

@@ -280,6 +280,34 @@ def test_save_check_names_the_missing_val_or_export(source: str, line: int, mess
     assert problems[0].message.startswith(message)
 
 
+def test_save_check_reads_each_val_of_a_diamond_once() -> None:
+    """Twelve levels of diamonds (2**12 paths to the bottom) are checked in one read each."""
+    vals: dict[Key, str] = {("bob", "d12", None): "x = 1\n"}
+    for level in range(12):
+        for side in ("a", "b"):
+            vals[("bob", f"d{level}{side}", None)] = f"from vals.bob.d{level + 1}a import x\n" + (
+                f"from vals.bob.d{level + 1}b import x\n" if level < 11 else ""
+            )
+    vals[("bob", "d11a", None)] = vals[("bob", "d11b", None)] = "from vals.bob.d12 import x\n"
+    imp, answers, _ = importer(vals, max_import_depth=20)
+    source = "from vals.bob.d0a import x\nfrom vals.bob.d0b import x\nmain = 1\n"
+    assert check_source(source, "main", 262144, {}, imp) == []
+    assert len(answers.asked) == len({(a.user, a.val) for a in answers.asked}) == 25
+
+
+def test_save_check_finds_a_chain_too_deep_through_a_val_it_already_followed() -> None:
+    vals: dict[Key, str] = {
+        ("bob", "x", None): "from vals.bob.y import y\nx = 1\n",
+        ("bob", "y", None): "y = 1\n",
+        ("bob", "a", None): "from vals.bob.x import x\na = 1\n",
+    }
+    imp, _, _ = importer(vals, max_import_depth=2)
+    source = "from vals.bob.x import x\nfrom vals.bob.a import a\nmain = 1\n"
+    problems = check_source(source, "main", 262144, {}, imp)
+    assert [p.line for p in problems] == [2]
+    assert problems[0].message.startswith("imports nest deeper than limits.max_import_depth (2)")
+
+
 def test_save_check_passes_good_imports_and_global_exports() -> None:
     vals: dict[Key, str] = {
         ("bob", "util", None): LIB + "def setup():\n    global late\n    late = 1\n"
