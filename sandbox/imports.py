@@ -24,6 +24,7 @@ import re
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import CodeType
 from typing import Protocol
 
 from sandbox.errors import ValError
@@ -48,11 +49,26 @@ class Asker(Protocol):
     def __call__(self, ask: ImportAsk, answer: type[M], /) -> M: ...
 
 
+class BatchAsker(Protocol):
+    """Sends several asks, then reads their answers in order (`Channel.ask_all`)."""
+
+    def __call__(self, asks: Sequence[ImportAsk], answer: type[M], /) -> list[M]: ...
+
+
+#: Imports asked for in one batch at most: the asks are small frames sent before any answer
+#: is read, and must never fill the socket's buffer while the front end writes an answer.
+MAX_BATCH = 16
+
+
 #: What `import` in one module calls for `vals...` names: (name, fromlist) -> the bound object.
 ModuleHook = Callable[[str, Sequence[str] | None], object]
-#: Runs a val's module: (source, filename, module name, hook for its own imports) -> its
-#: globals after running it, and those of them the sandbox put there (`policy.run_module`).
-Runner = Callable[[str, str, str, ModuleHook], tuple[dict[str, object], dict[str, object]]]
+#: Runs a val's module: (source, filename, module name, hook for its own imports, what sees
+#: its code before it runs) -> its globals after running it, and those of them the sandbox
+#: put there (`policy.run_module`).
+Runner = Callable[
+    [str, str, str, ModuleHook, Callable[[CodeType], None]],
+    tuple[dict[str, object], dict[str, object]],
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +144,16 @@ class ValImporter:
     """One worker's imported vals: the modules loaded so far, the chain being loaded, and
     what that chain may still take (depth, bytes)."""
 
-    def __init__(self, ask: Asker, run: Runner, limits: WorkerLimits, top: ValPath | None) -> None:
+    def __init__(
+        self,
+        ask: Asker,
+        run: Runner,
+        limits: WorkerLimits,
+        top: ValPath | None,
+        ask_all: BatchAsker | None = None,
+    ) -> None:
         self._ask = ask
+        self._ask_all = ask_all
         self._run = run
         self.limits = limits
         self._modules: dict[tuple[str, str, int | None], ValModule] = {}
@@ -162,6 +186,26 @@ class ValImporter:
             )
             self._answers[path.key] = answer
         return answer
+
+    def prefetch(self, code: CodeType) -> None:
+        """Ask at once for the vals a module imports at its top level, before it runs: one
+        wait for the front end instead of one per import (a cold start's main cost). The names
+        come from the compiled code (`co_names` holds every dotted name an import statement
+        names); the loads, their checks and their order stay those of the imports."""
+        if self._ask_all is None:
+            return
+        wanted: dict[tuple[str, str, int | None], ValPath] = {}
+        for name in code.co_names:
+            if name.startswith("vals."):
+                path = parse_path(name)
+                if isinstance(path, ValPath) and path.key not in self._answers:
+                    wanted.setdefault(path.key, path)
+        paths = list(wanted.values())
+        for start in range(0, len(paths) if len(paths) > 1 else 0, MAX_BATCH):
+            batch = paths[start : start + MAX_BATCH]
+            asks = [ImportAsk(LOAD_ASK_ID, p.user, p.val, p.version) for p in batch]
+            for path, answer in zip(batch, self._ask_all(asks, ImportAnswer), strict=True):
+                self._answers[path.key] = answer
 
     def module_hook(self) -> ModuleHook:
         """The `vals` import of one module. `import vals.U.V` binds `vals`, as Python does:
@@ -224,7 +268,11 @@ class ValImporter:
         self._chain.append(loaded)
         try:
             namespace, hidden = self._run(
-                answer.source, filename, f"vals.{answer.owner}.{answer.name}", self.module_hook()
+                answer.source,
+                filename,
+                f"vals.{answer.owner}.{answer.name}",
+                self.module_hook(),
+                self.prefetch,
             )
         except (MemoryError, ProtocolError):
             raise  # the worker's end, not the val's error

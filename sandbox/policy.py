@@ -331,6 +331,8 @@ class _ValClasses:
 #: What `import vals.USER.VAL` calls in one module (sandbox.imports): (name, fromlist) -> the
 #: object bound.
 ValsHook = Callable[[str, Sequence[str] | None], object]
+#: Sees a module's compiled code before it runs (sandbox.imports: the vals it will import).
+Prefetch = Callable[[types.CodeType], None]
 _NO_VAL_IMPORTS = "this code cannot import vals"
 #: Globals the sandbox puts in every namespace that are not the val's exports (sandbox.imports).
 SANDBOX_GLOBALS = ("env", "Request", "Response")
@@ -468,10 +470,14 @@ def run_module(
     log: LogBuffer,
     modules: Mapping[str, Facade] = MappingProxyType({}),
     vals: ValsHook | None = None,
+    prefetch: Prefetch | None = None,
 ) -> tuple[dict[str, Any], dict[str, object]]:
     """Compile and run an imported val's module (sandbox.imports); its globals, and those of
-    them the sandbox put there (`SANDBOX_GLOBALS`, not the val's exports)."""
+    them the sandbox put there (`SANDBOX_GLOBALS`, not the val's exports). `prefetch` sees
+    the compiled code before it runs."""
     code = compile_val(source, filename)
+    if prefetch is not None:
+        prefetch(code)
     namespace = make_globals(module_name, env, log, modules, vals)
     hidden = {name: namespace[name] for name in SANDBOX_GLOBALS}
     exec(code, namespace)
@@ -485,10 +491,14 @@ def load_val(
     log: LogBuffer,
     modules: Mapping[str, Facade] = MappingProxyType({}),
     vals: ValsHook | None = None,
+    prefetch: Prefetch | None = None,
 ) -> LoadedVal:
-    """Compile and run the module once; find its export (the top-level name equal to `name`)."""
+    """Compile and run the module once; find its export (the top-level name equal to `name`).
+    `prefetch` sees the compiled code before it runs (sandbox.imports asks for its imports)."""
     filename = val_filename(name)
     code = compile_val(source, filename)
+    if prefetch is not None:
+        prefetch(code)
     namespace = make_globals(name, env, log, modules, vals)
     exec(code, namespace)
     if name not in namespace:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import BinaryIO
 
@@ -46,7 +46,14 @@ from sandbox.messages import (
     ScheduledRun,
     parse,
 )
-from sandbox.policy import LogBuffer, check_source_size, load_val, run_module, val_filename
+from sandbox.policy import (
+    LogBuffer,
+    Prefetch,
+    check_source_size,
+    load_val,
+    run_module,
+    val_filename,
+)
 from sandbox.replies import encode_reply
 from sandbox.std import make_std
 from sandbox.tether import UNTETHERED, Tether, Untethered
@@ -122,6 +129,23 @@ class Channel:
         result = parse(frame, answer)
         self.broken = False
         return result
+
+    def ask_all(self, asks: Sequence[ImportAsk], answer: type[M], /) -> list[M]:
+        """Several imports asked at once, then their answers read in order (sandbox.imports:
+        the vals a module imports, before it runs). At most `imports.MAX_BATCH` asks."""
+        ask_id = LOAD_ASK_ID if self.invocation is None else self.invocation
+        self.broken = True
+        with self.tether.paused():
+            for ask in asks:
+                self.send(replace(ask, id=ask_id))
+            frames = [self.receive() for _ in asks]
+        results = []
+        for frame in frames:
+            if frame is None:
+                raise ProtocolError("the front end closed the socket while the val waited")
+            results.append(parse(frame, answer))
+        self.broken = False
+        return results
 
 
 class Worker:
@@ -223,12 +247,12 @@ def make_importer(
     env = dict(load.env)
 
     def run(
-        source: str, filename: str, module_name: str, hook: ModuleHook
+        source: str, filename: str, module_name: str, hook: ModuleHook, prefetch: Prefetch
     ) -> tuple[dict[str, object], dict[str, object]]:
-        return run_module(source, filename, module_name, env, log, modules, hook)
+        return run_module(source, filename, module_name, env, log, modules, hook, prefetch)
 
     top = ValPath(load.owner, name, None) if load.mode != "eval" and load.owner else None
-    return ValImporter(channel.ask, run, load.limits, top)
+    return ValImporter(channel.ask, run, load.limits, top, channel.ask_all)
 
 
 def load_export(
@@ -248,7 +272,8 @@ def load_export(
     if load.mode == "eval":
         compiled = compile_eval(load.source)
         return lambda: evaluate(compiled, env, log, modules, vals())
-    val = load_val(load.source, name, env, log, modules, vals())
+    prefetch = importer.prefetch if importer is not None else None
+    val = load_val(load.source, name, env, log, modules, vals(), prefetch)
     return lambda: val.export
 
 

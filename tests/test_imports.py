@@ -10,7 +10,7 @@ SQLite file.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -25,7 +25,7 @@ from runtime.store import AsyncStore, Store, ValVersion
 from sandbox.check import check_source
 from sandbox.errors import ValError
 from sandbox.facades import ValModule
-from sandbox.imports import ValImporter, ValPath, parse_path
+from sandbox.imports import MAX_BATCH, ValImporter, ValPath, parse_path
 from sandbox.limits import WorkerLimits
 from sandbox.messages import LOAD_ASK_ID, ImportAnswer, ImportAsk, M, MessageError, parse
 from sandbox.policy import LogBuffer, guarded_getattr, load_val, run_module
@@ -62,6 +62,7 @@ class Answers:
     def __init__(self, vals: Mapping[Key, str]) -> None:
         self.vals = vals
         self.asked: list[ImportAsk] = []
+        self.batches: list[int] = []
 
     def __call__(self, ask: ImportAsk, answer: type[M], /) -> M:
         self.asked.append(ask)
@@ -71,6 +72,10 @@ class Answers:
         else:
             reply = ImportAnswer(ask.id, ask.user, ask.val, ask.version or 7, source.encode())
         return parse(reply.to_frame(), answer)
+
+    def ask_all(self, asks: Sequence[ImportAsk], answer: type[M], /) -> list[M]:
+        self.batches.append(len(asks))
+        return [self(ask, answer) for ask in asks]
 
 
 def importer(
@@ -83,17 +88,19 @@ def importer(
     log = LogBuffer(4096)
 
     def run(
-        source: str, filename: str, module_name: str, hook: Any
+        source: str, filename: str, module_name: str, hook: Any, prefetch: Any
     ) -> tuple[dict[str, object], dict[str, object]]:
-        return run_module(source, filename, module_name, env or {}, log, {}, hook)
+        return run_module(source, filename, module_name, env or {}, log, {}, hook, prefetch)
 
-    return ValImporter(answers, run, WorkerLimits(**limits), top), answers, log
+    imp = ValImporter(answers, run, WorkerLimits(**limits), top, answers.ask_all)
+    return imp, answers, log
 
 
 def load(
     source: str, imp: ValImporter, name: str = "main", env: dict[str, str] | None = None
 ) -> Any:
-    return load_val(source, name, env or {}, LogBuffer(4096), {}, imp.module_hook()).export
+    log = LogBuffer(4096)
+    return load_val(source, name, env or {}, log, {}, imp.module_hook(), imp.prefetch).export
 
 
 def test_import_forms_bind_the_exports() -> None:
@@ -115,6 +122,33 @@ def test_import_forms_bind_the_exports() -> None:
         ("bob", "util", None, LOAD_ASK_ID),
         ("bob", "util", 1, LOAD_ASK_ID),
     ]
+
+
+def test_a_modules_top_level_imports_are_asked_for_in_one_batch() -> None:
+    """One wait for the front end per module, not one per import: the names come from the
+    compiled code before it runs; imports inside functions are asked for when they run."""
+    vals: dict[Key, str] = {(u, v, None): "x = 1\n" for u, v in [("bob", "a"), ("bob", "b")]}
+    vals[("carol", "c", None)] = "from vals.bob.a import x\nfrom vals.bob.b import x\nc = 1\n"
+    vals[("carol", "lazy", None)] = "x = 2\n"
+    imp, answers, _ = importer(vals)
+    main = load(
+        "from vals.carol.c import c\nimport vals.bob.a as a\n"
+        "def main():\n    from vals.carol.lazy import x\n    return x\n",
+        imp,
+    )
+    # The top module: carol/c and bob/a together; carol/c's own: bob/b alone (bob/a is known).
+    assert answers.batches == [2]
+    assert [a.val for a in answers.asked] == ["c", "a", "b"]
+    assert main() == 2
+    assert [a.val for a in answers.asked] == ["c", "a", "b", "lazy"]
+
+
+def test_a_batch_holds_at_most_max_batch_asks() -> None:
+    names = [f"v{i}" for i in range(MAX_BATCH + 3)]
+    vals: dict[Key, str] = {("bob", name, None): "x = 1\n" for name in names}
+    imp, answers, _ = importer(vals)
+    load("".join(f"from vals.bob.{name} import x\n" for name in names) + "main = x\n", imp)
+    assert answers.batches == [MAX_BATCH, 3]
 
 
 def test_a_module_runs_once_per_worker_and_its_state_is_shared() -> None:
