@@ -33,7 +33,8 @@ Worker -> front end::
     BlobAsk       id, action, key, after, limit     body: the value (set)
     SqlAsk        id, batch                         body: statements, JSON [[sql, [args]], ...]
     ImportAsk     id, user, val, version            (an import of another val; also while
-                                                    the module loads, with id LOAD_ASK_ID)
+                                                    the module loads, with id LOAD_ASK_ID;
+                                                    up to 16 may be sent before their answers)
 
 Front end -> worker, answers to asks::
 
