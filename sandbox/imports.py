@@ -235,7 +235,7 @@ class ValImporter:
             if path.version is not None:
                 leaf = Facade(f"vals.{path.user}.{path.val}", {f"v{path.version}": module})
             tree.setdefault(path.user, {})[path.val] = leaf
-            users = {u: Facade(f"vals.{u}", vals) for u, vals in tree.items()}
+            users = {user: Facade(f"vals.{user}", of_user) for user, of_user in tree.items()}
             return Facade("vals", users)
 
         return hook
