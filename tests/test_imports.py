@@ -682,6 +682,9 @@ async def test_an_import_cannot_reach_another_tenants_env(service: Service) -> N
         ("from vals.bob.secret import lib\nlib", "ImportError: no val bob/secret"),
         ("from vals.bob.util.v1.lib import x\nx", "'vals.bob.util.v1.lib' names no val"),
         ("from vals.bob.util import double\ndouble.__globals__", '"__globals__" is an invalid'),
+        ("from vals..bob.util import lib\nlib", "SyntaxError"),
+        ("from vals.bob.\u0443til import lib\nlib", "ImportError: no val bob/\u0443til"),
+        ("from vals.b\u043eb.util import lib\nlib", "ImportError: no val b\u043eb/util"),
     ],
 )
 async def test_import_path_attacks_are_refused(service: Service, code: str, refusal: str) -> None:
