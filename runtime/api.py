@@ -166,8 +166,9 @@ class Api:
         code, privacy = self._val_body(request)
         await self.save_checks.check(owner, name, code)  # 400 bad_code: it could not load
         val, created = await self.store.call(Store.put_val, owner, name, code, privacy)
-        # The previous version's workers finish what they are doing, then go.
-        self.pool.retire(val.val_id)
+        # The previous version's workers finish what they are doing, then go; so do those
+        # of the vals that import it.
+        self.pool.val_changed(val.val_id)
         return HTTPResponse.json(
             val_summary(val, self.url_for(request, val)), 201 if created else 200
         )
@@ -213,6 +214,7 @@ class Api:
         val = await self.store.call(Store.set_privacy, owner, name, str(body["privacy"]))
         if val is None:
             raise NotFoundError(f"no val {owner}/{name}")
+        self.pool.val_changed(val.val_id)  # its importers may no longer import it
         return HTTPResponse.json(val_summary(val, self.url_for(request, val)))
 
     async def delete_val(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
@@ -222,7 +224,7 @@ class Api:
         val_id = await self.store.call(Store.delete_val, owner, name)
         if val_id is None:
             raise NotFoundError(f"no val {owner}/{name}")
-        self.pool.retire(val_id)
+        self.pool.val_changed(val_id)
         return HTTPResponse.json({"deleted": f"{owner}/{name}"})
 
     async def delete_version(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
@@ -235,7 +237,7 @@ class Api:
             raise NotFoundError(f"{owner}/{name} has no version {params['version']}")
         await self.recorder.flush()  # its records go too, those still queued included
         val_id = await self.store.call(Store.delete_version, owner, name, version)
-        self.pool.retire(val_id)  # its warm workers go; the latest's start again on demand
+        self.pool.val_changed(val_id)  # its warm workers go; the latest's start again on demand
         return HTTPResponse.json({"deleted": f"{owner}/{name}", "version": version})
 
     async def list_versions(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:

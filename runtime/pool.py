@@ -41,7 +41,19 @@ from runtime.reply import Reply, bounded_log, check_failure, check_reply, protoc
 from runtime.supply import WorkerSupply
 from runtime.tenants import TenantForkServers
 from runtime.workdir import claim_workdir
-from sandbox.messages import ASKS, Ask, Failure, Invocation, Load, Loaded, MessageError, Mode, parse
+from sandbox.messages import (
+    ASKS,
+    LOAD_ASK_ID,
+    Ask,
+    Failure,
+    ImportAsk,
+    Invocation,
+    Load,
+    Loaded,
+    MessageError,
+    Mode,
+    parse,
+)
 from sandbox.wire import Frame
 
 logger = logging.getLogger(__name__)
@@ -96,6 +108,9 @@ class _ValPool:
         self.capacity = trio.Semaphore(max_workers)
         self.idle: list[_Warm] = []  # most recently used last
         self.retired = False
+        #: The vals its workers imported at their latest version (runtime.imports): a change
+        #: to any of them retires this pool (`Pool.val_changed`).
+        self.imports: set[int] = set()
 
 
 class Pool:
@@ -128,6 +143,8 @@ class Pool:
         self.tenants: TenantForkServers | None = None
         #: The /healthz view of the confinement layers in force.
         self.isolation: dict[str, dict[str, object]] = {}
+        #: Bumped by every `val_changed`: an import answered across a change re-checks.
+        self.val_changes = 0
 
     def idle_workers(self) -> list[WorkerProcess]:
         """Warm workers waiting for their val's next request."""
@@ -185,12 +202,14 @@ class Pool:
 
     async def check_once(self, owner: str, name: str, code: str) -> Frame:
         """Compile a val's code in a fresh worker used once (checks at save); its raw reply,
-        unchecked (runtime.savecheck checks it)."""
+        unchecked (runtime.savecheck checks it). Its imports of vals are answered as
+        `owner`'s."""
         worker = await self._generic_worker(owner)
+        spec = ValSpec(0, 0, owner, name, code, (), "", mode="check")
         try:
             with trio.move_on_after(self.config.pool.load_timeout_s):
-                await worker.send(Load(name, code, "check", (), self.limits).to_frame())
-                return await worker.receive()
+                await worker.send(Load(name, code, "check", (), self.limits, owner).to_frame())
+                return await self._receive_loaded(worker, spec)
             raise WorkerTimeoutError(
                 f"compiling the code took over {self.config.pool.load_timeout_s} s"
             )
@@ -201,6 +220,25 @@ class Pool:
     def retire(self, val_id: int) -> None:
         """Retire every worker of a val (deleted, or a new version saved)."""
         self._retire_where(lambda pool: pool.spec.val_id == val_id)
+
+    def val_changed(self, val_id: int) -> None:
+        """A val got a new version, was deleted, or changed its privacy: its own workers and
+        those of every val that imported it at its latest version retire, so that the next
+        request loads the new code (or gets the import's error). The one reaction to a change
+        of a val, whichever node made it."""
+        self.val_changes += 1
+        self.retire(val_id)
+        self.retire_importers_of(val_id)
+
+    def retire_importers_of(self, val_id: int) -> None:
+        """Retire the workers of every val that imported val `val_id` at its latest version."""
+        self._retire_where(lambda pool: val_id in pool.imports)
+
+    def note_import(self, spec: ValSpec, val_id: int) -> None:
+        """The workers of `spec` imported val `val_id` at its latest version."""
+        pool = self._vals.get(spec.key)
+        if pool is not None and not pool.retired:
+            pool.imports.add(val_id)
 
     def retire_user(self, user: str) -> None:
         """Retire every worker of a user's vals (their env changed)."""
@@ -283,10 +321,10 @@ class Pool:
 
     async def _load(self, worker: WorkerProcess, spec: ValSpec) -> str:
         """Specialize a generic worker; what the module printed while it ran."""
-        load = Load(spec.name, spec.code, spec.mode, spec.env, self.limits)
+        load = Load(spec.name, spec.code, spec.mode, spec.env, self.limits, spec.owner)
         with trio.move_on_after(self.config.pool.load_timeout_s):
             await worker.send(load.to_frame())
-            frame = await worker.receive()
+            frame = await self._receive_loaded(worker, spec)
             try:
                 loaded = parse(frame, Loaded, Failure)
             except MessageError as exc:
@@ -301,6 +339,21 @@ class Pool:
         raise WorkerTimeoutError(
             f"{spec.owner}/{spec.name} took over {self.config.pool.load_timeout_s} s to load"
         )
+
+    async def _receive_loaded(self, worker: WorkerProcess, spec: ValSpec) -> Frame:
+        """The answer to a `load`, answering the imports of vals the module makes on the way
+        (with `LOAD_ASK_ID`); any other ask while it loads is a protocol error."""
+        while True:
+            frame = await worker.receive()
+            if frame.op != ImportAsk.op:
+                return frame
+            try:
+                ask = parse(frame, ImportAsk)
+            except MessageError as exc:
+                raise protocol_error(str(exc)) from None
+            if ask.id != LOAD_ASK_ID or self.broker is None:
+                raise protocol_error(f"an unexpected {frame.op!r} ask while loading")
+            await worker.send(await self.broker(spec, ask))
 
     async def _exchange(self, worker: WorkerProcess, spec: ValSpec, request: Invocation) -> Reply:
         request = dataclasses.replace(request, id=next(self._request_ids))

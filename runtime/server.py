@@ -18,6 +18,7 @@ from runtime.app import App
 from runtime.broker import Broker
 from runtime.config import Config
 from runtime.fetch import open_fetcher
+from runtime.imports import Imports
 from runtime.metrics import Metrics
 from runtime.pool import open_pool
 from runtime.records import open_recorder
@@ -26,7 +27,7 @@ from runtime.startup import open_store
 from runtime.storage import SqliteStorage
 from runtime.storage_api import StorageApi
 from runtime.store import AsyncStore, Store
-from sandbox.messages import BlobAsk, FetchAsk, SqlAsk
+from sandbox.messages import BlobAsk, FetchAsk, ImportAsk, SqlAsk
 from sandbox.wire import DEFAULT_MAX_BODY_BYTES
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ async def serve_valrun(
                     FetchAsk: fetcher.answer,
                     BlobAsk: storage_api.answer_blob,
                     SqlAsk: storage_api.answer_sql,
+                    ImportAsk: Imports(async_store, pool).answer,
                 }
             ).answer
             app = App(config, async_store, pool, recorder, metrics, storage_api)

@@ -36,12 +36,17 @@ class BadMessageError(SandboxError):
 
 def _val_frames(tb: TracebackType | None, filename: str) -> list[str]:
     # Host frames (this package, RestrictedPython, the stdlib) are dropped: their paths
-    # describe the host, and the val's author can do nothing with them.
-    frames = [
-        f"line {frame.lineno}, in {frame.name}"[:MAX_FRAME_CHARS]
-        for frame in traceback.extract_tb(tb)
-        if frame.filename == filename
-    ]
+    # describe the host, and the val's author can do nothing with them. Frames of vals it
+    # imported (`<val alice/util>`, sandbox.imports) are kept, named.
+    frames = []
+    for frame in traceback.extract_tb(tb):
+        if frame.filename == filename:
+            where = ""
+        elif frame.filename.startswith("<val ") and "/" in frame.filename:
+            where = frame.filename[len("<val ") : -1] + " "
+        else:
+            continue
+        frames.append(f"{where}line {frame.lineno}, in {frame.name}"[:MAX_FRAME_CHARS])
     return frames[-MAX_FRAMES:]
 
 

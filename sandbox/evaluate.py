@@ -26,7 +26,7 @@ from RestrictedPython.compile import compile_restricted_eval, compile_restricted
 
 from sandbox.errors import ValError
 from sandbox.facades import Facade
-from sandbox.policy import LogBuffer, compile_refused, make_globals, val_filename
+from sandbox.policy import LogBuffer, ValsHook, compile_refused, make_globals, val_filename
 
 EVAL_NAME = "eval"
 EVAL_FILENAME = val_filename(EVAL_NAME)
@@ -67,9 +67,10 @@ def evaluate(
     env: Mapping[str, str],
     log: LogBuffer,
     modules: Mapping[str, Facade] = MappingProxyType({}),
+    vals: ValsHook | None = None,
 ) -> object:
     """Run the statements, then the final expression, in a fresh namespace; its value."""
-    namespace = make_globals(EVAL_NAME, env, log, modules)
+    namespace = make_globals(EVAL_NAME, env, log, modules, vals)
     # RestrictedPython rewrites `print(...)` into `_print._call_print(...)` and defines
     # `_print` at the top of a module that prints; an expression compiled on its own gets no
     # such line, so `print(1)` as the final expression needs it defined here.

@@ -112,6 +112,61 @@ class Facade:
         return f"<valrun facade {self._name!r}>"
 
 
+@final
+class ValModule:
+    """Another val, imported (`import vals.USER.VAL as v`): its exports, read live from its
+    module's namespace, so a name its functions rebind (`global count`) reads as it is now.
+
+    Exports are the module's top-level names that do not start with `_`, but for what the
+    sandbox put there itself (`env`, `Request`, `Response`): `hidden` maps those names to the
+    objects that are not the val's own. Like a facade it is read-only, and its slots are
+    `_` names that vals cannot reach.
+    """
+
+    __slots__ = ("_hidden", "_label", "_namespace")
+
+    _hidden: Mapping[str, object]
+    _label: str
+    _namespace: Mapping[str, object]
+
+    def __init__(
+        self, label: str, namespace: Mapping[str, object], hidden: Mapping[str, object]
+    ) -> None:
+        object.__setattr__(self, "_label", label)
+        object.__setattr__(self, "_namespace", namespace)
+        object.__setattr__(self, "_hidden", MappingProxyType(dict(hidden)))
+
+    # Host-side helpers are `_` names: a public method would shadow an export of its name.
+    def _exports(self) -> list[str]:
+        """The names it exports now, sorted (for messages)."""
+        return sorted(name for name in list(self._namespace) if self._exported(name))
+
+    def _exported(self, name: str) -> bool:
+        if type(name) is not str or name.startswith("_") or name not in self._namespace:
+            return False
+        return name not in self._hidden or self._namespace[name] is not self._hidden[name]
+
+    def __getattr__(self, attr: str) -> Any:  # Any: the exec edge, exports are anything
+        if attr.startswith("_") or not self._exported(attr):
+            # The same words whether the name is private, absent, or the sandbox's own.
+            raise AttributeError(
+                f"the val {self._label} exports no {attr!r}", name=attr, obj=None
+            ) from None
+        return self._namespace[attr]
+
+    def __setattr__(self, attr: str, value: object) -> None:
+        raise AttributeError(f"the val {self._label} is read-only here; cannot set {attr!r}")
+
+    def __delattr__(self, attr: str) -> None:
+        raise AttributeError(f"the val {self._label} is read-only here; cannot delete {attr!r}")
+
+    def __dir__(self) -> list[str]:
+        return self._exports()
+
+    def __repr__(self) -> str:
+        return f"<val {self._label}>"
+
+
 def _take(module: ModuleType, names: str) -> dict[str, object]:
     # getattr, not a dir() sweep: a name a future Python adds is not exposed until someone
     # vets it and lists it here. A listed name that disappears fails loudly at worker start.

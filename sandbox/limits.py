@@ -36,6 +36,10 @@ class WorkerLimits:
     #: object of it: a dict of n colliding keys costs n² to build.
     max_json_keys: int = 10000
     max_json_object_keys: int = 1000
+    #: Vals importing vals (sandbox.imports): how deep a chain of imports may nest, and how
+    #: many bytes of imported source one worker may load in all.
+    max_import_depth: int = 8
+    max_import_bytes: int = 1 * MIB
 
     @classmethod
     def from_head(cls, raw: object) -> WorkerLimits:

@@ -32,12 +32,16 @@ Worker -> front end::
                                                     body: the request body
     BlobAsk       id, action, key, after, limit     body: the value (set)
     SqlAsk        id, batch                         body: statements, JSON [[sql, [args]], ...]
+    ImportAsk     id, user, val, version            (an import of another val; also while
+                                                    the module loads, with id LOAD_ASK_ID;
+                                                    up to 16 may be sent before their answers)
 
 Front end -> worker, answers to asks::
 
     Fetched       id, status, url, headers, error   body: the response body
     BlobAnswer    id, found, error                  body: the value (get), entries (list)
     SqlAnswer     id, error                         body: results, JSON [{columns, rows, ...}]
+    ImportAnswer  id, owner, name, version, error   body: the imported val's source (UTF-8)
 
 What a message checks is what a frame can get wrong on its own. What depends on the front end's
 configuration (status ranges, header syntax and size limits, cookie domains) is the front end's
@@ -136,11 +140,14 @@ class Load:
     mode: Mode = "module"
     env: HeaderPairs = ()
     limits: WorkerLimits = field(default_factory=WorkerLimits)
+    #: The val's owner ("" for an anonymous Eval): an import of the val itself is a cycle.
+    owner: str = ""
 
     def to_frame(self) -> Frame:
         head: dict[str, object] = {
             "op": self.op,
             "name": self.name,
+            "owner": self.owner,
             "mode": self.mode,
             "env": dict(self.env),
             "limits": self.limits.to_head(),
@@ -167,6 +174,7 @@ class Load:
             mode=mode,  # type: ignore[arg-type]  # checked against MODES above
             env=tuple(env.items()),
             limits=limits,
+            owner=_str(head, "owner", ""),
         )
 
 
@@ -808,8 +816,79 @@ def _loads(body: bytes, what: str) -> object:
         raise MessageError(f"{what} are not JSON") from None
 
 
+#: The id of an ask made while the module loads (or is checked): invocation ids start at 1.
+LOAD_ASK_ID = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ImportAsk:
+    """`from vals.USER.VAL import NAME`: the source of that val (its latest version, or
+    `version`), if the worker's user may import it (runtime.imports decides)."""
+
+    op: ClassVar[str] = "import"
+    id: int
+    user: str
+    val: str
+    version: int | None = None
+
+    def to_frame(self) -> Frame:
+        head = {"op": self.op, "id": self.id, "user": self.user, "val": self.val}
+        return Frame({**head, "version": self.version})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> ImportAsk:
+        _check_op(frame, cls.op)
+        head = frame.head
+        version = head.get("version")
+        if version is not None and (type(version) is not int or not 0 < version < 2**31):
+            raise MessageError(f"'version' {version!r} is not a version number")
+        return cls(_int(head, "id"), _str(head, "user"), _str(head, "val"), version)
+
+
+@dataclass(frozen=True, slots=True)
+class ImportAnswer:
+    """The imported val: its owner and name as spelled when it was created, the version
+    answered, and its source as the body; or `error`, the ImportError's message."""
+
+    op: ClassVar[str] = "import_answer"
+    id: int
+    owner: str = ""
+    name: str = ""
+    version: int = 0
+    body: bytes = field(default=b"", repr=False)
+    error: str | None = None
+
+    def to_frame(self) -> Frame:
+        head: dict[str, object] = {"op": self.op, "id": self.id, "owner": self.owner}
+        head.update(name=self.name, version=self.version, error=self.error)
+        return Frame(head, self.body)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> ImportAnswer:
+        _check_op(frame, cls.op)
+        head = frame.head
+        error = head.get("error")
+        if error is not None and type(error) is not str:
+            raise MessageError("'error' is not a string")
+        version = _int(head, "version")
+        if (error is None) != (version > 0):
+            raise MessageError(f"'import_answer' with version {version} and error {error!r}")
+        return cls(
+            id=_int(head, "id"),
+            owner=_str(head, "owner"),
+            name=_str(head, "name"),
+            version=version,
+            body=frame.body,
+            error=error,
+        )
+
+    @property
+    def source(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+
 #: Every kind of ask; the front end answers each with a message of its own kind.
-ASKS: tuple[type[Ask], ...] = (FetchAsk, BlobAsk, SqlAsk)
+ASKS: tuple[type[Ask], ...] = (FetchAsk, BlobAsk, SqlAsk, ImportAsk)
 
 
 @overload

@@ -328,14 +328,26 @@ class _ValClasses:
         return full_write_guard(obj)
 
 
+#: What `import vals.USER.VAL` calls in one module (sandbox.imports): (name, fromlist) -> the
+#: object bound.
+ValsHook = Callable[[str, Sequence[str] | None], object]
+#: Sees a module's compiled code before it runs (sandbox.imports: the vals it will import).
+Prefetch = Callable[[types.CodeType], None]
+_NO_VAL_IMPORTS = "this code cannot import vals"
+#: Globals the sandbox puts in every namespace that are not the val's exports (sandbox.imports).
+SANDBOX_GLOBALS = ("env", "Request", "Response")
+
+
 def make_globals(
     name: str,
     env: Mapping[str, str],
     log: LogBuffer,
     modules: Mapping[str, Facade] = MappingProxyType({}),
+    vals: ValsHook | None = None,
 ) -> dict[str, Any]:
     """A fresh namespace for one val: nothing in it is shared with another val or the host.
-    `modules`: facades made for this worker (`std`), importable beside the shared ones."""
+    `modules`: facades made for this worker (`std`), importable beside the shared ones;
+    `vals`: this module's imports of other vals (sandbox.imports)."""
     val_classes = _ValClasses()
 
     def import_(
@@ -345,6 +357,10 @@ def make_globals(
         fromlist: tuple[str, ...] | None = None,
         level: int = 0,
     ) -> object:
+        if level == 0 and type(name) is str and (name == "vals" or name.startswith("vals.")):
+            if vals is None:
+                raise ImportError(_NO_VAL_IMPORTS, name=name)
+            return vals(name, fromlist)
         return import_facade(name, fromlist, level, modules)
 
     safe = {k: v for k, v in safe_builtins.items() if k not in _REMOVED_BUILTINS}
@@ -446,17 +462,44 @@ def compile_val(source: str, filename: str) -> types.CodeType:
     return code
 
 
+def run_module(
+    source: str,
+    filename: str,
+    module_name: str,
+    env: Mapping[str, str],
+    log: LogBuffer,
+    modules: Mapping[str, Facade] = MappingProxyType({}),
+    vals: ValsHook | None = None,
+    prefetch: Prefetch | None = None,
+) -> tuple[dict[str, Any], dict[str, object]]:
+    """Compile and run an imported val's module (sandbox.imports); its globals, and those of
+    them the sandbox put there (`SANDBOX_GLOBALS`, not the val's exports). `prefetch` sees
+    the compiled code before it runs."""
+    code = compile_val(source, filename)
+    if prefetch is not None:
+        prefetch(code)
+    namespace = make_globals(module_name, env, log, modules, vals)
+    hidden = {name: namespace[name] for name in SANDBOX_GLOBALS}
+    exec(code, namespace)
+    return namespace, hidden
+
+
 def load_val(
     source: str,
     name: str,
     env: Mapping[str, str],
     log: LogBuffer,
     modules: Mapping[str, Facade] = MappingProxyType({}),
+    vals: ValsHook | None = None,
+    prefetch: Prefetch | None = None,
 ) -> LoadedVal:
-    """Compile and run the module once; find its export (the top-level name equal to `name`)."""
+    """Compile and run the module once; find its export (the top-level name equal to `name`).
+    `prefetch` sees the compiled code before it runs (sandbox.imports asks for its imports)."""
     filename = val_filename(name)
     code = compile_val(source, filename)
-    namespace = make_globals(name, env, log, modules)
+    if prefetch is not None:
+        prefetch(code)
+    namespace = make_globals(name, env, log, modules, vals)
     exec(code, namespace)
     if name not in namespace:
         raise ValError(f"the val defines no top-level {name!r} to export")

@@ -27,7 +27,7 @@ import weakref
 from collections.abc import Callable
 from typing import cast
 
-from sandbox.facades import Facade
+from sandbox.facades import Facade, ValModule
 
 #: string.Formatter's methods that walk attributes as str.format does.
 _FORMATTER_METHODS = ("format", "vformat", "get_field", "get_value")
@@ -51,9 +51,10 @@ FORWARDING_TYPES: tuple[type, ...] = (
 
 
 _FORWARDING = frozenset(FORWARDING_TYPES)
-#: Classes whose Python `__getattr__` looks up only their own members: the facades', and the
-#: enum metaclass's (Python 3.11: a member by name, from the class's own member map).
-_OWN_LOOKUP = frozenset({Facade, enum.EnumType})
+#: Classes whose Python `__getattr__` looks up only their own members: the facades', an
+#: imported val's (its exports), and the enum metaclass's (Python 3.11: a member by name,
+#: from the class's own member map).
+_OWN_LOOKUP = frozenset({Facade, ValModule, enum.EnumType})
 
 
 def _forwards(kind: type) -> bool:

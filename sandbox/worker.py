@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import BinaryIO
 
@@ -25,15 +25,18 @@ from sandbox.errors import BadMessageError, ValError, describe
 from sandbox.evaluate import EVAL_NAME, compile_eval, evaluate
 from sandbox.facades import Facade
 from sandbox.http import Request, dumps_json, to_response
+from sandbox.imports import ModuleHook, ValImporter, ValPath
 from sandbox.interval import Interval
 from sandbox.limits import WorkerLimits, apply_limits, arm_cpu_limit
 from sandbox.messages import (
+    LOAD_ASK_ID,
     Ask,
     Call,
     Checked,
     Failure,
     HttpRequest,
     HttpResponse,
+    ImportAsk,
     Invocation,
     Load,
     Loaded,
@@ -43,7 +46,14 @@ from sandbox.messages import (
     ScheduledRun,
     parse,
 )
-from sandbox.policy import LogBuffer, check_source_size, load_val, val_filename
+from sandbox.policy import (
+    LogBuffer,
+    Prefetch,
+    check_source_size,
+    load_val,
+    run_module,
+    val_filename,
+)
 from sandbox.replies import encode_reply
 from sandbox.std import make_std
 from sandbox.tether import UNTETHERED, Tether, Untethered
@@ -103,21 +113,39 @@ class Channel:
             write_frame(self.out, message.to_frame())
 
     def ask(self, ask: Ask, answer: type[M], /) -> M:
-        if self.invocation is None:
-            # While the module loads, the front end is not listening for asks.
+        if self.invocation is None and not isinstance(ask, ImportAsk):
+            # While the module loads, the front end answers imports of vals only.
             raise ValError(
                 "std functions work while the val handles a request, not while its module "
                 "loads; call them inside the exported function"
             )
+        ask_id = LOAD_ASK_ID if self.invocation is None else self.invocation
         self.broken = True
         with self.tether.paused():  # the answer makes the socket readable: not a hang-up
-            self.send(replace(ask, id=self.invocation))  # type: ignore[type-var]
+            self.send(replace(ask, id=ask_id))  # type: ignore[type-var]
             frame = self.receive()
         if frame is None:
             raise ProtocolError("the front end closed the socket while the val waited")
         result = parse(frame, answer)
         self.broken = False
         return result
+
+    def ask_all(self, asks: Sequence[ImportAsk], answer: type[M], /) -> list[M]:
+        """Several imports asked at once, then their answers read in order (sandbox.imports:
+        the vals a module imports, before it runs). At most `imports.MAX_BATCH` asks."""
+        ask_id = LOAD_ASK_ID if self.invocation is None else self.invocation
+        self.broken = True
+        with self.tether.paused():
+            for ask in asks:
+                self.send(replace(ask, id=ask_id))
+            frames = [self.receive() for _ in asks]
+        results = []
+        for frame in frames:
+            if frame is None:
+                raise ProtocolError("the front end closed the socket while the val waited")
+            results.append(parse(frame, answer))
+        self.broken = False
+        return results
 
 
 class Worker:
@@ -212,16 +240,40 @@ class Worker:
         return self.serve_call(message)
 
 
+def make_importer(
+    load: Load, name: str, channel: Channel, log: LogBuffer, modules: Mapping[str, Facade]
+) -> ValImporter:
+    """The worker's imports of other vals, run with the worker's env, log and `std`."""
+    env = dict(load.env)
+
+    def run(
+        source: str, filename: str, module_name: str, hook: ModuleHook, prefetch: Prefetch
+    ) -> tuple[dict[str, object], dict[str, object]]:
+        return run_module(source, filename, module_name, env, log, modules, hook, prefetch)
+
+    top = ValPath(load.owner, name, None) if load.mode != "eval" and load.owner else None
+    return ValImporter(channel.ask, run, load.limits, top, channel.ask_all)
+
+
 def load_export(
-    load: Load, name: str, log: LogBuffer, modules: Mapping[str, Facade]
+    load: Load,
+    name: str,
+    log: LogBuffer,
+    modules: Mapping[str, Facade],
+    importer: ValImporter | None = None,
 ) -> Callable[[], object]:
     """Compile the code (and run a val's module once); a function that gives the export."""
     check_source_size(load.source, load.limits.max_source_bytes)
     env = dict(load.env)
+
+    def vals() -> ModuleHook | None:
+        return importer.module_hook() if importer is not None else None
+
     if load.mode == "eval":
         compiled = compile_eval(load.source)
-        return lambda: evaluate(compiled, env, log, modules)
-    val = load_val(load.source, name, env, log, modules)
+        return lambda: evaluate(compiled, env, log, modules, vals())
+    prefetch = importer.prefetch if importer is not None else None
+    val = load_val(load.source, name, env, log, modules, vals(), prefetch)
     return lambda: val.export
 
 
@@ -243,13 +295,15 @@ def serve(inp: BinaryIO, out: BinaryIO, *, confined: bool = False, tethered: boo
     arm_cpu_limit(limits)
     log = LogBuffer(limits.max_log_bytes)
     modules = {"std": make_std(channel.ask, limits)}
+    importer = make_importer(load, name, channel, log, modules)
     if load.mode == "check":  # checks at save: compile, report, exit; nothing of the val runs
-        problems = check_source(load.source, name, limits.max_source_bytes, modules)
+        with tether:
+            problems = check_source(load.source, name, limits.max_source_bytes, modules, importer)
         channel.send(Checked(tuple(problems)))
         return 0
     try:
         with tether:
-            export = load_export(load, name, log, modules)
+            export = load_export(load, name, log, modules, importer)
     except BaseException as exc:  # a val that fails to load is one error reply, then exit
         channel.send(describe(exc, val_filename(name), None, log.take()))
         return 0

@@ -32,7 +32,24 @@ def main() -> int:
         problems: object = [] if name == "ok" else "not a list"
         reply(out, Frame({"op": "checked", "problems": problems}))
         return 0
-    reply(out, Frame({"op": "loaded", "log": ""}))
+    source = load.body.decode()
+    if source.startswith("load-ask:"):  # an ask while the module loads: the source says which
+        kind = source.partition(":")[2]
+        ask: dict[str, object] = {"op": "import", "id": 0, "user": "bob", "val": "util"}
+        if kind == "fetch":
+            ask = {"op": "fetch", "id": 0, "method": "GET", "url": "http://10.0.0.1/"}
+            ask |= {"headers": [], "timeout_s": None, "follow_redirects": True}
+        elif kind == "wrong-id":
+            ask["id"] = 7
+        elif kind == "malformed":
+            ask["version"] = "latest"
+        reply(out, Frame(ask))
+        answer = read_frame(inp, decoder)
+        if answer is None:
+            return 0
+        reply(out, Frame({"op": "loaded", "log": json.dumps(answer.head, sort_keys=True)}))
+    else:
+        reply(out, Frame({"op": "loaded", "log": ""}))
     while (frame := read_frame(inp, decoder)) is not None:
         rid, path = int(str(frame.head["id"])), frame.head["path"]
         ok = Frame({"op": "response", "id": rid, "status": 200, "headers": [], "log": ""}, b"ok")
