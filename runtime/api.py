@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from urllib.parse import quote
 
 from runtime import schedule_api
@@ -142,7 +143,7 @@ class Api:
 
     async def me(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         user = await authenticate(self.store, request)
-        body: dict[str, object] = {"username": user.name}
+        body: dict[str, object] = {"username": user.name, "quotas": asdict(self.config.quotas)}
         if self.usage is not None:
             body["storage"] = await self.usage(user.name)
         return HTTPResponse.json(body)
@@ -165,7 +166,9 @@ class Api:
         await owner_only(self.store, request, owner)
         code, privacy = self._val_body(request)
         await self.save_checks.check(owner, name, code)  # 400 bad_code: it could not load
-        val, created = await self.store.call(Store.put_val, owner, name, code, privacy)
+        val, created = await self.store.call(
+            Store.put_val, owner, name, code, privacy, self.config.quotas
+        )
         # The previous version's workers finish what they are doing, then go.
         self.pool.retire(val.val_id)
         return HTTPResponse.json(
@@ -240,9 +243,10 @@ class Api:
 
     async def list_versions(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         latest = await self.readable_val(request, params)
-        versions = await self.store.call(Store.versions, latest.owner, latest.name)
+        # Numbers and times only: a listing never reads every version's code.
+        versions = await self.store.call(Store.version_list, latest.owner, latest.name)
         return HTTPResponse.json(
-            {"versions": [{"version": v.version, "created_at": v.created_at} for v in versions]}
+            {"versions": [{"version": n, "created_at": at} for n, at in versions]}
         )
 
     async def list_records(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
@@ -289,8 +293,8 @@ class Api:
 
     async def list_env(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         user = await authenticate(self.store, request)
-        env = await self.store.call(Store.env, user.name)
-        return HTTPResponse.json({"keys": sorted(env)})  # never the values
+        keys = await self.store.call(Store.env_keys, user.name)
+        return HTTPResponse.json({"keys": keys})  # never the values: not even read
 
     async def put_env(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         user = await authenticate(self.store, request)
@@ -301,7 +305,9 @@ class Api:
             value = request.body.decode("utf-8")
         except UnicodeDecodeError:
             raise BadRequestError("env values must be UTF-8 text") from None
-        await self.store.call(Store.set_env, user.name, key, value)
+        await self.store.call(
+            Store.set_env, user.name, key, value, self.config.quotas, self.config.limits
+        )
         # The next invocation of any of this user's vals sees the new env: the env is part
         # of a warm worker's identity, and the old workers (holding the old value) go now.
         self.pool.retire_user(user.name)
