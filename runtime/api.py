@@ -24,6 +24,7 @@ from runtime.auth import (
 from runtime.config import Config
 from runtime.errors import BadRequestError, ForbiddenError, NotFoundError, PayloadTooLargeError
 from runtime.follow import Followers, parse_follow
+from runtime.frontdoor import ConnectionCaps
 from runtime.health import Health
 from runtime.hosts import val_host
 from runtime.http import HTTPRequest, HTTPResponse
@@ -85,6 +86,8 @@ class Api:
         #: A user's storage use, for /v1/me (runtime.storage_api).
         self.usage = usage
         self.health = Health(pool, recorder, store)
+        #: Open client connections, counted at accept (runtime.frontdoor).
+        self.connections = ConnectionCaps.from_config(config.server)
 
     def url_for(self, request: HTTPRequest, val: ValVersion) -> str:
         port = request.port
@@ -133,6 +136,7 @@ class Api:
                 "isolation": isolation,
                 "workers": self.pool.gauges(),
                 "log_followers": self.followers.waiting,
+                "connections": self.connections.gauges(),
             },
             503 if problems else 200,
         )

@@ -69,6 +69,10 @@ H2C_REFUSAL = refusal(
 class ConnectionCaps:
     """Open connections, in all and per client address."""
 
+    @classmethod
+    def from_config(cls, server: ServerConfig) -> ConnectionCaps:
+        return cls(server.max_connections, server.max_connections_per_address)
+
     def __init__(self, total: int, per_address: int) -> None:
         self.total = total
         self.per_address = per_address
@@ -84,6 +88,10 @@ class ConnectionCaps:
         self.open += 1
         self.by_address[address] = held + 1
         return True
+
+    def gauges(self) -> dict[str, int]:
+        """For /healthz: connections open, client addresses holding them, refused so far."""
+        return {"open": self.open, "addresses": len(self.by_address), "refused": self.refused}
 
     def release(self, address: str) -> None:
         self.open -= 1
@@ -220,18 +228,18 @@ def raise_fd_limit(config: ServerConfig) -> int:
 async def serve_app(
     app: ASGIFramework,
     hconfig: HypercornConfig,
-    server: ServerConfig,
+    caps: ConnectionCaps,
     *,
+    h2c: bool,
     shutdown_trigger: Callable[..., Awaitable[None]],
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """hypercorn's trio server around `app` (as `hypercorn.trio.serve`), with every
-    listener capped; report the bound URLs."""
+    listener counting its connections in `caps`; report the bound URLs."""
     wrapped = wrap_app(app, hconfig.wsgi_max_body_size, "asgi")
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(wrapped, hconfig, lifespan_state)
     context = WorkerContext(None)
-    caps = ConnectionCaps(server.max_connections, server.max_connections_per_address)
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
@@ -247,7 +255,7 @@ async def serve_app(
                 capped = CappedListener(
                     trio.SocketListener(trio.socket.from_stdlib_socket(sock)),
                     caps,
-                    refuse_h2c=not secure and not server.h2c,
+                    refuse_h2c=not secure and not h2c,
                 )
                 if secure:
                     assert ssl_context is not None  # secure sockets come from TLS settings

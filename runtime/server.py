@@ -120,7 +120,8 @@ async def serve_valrun(
                 await serve_app(
                     app,
                     hypercorn_config(config),
-                    config.server,
+                    app.api.connections,
+                    h2c=config.server.h2c,
                     shutdown_trigger=shut_down,
                     task_status=task_status,
                 )

@@ -37,11 +37,11 @@ def peak_of(action: Callable[[], object]) -> int:
 def statements(store: Store) -> Iterator[list[str]]:
     """Every SQL statement `store` runs inside the block."""
     seen: list[str] = []
-    store._db.set_trace_callback(seen.append)  # noqa: SLF001  # the test watches the SQL
+    store._db.set_trace_callback(seen.append)  # the test watches the SQL
     try:
         yield seen
     finally:
-        store._db.set_trace_callback(None)  # noqa: SLF001
+        store._db.set_trace_callback(None)
 
 
 # --- cached resolutions --------------------------------------------------------------------
@@ -61,7 +61,8 @@ async def test_every_cached_resolution_of_an_owner_shares_one_env(tmp_path: Path
     store = owner_with_vals(tmp_path, vals=40, env_bytes=500_000)
     cached = AsyncStore(store)
     first = await cached.resolve("alice", "v0", None)
-    assert first is not None and len(first[1]) == 50
+    assert first is not None
+    assert len(first[1]) == 50
     tracemalloc.start()
     try:
         before, _ = tracemalloc.get_traced_memory()
@@ -81,9 +82,16 @@ async def test_an_env_changed_elsewhere_is_shared_in_its_new_form(tmp_path: Path
     cached.RESOLVE_TTL_S = 0.0
     old = await cached.resolve("alice", "v0", None)
     store.set_env("alice", "K", "new")  # behind the cache's back (another node)
-    new0, new1 = await cached.resolve("alice", "v0", None), await cached.resolve("alice", "v1", None)
-    assert old is not None and new0 is not None and new1 is not None
-    assert old[1] == {} and new0[1] == {"K": "new"} and new1[1] is new0[1]
+    new0, new1 = (
+        await cached.resolve("alice", "v0", None),
+        await cached.resolve("alice", "v1", None),
+    )
+    assert old is not None
+    assert new0 is not None
+    assert new1 is not None
+    assert old[1] == {}
+    assert new0[1] == {"K": "new"}
+    assert new1[1] is new0[1]
 
 
 async def test_the_code_the_cache_holds_is_bounded(tmp_path: Path) -> None:
@@ -96,13 +104,16 @@ async def test_the_code_the_cache_holds_is_bounded(tmp_path: Path) -> None:
     cached.RESOLVE_CACHE_CODE_BYTES = 1_000_000
     for n in range(1, 31):
         resolved = await cached.resolve("alice", "big", n)
-        assert resolved is not None and resolved[0].version == n
-        held = sum(len(r[0].code) for _, r in cached._resolved.values() if r is not None)  # noqa: SLF001
+        assert resolved is not None
+        assert resolved[0].version == n
+        held = sum(len(r[0].code) for _, r in cached._resolved.values() if r is not None)
         assert held <= 1_000_000 + len(code) + 2
     # The latest, asked for by number and as the default, is held once.
     latest = await cached.resolve("alice", "big", None)
     by_number = await cached.resolve("alice", "big", 30)
-    assert latest is not None and by_number is not None and latest[0] is by_number[0]
+    assert latest is not None
+    assert by_number is not None
+    assert latest[0] is by_number[0]
 
 
 # --- listings read what they list ----------------------------------------------------------
@@ -116,7 +127,8 @@ def test_listing_versions_reads_no_code(tmp_path: Path) -> None:
     with statements(store) as seen:
         versions = store.version_list("alice", "v")
     assert [n for n, _ in versions] == [1, 2, 3, 4, 5]
-    assert seen and not any("code" in sql for sql in seen), seen
+    assert seen
+    assert not any("code" in sql for sql in seen), seen
 
 
 def test_listing_vals_reads_no_code(tmp_path: Path) -> None:
@@ -172,7 +184,8 @@ def test_a_frame_body_is_copied_once_out_of_the_decoder() -> None:
     decoder.feed(data)
     frames: list[Frame | None] = []
     peak = peak_of(lambda: frames.append(decoder.next_frame()))
-    assert frames[0] is not None and frames[0].body == body
+    assert frames[0] is not None
+    assert frames[0].body == body
     assert peak < 1.5 * len(body), peak  # the body, once (a slice would add two copies)
 
 
@@ -183,4 +196,4 @@ def test_sqlite_listing_helpers_are_only_reads(tmp_path: Path) -> None:
     store.version_list("alice", "none")
     store.env_keys("alice")
     assert store.changes == before
-    assert isinstance(store._db, sqlite3.Connection)  # noqa: SLF001
+    assert isinstance(store._db, sqlite3.Connection)
