@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import resource
 import socket
 import struct
@@ -45,8 +46,12 @@ logger = logging.getLogger(__name__)
 RESERVED_FDS = 1024
 #: How the preface of cleartext HTTP/2 with prior knowledge starts (RFC 9113 §3.4).
 H2_PREFACE = b"PRI * HTTP/2.0\r\n"
-#: What hypercorn sends before it switches a connection to h2c (RFC 7540 §3.2).
+#: What hypercorn sends before it switches a connection to h2c (RFC 7540 §3.2): a whole
+#: response head, in one write, naming the upgrade.
 SWITCHING = b"HTTP/1.1 101 "
+SWITCHING_TO_H2C = b"\r\nupgrade: h2c\r\n"
+#: A request asking for it (RFC 7540 §3.2), as a line of what the client sent.
+ASKS_FOR_H2C = re.compile(rb"\nupgrade:[ \t]*h2c[ \t]*\r?\n", re.IGNORECASE)
 
 
 def refusal(status: str, error_type: str, message: str) -> bytes:
@@ -127,12 +132,17 @@ class CountedStream(trio.abc.HalfCloseableStream):
         self._sniffing = refuse_h2c  # until the connection's first bytes are known
         self._watch_upgrade = refuse_h2c
         self._start = b""
+        self._tail = b""  # the end of what the client last sent, for a line cut in two
+        self._asked_for_h2c = False
         self._refused = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._refused:
             return b""
         data = bytes(await self.inner.receive_some(max_bytes))
+        if self._watch_upgrade and not self._asked_for_h2c:
+            self._asked_for_h2c = ASKS_FOR_H2C.search(self._tail + data) is not None
+            self._tail = data[-64:]
         if not self._sniffing or not data:
             return data
         self._start += data
@@ -148,7 +158,7 @@ class CountedStream(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._refused:
             return  # hypercorn's HTTP/2 after a refused upgrade: nobody is to read it
-        if self._watch_upgrade and bytes(data[: len(SWITCHING)]) == SWITCHING:
+        if self._asked_for_h2c and is_h2c_switch(bytes(data[:4096])):
             await self._refuse()
             return
         await self.inner.send_all(data)
@@ -170,6 +180,12 @@ class CountedStream(trio.abc.HalfCloseableStream):
             self._released = True
             self._caps.release(self._address)
         await self.inner.aclose()
+
+
+def is_h2c_switch(data: bytes) -> bool:
+    """Whether a write is hypercorn's `101` that switches the connection to h2c: a whole
+    response head (never a body chunk of a val's, unless it is byte for byte one)."""
+    return data.startswith(SWITCHING) and SWITCHING_TO_H2C in data and data.endswith(b"\r\n\r\n")
 
 
 class CappedListener(trio.abc.Listener[CountedStream]):

@@ -359,3 +359,21 @@ async def test_h2c_can_be_turned_on(start_service: StartService) -> None:
             data += await stream.receive_some(65536)
     await stream.aclose()
     assert data.startswith(b"HTTP/1.1 101 ")
+
+
+SWITCH_HEAD = "HTTP/1.1 101 \r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n"
+
+
+async def test_a_val_whose_body_looks_like_the_h2c_switch_is_served_as_it_is(
+    start_service: StartService,
+) -> None:
+    service = await start_service()
+    await service.put_val("fake", f"def fake(req):\n    return {SWITCH_HEAD.encode()!r}\n")
+    host = service.web_host("alice", "fake")
+    for extra in ("", "X-Note: upgrade: h2c\r\n"):
+        with trio.fail_after(20):
+            answer = await raw_request(
+                service.port, f"GET / HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+            )
+        assert answer is not None
+        assert (answer.status, answer.body) == (200, SWITCH_HEAD.encode())
