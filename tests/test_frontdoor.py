@@ -5,6 +5,7 @@ sockets. Other loopback addresses (127.0.0.2, ...) stand for other clients."""
 from __future__ import annotations
 
 import contextlib
+import resource
 from pathlib import Path
 
 import h2.connection
@@ -12,9 +13,9 @@ import httpx
 import pytest
 import trio
 
-from runtime.config import parse_config
+from runtime.config import ServerConfig, parse_config
 from runtime.errors import BadRequestError, ConfigError
-from runtime.frontdoor import ConnectionCaps
+from runtime.frontdoor import ConnectionCaps, raise_fd_limit
 from runtime.target import origin_form
 from tests.helpers import (
     HELLO,
@@ -377,3 +378,21 @@ async def test_a_val_whose_body_looks_like_the_h2c_switch_is_served_as_it_is(
             )
         assert answer is not None
         assert (answer.status, answer.body) == (200, SWITCH_HEAD.encode())
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_one_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(512, hard), hard))
+        few = ServerConfig(max_connections=100, max_connections_per_address=10)
+        assert raise_fd_limit(few) == hard
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+        assert "RLIMIT_NOFILE" not in caplog.text
+        # More connections allowed than files may be open: said once, at start.
+        too_many = ServerConfig(max_connections=hard, max_connections_per_address=1)
+        raise_fd_limit(too_many)
+        assert "server.max_connections" in caplog.text
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
