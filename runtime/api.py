@@ -169,6 +169,8 @@ class Api:
         check_names(owner, name)
         await owner_only(self.store, request, owner)
         code, privacy = self._val_body(request)
+        # A new val over the quota is refused before a worker spends time on its code.
+        await self.store.call(Store.check_new_val, owner, name, self.config.quotas)
         await self.save_checks.check(owner, name, code)  # 400 bad_code: it could not load
         val, created = await self.store.call(
             Store.put_val, owner, name, code, privacy, self.config.quotas

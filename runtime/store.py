@@ -340,6 +340,16 @@ class Store:
         assert saved is not None
         return saved, created
 
+    def check_new_val(self, owner: str, name: str, quotas: QuotasConfig) -> None:
+        """Refuse early a new val beyond `max_vals`, before its code is checked in a worker;
+        `put_val` checks again in its transaction, which is what holds under races."""
+        user = self.user(owner)
+        exists = self._db.execute(
+            "SELECT 1 FROM vals WHERE user_id = ? AND name_key = ?", (user.id, name.lower())
+        ).fetchone()
+        if not exists:
+            self._check_val_count(user.id, quotas.max_vals)
+
     def _check_val_count(self, user_id: int, max_vals: int) -> None:
         (count,) = self._db.execute(
             "SELECT COUNT(*) FROM vals WHERE user_id = ?", (user_id,)
