@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from urllib.parse import quote
 
 from runtime import schedule_api
@@ -23,6 +24,7 @@ from runtime.auth import (
 from runtime.config import Config
 from runtime.errors import BadRequestError, ForbiddenError, NotFoundError, PayloadTooLargeError
 from runtime.follow import Followers, parse_follow
+from runtime.frontdoor import ConnectionCaps
 from runtime.health import Health
 from runtime.hosts import val_host
 from runtime.http import HTTPRequest, HTTPResponse
@@ -84,6 +86,8 @@ class Api:
         #: A user's storage use, for /v1/me (runtime.storage_api).
         self.usage = usage
         self.health = Health(pool, recorder, store)
+        #: Open client connections, counted at accept (runtime.frontdoor).
+        self.connections = ConnectionCaps.from_config(config.server)
 
     def url_for(self, request: HTTPRequest, val: ValVersion) -> str:
         port = request.port
@@ -132,6 +136,7 @@ class Api:
                 "isolation": isolation,
                 "workers": self.pool.gauges(),
                 "log_followers": self.followers.waiting,
+                "connections": self.connections.gauges(),
             },
             503 if problems else 200,
         )
@@ -142,7 +147,7 @@ class Api:
 
     async def me(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         user = await authenticate(self.store, request)
-        body: dict[str, object] = {"username": user.name}
+        body: dict[str, object] = {"username": user.name, "quotas": asdict(self.config.quotas)}
         if self.usage is not None:
             body["storage"] = await self.usage(user.name)
         return HTTPResponse.json(body)
@@ -164,8 +169,12 @@ class Api:
         check_names(owner, name)
         await owner_only(self.store, request, owner)
         code, privacy = self._val_body(request)
+        # A new val over the quota is refused before a worker spends time on its code.
+        await self.store.call(Store.check_new_val, owner, name, self.config.quotas)
         await self.save_checks.check(owner, name, code)  # 400 bad_code: it could not load
-        val, created = await self.store.call(Store.put_val, owner, name, code, privacy)
+        val, created = await self.store.call(
+            Store.put_val, owner, name, code, privacy, self.config.quotas
+        )
         # The previous version's workers finish what they are doing, then go; so do those
         # of the vals that import it.
         self.pool.val_changed(val.val_id)
@@ -242,9 +251,10 @@ class Api:
 
     async def list_versions(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         latest = await self.readable_val(request, params)
-        versions = await self.store.call(Store.versions, latest.owner, latest.name)
+        # Numbers and times only: a listing never reads every version's code.
+        versions = await self.store.call(Store.version_list, latest.owner, latest.name)
         return HTTPResponse.json(
-            {"versions": [{"version": v.version, "created_at": v.created_at} for v in versions]}
+            {"versions": [{"version": n, "created_at": at} for n, at in versions]}
         )
 
     async def list_records(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
@@ -291,8 +301,8 @@ class Api:
 
     async def list_env(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         user = await authenticate(self.store, request)
-        env = await self.store.call(Store.env, user.name)
-        return HTTPResponse.json({"keys": sorted(env)})  # never the values
+        keys = await self.store.call(Store.env_keys, user.name)
+        return HTTPResponse.json({"keys": keys})  # never the values: not even read
 
     async def put_env(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:
         user = await authenticate(self.store, request)
@@ -303,7 +313,9 @@ class Api:
             value = request.body.decode("utf-8")
         except UnicodeDecodeError:
             raise BadRequestError("env values must be UTF-8 text") from None
-        await self.store.call(Store.set_env, user.name, key, value)
+        await self.store.call(
+            Store.set_env, user.name, key, value, self.config.quotas, self.config.limits
+        )
         # The next invocation of any of this user's vals sees the new env: the env is part
         # of a warm worker's identity, and the old workers (holding the old value) go now.
         self.pool.retire_user(user.name)

@@ -40,6 +40,7 @@ from runtime.routes import api_routes, match_route
 from runtime.run_api import RunApi
 from runtime.storage_api import StorageApi
 from runtime.store import AsyncStore
+from runtime.target import decoded_path, origin_form
 from sandbox.messages import HttpRequest
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class App:
         server = self.config.server
         label: RouteLabel = "unknown"  # errors on web and unknown hosts get CORS too
         try:
+            scope = served_target(scope, host)
             if is_health_probe(scope["method"], scope["path"], host, server):
                 route: Route = ApiHost()
                 host = server.api_host  # whatever the probe sent (an address, nothing)
@@ -136,7 +138,12 @@ class App:
             else:
                 match = match_route(self.routes, scope["method"], scope["path"])
                 label = match.label
-            body = await read_body(scope, receive, self.config.limits.max_request_body_bytes)
+            body = await read_body(
+                scope,
+                receive,
+                self.config.limits.max_request_body_bytes,
+                self.config.server.body_timeout_s,
+            )
             request = HTTPRequest(
                 method=scope["method"],
                 scheme=scope["scheme"],
@@ -189,6 +196,18 @@ class App:
             spec, invocation, source="web", expect=ValResponse, origin=request
         )
         return HTTPResponse(response.status, response.headers, response.body, cors=True)
+
+
+def served_target(scope: HTTPScope, host: str | None) -> HTTPScope:
+    """`scope` with an absolute-form target made its origin form (runtime.target): 400 when
+    it names another authority than `Host`."""
+    raw_path = scope.get("raw_path") or scope["path"].encode()
+    path = origin_form(raw_path, host, scope["scheme"])
+    if path is raw_path:
+        return scope
+    served = scope.copy()
+    served["raw_path"], served["path"] = path, decoded_path(path)
+    return served
 
 
 def is_health_probe(method: str, path: str, host: str | None, server: ServerConfig) -> bool:

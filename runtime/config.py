@@ -67,8 +67,30 @@ class ServerConfig:
     #: Connections the kernel queues before they are accepted (listen(2)); a burst beyond
     #: it waits a second for the client's SYN retry. Capped by net.core.somaxconn.
     backlog: int = 4096
+    #: Connections open at once, all clients together, and from one client address
+    #: (runtime.frontdoor): beyond either, a new connection is closed as soon as it is
+    #: accepted, so slow clients cannot use up the process's file descriptors.
+    max_connections: int = 4096
+    max_connections_per_address: int = 256
+    #: A request's body must arrive within this long of its head (408 body_timeout); its
+    #: head within `keep_alive_timeout_s` of the connection's start or of the last answer.
+    body_timeout_s: float = 30.0
+    keep_alive_timeout_s: float = 5.0
+    #: Cleartext HTTP/2 (prior knowledge, or `Upgrade: h2c`). Off: such a connection gets
+    #: 400 h2c_refused; HTTP/2 negotiated over TLS (ALPN) is unaffected.
+    h2c: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("max_connections", "max_connections_per_address"):
+            if type(getattr(self, name)) is not int or not getattr(self, name) > 0:
+                raise ConfigError(f"server.{name} must be a positive whole number")
+        if self.max_connections_per_address > self.max_connections:
+            raise ConfigError(
+                "server.max_connections_per_address must not be over server.max_connections"
+            )
+        for name in ("body_timeout_s", "keep_alive_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"server.{name} must be positive")
         if self.forwarded_header not in ("x-forwarded-for", "forwarded"):
             raise ConfigError("server.forwarded_header must be 'x-forwarded-for' or 'forwarded'")
         for proxy in self.trusted_proxies:
@@ -309,6 +331,27 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class QuotasConfig:
+    """`[quotas]`: what one user may keep in the store (runtime.quotas). Blob and SQL bytes
+    are `[storage]`'s; val code is bounded by max_vals x max_versions_per_val x
+    limits.max_source_bytes."""
+
+    max_vals: int = 1000
+    #: Versions kept per val: a save beyond it drops the oldest (never the latest).
+    max_versions_per_val: int = 100
+    max_env_keys: int = 100
+    #: Keys and values of one user's env, in UTF-8; the env must also fit in the message
+    #: that loads a worker, whatever this says (runtime.quotas.check_env_fits).
+    max_env_bytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if type(value) is not int or not value > 0:
+                raise ConfigError(f"quotas.{f.name} must be a positive whole number")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -318,6 +361,7 @@ class Config:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    quotas: QuotasConfig = field(default_factory=QuotasConfig)
 
 
 T = TypeVar("T")
@@ -371,6 +415,7 @@ def parse_config(raw: Mapping[str, object]) -> Config:
         fetch=_section(FetchConfig, "fetch", raw.get("fetch", {})),
         storage=_section(StorageConfig, "storage", raw.get("storage", {})),
         schedule=_section(ScheduleConfig, "schedule", raw.get("schedule", {})),
+        quotas=_section(QuotasConfig, "quotas", raw.get("quotas", {})),
     )
 
 

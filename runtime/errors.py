@@ -8,7 +8,7 @@
     │   ├── InvalidError            a value the store cannot hold (a name, a privacy)  -> 400
     │   ├── ExistsError             a thing that must be new exists already           -> 409
     │   ├── MissingError            a thing that must exist does not                  -> 404
-    │   ├── QuotaError              a per-user limit is reached (schedules)            -> 409
+    │   ├── QuotaError              a per-user limit is reached (runtime.quotas)       -> 409
     │   ├── RefusedError            the thing exists, but its state forbids this      -> 409
     │   ├── StorageFullError        the store's disk is full                          -> 507
     │   └── StoreUnavailableError   the store cannot be written (read-only, failing)  -> 503
@@ -21,6 +21,7 @@
         ├── ForbiddenError          403 forbidden
         ├── NotFoundError           404 not_found, unknown_host
         ├── MethodNotAllowedError   405 method_not_allowed
+        ├── RequestTimeoutError     408 body_timeout (the body came too slowly)
         ├── ConflictError           409 conflict
         ├── PayloadTooLargeError    413 request_too_large
         ├── TooManyRequestsError    429 too_many_requests (with Retry-After)
@@ -65,7 +66,15 @@ class MissingError(StoreError):
 
 
 class QuotaError(StoreError):
-    pass
+    """A per-user limit: `quota` names it (a config key) and `limit` is its value; both are
+    fields of the error answer when given (runtime.quotas)."""
+
+    def __init__(
+        self, message: str, type: str, *, quota: str | None = None, limit: int | None = None
+    ) -> None:
+        super().__init__(message, type)
+        self.quota = quota
+        self.limit = limit
 
 
 class RefusedError(StoreError):
@@ -137,6 +146,10 @@ class MethodNotAllowedError(HTTPError):
     status, default_type = 405, "method_not_allowed"
 
 
+class RequestTimeoutError(HTTPError):
+    status, default_type = 408, "body_timeout"
+
+
 class ConflictError(HTTPError):
     status, default_type = 409, "conflict"
 
@@ -204,4 +217,8 @@ def http_error(error: StoreError) -> HTTPError:
     cls = next((http for store, http in HTTP_FOR_STORE if isinstance(error, store)), HTTPError)
     # The disk's state, not the request's: a client may retry later.
     retry = cls in (InsufficientStorageError, StoreUnavailableHTTPError)
-    return cls(error.message, error.type, headers=(("retry-after", "60"),) if retry else ())
+    details: dict[str, object] = {}
+    if isinstance(error, QuotaError) and error.quota is not None:
+        details = {"quota": error.quota, "limit": error.limit}
+    headers = (("retry-after", "60"),) if retry else ()
+    return cls(error.message, error.type, headers=headers, details=details)

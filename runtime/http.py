@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope
 
 from runtime import strictjson
-from runtime.errors import BadRequestError, ClientGoneError, HTTPError, PayloadTooLargeError
+from runtime.errors import (
+    BadRequestError,
+    ClientGoneError,
+    HTTPError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+)
 from runtime.hosts import split_host
 
 Headers = list[tuple[bytes, bytes]]
@@ -81,11 +89,24 @@ async def answer_lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) 
             return
 
 
-async def read_body(scope: HTTPScope, receive: ASGIReceiveCallable, max_bytes: int) -> bytes:
-    """The whole request body, refused with 413 as soon as it is known to be over the limit."""
+async def read_body(
+    scope: HTTPScope, receive: ASGIReceiveCallable, max_bytes: int, timeout_s: float = math.inf
+) -> bytes:
+    """The whole request body, refused with 413 as soon as it is known to be over the limit,
+    and with 408 (closing the connection) when it has not all arrived within `timeout_s`: a
+    client trickling a body would otherwise hold its connection for ever."""
     for name, value in scope["headers"]:
         if name.lower() == b"content-length" and value.isdigit() and int(value) > max_bytes:
             raise _too_large(max_bytes)
+    with trio.move_on_after(timeout_s):
+        return await _read_all(receive, max_bytes)
+    raise RequestTimeoutError(
+        f"the request body did not arrive within {timeout_s:g} s (server.body_timeout_s)",
+        headers=(("connection", "close"),),
+    )
+
+
+async def _read_all(receive: ASGIReceiveCallable, max_bytes: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:

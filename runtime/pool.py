@@ -37,6 +37,7 @@ from runtime.process import (
     WorkerProcess,
     become_subreaper,
 )
+from runtime.quotas import check_load_fits
 from runtime.reply import Reply, bounded_log, check_failure, check_reply, protocol_error
 from runtime.supply import WorkerSupply
 from runtime.tenants import TenantForkServers
@@ -322,6 +323,7 @@ class Pool:
     async def _load(self, worker: WorkerProcess, spec: ValSpec) -> str:
         """Specialize a generic worker; what the module printed while it ran."""
         load = Load(spec.name, spec.code, spec.mode, spec.env, self.limits, spec.owner)
+        check_load_fits(load)  # an env stored too large: a clear error, not a dead worker
         with trio.move_on_after(self.config.pool.load_timeout_s):
             await worker.send(load.to_frame())
             frame = await self._receive_loaded(worker, spec)

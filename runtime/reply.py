@@ -212,7 +212,7 @@ def check_result_body(body: bytes, limits: WorkerLimits) -> bytes:
             "response_too_large",
         )
     try:
-        strictjson.loads_any(body)  # only checked: the worker's bytes are what the client gets
+        strictjson.check_any(body)  # only checked: the worker's bytes are what the client gets
     except strictjson.NestingError:
         raise WorkerError(
             "the result is JSON nested too deeply to pass on; return a flatter value",

@@ -11,13 +11,13 @@ from dataclasses import replace
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from runtime import dblock
 from runtime.app import App
 from runtime.broker import Broker
 from runtime.config import Config
 from runtime.fetch import open_fetcher
+from runtime.frontdoor import raise_fd_limit, serve_app
 from runtime.imports import Imports
 from runtime.metrics import Metrics
 from runtime.pool import open_pool
@@ -44,6 +44,8 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     # The front end enforces the header limits with a clear 431 (runtime.headers); h11's
     # limit applies only to a header block still incomplete, so it is a backstop.
     hconfig.h11_max_incomplete_size = config.limits.max_request_header_bytes
+    # An idle connection, and a request's head, get this long (runtime.frontdoor).
+    hconfig.keep_alive_timeout = config.server.keep_alive_timeout_s
     return hconfig
 
 
@@ -69,6 +71,7 @@ async def serve_valrun(
     # checks and val lookups that requests wait on; SQLite's WAL lets those read meanwhile.
     # A third for the scheduler: its claims and leases never queue behind either.
     metrics = Metrics()
+    raise_fd_limit(config.server)
     db, key = config.store.sqlite_path, config.store.secret_key
     with (
         # Shared: restore and rotate-key refuse to run under a serving valrun.
@@ -116,9 +119,11 @@ async def serve_valrun(
                     if scheduler is not None:
                         scheduler.stop()  # no new ticks; runs in progress go on meanwhile
 
-                await serve(
+                await serve_app(
                     app,
                     hypercorn_config(config),
+                    app.api.connections,
+                    h2c=config.server.h2c,
                     shutdown_trigger=shut_down,
                     task_status=task_status,
                 )

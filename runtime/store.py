@@ -24,6 +24,7 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, get_args
 
 import trio
 
+from runtime.config import QuotasConfig
 from runtime.errors import (
     ConfigError,
     ExistsError,
@@ -35,9 +36,11 @@ from runtime.errors import (
     StoreUnavailableError,
 )
 from runtime.hosts import USER_RE
+from runtime.quotas import check_env, quota_error
 from runtime.schedule import Due, Schedule, Tick, next_tick, plan_claims
 from runtime.schema import create_private, migrate
 from runtime.sealing import Sealer
+from sandbox.limits import WorkerLimits
 
 logger = logging.getLogger(__name__)
 
@@ -290,8 +293,15 @@ class Store:
         return None if val is None else (val, self.env(val.owner))
 
     def put_val(
-        self, owner: str, name: str, code: str, privacy: str | None
+        self,
+        owner: str,
+        name: str,
+        code: str,
+        privacy: str | None,
+        quotas: QuotasConfig | None = None,
     ) -> tuple[ValVersion, bool]:
+        """Save a new version (a new val if there is none); with `quotas`, a new val beyond
+        `max_vals` is refused and the oldest versions beyond `max_versions_per_val` go."""
         if privacy is not None and privacy not in PRIVACY:
             raise InvalidError(f"privacy must be one of {', '.join(PRIVACY)}", "bad_privacy")
         now = time.time()
@@ -303,6 +313,8 @@ class Store:
                 (user.id, name.lower()),
             ).fetchone()
             created = row is None
+            if created and quotas is not None:
+                self._check_val_count(user.id, quotas.max_vals)
             if created:
                 cur = self._db.execute(
                     "INSERT INTO vals (user_id, name, name_key, privacy, created_at) "
@@ -322,18 +334,67 @@ class Store:
                 "INSERT INTO versions (val_id, version, code, created_at) VALUES (?, ?, ?, ?)",
                 (val_id, version, code, now),
             )
+            if quotas is not None:
+                self._drop_old_versions(int(val_id or 0), quotas.max_versions_per_val)
         saved = self.get_val(owner, name, version)
         assert saved is not None
         return saved, created
+
+    def check_new_val(self, owner: str, name: str, quotas: QuotasConfig) -> None:
+        """Refuse early a new val beyond `max_vals`, before its code is checked in a worker;
+        `put_val` checks again in its transaction, which is what holds under races."""
+        user = self.user(owner)
+        exists = self._db.execute(
+            "SELECT 1 FROM vals WHERE user_id = ? AND name_key = ?", (user.id, name.lower())
+        ).fetchone()
+        if not exists:
+            self._check_val_count(user.id, quotas.max_vals)
+
+    def _check_val_count(self, user_id: int, max_vals: int) -> None:
+        (count,) = self._db.execute(
+            "SELECT COUNT(*) FROM vals WHERE user_id = ?", (user_id,)
+        ).fetchone()
+        if count >= max_vals:
+            raise quota_error(
+                "max_vals",
+                max_vals,
+                f"a user may have at most {max_vals} vals (quotas.max_vals); delete one first",
+            )
+
+    def _drop_old_versions(self, val_id: int, keep: int) -> None:
+        """Keep a val's newest `keep` versions (the latest always among them) and the
+        records of those only."""
+        row = self._db.execute(
+            "SELECT version FROM versions WHERE val_id = ? ORDER BY version DESC LIMIT 1 OFFSET ?",
+            (val_id, keep),
+        ).fetchone()
+        if row is not None:
+            self._db.execute(
+                "DELETE FROM versions WHERE val_id = ? AND version <= ?", (val_id, row[0])
+            )
+            self._db.execute("DELETE FROM runs WHERE val_id = ? AND version <= ?", (val_id, row[0]))
+
+    def version_list(self, owner: str, name: str) -> list[tuple[int, float]]:
+        """A val's versions as (number, created_at), oldest first: never their code."""
+        rows = self._db.execute(
+            "SELECT ver.version, ver.created_at FROM vals v JOIN users u ON u.id = v.user_id "
+            "JOIN versions ver ON ver.val_id = v.id WHERE u.name = ? AND v.name_key = ? "
+            "ORDER BY ver.version",
+            (owner, name.lower()),
+        )
+        return [(int(version), float(created_at)) for version, created_at in rows]
 
     def versions(self, owner: str, name: str) -> list[ValVersion]:
         sql = self._VERSION_SELECT + "WHERE u.name = ? AND v.name_key = ? ORDER BY ver.version"
         return [ValVersion(*row) for row in self._db.execute(sql, (owner, name.lower()))]
 
     def list_vals(self, owner: str, privacies: tuple[str, ...]) -> list[ValVersion]:
+        """A user's vals at their latest version, by name. A listing: their code is not
+        read (`code` is empty), so listing many large vals costs what the list shows."""
         marks = ",".join("?" for _ in privacies)
+        select = self._VERSION_SELECT.replace("ver.code", "''")
         sql = (
-            self._VERSION_SELECT + f"WHERE u.name = ? AND v.privacy IN ({marks}) "
+            select + f"WHERE u.name = ? AND v.privacy IN ({marks}) "
             "AND ver.version = (SELECT MAX(version) FROM versions WHERE val_id = v.id) "
             "ORDER BY v.name_key"
         )
@@ -416,21 +477,41 @@ class Store:
             raise ConfigError(f"env {key} is sealed and this valrun has no secret key")
         return self._sealer.open(user_id, key, value)
 
-    def set_env(self, owner: str, key: str, value: str) -> None:
+    def env_keys(self, owner: str) -> list[str]:
+        """A user's env keys, sorted: the values are neither read nor opened."""
+        rows = self._db.execute(
+            "SELECT e.key FROM env e JOIN users u ON u.id = e.user_id WHERE u.name = ? "
+            "ORDER BY e.key",
+            (owner,),
+        )
+        return [key for (key,) in rows]
+
+    def set_env(
+        self,
+        owner: str,
+        key: str,
+        value: str,
+        quotas: QuotasConfig | None = None,
+        limits: WorkerLimits | None = None,
+    ) -> None:
+        """Set one env value; with `quotas`, the env as it would be after the write is
+        checked in the same transaction (runtime.quotas.check_env)."""
         user = self.user(owner)
-        sealed = 0
+        plain, sealed = value, 0
         if self._sealer is not None:
             value, sealed = self._sealer.seal(user.id, key, value), 1
-        self._write(
-            [
-                (
-                    "INSERT INTO env (user_id, key, value, sealed) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (user_id, key) DO UPDATE "
-                    "SET value = excluded.value, sealed = excluded.sealed",
-                    (user.id, key, value, sealed),
-                )
-            ]
-        )
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            if quotas is not None:
+                env = self.env(owner)
+                env[key] = plain
+                check_env(env, quotas, limits or WorkerLimits())
+            self._db.execute(
+                "INSERT INTO env (user_id, key, value, sealed) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (user_id, key) DO UPDATE "
+                "SET value = excluded.value, sealed = excluded.sealed",
+                (user.id, key, value, sealed),
+            )
 
     # Sealing env values at rest
 
@@ -785,6 +866,9 @@ class AsyncStore:
 
     RESOLVE_TTL_S = 2.0
     RESOLVE_CACHE_ENTRIES = 10_000
+    #: The code held by cached resolutions, all together: a val's code may be 256 KiB, and
+    #: 10,000 entries of it would be 2.5 GiB. Envs are shared per owner (`_share`).
+    RESOLVE_CACHE_CODE_BYTES = 64 * 1024 * 1024
     #: Store methods after which cached resolutions may be wrong.
     INVALIDATES: frozenset[Callable[..., object]] = frozenset(
         {
@@ -800,6 +884,12 @@ class AsyncStore:
         self.write_failure: tuple[float, str] | None = None
         self._limiter = trio.CapacityLimiter(1)
         self._resolved: dict[tuple[str, str, int | None], tuple[float, Resolved | None]] = {}
+        # One env object per owner and one ValVersion per (val, version) for all cached
+        # resolutions: every val of an owner resolves to the same env, and `?v=N` of the
+        # latest to the same code, so the cache holds each once (emptied with `_resolved`).
+        self._envs: dict[str, dict[str, str]] = {}
+        self._versions: dict[tuple[int, int], ValVersion] = {}
+        self._code_bytes = 0
         # Bumped by every invalidating write: a resolve that started before the write must
         # not put what it read into the cache after the write emptied it.
         self._generation = 0
@@ -821,7 +911,7 @@ class AsyncStore:
         finally:
             if method in self.INVALIDATES:
                 self._generation += 1
-                self._resolved.clear()
+                self._clear_resolved()
         if self.store.changes != changes and method is not Store.check_writable:
             self.write_failure = None  # a real write went through: there is room again
         return result
@@ -836,7 +926,32 @@ class AsyncStore:
         generation = self._generation
         resolved = await self.call(Store.resolve, owner, name, version)
         if generation == self._generation:
-            if len(self._resolved) >= self.RESOLVE_CACHE_ENTRIES:
-                self._resolved.clear()
+            if resolved is not None:
+                resolved = self._share(resolved)
+            if (
+                len(self._resolved) >= self.RESOLVE_CACHE_ENTRIES
+                or self._code_bytes > self.RESOLVE_CACHE_CODE_BYTES
+            ):
+                self._clear_resolved()
+                if resolved is not None:
+                    resolved = self._share(resolved)
             self._resolved[key] = (now, resolved)
         return resolved
+
+    def _share(self, resolved: Resolved) -> Resolved:
+        """`resolved` made of the cache's shared objects where they hold the same data."""
+        val, env = resolved
+        shared_env = self._envs.get(val.owner)
+        if shared_env != env:  # first seen, or changed (by a write elsewhere)
+            shared_env = self._envs[val.owner] = env
+        shared_val = self._versions.get((val.val_id, val.version))
+        if shared_val != val:
+            shared_val = self._versions[(val.val_id, val.version)] = val
+            self._code_bytes += len(val.code)
+        return shared_val, shared_env
+
+    def _clear_resolved(self) -> None:
+        self._resolved.clear()
+        self._envs.clear()
+        self._versions.clear()
+        self._code_bytes = 0

@@ -131,8 +131,11 @@ class FrameDecoder:
         end = PREFIX.size + head_len + body_len
         if len(self._buffer) < end:
             return None
-        head = decode_head(bytes(self._buffer[PREFIX.size : PREFIX.size + head_len]))
-        body = bytes(self._buffer[PREFIX.size + head_len : end])
+        # Through a view: slicing the bytearray itself would copy each part twice (a
+        # bytearray slice, then bytes of it), and a body may be megabytes.
+        with memoryview(self._buffer) as view:
+            head = decode_head(bytes(view[PREFIX.size : PREFIX.size + head_len]))
+            body = bytes(view[PREFIX.size + head_len : end])
         del self._buffer[:end]
         return Frame(head, body)
 

@@ -1,7 +1,11 @@
 """The baseline for scripts/bench: a bare hypercorn-trio ASGI app that answers what the hello
 val answers, with the hypercorn settings valrun uses (runtime.server.hypercorn_config).
 
-    python scripts/hello_app.py --bind 127.0.0.1:8099
+    python scripts/hello_app.py --bind 127.0.0.1:8099 [--front-door]
+
+`--front-door` serves it through valrun's accept path (runtime.frontdoor: connections counted
+and capped, cleartext HTTP/2 refused) instead of hypercorn's own `serve`, to measure what that
+path costs (scripts/frontdoor_bench).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
+from runtime.config import ServerConfig
+from runtime.frontdoor import ConnectionCaps, serve_app
 from runtime.http import answer_lifespan
 
 BODY = json.dumps({"greeting": "hi world"}).encode()
@@ -39,6 +45,7 @@ async def _wait_for_signal() -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bind", default="127.0.0.1:8099", metavar="HOST:PORT")
+    parser.add_argument("--front-door", action="store_true", help="valrun's accept path")
     args = parser.parse_args(argv)
     config = Config()
     config.bind = [args.bind]
@@ -46,7 +53,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     config.include_server_header = False
 
     async def run() -> None:
-        await serve(hello, config, shutdown_trigger=_wait_for_signal)
+        if args.front_door:
+            caps = ConnectionCaps.from_config(ServerConfig())
+            await serve_app(hello, config, caps, h2c=False, shutdown_trigger=_wait_for_signal)
+        else:
+            await serve(hello, config, shutdown_trigger=_wait_for_signal)
 
     trio.run(run)
 

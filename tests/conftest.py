@@ -18,6 +18,7 @@ from runtime.config import (
     Config,
     FetchConfig,
     PoolConfig,
+    QuotasConfig,
     ServerConfig,
     StorageConfig,
     StoreConfig,
@@ -29,7 +30,8 @@ from tests.helpers import TEST_LIMITS, Service, StartService
 
 @pytest.fixture
 async def start_service(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[StartService]:
-    """Start a valrun; keyword arguments replace fields of [limits], [pool] and [storage]."""
+    """Start a valrun; keyword arguments replace fields of [limits], [pool], [storage],
+    [quotas] and [server]."""
     clients: list[httpx.AsyncClient] = []
 
     async def start(**overrides: Any) -> Service:
@@ -44,13 +46,21 @@ async def start_service(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[
             StorageConfig(),
             **{k: v for k, v in overrides.items() if hasattr(StorageConfig(), k)},
         )
+        quotas = replace(
+            QuotasConfig(), **{k: v for k, v in overrides.items() if hasattr(QuotasConfig(), k)}
+        )
+        server = replace(
+            ServerConfig(bind=("127.0.0.1:0",)),
+            **{k: v for k, v in overrides.items() if hasattr(ServerConfig(), k)},
+        )
         config = Config(
-            server=ServerConfig(bind=("127.0.0.1:0",)),
+            server=server,
             store=StoreConfig(url=f"sqlite:///{db_path}"),
             limits=limits,
             pool=pool,
             fetch=overrides.get("fetch", FetchConfig()),
             storage=storage,
+            quotas=quotas,
         )
         store = Store(db_path)
         tokens = {name: store.create_user(name) for name in ("alice", "bob")}

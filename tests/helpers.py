@@ -7,6 +7,7 @@ host in the Host header (Chromium resolves *.localhost itself; see test_browser.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -317,3 +318,59 @@ async def counter_body(pool: Pool, val: ValSpec) -> bytes:
     reply = await pool.invoke(val, COUNTER_REQUEST)
     assert isinstance(reply.outcome, ValResponse), reply.outcome
     return reply.outcome.body
+
+
+# --- raw HTTP/1.1 over a socket, for what httpx will not send -------------------------------
+
+
+@dataclass
+class RawAnswer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def raw_connect(port: int, source: str = "127.0.0.1") -> trio.SocketStream:
+    """A TCP connection to 127.0.0.1:`port` from `source` (any 127.x address is this host's:
+    tests use them as distinct client addresses)."""
+    sock = trio.socket.socket()
+    try:
+        await sock.bind((source, 0))
+        await sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def read_answer(stream: trio.SocketStream) -> RawAnswer | None:
+    """One HTTP/1.1 answer (framed by Content-Length), or None if the server closed first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        try:
+            chunk = await stream.receive_some(65536)
+        except trio.BrokenResourceError:  # reset: closed at accept
+            return None
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        body += chunk
+    return RawAnswer(int(status_line.split()[1]), headers, body)
+
+
+async def raw_request(port: int, data: bytes, source: str = "127.0.0.1") -> RawAnswer | None:
+    stream = await raw_connect(port, source)
+    async with stream:
+        await stream.send_all(data)
+        return await read_answer(stream)

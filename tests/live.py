@@ -49,13 +49,14 @@ class LiveValrun:
         return children(self.fork_server_pid())
 
 
-def write_config(tmp_path: Path, extra: str = "") -> Path:
+def write_config(tmp_path: Path, extra: str = "", server: str = "") -> Path:
+    """`server`: lines of more [server] keys; `extra`: more sections."""
     config = tmp_path / "valrun.toml"
     # One shared fork server: these tests kill, stop and limit *the* fork server by its pid
     # (per-user fork servers are tested in tests/test_attacks_tenants.py).
     config.write_text(
         f'[store]\nurl = "sqlite:///{tmp_path / "valrun.db"}"\n'
-        "[server]\nshutdown_timeout_s = 10.0\n"
+        "[server]\nshutdown_timeout_s = 10.0\n" + server + "\n"
         "[sandbox]\nfork_server_per_user = false\n" + extra
     )
     return config
@@ -66,10 +67,16 @@ def cli_command(config: Path, *args: str) -> list[str]:
 
 
 async def start_live(
-    nursery: trio.Nursery, tmp_path: Path, extra_config: str = "", *, tmpdir: Path | None = None
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    extra_config: str = "",
+    *,
+    tmpdir: Path | None = None,
+    server: str = "",
 ) -> LiveValrun:
-    """`tmpdir`: the front end's temporary folder (TMPDIR), where its workers' directory goes."""
-    config = write_config(tmp_path, extra_config)
+    """`tmpdir`: the front end's temporary folder (TMPDIR), where its workers' directory goes;
+    `server`: more [server] keys, as TOML lines."""
+    config = write_config(tmp_path, extra_config, server)
     store = Store(tmp_path / "valrun.db")
     exists = store.user_exists("alice")
     token = store.create_token("alice") if exists else store.create_user("alice")

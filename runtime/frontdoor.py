@@ -1,0 +1,309 @@
+"""The accept path: hypercorn's trio server, with every connection counted at accept.
+
+hypercorn's own `serve` builds its listeners inside and hands each accepted stream straight
+to its protocol code; its limits are per connection (`keep_alive_timeout`, which also bounds
+how long a request's head may take, and `read_timeout`, which a client sending one byte a
+second never trips), never per client. So valrun starts the same pieces itself
+(`serve_app` follows `hypercorn.trio.run.worker_serve`), with each listener wrapped in a
+`CappedListener`: a connection beyond `server.max_connections` in all, or beyond
+`server.max_connections_per_address` from one address, is closed as soon as it is accepted,
+before it costs a task or a buffer. The accept path is the one place that sees every
+connection before anything is spent on it, TLS handshakes included (the TLS listener wraps
+this one). The body's own deadline is the app's (`runtime.http.read_body`).
+
+Cleartext HTTP/2 (`server.h2c`, off by default): hypercorn switches to HTTP/2 on a
+connection that starts with the HTTP/2 preface, or on `Upgrade: h2c`. With it off, the
+stream refuses both with a 400 and closes: HTTP/2 streams are cheap to open and reset, and a
+reset stream is an abandoned request; over TLS (ALPN) HTTP/2 stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import resource
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ASGIFramework, ConnectionState, LifespanState
+from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
+
+from runtime.config import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+#: Descriptors kept for everything but client connections: the store, workers' sockets and
+#: pidfds, the fork servers, storage files.
+RESERVED_FDS = 1024
+#: How the preface of cleartext HTTP/2 with prior knowledge starts (RFC 9113 §3.4).
+H2_PREFACE = b"PRI * HTTP/2.0\r\n"
+#: What hypercorn sends before it switches a connection to h2c (RFC 7540 §3.2): a whole
+#: response head, in one write, naming the upgrade.
+SWITCHING = b"HTTP/1.1 101 "
+SWITCHING_TO_H2C = b"\r\nupgrade: h2c\r\n"
+#: A request asking for it (RFC 7540 §3.2), as a line of what the client sent.
+ASKS_FOR_H2C = re.compile(rb"\nupgrade:[ \t]*h2c[ \t]*\r?\n", re.IGNORECASE)
+
+
+def refusal(status: str, error_type: str, message: str) -> bytes:
+    """A whole HTTP/1.1 error answer, in the shape of every valrun error, that closes."""
+    body = json.dumps({"error": {"type": error_type, "message": message}}).encode()
+    head = (
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+H2C_REFUSAL = refusal(
+    "400 Bad Request",
+    "h2c_refused",
+    "cleartext HTTP/2 is off here (server.h2c): use HTTP/1.1, or HTTP/2 over TLS",
+)
+
+
+class ConnectionCaps:
+    """Open connections, in all and per client address."""
+
+    @classmethod
+    def from_config(cls, server: ServerConfig) -> ConnectionCaps:
+        return cls(server.max_connections, server.max_connections_per_address)
+
+    def __init__(self, total: int, per_address: int) -> None:
+        self.total = total
+        self.per_address = per_address
+        self.open = 0
+        self.by_address: dict[str, int] = {}
+        self.refused = 0
+
+    def admit(self, address: str) -> bool:
+        held = self.by_address.get(address, 0)
+        if self.open >= self.total or held >= self.per_address:
+            self.refused += 1
+            return False
+        self.open += 1
+        self.by_address[address] = held + 1
+        return True
+
+    def gauges(self) -> dict[str, int]:
+        """For /healthz: connections open, client addresses holding them, refused so far."""
+        return {"open": self.open, "addresses": len(self.by_address), "refused": self.refused}
+
+    def release(self, address: str) -> None:
+        self.open -= 1
+        held = self.by_address[address] - 1
+        if held:
+            self.by_address[address] = held
+        else:
+            del self.by_address[address]
+
+
+def peer_address(sock: trio.socket.SocketType) -> str:
+    """The client's IP address (the unit of the per-address cap); `unix` for a Unix socket."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return "unix"
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:  # already reset by the client
+        return "gone"
+
+
+class CountedStream(trio.abc.HalfCloseableStream):
+    """An accepted connection that gives its place back when closed; with `refuse_h2c`,
+    one that answers cleartext HTTP/2 with a 400 instead of letting hypercorn speak it."""
+
+    def __init__(
+        self, inner: trio.SocketStream, caps: ConnectionCaps, address: str, refuse_h2c: bool
+    ) -> None:
+        self.inner = inner
+        self.socket = inner.socket  # hypercorn's TCPServer reads the addresses from it
+        self._caps = caps
+        self._address = address
+        self._released = False
+        self._sniffing = refuse_h2c  # until the connection's first bytes are known
+        self._watch_upgrade = refuse_h2c
+        self._start = b""
+        self._tail = b""  # the end of what the client last sent, for a line cut in two
+        self._asked_for_h2c = False
+        self._refused = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._refused:
+            return b""
+        data = bytes(await self.inner.receive_some(max_bytes))
+        if self._watch_upgrade and not self._asked_for_h2c:
+            self._asked_for_h2c = ASKS_FOR_H2C.search(self._tail + data) is not None
+            self._tail = data[-64:]
+        if not self._sniffing or not data:
+            return data
+        self._start += data
+        if H2_PREFACE.startswith(self._start[: len(H2_PREFACE)]):
+            if len(self._start) < len(H2_PREFACE):
+                return await self.receive_some(max_bytes)  # not yet known
+            await self._refuse()
+            return b""
+        self._sniffing = False
+        data, self._start = self._start, b""
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._refused:
+            return  # hypercorn's HTTP/2 after a refused upgrade: nobody is to read it
+        if self._asked_for_h2c and is_h2c_switch(bytes(data[:4096])):
+            await self._refuse()
+            return
+        await self.inner.send_all(data)
+
+    async def _refuse(self) -> None:
+        self._refused = True
+        self._sniffing = False
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.inner.send_all(H2C_REFUSAL)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        if not self._released:
+            self._released = True
+            self._caps.release(self._address)
+        await self.inner.aclose()
+
+
+def is_h2c_switch(data: bytes) -> bool:
+    """Whether a write is hypercorn's `101` that switches the connection to h2c: a whole
+    response head (never a body chunk of a val's, unless it is byte for byte one)."""
+    return data.startswith(SWITCHING) and SWITCHING_TO_H2C in data and data.endswith(b"\r\n\r\n")
+
+
+class CappedListener(trio.abc.Listener[CountedStream]):
+    def __init__(self, inner: trio.SocketListener, caps: ConnectionCaps, refuse_h2c: bool):
+        self.inner = inner
+        self.caps = caps
+        self.refuse_h2c = refuse_h2c
+
+    async def accept(self) -> CountedStream:
+        while True:
+            stream = await self.inner.accept()
+            address = peer_address(stream.socket)
+            if self.caps.admit(address):
+                return CountedStream(stream, self.caps, address, self.refuse_h2c)
+            if self.caps.refused == 1 or self.caps.refused % 1000 == 0:
+                logger.warning(
+                    "connection from %s closed at accept: %d open in all (server.max_"
+                    "connections %d), %d from that address (per-address cap %d); %d so far",
+                    address,
+                    self.caps.open,
+                    self.caps.total,
+                    self.caps.by_address.get(address, 0),
+                    self.caps.per_address,
+                    self.caps.refused,
+                )
+            # An abortive close (RST): no FIN_WAIT state kept for a client that floods.
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await stream.aclose()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def raise_fd_limit(config: ServerConfig) -> int:
+    """Raise the soft limit on open files to the hard one (a default soft limit of 1024
+    would be exhausted by slow clients long before the connection caps act); warn when
+    even that leaves too few for `max_connections`. The soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and config.max_connections + RESERVED_FDS > soft:
+        logger.warning(
+            "server.max_connections is %d but only %d files may be open (RLIMIT_NOFILE): "
+            "raise the limit (LimitNOFILE= in the systemd unit) or lower the cap",
+            config.max_connections,
+            soft,
+        )
+    return soft
+
+
+async def serve_app(
+    app: ASGIFramework,
+    hconfig: HypercornConfig,
+    caps: ConnectionCaps,
+    *,
+    h2c: bool,
+    shutdown_trigger: Callable[..., Awaitable[None]],
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """hypercorn's trio server around `app` (as `hypercorn.trio.serve`), with every
+    listener counting its connections in `caps`; report the bound URLs."""
+    wrapped = wrap_app(app, hconfig.wsgi_max_body_size, "asgi")
+    lifespan_state: LifespanState = {}
+    lifespan = Lifespan(wrapped, hconfig, lifespan_state)
+    context = WorkerContext(None)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as server_nursery:
+            sockets = hconfig.create_sockets()
+            listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
+            binds = []
+            ssl_context = hconfig.create_ssl_context()
+            for sock, secure in [(s, True) for s in sockets.secure_sockets] + [
+                (s, False) for s in sockets.insecure_sockets
+            ]:
+                sock.listen(hconfig.backlog)
+                capped = CappedListener(
+                    trio.SocketListener(trio.socket.from_stdlib_socket(sock)),
+                    caps,
+                    refuse_h2c=not secure and not h2c,
+                )
+                if secure:
+                    assert ssl_context is not None  # secure sockets come from TLS settings
+                    listeners.append(trio.SSLListener(capped, ssl_context, https_compatible=True))
+                else:
+                    listeners.append(capped)
+                scheme = "https" if secure else "http"
+                binds.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
+            task_status.started(binds)
+            handler = partial(
+                TCPServer, wrapped, hconfig, context, ConnectionState(lifespan_state.copy())
+            )
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(raise_shutdown, shutdown_trigger)
+                    nursery.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            handler,
+                            listeners,
+                            handler_nursery=server_nursery,
+                        )
+                    )
+                    await trio.sleep_forever()
+            except BaseExceptionGroup as error:
+                _, others = error.split(ShutdownError)
+                if others is not None:
+                    raise others from None
+            finally:
+                await context.terminated.set()
+                server_nursery.cancel_scope.deadline = (
+                    trio.current_time() + hconfig.graceful_timeout
+                )
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
