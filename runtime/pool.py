@@ -22,13 +22,14 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from runtime.config import Config
-from runtime.errors import HTTPError, OverloadedError, WorkerTimeoutError
+from runtime.errors import HTTPError, OverloadedError, WorkerError, WorkerTimeoutError
 from runtime.isolation import check_required, health, log_table, probe_layers
+from runtime.pipeline import Lane, NotStartedError, Turn
 from runtime.process import (
     ForkServerError,
     ForkServerHandle,
@@ -41,7 +42,18 @@ from runtime.reply import Reply, bounded_log, check_failure, check_reply, protoc
 from runtime.supply import WorkerSupply
 from runtime.tenants import TenantForkServers
 from runtime.workdir import claim_workdir
-from sandbox.messages import ASKS, Ask, Failure, Invocation, Load, Loaded, MessageError, Mode, parse
+from sandbox.messages import (
+    ASKS,
+    Ask,
+    Failure,
+    HttpRequest,
+    Invocation,
+    Load,
+    Loaded,
+    MessageError,
+    Mode,
+    parse,
+)
 from sandbox.wire import Frame
 
 logger = logging.getLogger(__name__)
@@ -51,6 +63,9 @@ SlotKey = tuple[int, int, tuple[tuple[str, str], ...]]
 RSS_CHECK_EVERY = 32
 #: Replies with bodies larger than this are checked in a thread.
 THREAD_CHECK_BYTES = 256 * 1024
+#: Only requests with bodies this small are pipelined: their frame fits in the socket's
+#: buffer, so sending it never waits for a worker busy with the request before it.
+PIPELINE_MAX_BODY_BYTES = 64 * 1024
 WorkerFactory = Callable[[], Awaitable[WorkerProcess]]
 #: Does what a val asked for while it runs (fetch, storage): the answer's frame to send back.
 Broker = Callable[["ValSpec", Ask], Awaitable[Frame]]
@@ -86,6 +101,8 @@ class _Warm:
     requests: int = 0
     #: What the module printed while it loaded: it belongs to the first request's log.
     load_log: str = ""
+    #: Its requests in flight (runtime.pipeline): one, or more when pipelined.
+    lane: Lane = field(default_factory=Lane)
 
 
 class _ValPool:
@@ -95,6 +112,7 @@ class _ValPool:
         self.spec = spec
         self.capacity = trio.Semaphore(max_workers)
         self.idle: list[_Warm] = []  # most recently used last
+        self.busy: set[_Warm] = set()  # each holds one of `capacity`'s tokens
         self.retired = False
 
 
@@ -149,6 +167,12 @@ class Pool:
         pool = self._vals.get(spec.key)
         if pool is None:
             pool = self._vals[spec.key] = _ValPool(spec, self.config.pool.max_workers_per_val)
+        busy = self._pipelined(pool, request)
+        if busy is not None:
+            try:
+                return await self._serve(busy, spec, request)
+            except NotStartedError:  # its worker went before its turn: it runs alone, below
+                self.stats["pipelined_sent_again"] += 1
         waiting = pool.capacity.statistics().tasks_waiting
         if pool.capacity.value == 0 and waiting >= self.config.pool.max_queue_per_val:
             self.stats["rejected_queue_full"] += 1
@@ -156,21 +180,107 @@ class Pool:
                 f"{spec.owner}/{spec.name} has {waiting} requests waiting; retry shortly",
                 headers=(("retry-after", "1"),),
             )
-        async with pool.capacity:
+        # The token goes with the worker: it is given back when the worker's last request in
+        # flight is done (`_finish`), not when this one is.
+        await pool.capacity.acquire()
+        try:
             warm = self._idle_worker(pool) or await self._specialize(pool)
-            self.stats["invocations"] += 1
-            reply, failure = None, "cancelled"
-            try:
-                reply = await self._exchange(warm.worker, spec, request)
-                if warm.load_log:
-                    reply = dataclasses.replace(reply, log=warm.load_log + reply.log)
-                    warm.load_log = ""
-                return reply
-            except HTTPError as exc:
-                failure = exc.type
-                raise
-            finally:
-                self._release(warm, reply, failure)
+        except BaseException:
+            pool.capacity.release()
+            raise
+        pool.busy.add(warm)
+        # Alone on an idle worker, this request is its lane's head: never NotStartedError.
+        return await self._serve(warm, spec, request)
+
+    def _pipelined(self, pool: _ValPool, request: Invocation) -> _Warm | None:
+        """A busy worker of this val that takes `request` behind its current ones, or None.
+
+        Only when the request would otherwise wait for a worker (all of the val's are busy)
+        and nobody waits before it (so no waiter is passed over for long: lanes drain); only
+        a web request with a small body; and only into a worker that has been fast lately
+        and is not running a slow request now (runtime.pipeline.Lane.can_take), the least
+        loaded first.
+        """
+        config = self.config.pool
+        if config.pipeline_window < 2 or pool.capacity.value > 0 or not pool.busy:
+            return None
+        small = isinstance(request, HttpRequest) and len(request.body) <= PIPELINE_MAX_BODY_BYTES
+        if not small or pool.capacity.statistics().tasks_waiting:
+            return None
+        now = trio.current_time()
+        fit = [
+            warm
+            for warm in pool.busy
+            if warm.lane.can_take(now, config.pipeline_window, config.pipeline_below_s)
+            and warm.requests + warm.lane.served + len(warm.lane.turns)
+            < config.max_requests_per_worker
+        ]
+        if not fit:
+            return None
+        self.stats["pipelined"] += 1
+        return min(fit, key=lambda warm: len(warm.lane.turns))
+
+    async def _serve(self, warm: _Warm, spec: ValSpec, request: Invocation) -> Reply:
+        """Send `request` to a warm worker now, and run it when its turn in the lane comes."""
+        lane = warm.lane
+        request = dataclasses.replace(request, id=next(self._request_ids))
+        frame = request.to_frame()
+        turn = lane.join()
+        self.stats["invocations"] += 1
+        reply, failure = None, "cancelled"
+        try:
+            await self._send_in_turn(warm, turn, frame)
+            await lane.wait_turn(turn)
+            reply = await self._exchange(warm.worker, spec, request, sent=True)
+            if warm.load_log:
+                reply = dataclasses.replace(reply, log=warm.load_log + reply.log)
+                warm.load_log = ""
+            return reply
+        except NotStartedError:
+            failure = "not_started"
+            raise
+        except HTTPError as exc:
+            failure = exc.type
+            raise
+        finally:
+            self._finish(warm, turn, reply, failure)
+
+    async def _send_in_turn(self, warm: _Warm, turn: Turn, frame: Frame) -> None:
+        """Send a request's frame whole, whatever happens to its task meanwhile: a frame cut
+        short would garble the socket for the requests in flight with it."""
+        lane = warm.lane
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.limits.wall_time_s) as sending:
+                try:
+                    await warm.worker.send(frame)
+                except WorkerError:
+                    if lane.is_head(turn):
+                        raise  # its own error, as without pipelining
+                    lane.close(None, "worker_crashed")
+                    raise NotStartedError from None
+        if sending.cancelled_caught:  # the worker does not read its socket
+            head = lane.is_head(turn)
+            lane.close(None, "timeout")
+            if not head:
+                raise NotStartedError
+            raise WorkerTimeoutError(
+                f"the worker did not take the request within {self.limits.wall_time_s} s"
+            )
+
+    def _finish(self, warm: _Warm, turn: Turn, reply: Reply | None, failure: str) -> None:
+        """A request on `warm` is done; the last one in flight releases the worker."""
+        lane = warm.lane
+        if not lane.finish(turn, reply, failure):
+            return  # others are in flight on it still
+        pool = warm.val_pool
+        pool.busy.discard(warm)
+        if lane.ending is not None:
+            reply, failure = lane.ending
+        # `_release` counts one request; the lane counted those it served before this.
+        warm.requests += max(lane.served - 1, 0)
+        lane.served = 0
+        self._release(warm, reply, failure)
+        pool.capacity.release()
 
     async def invoke_once(self, spec: ValSpec, request: Invocation) -> Reply:
         """Run one request in a fresh worker that serves nothing else (the Eval API)."""
@@ -302,11 +412,16 @@ class Pool:
             f"{spec.owner}/{spec.name} took over {self.config.pool.load_timeout_s} s to load"
         )
 
-    async def _exchange(self, worker: WorkerProcess, spec: ValSpec, request: Invocation) -> Reply:
-        request = dataclasses.replace(request, id=next(self._request_ids))
+    async def _exchange(
+        self, worker: WorkerProcess, spec: ValSpec, request: Invocation, *, sent: bool = False
+    ) -> Reply:
+        """Send `request` (unless `sent` already, with its id) and check its reply."""
+        if not sent:
+            request = dataclasses.replace(request, id=next(self._request_ids))
         frame: Frame | None = None
         with trio.move_on_after(self.limits.wall_time_s):
-            await worker.send(request.to_frame())
+            if not sent:
+                await worker.send(request.to_frame())
             frame = await self._receive_reply(worker, spec, request.id)
         if frame is not None:  # not timed out
             kind = type(request)

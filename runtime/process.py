@@ -51,6 +51,9 @@ class WorkerProcess:
         self.decoder = FrameDecoder(max_body_bytes=max_body_bytes)
         self.returncode: int | None = None
         self._exited = trio.Event()
+        # Several tasks send to a worker with requests pipelined (runtime.pipeline): the
+        # requests' tasks, and the head's answers to its asks. One frame at a time.
+        self._sending = trio.StrictFIFOLock()
 
     @property
     def alive(self) -> bool:
@@ -104,7 +107,8 @@ class WorkerProcess:
 
     async def send(self, frame: Frame) -> None:
         try:
-            await self.stream.send_all(encode_frame(frame))
+            async with self._sending:
+                await self.stream.send_all(encode_frame(frame))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise await self._died("while being sent a request") from None
 
