@@ -209,6 +209,9 @@ class ForkedWorker(WorkerProcess):
         super().__init__(pid, trio.SocketStream(sock), max_body_bytes)
         self.pidfd = pidfd
         self._sock = sock
+        # Asked before every request (`still_running`): built once.
+        self._exit_poll = select.poll()
+        self._exit_poll.register(pidfd, select.POLLIN)
 
     def discard(self) -> None:
         """Close the socket of a worker that was never handed out (no checkpoint: cleanup)."""
@@ -223,9 +226,7 @@ class ForkedWorker(WorkerProcess):
         # A pidfd becomes readable when its process exits (pidfd_open(2)).
         if not self.alive:
             return False
-        poller = select.poll()
-        poller.register(self.pidfd, select.POLLIN)
-        return not poller.poll(0)
+        return not self._exit_poll.poll(0)
 
     def kill(self) -> None:
         if self.alive:
