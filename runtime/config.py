@@ -175,7 +175,7 @@ class PoolConfig:
     #: time). Only a worker whose recent requests took under `pipeline_below_s` on average,
     #: and whose current one has not run longer, is sent more (docs/design.md §11).
     pipeline_window: int = 4
-    pipeline_below_s: float = 0.01
+    pipeline_below_s: float = 0.05
     #: A warm worker idle this long exits.
     idle_timeout_s: float = 300.0
     #: A new worker must load its val within this time.

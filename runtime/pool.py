@@ -66,6 +66,9 @@ THREAD_CHECK_BYTES = 256 * 1024
 #: Only requests with bodies this small are pipelined: their frame fits in the socket's
 #: buffer, so sending it never waits for a worker busy with the request before it.
 PIPELINE_MAX_BODY_BYTES = 64 * 1024
+#: A busy worker takes pipelined requests until it has had this many windows' worth since it
+#: was last idle; then it drains, and goes to whoever waits for a worker.
+LANE_RUN = 4
 WorkerFactory = Callable[[], Awaitable[WorkerProcess]]
 #: Does what a val asked for while it runs (fetch, storage): the answer's frame to send back.
 Broker = Callable[["ValSpec", Ask], Awaitable[Frame]]
@@ -195,17 +198,17 @@ class Pool:
     def _pipelined(self, pool: _ValPool, request: Invocation) -> _Warm | None:
         """A busy worker of this val that takes `request` behind its current ones, or None.
 
-        Only when the request would otherwise wait for a worker (all of the val's are busy)
-        and nobody waits before it (so no waiter is passed over for long: lanes drain); only
-        a web request with a small body; and only into a worker that has been fast lately
-        and is not running a slow request now (runtime.pipeline.Lane.can_take), the least
-        loaded first.
+        Only when the request would otherwise wait for a worker (all of the val's are busy);
+        only into a lane that has taken fewer than `LANE_RUN` windows' worth since its worker
+        was last idle, so that lanes drain and requests waiting for a worker of their own
+        are not passed over for long; only a web request with a small body; and only into
+        a worker that has been fast lately and is not running a slow request now
+        (runtime.pipeline.Lane.can_take), the least loaded first.
         """
         config = self.config.pool
         if config.pipeline_window < 2 or pool.capacity.value > 0 or not pool.busy:
             return None
-        small = isinstance(request, HttpRequest) and len(request.body) <= PIPELINE_MAX_BODY_BYTES
-        if not small or pool.capacity.statistics().tasks_waiting:
+        if not isinstance(request, HttpRequest) or len(request.body) > PIPELINE_MAX_BODY_BYTES:
             return None
         now = trio.current_time()
         fit = [
@@ -214,6 +217,7 @@ class Pool:
             if warm.lane.can_take(now, config.pipeline_window, config.pipeline_below_s)
             and warm.requests + warm.lane.served + len(warm.lane.turns)
             < config.max_requests_per_worker
+            and warm.lane.served + len(warm.lane.turns) < LANE_RUN * config.pipeline_window
         ]
         if not fit:
             return None
