@@ -6,7 +6,9 @@ val in them);
 specializing one is sending it a `load` frame. Per val version:
 
     requests --(bounded queue: 503 beyond it)--> up to `max_workers_per_val` workers
-                                                 each serving one request at a time
+                                                 each running one request at a time, with
+                                                 up to `pipeline_window` sent to it
+                                                 (runtime/pipeline.py)
 
 Across vals, at most `max_workers` specialized workers live; the least recently used idle
 one makes room. A worker that timed out, crashed, broke the protocol, ran out of memory, or
@@ -111,12 +113,25 @@ class _Warm:
 class _ValPool:
     """The warm workers of one val version, and the requests waiting for them."""
 
-    def __init__(self, spec: ValSpec, max_workers: int) -> None:
+    def __init__(self, spec: ValSpec, max_workers: int, window: int = 1) -> None:
         self.spec = spec
-        self.capacity = trio.Semaphore(max_workers)
+        #: Requests in flight on this val's workers: each worker's window. Waiting for a
+        #: token is the per-val queue, first come first served.
+        self.tokens = max_workers * window
+        self.capacity = trio.Semaphore(self.tokens)
+        self.max_workers = max_workers
+        self.workers = 0  # warm ones, and those being specialized
         self.idle: list[_Warm] = []  # most recently used last
-        self.busy: set[_Warm] = set()  # each holds one of `capacity`'s tokens
+        self.busy: set[_Warm] = set()
+        #: Woken when a request on one of its workers is done, or a worker goes: a request
+        #: holding a token may find room now.
+        self.freed = trio.lowlevel.ParkingLot()
         self.retired = False
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a worker: for a token, or holding one until one has room."""
+        return self.capacity.statistics().tasks_waiting + self.freed.statistics().tasks_waiting
 
 
 class Pool:
@@ -163,50 +178,66 @@ class Pool:
             "ready": len(self._ready) + spares,
             "idle": idle,
             "busy": self._warm_count - idle,
-            "queued": sum(pool.capacity.statistics().tasks_waiting for pool in pools),
+            "queued": sum(pool.queued for pool in pools),
         }
 
     async def invoke(self, spec: ValSpec, request: Invocation) -> Reply:
         pool = self._vals.get(spec.key)
         if pool is None:
-            pool = self._vals[spec.key] = _ValPool(spec, self.config.pool.max_workers_per_val)
-        busy = self._pipelined(pool, request)
-        if busy is not None:
-            try:
-                return await self._serve(busy, spec, request)
-            except NotStartedError:  # its worker went before its turn: it runs alone, below
-                self.stats["pipelined_sent_again"] += 1
-        waiting = pool.capacity.statistics().tasks_waiting
-        if pool.capacity.value == 0 and waiting >= self.config.pool.max_queue_per_val:
+            config = self.config.pool
+            pool = _ValPool(spec, config.max_workers_per_val, config.pipeline_window)
+            self._vals[spec.key] = pool
+        waiting = pool.queued
+        if waiting >= self.config.pool.max_queue_per_val:
             self.stats["rejected_queue_full"] += 1
             raise OverloadedError(
                 f"{spec.owner}/{spec.name} has {waiting} requests waiting; retry shortly",
                 headers=(("retry-after", "1"),),
             )
-        # The token goes with the worker: it is given back when the worker's last request in
-        # flight is done (`_finish`), not when this one is.
-        await pool.capacity.acquire()
-        try:
-            warm = self._idle_worker(pool) or await self._specialize(pool)
-        except BaseException:
-            pool.capacity.release()
-            raise
-        pool.busy.add(warm)
-        # Alone on an idle worker, this request is its lane's head: never NotStartedError.
-        return await self._serve(warm, spec, request)
+        async with pool.capacity:
+            alone = False
+            while True:
+                warm = await self._worker_for(pool, request, alone=alone)
+                try:
+                    return await self._serve(warm, spec, request)
+                except NotStartedError:
+                    # Its worker went before its turn: it runs alone on another, as it would
+                    # have without pipelining (an idle worker's first request is its head).
+                    self.stats["pipelined_sent_again"] += 1
+                    alone = True
+
+    async def _worker_for(self, pool: _ValPool, request: Invocation, *, alone: bool) -> _Warm:
+        """A worker for `request`: an idle one, else a new one while the val has fewer than
+        `max_workers_per_val`, else a busy one that takes it behind its current requests
+        (`_pipelined`, unless `alone`); else wait until a request or a worker is done."""
+        while True:
+            warm = self._idle_worker(pool)
+            if warm is None and pool.workers < pool.max_workers:
+                pool.workers += 1
+                try:
+                    warm = await self._specialize(pool)
+                except BaseException:
+                    pool.workers -= 1
+                    pool.freed.unpark_all()
+                    raise
+            if warm is not None:
+                pool.busy.add(warm)
+                return warm
+            if not alone and (busy := self._pipelined(pool, request)) is not None:
+                return busy
+            await pool.freed.park()
 
     def _pipelined(self, pool: _ValPool, request: Invocation) -> _Warm | None:
         """A busy worker of this val that takes `request` behind its current ones, or None.
 
-        Only when the request would otherwise wait for a worker (all of the val's are busy);
-        only into a lane that has taken fewer than `LANE_RUN` windows' worth since its worker
-        was last idle, so that lanes drain and requests waiting for a worker of their own
-        are not passed over for long; only a web request with a small body; and only into
-        a worker that has been fast lately and is not running a slow request now
-        (runtime.pipeline.Lane.can_take), the least loaded first.
+        Only a web request with a small body; only into a worker that has been fast lately
+        and is not running a slow request now (runtime.pipeline.Lane.can_take), and whose
+        lane has taken fewer than `LANE_RUN` windows' worth since the worker was last idle
+        (so that it drains now and then, and is looked at: its memory, `_release`); the
+        least loaded first.
         """
         config = self.config.pool
-        if config.pipeline_window < 2 or pool.capacity.value > 0 or not pool.busy:
+        if config.pipeline_window < 2 or not pool.busy:
             return None
         if not isinstance(request, HttpRequest) or len(request.body) > PIPELINE_MAX_BODY_BYTES:
             return None
@@ -274,6 +305,7 @@ class Pool:
     def _finish(self, warm: _Warm, turn: Turn, reply: Reply | None, failure: str) -> None:
         """A request on `warm` is done; the last one in flight releases the worker."""
         lane = warm.lane
+        warm.val_pool.freed.unpark_all()  # a place in its window, or the worker, is free
         if not lane.finish(turn, reply, failure):
             return  # others are in flight on it still
         pool = warm.val_pool
@@ -284,7 +316,6 @@ class Pool:
         warm.requests += max(lane.served - 1, 0)
         lane.served = 0
         self._release(warm, reply, failure)
-        pool.capacity.release()
 
     async def invoke_once(self, spec: ValSpec, request: Invocation) -> Reply:
         """Run one request in a fresh worker that serves nothing else (the Eval API)."""
@@ -514,6 +545,8 @@ class Pool:
         return True
 
     def _drop(self, warm: _Warm) -> None:
+        warm.val_pool.workers -= 1
+        warm.val_pool.freed.unpark_all()
         self._warm_count -= 1
         self._room.unpark_all()
         self._close(warm.worker)
@@ -551,7 +584,7 @@ class Pool:
                 for warm in [w for w in pool.idle if now - w.last_used >= timeout]:
                     pool.idle.remove(warm)
                     self._drop(warm)
-                if not pool.idle and pool.capacity.value == self.config.pool.max_workers_per_val:
+                if not pool.idle and pool.capacity.value == pool.tokens:
                     del self._vals[key]
 
     async def aclose(self) -> None:
