@@ -173,7 +173,7 @@ class PoolConfig:
     demote_after_s: float = 0.05
     #: Requests one warm worker may have in flight (sent, answered in order; 1: one at a
     #: time). Only a worker whose recent requests took under `pipeline_below_s` on average,
-    #: and whose current one has not run longer, is sent more (docs/design.md §11).
+    #: and whose current one has not run longer, is sent more (docs/design.md §7.1).
     pipeline_window: int = 4
     pipeline_below_s: float = 0.05
     #: A warm worker idle this long exits.

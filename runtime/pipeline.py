@@ -26,7 +26,7 @@ pipelining:
 
 Which requests are pipelined is the pool's decision (runtime/pool.py `_pipelined`): only into
 a worker whose recent requests were fast and whose current one is not slow, so that a slow
-request makes few others wait behind it (docs/design.md §11).
+request makes few others wait behind it (docs/design.md §7.1).
 """
 
 from __future__ import annotations
