@@ -204,6 +204,7 @@ class Pool:
                     # Its worker went before its turn: it runs alone on another, as it would
                     # have without pipelining (an idle worker's first request is its head).
                     self.stats["pipelined_sent_again"] += 1
+                    self.stats["invocations"] -= 1  # counted once, when it is served
                     alone = True
 
     async def _worker_for(self, pool: _ValPool, request: Invocation, *, alone: bool) -> _Warm:

@@ -255,3 +255,30 @@ def test_worker_refuses_more_requests_ahead_than_the_window() -> None:
             channel.ask(BlobAsk(0, "get", "k"), BlobAnswer)
         inp.close()
         out.close()
+
+
+async def test_fast_requests_are_not_queued_behind_a_slow_one_when_another_worker_is_free() -> None:
+    config = replace(
+        CONFIG, pool=replace(CONFIG.pool, max_workers_per_val=2, pipeline_below_s=0.05)
+    )
+    with trio.fail_after(40):
+        async with open_pool(config) as pool:
+            async with trio.open_nursery() as nursery:  # two warm workers, both fast so far
+                for n in range(2):
+                    nursery.start_soon(outcome, pool, REAL, request("/", f"n={n}"))
+            assert pool.stats["cold_starts"] == 2
+            done: list[str] = []
+
+            async def run(name: str, query: str) -> None:
+                assert await outcome(pool, REAL, request("/", query)) == name.encode()
+                done.append(name)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run, "slow", "slow=1.2&n=slow")
+                await trio.sleep(0.3)  # it has run longer than `pipeline_below_s` now
+                for n in range(3):
+                    nursery.start_soon(run, f"fast{n}", f"n=fast{n}")
+            # All three answered on the other worker while the slow one still ran.
+            assert done[-1] == "slow"
+            assert sorted(done[:3]) == ["fast0", "fast1", "fast2"]
+            assert pool.stats["cold_starts"] == 2
