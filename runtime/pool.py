@@ -108,6 +108,9 @@ class _Warm:
     load_log: str = ""
     #: Its requests in flight (runtime.pipeline): one, or more when pipelined.
     lane: Lane = field(default_factory=Lane)
+    #: Its memory is looked at once `requests` reaches this (pipelined requests are counted
+    #: several at a time, so not every multiple of RSS_CHECK_EVERY is seen).
+    rss_check_at: int = RSS_CHECK_EVERY
 
 
 class _ValPool:
@@ -537,8 +540,9 @@ class Pool:
 
     def _grown(self, warm: _Warm) -> bool:
         """True when a worker's memory has grown past the limit (module state that leaks)."""
-        if warm.requests % RSS_CHECK_EVERY:
+        if warm.requests < warm.rss_check_at:
             return False
+        warm.rss_check_at = warm.requests + RSS_CHECK_EVERY
         rss = warm.worker.rss_bytes()
         if rss is None or rss <= self.config.pool.max_worker_rss_mb * 1024 * 1024:
             return False

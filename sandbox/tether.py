@@ -33,8 +33,7 @@ class Tether:
         signal.signal(signal.SIGIO, signal.SIG_IGN)
         fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
-        self._poll = select.poll()
-        self._poll.register(fd, select.POLLRDHUP)
+        self._fd = fd
 
     def __enter__(self) -> None:
         signal.signal(signal.SIGIO, self._on_io)
@@ -45,7 +44,11 @@ class Tether:
         signal.signal(signal.SIGIO, signal.SIG_IGN)
 
     def _on_io(self, signum: int, frame: object) -> None:
-        for _fd, events in self._poll.poll(0):
+        # A poll object of its own each time: the signal can come while `__enter__`'s call
+        # of this very handler polls, and one object refuses to poll twice at once.
+        poller = select.poll()
+        poller.register(self._fd, select.POLLRDHUP)
+        for _fd, events in poller.poll(0):
             if events & HUNG_UP:  # the front end is gone: nothing will read our reply
                 os._exit(0)
 

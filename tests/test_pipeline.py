@@ -9,9 +9,13 @@ failures a val cannot cause, real sandboxed workers for the rest.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import trio
@@ -282,3 +286,50 @@ async def test_fast_requests_are_not_queued_behind_a_slow_one_when_another_worke
             assert done[-1] == "slow"
             assert sorted(done[:3]) == ["fast0", "fast1", "fast2"]
             assert pool.stats["cold_starts"] == 2
+
+
+TETHERED_LOOP = """
+import select, signal, socket, sys, time
+from sandbox.tether import Tether
+theirs = socket.socket(fileno=int(sys.argv[1]))
+tether = Tether(theirs.fileno())
+print("ready", flush=True)
+deadline = time.monotonic() + 1.5
+while time.monotonic() < deadline:  # a val running while requests arrive, re-entering often
+    with tether:
+        pass
+print("survived", flush=True)
+with tether:
+    time.sleep(30)  # ended by the hang-up, not by the end of this sleep
+"""
+
+
+async def test_requests_arriving_while_a_val_runs_do_not_end_its_worker_but_a_hang_up_does() -> (
+    None
+):
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        with trio.fail_after(20):
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-I", "-c", TETHERED_LOOP, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdout=subprocess.PIPE,
+                cwd=Path(__file__).parent.parent,
+            )
+            assert process.stdout is not None
+            lines = process.stdout
+            assert (await lines.receive_some(100)).startswith(b"ready")
+            stop = trio.current_time() + 1.2
+            ours.setblocking(False)
+            sent = 0
+            while trio.current_time() < stop:  # each send raises SIGIO in the child
+                with contextlib.suppress(BlockingIOError):
+                    sent += ours.send(b"x")
+                await trio.sleep(0.0002)
+            assert sent > 100
+            output = await lines.receive_some(100)
+            assert b"survived" in output
+            started = trio.current_time()
+            ours.shutdown(socket.SHUT_WR)
+            assert await process.wait() == 0
+            assert trio.current_time() - started < 10
