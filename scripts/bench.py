@@ -724,7 +724,8 @@ async def _one_round(
                 )
                 report.throughput_wide.append(wide)
 
-    await attempt(report, f"throughput, bare vs valrun (c={options.connections})", throughput)
+    wide = f", then c={options.wide_connections}" if options.wide_connections else ""
+    await attempt(report, f"throughput, bare vs valrun (c={options.connections}{wide})", throughput)
 
     before_kib = sandbox_pss_kib(valrun) if first else 0
 
