@@ -19,6 +19,7 @@ from runtime.errors import ConfigError
 from runtime.hosts import is_hostname
 from sandbox.confine import LAYERS
 from sandbox.limits import WorkerLimits
+from sandbox.messages import MAX_PIPELINE_WINDOW
 from sandbox.wire import DEFAULT_MAX_BODY_BYTES
 
 MIB = 1024 * 1024
@@ -192,6 +193,11 @@ class PoolConfig:
     #: A request still running after this long runs at idle CPU priority until it answers,
     #: so a val spinning on CPU slows the others as little as possible.
     demote_after_s: float = 0.05
+    #: Requests one warm worker may have in flight (sent, answered in order; 1: one at a
+    #: time). Only a worker whose recent requests took under `pipeline_below_s` on average,
+    #: and whose current one has not run longer, is sent more (docs/design.md §7.1).
+    pipeline_window: int = 4
+    pipeline_below_s: float = 0.05
     #: A warm worker idle this long exits.
     idle_timeout_s: float = 300.0
     #: A new worker must load its val within this time.
@@ -203,6 +209,8 @@ class PoolConfig:
         for f in fields(self):
             if f.type != "bool" and not getattr(self, f.name) > 0:
                 raise ConfigError(f"pool.{f.name} must be positive")
+        if self.pipeline_window > MAX_PIPELINE_WINDOW:
+            raise ConfigError(f"pool.pipeline_window must be at most {MAX_PIPELINE_WINDOW}")
 
 
 @dataclass(frozen=True, slots=True)

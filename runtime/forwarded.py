@@ -66,6 +66,8 @@ def client_address(
     """The client's address as text ("-" when the server knows no peer)."""
     if peer is None:
         return "-"
+    if not proxies:  # nobody's forwarding header is trusted: the peer is the client
+        return peer
     address = _address(peer)
     if address is None or not _trusted(address, proxies):
         return peer

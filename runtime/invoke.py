@@ -102,7 +102,7 @@ class Invoker:
                     traceback=tuple(map(str, steps)) if isinstance(steps, list) else None,
                     method=origin.method if origin else None,
                     path=loggable_path(origin.raw_path) if origin else None,
-                    fetches=json.dumps(fetches.entries),
+                    fetches=json.dumps(fetches.entries) if fetches.entries else "[]",
                 )
             )
 

@@ -92,6 +92,13 @@ class Metrics:
             if key.startswith("killed_"):
                 lines.append(f'valrun_worker_kills_total{{reason="{key[7:]}"}} {count}')
         lines += [
+            "# HELP valrun_pipelined_total Requests sent to a busy worker behind its current one.",
+            "# TYPE valrun_pipelined_total counter",
+            f"valrun_pipelined_total {pool_stats.get('pipelined', 0)}",
+            "# HELP valrun_pipelined_sent_again_total Pipelined requests whose worker went before"
+            " their turn, sent again to another.",
+            "# TYPE valrun_pipelined_sent_again_total counter",
+            f"valrun_pipelined_sent_again_total {pool_stats.get('pipelined_sent_again', 0)}",
             "# HELP valrun_workers Live workers, by state.",
             "# TYPE valrun_workers gauge",
         ]

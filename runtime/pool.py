@@ -6,7 +6,9 @@ val in them);
 specializing one is sending it a `load` frame. Per val version:
 
     requests --(bounded queue: 503 beyond it)--> up to `max_workers_per_val` workers
-                                                 each serving one request at a time
+                                                 each running one request at a time, with
+                                                 up to `pipeline_window` sent to it
+                                                 (runtime/pipeline.py)
 
 Across vals, at most `max_workers` specialized workers live; the least recently used idle
 one makes room. A worker that timed out, crashed, broke the protocol, ran out of memory, or
@@ -22,13 +24,14 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from runtime.config import Config
-from runtime.errors import HTTPError, OverloadedError, WorkerTimeoutError
+from runtime.errors import HTTPError, OverloadedError, WorkerError, WorkerTimeoutError
 from runtime.isolation import check_required, health, log_table, probe_layers
+from runtime.pipeline import Lane, NotStartedError, Turn
 from runtime.process import (
     ForkServerError,
     ForkServerHandle,
@@ -47,6 +50,7 @@ from sandbox.messages import (
     LOAD_ASK_ID,
     Ask,
     Failure,
+    HttpRequest,
     ImportAsk,
     Invocation,
     Load,
@@ -64,6 +68,12 @@ SlotKey = tuple[int, int, tuple[tuple[str, str], ...]]
 RSS_CHECK_EVERY = 32
 #: Replies with bodies larger than this are checked in a thread.
 THREAD_CHECK_BYTES = 256 * 1024
+#: Only requests with bodies this small are pipelined: their frame fits in the socket's
+#: buffer, so sending it never waits for a worker busy with the request before it.
+PIPELINE_MAX_BODY_BYTES = 64 * 1024
+#: A busy worker takes pipelined requests until it has had this many windows' worth since it
+#: was last idle; then it drains, and goes to whoever waits for a worker.
+LANE_RUN = 4
 WorkerFactory = Callable[[], Awaitable[WorkerProcess]]
 #: Does what a val asked for while it runs (fetch, storage): the answer's frame to send back.
 Broker = Callable[["ValSpec", Ask], Awaitable[Frame]]
@@ -99,19 +109,38 @@ class _Warm:
     requests: int = 0
     #: What the module printed while it loaded: it belongs to the first request's log.
     load_log: str = ""
+    #: Its requests in flight (runtime.pipeline): one, or more when pipelined.
+    lane: Lane = field(default_factory=Lane)
+    #: Its memory is looked at once `requests` reaches this (pipelined requests are counted
+    #: several at a time, so not every multiple of RSS_CHECK_EVERY is seen).
+    rss_check_at: int = RSS_CHECK_EVERY
 
 
 class _ValPool:
     """The warm workers of one val version, and the requests waiting for them."""
 
-    def __init__(self, spec: ValSpec, max_workers: int) -> None:
+    def __init__(self, spec: ValSpec, max_workers: int, window: int = 1) -> None:
         self.spec = spec
-        self.capacity = trio.Semaphore(max_workers)
+        #: Requests in flight on this val's workers: each worker's window. Waiting for a
+        #: token is the per-val queue, first come first served.
+        self.tokens = max_workers * window
+        self.capacity = trio.Semaphore(self.tokens)
+        self.max_workers = max_workers
+        self.workers = 0  # warm ones, and those being specialized
         self.idle: list[_Warm] = []  # most recently used last
+        self.busy: set[_Warm] = set()
+        #: Woken when a request on one of its workers is done, or a worker goes: a request
+        #: holding a token may find room now.
+        self.freed = trio.lowlevel.ParkingLot()
         self.retired = False
         #: The vals its workers imported at their latest version (runtime.imports): a change
         #: to any of them retires this pool (`Pool.val_changed`).
         self.imports: set[int] = set()
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a worker: for a token, or holding one until one has room."""
+        return self.capacity.statistics().tasks_waiting + self.freed.statistics().tasks_waiting
 
 
 class Pool:
@@ -160,35 +189,145 @@ class Pool:
             "ready": len(self._ready) + spares,
             "idle": idle,
             "busy": self._warm_count - idle,
-            "queued": sum(pool.capacity.statistics().tasks_waiting for pool in pools),
+            "queued": sum(pool.queued for pool in pools),
         }
 
     async def invoke(self, spec: ValSpec, request: Invocation) -> Reply:
         pool = self._vals.get(spec.key)
         if pool is None:
-            pool = self._vals[spec.key] = _ValPool(spec, self.config.pool.max_workers_per_val)
-        waiting = pool.capacity.statistics().tasks_waiting
-        if pool.capacity.value == 0 and waiting >= self.config.pool.max_queue_per_val:
+            config = self.config.pool
+            pool = _ValPool(spec, config.max_workers_per_val, config.pipeline_window)
+            self._vals[spec.key] = pool
+        waiting = pool.queued
+        if waiting >= self.config.pool.max_queue_per_val:
             self.stats["rejected_queue_full"] += 1
             raise OverloadedError(
                 f"{spec.owner}/{spec.name} has {waiting} requests waiting; retry shortly",
                 headers=(("retry-after", "1"),),
             )
         async with pool.capacity:
-            warm = self._idle_worker(pool) or await self._specialize(pool)
-            self.stats["invocations"] += 1
-            reply, failure = None, "cancelled"
-            try:
-                reply = await self._exchange(warm.worker, spec, request)
-                if warm.load_log:
-                    reply = dataclasses.replace(reply, log=warm.load_log + reply.log)
-                    warm.load_log = ""
-                return reply
-            except HTTPError as exc:
-                failure = exc.type
-                raise
-            finally:
-                self._release(warm, reply, failure)
+            alone = False
+            while True:
+                warm = await self._worker_for(pool, request, alone=alone)
+                try:
+                    return await self._serve(warm, spec, request)
+                except NotStartedError:
+                    # Its worker went before its turn: it runs alone on another, as it would
+                    # have without pipelining (an idle worker's first request is its head).
+                    self.stats["pipelined_sent_again"] += 1
+                    self.stats["invocations"] -= 1  # counted once, when it is served
+                    alone = True
+
+    async def _worker_for(self, pool: _ValPool, request: Invocation, *, alone: bool) -> _Warm:
+        """A worker for `request`: an idle one, else a new one while the val has fewer than
+        `max_workers_per_val`, else a busy one that takes it behind its current requests
+        (`_pipelined`, unless `alone`); else wait until a request or a worker is done."""
+        while True:
+            warm = self._idle_worker(pool)
+            if warm is None and pool.workers < pool.max_workers:
+                pool.workers += 1
+                try:
+                    warm = await self._specialize(pool)
+                except BaseException:
+                    pool.workers -= 1
+                    pool.freed.unpark_all()
+                    raise
+            if warm is not None:
+                pool.busy.add(warm)
+                return warm
+            if not alone and (busy := self._pipelined(pool, request)) is not None:
+                return busy
+            await pool.freed.park()
+
+    def _pipelined(self, pool: _ValPool, request: Invocation) -> _Warm | None:
+        """A busy worker of this val that takes `request` behind its current ones, or None.
+
+        Only a web request with a small body; only into a worker that has been fast lately
+        and is not running a slow request now (runtime.pipeline.Lane.can_take), and whose
+        lane has taken fewer than `LANE_RUN` windows' worth since the worker was last idle
+        (so that it drains now and then, and is looked at: its memory, `_release`); the
+        least loaded first.
+        """
+        config = self.config.pool
+        if config.pipeline_window < 2 or not pool.busy:
+            return None
+        if not isinstance(request, HttpRequest) or len(request.body) > PIPELINE_MAX_BODY_BYTES:
+            return None
+        now = trio.current_time()
+        fit = [
+            warm
+            for warm in pool.busy
+            if warm.lane.can_take(now, config.pipeline_window, config.pipeline_below_s)
+            and warm.requests + warm.lane.served + len(warm.lane.turns)
+            < config.max_requests_per_worker
+            and warm.lane.served + len(warm.lane.turns) < LANE_RUN * config.pipeline_window
+        ]
+        if not fit:
+            return None
+        self.stats["pipelined"] += 1
+        return min(fit, key=lambda warm: len(warm.lane.turns))
+
+    async def _serve(self, warm: _Warm, spec: ValSpec, request: Invocation) -> Reply:
+        """Send `request` to a warm worker now, and run it when its turn in the lane comes."""
+        lane = warm.lane
+        request = dataclasses.replace(request, id=next(self._request_ids))
+        frame = request.to_frame()
+        turn = lane.join()
+        self.stats["invocations"] += 1
+        reply, failure = None, "cancelled"
+        try:
+            await self._send_in_turn(warm, turn, frame)
+            await lane.wait_turn(turn)
+            reply = await self._exchange(warm.worker, spec, request, sent=True)
+            if warm.load_log:
+                reply = dataclasses.replace(reply, log=warm.load_log + reply.log)
+                warm.load_log = ""
+            return reply
+        except NotStartedError:
+            failure = "not_started"
+            raise
+        except HTTPError as exc:
+            failure = exc.type
+            raise
+        finally:
+            self._finish(warm, turn, reply, failure)
+
+    async def _send_in_turn(self, warm: _Warm, turn: Turn, frame: Frame) -> None:
+        """Send a request's frame whole, whatever happens to its task meanwhile: a frame cut
+        short would garble the socket for the requests in flight with it."""
+        lane = warm.lane
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.limits.wall_time_s) as sending:
+                try:
+                    await warm.worker.send(frame)
+                except WorkerError:
+                    if lane.is_head(turn):
+                        raise  # its own error, as without pipelining
+                    lane.close(None, "worker_crashed")
+                    raise NotStartedError from None
+        if sending.cancelled_caught:  # the worker does not read its socket
+            head = lane.is_head(turn)
+            lane.close(None, "timeout")
+            if not head:
+                raise NotStartedError
+            raise WorkerTimeoutError(
+                f"the worker did not take the request within {self.limits.wall_time_s} s"
+            )
+
+    def _finish(self, warm: _Warm, turn: Turn, reply: Reply | None, failure: str) -> None:
+        """A request on `warm` is done; the last one in flight releases the worker."""
+        lane = warm.lane
+        warm.val_pool.freed.unpark_all()  # a place in its window, or the worker, is free
+        if not lane.finish(turn, reply, failure):
+            return  # others are in flight on it still
+        pool = warm.val_pool
+        pool.busy.discard(warm)
+        if lane.ending is not None:
+            reply, failure = lane.ending
+        # `_release` counts one request; the lane counted those it served before this.
+        warm.requests += max(lane.served - 1, 0)
+        lane.served = 0
+        self._release(warm, reply, failure)
 
     async def invoke_once(self, spec: ValSpec, request: Invocation) -> Reply:
         """Run one request in a fresh worker that serves nothing else (the Eval API)."""
@@ -357,11 +496,16 @@ class Pool:
                 raise protocol_error(f"an unexpected {frame.op!r} ask while loading")
             await worker.send(await self.broker(spec, ask))
 
-    async def _exchange(self, worker: WorkerProcess, spec: ValSpec, request: Invocation) -> Reply:
-        request = dataclasses.replace(request, id=next(self._request_ids))
+    async def _exchange(
+        self, worker: WorkerProcess, spec: ValSpec, request: Invocation, *, sent: bool = False
+    ) -> Reply:
+        """Send `request` (unless `sent` already, with its id) and check its reply."""
+        if not sent:
+            request = dataclasses.replace(request, id=next(self._request_ids))
         frame: Frame | None = None
         with trio.move_on_after(self.limits.wall_time_s):
-            await worker.send(request.to_frame())
+            if not sent:
+                await worker.send(request.to_frame())
             frame = await self._receive_reply(worker, spec, request.id)
         if frame is not None:  # not timed out
             kind = type(request)
@@ -441,8 +585,9 @@ class Pool:
 
     def _grown(self, warm: _Warm) -> bool:
         """True when a worker's memory has grown past the limit (module state that leaks)."""
-        if warm.requests % RSS_CHECK_EVERY:
+        if warm.requests < warm.rss_check_at:
             return False
+        warm.rss_check_at = warm.requests + RSS_CHECK_EVERY
         rss = warm.worker.rss_bytes()
         if rss is None or rss <= self.config.pool.max_worker_rss_mb * 1024 * 1024:
             return False
@@ -450,6 +595,8 @@ class Pool:
         return True
 
     def _drop(self, warm: _Warm) -> None:
+        warm.val_pool.workers -= 1
+        warm.val_pool.freed.unpark_all()
         self._warm_count -= 1
         self._room.unpark_all()
         self._close(warm.worker)
@@ -487,7 +634,7 @@ class Pool:
                 for warm in [w for w in pool.idle if now - w.last_used >= timeout]:
                     pool.idle.remove(warm)
                     self._drop(warm)
-                if not pool.idle and pool.capacity.value == self.config.pool.max_workers_per_val:
+                if not pool.idle and pool.capacity.value == pool.tokens:
                     del self._vals[key]
 
     async def aclose(self) -> None:

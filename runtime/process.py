@@ -51,6 +51,9 @@ class WorkerProcess:
         self.decoder = FrameDecoder(max_body_bytes=max_body_bytes)
         self.returncode: int | None = None
         self._exited = trio.Event()
+        # Several tasks send to a worker with requests pipelined (runtime.pipeline): the
+        # requests' tasks, and the head's answers to its asks. One frame at a time.
+        self._sending = trio.StrictFIFOLock()
 
     @property
     def alive(self) -> bool:
@@ -104,7 +107,8 @@ class WorkerProcess:
 
     async def send(self, frame: Frame) -> None:
         try:
-            await self.stream.send_all(encode_frame(frame))
+            async with self._sending:
+                await self.stream.send_all(encode_frame(frame))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise await self._died("while being sent a request") from None
 
@@ -205,6 +209,9 @@ class ForkedWorker(WorkerProcess):
         super().__init__(pid, trio.SocketStream(sock), max_body_bytes)
         self.pidfd = pidfd
         self._sock = sock
+        # Asked before every request (`still_running`): built once.
+        self._exit_poll = select.poll()
+        self._exit_poll.register(pidfd, select.POLLIN)
 
     def discard(self) -> None:
         """Close the socket of a worker that was never handed out (no checkpoint: cleanup)."""
@@ -219,9 +226,7 @@ class ForkedWorker(WorkerProcess):
         # A pidfd becomes readable when its process exits (pidfd_open(2)).
         if not self.alive:
             return False
-        poller = select.poll()
-        poller.register(self.pidfd, select.POLLIN)
-        return not poller.poll(0)
+        return not self._exit_poll.poll(0)
 
     def kill(self) -> None:
         if self.alive:

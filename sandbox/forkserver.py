@@ -217,6 +217,10 @@ def main() -> int:
     # would need RLIMIT_NICE raised to come back, which needs CAP_SYS_RESOURCE.
     os.setpriority(os.PRIO_PROCESS, 0, SERVING_NICE)
     control = socket.socket(fileno=0)
+    # The warm-up once here too: what it builds lazily (compiled regexes, caches, interned
+    # names, the policy's first compile) is then made once, shared by every child, instead of
+    # once per worker in pages of its own.
+    _warm_up()
     # Objects that exist now are shared with every child; freezing them keeps the GC from
     # touching (and so copying) their pages in each child.
     gc.freeze()

@@ -289,6 +289,11 @@ def _time(head: Mapping[str, object], key: str) -> float:
 
 
 Invocation: TypeAlias = HttpRequest | Call | ScheduledRun
+INVOCATION_OPS = frozenset((HttpRequest.op, Call.op, ScheduledRun.op))
+#: The most requests the front end may send a worker ahead of their replies (pipelining,
+#: `pool.pipeline_window`); a worker holds at most this many unread while a val waits for
+#: the answer to an ask, and refuses more as a protocol error.
+MAX_PIPELINE_WINDOW = 32
 
 
 # Worker -> front end

@@ -5,6 +5,10 @@ stdin and stdout; they are moved out of the way first, so nothing a library prin
 corrupt a frame. Every failure of the val becomes an `error` frame; a failure of the protocol
 ends the process, and the front end answers 502 for it.
 
+The front end may send the next requests before this one is answered (pipelining,
+runtime/pipeline.py): they wait in the socket, or in `Channel.ahead` if they arrived while an
+ask waited for its answer, and are served in the order sent, one at a time.
+
 Three ops reach a loaded worker: `http` (the web host: the export gets a Request and returns
 a response), `call` (Run and Eval: the export is called with JSON args and its value goes
 back as JSON) and `cron` (a scheduled run: the export gets an Interval). The value is turned
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import BinaryIO
@@ -29,7 +34,9 @@ from sandbox.imports import ModuleHook, ValImporter, ValPath
 from sandbox.interval import Interval
 from sandbox.limits import WorkerLimits, apply_limits, arm_cpu_limit
 from sandbox.messages import (
+    INVOCATION_OPS,
     LOAD_ASK_ID,
+    MAX_PIPELINE_WINDOW,
     Ask,
     Call,
     Checked,
@@ -101,9 +108,24 @@ class Channel:
         #: An ask was interrupted between sending and its answer (a MemoryError, say): the
         #: answer may still be on its way, so the worker retires after this invocation.
         self.broken = False
+        #: Requests the front end sent ahead (pipelining) that arrived while an ask waited
+        #: for its answer: served in order, after this one.
+        self.ahead: deque[Frame] = deque()
 
     def receive(self) -> Frame | None:
+        if self.ahead:
+            return self.ahead.popleft()
         return read_frame(self.inp, self.decoder)
+
+    def _answer(self) -> Frame | None:
+        """The next frame that is not a request sent ahead; those are kept for later."""
+        while (frame := read_frame(self.inp, self.decoder)) is not None:
+            if frame.op not in INVOCATION_OPS:
+                return frame
+            if len(self.ahead) >= MAX_PIPELINE_WINDOW:
+                raise ProtocolError("the front end sent more requests ahead than its window")
+            self.ahead.append(frame)
+        return None
 
     def send(self, message: Reply | Loaded | Checked | Ask) -> None:
         if isinstance(message, Loaded | HttpResponse | Result | Failure):
@@ -123,7 +145,7 @@ class Channel:
         self.broken = True
         with self.tether.paused():  # the answer makes the socket readable: not a hang-up
             self.send(replace(ask, id=ask_id))  # type: ignore[type-var]
-            frame = self.receive()
+            frame = self._answer()
         if frame is None:
             raise ProtocolError("the front end closed the socket while the val waited")
         result = parse(frame, answer)
@@ -138,7 +160,7 @@ class Channel:
         with self.tether.paused():
             for ask in asks:
                 self.send(replace(ask, id=ask_id))
-            frames = [self.receive() for _ in asks]
+            frames = [self._answer() for _ in asks]
         results = []
         for frame in frames:
             if frame is None:

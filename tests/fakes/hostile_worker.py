@@ -53,8 +53,13 @@ def main() -> int:
     while (frame := read_frame(inp, decoder)) is not None:
         rid, path = int(str(frame.head["id"])), frame.head["path"]
         ok = Frame({"op": "response", "id": rid, "status": 200, "headers": [], "log": ""}, b"ok")
+        query = str(frame.head.get("query", ""))
+        if "slow" in query:  # long enough for a test to send requests behind this one
+            time.sleep(0.5)
         if path == "/ok":
             reply(out, ok)
+        elif path == "/echo":  # which request this reply answers
+            reply(out, Frame(ok.head, query.encode()))
         elif path == "/garbage":
             os.write(out, b"\x00\x00\x00\x05\x00\x00\x00\x00{not json at all")
         elif path == "/not-an-object":
