@@ -34,6 +34,7 @@ from runtime.errors import (
     StorageFullError,
     StoreUnavailableError,
 )
+from runtime.feed import Change, ChangeListener
 from runtime.hosts import USER_RE
 from runtime.schedule import Due, Schedule, Tick, next_tick, plan_claims
 from runtime.schema import create_private, migrate
@@ -148,13 +149,22 @@ class ScheduleInfo:
         }
 
 
+ChangeKind = Literal["val", "env", "token", "user"]
+#: Feed rows are kept this long (a front end that lost the feed longer drops all it cached),
+#: pruned by every PRUNE_CHANGES_EVERY-th write.
+KEEP_CHANGES_S = 3600.0
+PRUNE_CHANGES_EVERY = 100
+
+
 def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
 class Store:
-    def __init__(self, path: str | Path, *, secret_key: str = "") -> None:
+    def __init__(self, path: str | Path, *, secret_key: str = "", origin: str = "") -> None:
         self.path = str(path)
+        #: Names this writer in the change feed: a process skips the changes it made itself.
+        self.origin = origin or secrets.token_hex(8)
         create_private(self.path)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
@@ -179,13 +189,35 @@ class Store:
     def check_writable(self) -> None:
         """Commit one small write, or raise the sqlite3.Error that says why it cannot be."""
         self._write(
-            [("INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)", (time.time(),))]
+            [
+                (
+                    "INSERT INTO health (id, checked_at) VALUES (1, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+                    (time.time(),),
+                )
+            ]
         )
 
     def _write(self, sql_and_params: list[tuple[str, tuple[object, ...]]]) -> list[sqlite3.Cursor]:
         with self._db:  # one transaction: all or nothing
             self._db.execute("BEGIN IMMEDIATE")
             return [self._db.execute(sql, params) for sql, params in sql_and_params]
+
+    # The change feed (runtime/feed.py)
+
+    def _note(self, kind: ChangeKind, user: str | None, val_id: int | None) -> None:
+        """Append a change to the feed, in the caller's write transaction: it is seen by
+        the other front ends exactly when the write is."""
+        now = time.time()
+        (seq,) = self._db.execute(
+            "INSERT INTO changes (at, origin, kind, user_name, val_id) VALUES (?, ?, ?, ?, ?) "
+            "RETURNING seq",
+            (now, self.origin, kind, user, val_id),
+        ).fetchone()
+        if seq % PRUNE_CHANGES_EVERY == 0:
+            self._db.execute(
+                "DELETE FROM changes WHERE at < ? AND seq < ?", (now - KEEP_CHANGES_S, seq)
+            )
 
     # Users and tokens
 
@@ -201,13 +233,14 @@ class Store:
         try:
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
-                cur = self._db.execute(
-                    "INSERT INTO users (name, created_at) VALUES (?, ?)", (name, now)
-                )
+                (user_id,) = self._db.execute(
+                    "INSERT INTO users (name, created_at) VALUES (?, ?) RETURNING id", (name, now)
+                ).fetchone()
                 self._db.execute(
                     "INSERT INTO tokens (user_id, hash, created_at) VALUES (?, ?, ?)",
-                    (cur.lastrowid, hash_token(token), now),
+                    (user_id, hash_token(token), now),
                 )
+                self._note("user", name, None)
         except sqlite3.IntegrityError:
             raise ExistsError(f"user {name!r} already exists", "user_exists") from None
         return token
@@ -234,16 +267,19 @@ class Store:
         return [TokenInfo(*row) for row in rows]
 
     def revoke_token(self, token_id: int) -> None:
-        (cur,) = self._write(
-            [
-                (
-                    "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                    (time.time(), token_id),
-                )
-            ]
-        )
-        if cur.rowcount == 0:
-            raise MissingError(f"no active token with id {token_id}", "not_found")
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute(
+                "SELECT u.name FROM tokens t JOIN users u ON u.id = t.user_id "
+                "WHERE t.id = ? AND t.revoked_at IS NULL",
+                (token_id,),
+            ).fetchone()
+            if row is None:
+                raise MissingError(f"no active token with id {token_id}", "not_found")
+            self._db.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE id = ?", (time.time(), token_id)
+            )
+            self._note("token", row[0], None)
 
     def user(self, name: str) -> User:
         row = self._db.execute("SELECT id, name FROM users WHERE name = ?", (name,)).fetchone()
@@ -304,12 +340,12 @@ class Store:
             ).fetchone()
             created = row is None
             if created:
-                cur = self._db.execute(
+                (val_id,) = self._db.execute(
                     "INSERT INTO vals (user_id, name, name_key, privacy, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?) RETURNING id",
                     (user.id, name, name.lower(), privacy or "public", now),
-                )
-                val_id, version = cur.lastrowid, 1
+                ).fetchone()
+                version = 1
             else:
                 val_id, name = row
                 if privacy is not None:
@@ -322,6 +358,7 @@ class Store:
                 "INSERT INTO versions (val_id, version, code, created_at) VALUES (?, ?, ?, ?)",
                 (val_id, version, code, now),
             )
+            self._note("val", user.name, val_id)
         saved = self.get_val(owner, name, version)
         assert saved is not None
         return saved, created
@@ -350,7 +387,10 @@ class Store:
                 "AND user_id = (SELECT id FROM users WHERE name = ?)",
                 (privacy, name.lower(), owner),
             )
-            return self.get_val(owner, name, None)
+            val = self.get_val(owner, name, None)
+            if val is not None:
+                self._note("val", owner, val.val_id)
+            return val
 
     def delete_val(self, owner: str, name: str) -> int | None:
         with self._db:
@@ -363,6 +403,7 @@ class Store:
             if row is None:
                 return None
             self._db.execute("DELETE FROM vals WHERE id = ?", (row[0],))
+            self._note("val", owner, row[0])
             return int(row[0])
 
     def delete_version(self, owner: str, name: str, version: int) -> int:
@@ -395,6 +436,7 @@ class Store:
             if cur.rowcount == 0:
                 raise MissingError(f"{owner}/{name} has no version {version}", "not_found")
             self._db.execute("DELETE FROM runs WHERE val_id = ? AND version = ?", (val_id, version))
+            self._note("val", owner, val_id)
             return int(val_id)
 
     # Env
@@ -421,16 +463,15 @@ class Store:
         sealed = 0
         if self._sealer is not None:
             value, sealed = self._sealer.seal(user.id, key, value), 1
-        self._write(
-            [
-                (
-                    "INSERT INTO env (user_id, key, value, sealed) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (user_id, key) DO UPDATE "
-                    "SET value = excluded.value, sealed = excluded.sealed",
-                    (user.id, key, value, sealed),
-                )
-            ]
-        )
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO env (user_id, key, value, sealed) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (user_id, key) DO UPDATE "
+                "SET value = excluded.value, sealed = excluded.sealed",
+                (user.id, key, value, sealed),
+            )
+            self._note("env", owner, None)
 
     # Sealing env values at rest
 
@@ -489,8 +530,13 @@ class Store:
 
     def delete_env(self, owner: str, key: str) -> bool:
         user = self.user(owner)
-        (cur,) = self._write([("DELETE FROM env WHERE user_id = ? AND key = ?", (user.id, key))])
-        return cur.rowcount > 0
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.execute("DELETE FROM env WHERE user_id = ? AND key = ?", (user.id, key))
+            if cur.rowcount == 0:
+                return False
+            self._note("env", owner, None)
+            return True
 
     # Invocation records
 
@@ -803,6 +849,26 @@ class AsyncStore:
         # Bumped by every invalidating write: a resolve that started before the write must
         # not put what it read into the cache after the write emptied it.
         self._generation = 0
+        self._listeners: list[ChangeListener] = []
+
+    def on_change(self, listener: ChangeListener) -> None:
+        """Call `listener(kind, user, val_id)` for each change another process or node makes
+        (runtime/feed.py), after the cached resolutions it affects are dropped."""
+        self._listeners.append(listener)
+
+    def apply_changes(self, changes: Sequence[Change]) -> None:
+        """Drop what `changes` (made elsewhere, read from the feed) make stale; tell the
+        listeners."""
+        self._generation += 1
+        users = {change.user for change in changes}
+        if None in users or any(change.kind == "all" for change in changes):
+            self._resolved.clear()
+        else:
+            for key in [key for key in self._resolved if key[0] in users]:
+                del self._resolved[key]
+        for change in changes:
+            for listener in self._listeners:
+                listener(change.kind, change.user, change.val_id)
 
     async def call(
         self, method: Callable[Concatenate[Store, P], R], *args: P.args, **kwargs: P.kwargs
