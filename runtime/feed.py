@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from runtime.errors import StoreUnavailableError
+from runtime.pgdb import PostgresReader, is_postgres
 
 if TYPE_CHECKING:
     from runtime.store import AsyncStore
@@ -107,6 +108,8 @@ def read_after(reader: Reader, last: int, origin: str) -> tuple[list[Change], in
 
 
 def open_reader(location: str) -> Reader:
+    if is_postgres(location):
+        return PostgresReader(location)
     return SqliteReader(location)
 
 

@@ -15,8 +15,12 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runtime.errors import ValrunError
+
+if TYPE_CHECKING:
+    from runtime.pgdb import PgConnection
 
 
 class SchemaError(ValrunError):
@@ -275,6 +279,34 @@ def migrate(db: sqlite3.Connection, path: str) -> int:
     except BaseException:
         db.execute("ROLLBACK")
         raise
+    return start
+
+
+def migrate_postgres(db: PgConnection) -> int:
+    """`migrate` for PostgreSQL: the version is the one row of `schema_version`; migrations
+    run under the store's write lock (one migrating node at a time), each in a transaction
+    with its version bump (PostgreSQL's DDL is transactional). The version it had."""
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = db.execute("SELECT version FROM schema_version").fetchone()
+        if row is None:
+            db.execute("INSERT INTO schema_version (version) VALUES (0)")
+        start = 0 if row is None else int(row[0])
+    if start > SCHEMA_VERSION:
+        raise SchemaError(
+            f"the database {db.where} has schema version {start}, newer than this valrun "
+            f"knows (up to {SCHEMA_VERSION}): it was written by a newer valrun. Run that "
+            "version, or restore a dump made before the upgrade (pg_restore)"
+        )
+    for number in range(start + 1, SCHEMA_VERSION + 1):
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            (current,) = db.execute("SELECT version FROM schema_version").fetchone()
+            if current >= number:  # another node applied it meanwhile
+                continue
+            db.execute(POSTGRES_MIGRATIONS[number - 1])
+            db.execute("UPDATE schema_version SET version = ?", (number,))
     return start
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, get_args
 
+import psycopg
 import trio
 
 from runtime.errors import (
@@ -36,8 +37,9 @@ from runtime.errors import (
 )
 from runtime.feed import Change, ChangeListener
 from runtime.hosts import USER_RE
+from runtime.pgdb import CHANNEL, PgConnection, PgCursor, is_postgres, redact
 from runtime.schedule import Due, Schedule, Tick, next_tick, plan_claims
-from runtime.schema import create_private, migrate
+from runtime.schema import create_private, migrate, migrate_postgres
 from runtime.sealing import Sealer
 
 logger = logging.getLogger(__name__)
@@ -162,16 +164,27 @@ def hash_token(token: str) -> bytes:
 
 class Store:
     def __init__(self, path: str | Path, *, secret_key: str = "", origin: str = "") -> None:
+        #: The SQLite file's path, or the PostgreSQL URL (docs/store.md).
         self.path = str(path)
+        self.postgres = is_postgres(self.path)
+        #: Where, for messages: the path, or the URL without its password.
+        self.where = redact(self.path)
         #: Names this writer in the change feed: a process skips the changes it made itself.
         self.origin = origin or secrets.token_hex(8)
-        create_private(self.path)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db: sqlite3.Connection | PgConnection
+        if self.postgres:
+            self._db = PgConnection(self.path)
+        else:
+            create_private(self.path)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            migrate(self._db, self.path)
+            if isinstance(self._db, PgConnection):
+                migrate_postgres(self._db)
+            else:
+                self._db.execute("PRAGMA busy_timeout=5000")
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA foreign_keys=ON")
+                migrate(self._db, self.path)
             self._sealer = Sealer(secret_key) if secret_key else None
             self._check_secret_key()
         except BaseException:
@@ -198,7 +211,9 @@ class Store:
             ]
         )
 
-    def _write(self, sql_and_params: list[tuple[str, tuple[object, ...]]]) -> list[sqlite3.Cursor]:
+    def _write(
+        self, sql_and_params: list[tuple[str, tuple[object, ...]]]
+    ) -> list[sqlite3.Cursor | PgCursor]:
         with self._db:  # one transaction: all or nothing
             self._db.execute("BEGIN IMMEDIATE")
             return [self._db.execute(sql, params) for sql, params in sql_and_params]
@@ -214,6 +229,8 @@ class Store:
             "RETURNING seq",
             (now, self.origin, kind, user, val_id),
         ).fetchone()
+        if self.postgres:  # delivered to the LISTENing front ends at commit
+            self._db.execute(f"NOTIFY {CHANNEL}")
         if seq % PRUNE_CHANGES_EVERY == 0:
             self._db.execute(
                 "DELETE FROM changes WHERE at < ? AND seq < ?", (now - KEEP_CHANGES_S, seq)
@@ -241,7 +258,7 @@ class Store:
                     (user_id, hash_token(token), now),
                 )
                 self._note("user", name, None)
-        except sqlite3.IntegrityError:
+        except (sqlite3.IntegrityError, psycopg.IntegrityError):
             raise ExistsError(f"user {name!r} already exists", "user_exists") from None
         return token
 
@@ -483,14 +500,14 @@ class Store:
         key_id = rows[0][0] if rows else None
         if sealed and self._sealer is None:
             raise ConfigError(
-                f"the env values in {self.path} are encrypted: set [store] secret_key or "
+                f"the env values in {self.where} are encrypted: set [store] secret_key or "
                 "$VALRUN_SECRET_KEY to the key they were sealed with"
             )
         if self._sealer is None:
             return
         if sealed and key_id != self._sealer.key_id:
             raise ConfigError(
-                f"the secret key is not the one the env values in {self.path} were sealed "
+                f"the secret key is not the one the env values in {self.where} were sealed "
                 "with; to change keys, run `valrun rotate-key` with the old key set and the "
                 "new one in $VALRUN_NEW_SECRET_KEY"
             )
@@ -575,11 +592,13 @@ class Store:
                     )
                     buckets.add((None, user_id))
             for val_id, user_id in buckets:
+                # `= ?` or `IS NULL`, never `IS ?`: PostgreSQL's null-safe equality cannot
+                # use the bucket index.
+                where, params = _bucket(val_id, user_id)
                 self._db.execute(
-                    "DELETE FROM runs WHERE val_id IS ? AND user_id IS ? AND id <= ("
-                    "  SELECT id FROM runs WHERE val_id IS ? AND user_id IS ? "
-                    "  ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                    (val_id, user_id, val_id, user_id, keep),
+                    f"DELETE FROM runs WHERE {where} AND id <= ("
+                    f"  SELECT id FROM runs WHERE {where} ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    (*params, *params, keep),
                 )
             if max_bytes is not None:
                 self._trim_runs_to(max_bytes)
@@ -588,13 +607,14 @@ class Store:
         (total,) = self._db.execute("SELECT coalesce(sum(bytes), 0) FROM runs").fetchone()
         if total <= max_bytes:
             return
-        # Down to 90 %, so a store at its ceiling is not trimmed on every batch.
-        excess, last = total - max_bytes * 9 // 10, None
-        for run_id, size in self._db.execute("SELECT id, bytes FROM runs ORDER BY id"):
-            excess -= size
-            last = run_id
-            if excess <= 0:
-                break
+        # Down to 90 %, so a store at its ceiling is not trimmed on every batch: the oldest
+        # records up to the first whose running total reaches the excess.
+        excess = total - max_bytes * 9 // 10
+        (last,) = self._db.execute(
+            "SELECT id FROM (SELECT id, SUM(bytes) OVER (ORDER BY id) AS upto FROM runs) AS r "
+            "WHERE upto >= ? ORDER BY id LIMIT 1",
+            (excess,),
+        ).fetchone()
         self._db.execute("DELETE FROM runs WHERE id <= ?", (last,))
 
     def _user_id(self, name: str) -> int | None:
@@ -775,6 +795,15 @@ class Store:
         )
 
 
+def _bucket(val_id: int | None, user_id: int | None) -> tuple[str, tuple[int, ...]]:
+    """The WHERE clause of one bucket of records, and its parameters."""
+    if val_id is not None:
+        return "val_id = ? AND user_id IS NULL", (val_id,)
+    if user_id is not None:
+        return "val_id IS NULL AND user_id = ?", (user_id,)
+    return "val_id IS NULL AND user_id IS NULL", ()
+
+
 def _record(row: tuple[Any, ...]) -> Record:
     (val_id, owner, source, version, started_at, duration_ms, status, log) = row[:8]
     (error_type, error_message, traceback, method, path, run_id, fetches) = row[8:]
@@ -884,6 +913,9 @@ class AsyncStore:
                 raise
             self.write_failure = (trio.current_time(), str(error))
             raise error from exc
+        except (StorageFullError, StoreUnavailableError) as exc:  # PostgreSQL's (runtime.pgdb)
+            self.write_failure = (trio.current_time(), str(exc))
+            raise
         finally:
             if method in self.INVALIDATES:
                 self._generation += 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
-from pathlib import Path
 from typing import cast
 
 import pytest
@@ -20,10 +19,10 @@ CODE = "def hello(req):\n    return {}"
 Seen = list[tuple[str, str | None, int | None]]
 
 
-@pytest.fixture(params=["sqlite"])
-def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Where the store lives: an SQLite file, or a PostgreSQL database."""
-    return str(tmp_path / "shared.db")
+@pytest.fixture
+def location(store_location: str) -> str:
+    """Where the shared store lives: an SQLite file, then a PostgreSQL database."""
+    return store_location
 
 
 @pytest.fixture
