@@ -23,7 +23,7 @@ from pathlib import Path
 
 import trio
 
-from runtime import backup, client, dblock, pgdb
+from runtime import backup, client, dblock, pgdb, storecopy
 from runtime.config import (
     SECRET_KEY_ENV,
     Config,
@@ -180,6 +180,16 @@ def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_copy(config: Config, args: argparse.Namespace) -> int:
+    if config.store.postgres:
+        raise SystemExit("valrun: store copy copies an SQLite store; [store] url is PostgreSQL")
+    counts = storecopy.copy_store(config.store.sqlite_path, args.to, config.store.secret_key)
+    copied = ", ".join(f"{n} {table}" for table, n in counts.items())
+    print(f"copied {config.store.sqlite_path} to {redact(args.to)}: {copied}")
+    print("Now set [store] url to that URL (and [storage] data_dir) and start valrun.")
+    return 0
+
+
 def _options(*, api: bool) -> argparse.ArgumentParser:
     """The options every command takes, before or after its verb. SUPPRESS: an option given
     before the verb is not reset by the subcommand's parser when it is not repeated there."""
@@ -277,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--decrypt", action="store_true", help="store the env values plain (no new key)"
     )
     rotate.set_defaults(func=cmd_rotate_key)
+    store = commands.add_parser("store", parents=store_options, help="the store itself")
+    store_commands = store.add_subparsers(dest="store_command", required=True)
+    copy = store_commands.add_parser(
+        "copy",
+        parents=store_options,
+        help="copy this SQLite store into an empty PostgreSQL database (service stopped)",
+    )
+    copy.add_argument("--to", required=True, metavar="URL", help="postgresql://...")
+    copy.set_defaults(func=cmd_store_copy)
 
     val = commands.add_parser("val", parents=api_options, help="vals, through the API")
     val_commands = val.add_subparsers(dest="val_command", required=True)

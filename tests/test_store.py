@@ -352,3 +352,42 @@ async def test_rotate_key_on_postgres_waits_for_no_node_serving(
     assert done.returncode == 0, done.stderr
     with closing(Store(pg_url, secret_key=OTHER_KEY)) as store:
         assert store.env("alice") == {"K": "v"}
+
+
+async def test_store_copy_moves_an_sqlite_store_to_postgres_whole(
+    pg_url: str, tmp_path: Path
+) -> None:
+    source = tmp_path / "old.db"
+    with closing(Store(source, secret_key=KEY)) as old:
+        token = old.create_user("alice")
+        revoked = old.create_token("alice")
+        old.revoke_token(old.tokens("alice")[1].id)
+        val, _ = old.put_val("alice", "hello", code(1), "unlisted")
+        old.put_val("alice", "hello", code(2), None)
+        old.put_val("alice", "hello", code(3), None)
+        old.delete_version("alice", "hello", 2)
+        gone, _ = old.put_val("alice", "gone", code(1), None)
+        old.delete_val("alice", "gone")
+        old.set_env("alice", "K", "sealed value")
+        old.add_records([record(val.val_id, "alice", "log\0line")], keep=5)
+        old.put_schedule(val.val_id, Schedule("cron", "*/5 * * * *", "Europe/Paris"), 0.0, 5)
+        before = (old.versions("alice", "hello"), old.schedule_of(val.val_id))
+    config = tmp_path / "valrun.toml"
+    config.write_text(f'[store]\nurl = "sqlite:///{source}"\n')
+    args = ("--config", str(config), "store", "copy", "--to", pg_url)
+    done = await cli(*args, cwd=tmp_path, env={"VALRUN_SECRET_KEY": KEY})
+    assert done.returncode == 0, done.stderr
+    assert b"2 tokens" in done.stdout
+    with closing(Store(pg_url, secret_key=KEY)) as new:
+        assert (new.versions("alice", "hello"), new.schedule_of(val.val_id)) == before
+        assert new.env("alice") == {"K": "sealed value"}
+        assert (new.user_for_token(token) or new.user("nobody")).name == "alice"
+        assert new.user_for_token(revoked) is None
+        (copied,) = new.records(before[0][0], 5)
+        assert copied.log == "log\ufffdline"
+        again, _ = new.put_val("alice", "gone", code(1), None)
+        assert again.val_id > gone.val_id  # the identities continue past the copied ids
+        new.create_user("bob")
+    refused = await cli(*args, cwd=tmp_path, env={"VALRUN_SECRET_KEY": KEY})
+    assert refused.returncode != 0
+    assert b"already holds users" in refused.stderr
