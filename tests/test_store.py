@@ -405,3 +405,11 @@ def test_store_copy_in_process_counts_rows_and_wants_a_postgres_target(
         copy_store(source, str(tmp_path / "other.db"))
     counts = copy_store(source, pg_url)
     assert (counts["users"], counts["tokens"], counts["vals"], counts["runs"]) == (1, 1, 1, 0)
+
+
+async def test_config_check_names_a_postgres_store_without_its_password(tmp_path: Path) -> None:
+    config = pg_config(tmp_path, "postgresql://valrun:hunter2@db.internal:5432/valrun")
+    done = await cli("--config", str(config), "config", "check", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert b"hunter2" not in done.stdout
+    assert b"postgresql://valrun:***@db.internal:5432/valrun" in done.stdout
