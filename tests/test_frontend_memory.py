@@ -37,11 +37,13 @@ def peak_of(action: Callable[[], object]) -> int:
 def statements(store: Store) -> Iterator[list[str]]:
     """Every SQL statement `store` runs inside the block."""
     seen: list[str] = []
-    store._db.set_trace_callback(seen.append)  # the test watches the SQL
+    db = store._db
+    assert isinstance(db, sqlite3.Connection)  # these tests watch a SQLite store's SQL
+    db.set_trace_callback(seen.append)
     try:
         yield seen
     finally:
-        store._db.set_trace_callback(None)
+        db.set_trace_callback(None)
 
 
 # --- cached resolutions --------------------------------------------------------------------

@@ -5,7 +5,8 @@ load message is refused at write, and one stored too large is a clear error, not
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import closing
 
 import pytest
 import trio
@@ -21,11 +22,17 @@ from tests.helpers import HELLO, StartService, assert_json_error
 SMALL = QuotasConfig(max_vals=3, max_versions_per_val=2, max_env_keys=3, max_env_bytes=1000)
 
 
-def make(tmp_path: Path) -> Store:
-    store = Store(tmp_path / "q.db")
+def make(location: str) -> Store:
+    store = Store(location)
     store.create_user("alice")
     store.create_user("bob")
     return store
+
+
+@pytest.fixture
+def store(store_location: str) -> Iterator[Store]:
+    with closing(make(store_location)) as store:
+        yield store
 
 
 def test_quotas_are_read_from_their_section_and_checked() -> None:
@@ -39,8 +46,7 @@ def test_quotas_are_read_from_their_section_and_checked() -> None:
         parse_config({"quotas": {"max_bytes": 1}})
 
 
-def test_a_new_val_beyond_max_vals_is_refused_and_a_new_version_is_not(tmp_path: Path) -> None:
-    store = make(tmp_path)
+def test_a_new_val_beyond_max_vals_is_refused_and_a_new_version_is_not(store: Store) -> None:
     for name in ("a", "b", "c"):
         store.put_val("alice", name, "x = 1", None, SMALL)
     with pytest.raises(QuotaError) as refused:
@@ -56,8 +62,7 @@ def test_a_new_val_beyond_max_vals_is_refused_and_a_new_version_is_not(tmp_path:
     store.put_val("alice", "d", "x = 1", None, SMALL)
 
 
-def test_versions_beyond_the_quota_drop_the_oldest_and_keep_the_latest(tmp_path: Path) -> None:
-    store = make(tmp_path)
+def test_versions_beyond_the_quota_drop_the_oldest_and_keep_the_latest(store: Store) -> None:
     for n in range(1, 6):
         saved, _ = store.put_val("alice", "v", f"x = {n}", None, SMALL)
         assert saved.version == n  # numbers are never handed out again
@@ -68,8 +73,7 @@ def test_versions_beyond_the_quota_drop_the_oldest_and_keep_the_latest(tmp_path:
     assert latest.code == "x = 5"
 
 
-def test_env_keys_and_bytes_are_refused_beyond_their_quotas(tmp_path: Path) -> None:
-    store = make(tmp_path)
+def test_env_keys_and_bytes_are_refused_beyond_their_quotas(store: Store) -> None:
     for key in ("A", "B", "C"):
         store.set_env("alice", key, "v", SMALL)
     with pytest.raises(QuotaError) as refused:
@@ -93,10 +97,9 @@ def test_env_keys_and_bytes_are_refused_beyond_their_quotas(tmp_path: Path) -> N
     ids=["nul", "quote", "backslash", "surrogate"],
 )
 def test_an_env_that_would_not_fit_in_a_load_frame_is_refused_whatever_the_quota(
-    tmp_path: Path, value: str
+    store: Store, value: str
 ) -> None:
     generous = QuotasConfig(max_env_bytes=100 * 1024 * 1024)
-    store = make(tmp_path)
     with pytest.raises(QuotaError) as refused:
         store.set_env("alice", "BIG", value, generous)
     assert refused.value.quota == "load_message_bytes"
@@ -118,9 +121,9 @@ def test_the_wire_check_measures_what_a_load_would_carry() -> None:
         check_env({"K": "\x01" * (room // 6 + 1)}, generous, limits)
 
 
-async def test_concurrent_saves_cannot_pass_max_vals(tmp_path: Path) -> None:
-    make(tmp_path).close()
-    stores = [AsyncStore(Store(tmp_path / "q.db")) for _ in range(4)]  # four connections
+async def test_concurrent_saves_cannot_pass_max_vals(store_location: str) -> None:
+    make(store_location).close()
+    stores = [AsyncStore(Store(store_location)) for _ in range(4)]  # four connections
     outcomes: list[str] = []
 
     async def save(i: int) -> None:
@@ -130,12 +133,16 @@ async def test_concurrent_saves_cannot_pass_max_vals(tmp_path: Path) -> None:
         except QuotaError:
             outcomes.append("refused")
 
-    async with trio.open_nursery() as nursery:
-        for i in range(12):
-            nursery.start_soon(save, i)
-    assert outcomes.count("saved") == 3
-    assert outcomes.count("refused") == 9
-    assert len(stores[0].store.list_vals("alice", ("public",))) == 3
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(12):
+                nursery.start_soon(save, i)
+        assert outcomes.count("saved") == 3
+        assert outcomes.count("refused") == 9
+        assert len(stores[0].store.list_vals("alice", ("public",))) == 3
+    finally:
+        for each in stores:
+            each.store.close()
 
 
 async def test_quota_errors_over_http_name_the_quota_and_the_limit(
