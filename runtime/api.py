@@ -6,6 +6,7 @@ decided with `runtime.auth`.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
@@ -132,6 +133,9 @@ class Api:
                 "isolation": isolation,
                 "workers": self.pool.gauges(),
                 "log_followers": self.followers.waiting,
+                # Which front-end process answered: with server.processes > 1 each has its own
+                # pool, so these figures are that process's (docs/deploy.md §3).
+                "process": os.getpid(),
             },
             503 if problems else 200,
         )

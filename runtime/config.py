@@ -24,6 +24,8 @@ from sandbox.wire import DEFAULT_MAX_BODY_BYTES
 MIB = 1024 * 1024
 MIN_SECRET_KEY_CHARS = 32
 SECRET_KEY_ENV = "VALRUN_SECRET_KEY"
+#: More front-end processes than this is a typo, not a machine.
+MAX_PROCESSES = 256
 
 
 def check_bind(address: str) -> None:
@@ -67,8 +69,13 @@ class ServerConfig:
     #: Connections the kernel queues before they are accepted (listen(2)); a burst beyond
     #: it waits a second for the client's SYN retry. Capped by net.core.somaxconn.
     backlog: int = 4096
+    #: Front-end processes serving the listening sockets, each with its own worker pool,
+    #: fork servers and store connections (docs/deploy.md §3). 1: one process, no supervisor.
+    processes: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
 
     def __post_init__(self) -> None:
+        if type(self.processes) is not int or not 1 <= self.processes <= MAX_PROCESSES:
+            raise ConfigError(f"server.processes must be a whole number from 1 to {MAX_PROCESSES}")
         if self.forwarded_header not in ("x-forwarded-for", "forwarded"):
             raise ConfigError("server.forwarded_header must be 'x-forwarded-for' or 'forwarded'")
         for proxy in self.trusted_proxies:

@@ -49,13 +49,15 @@ class LiveValrun:
         return children(self.fork_server_pid())
 
 
-def write_config(tmp_path: Path, extra: str = "") -> Path:
+def write_config(tmp_path: Path, extra: str = "", *, processes: int = 1) -> Path:
+    """`processes`: 1 unless a test is about several (one front end, whose children these
+    tests inspect, is what most of them mean)."""
     config = tmp_path / "valrun.toml"
     # One shared fork server: these tests kill, stop and limit *the* fork server by its pid
     # (per-user fork servers are tested in tests/test_attacks_tenants.py).
     config.write_text(
         f'[store]\nurl = "sqlite:///{tmp_path / "valrun.db"}"\n'
-        "[server]\nshutdown_timeout_s = 10.0\n"
+        f"[server]\nshutdown_timeout_s = 10.0\nprocesses = {processes}\n"
         "[sandbox]\nfork_server_per_user = false\n" + extra
     )
     return config
@@ -66,17 +68,24 @@ def cli_command(config: Path, *args: str) -> list[str]:
 
 
 async def start_live(
-    nursery: trio.Nursery, tmp_path: Path, extra_config: str = "", *, tmpdir: Path | None = None
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    extra_config: str = "",
+    *,
+    tmpdir: Path | None = None,
+    processes: int = 1,
+    bind: str = "127.0.0.1:0",
 ) -> LiveValrun:
-    """`tmpdir`: the front end's temporary folder (TMPDIR), where its workers' directory goes."""
-    config = write_config(tmp_path, extra_config)
+    """`tmpdir`: the front end's temporary folder (TMPDIR), where its workers' directory goes.
+    With `processes` > 1 the process is the supervisor and its children the front ends."""
+    config = write_config(tmp_path, extra_config, processes=processes)
     store = Store(tmp_path / "valrun.db")
     exists = store.user_exists("alice")
     token = store.create_token("alice") if exists else store.create_user("alice")
     store.close()
     env = {**os.environ, **({"TMPDIR": str(tmpdir)} if tmpdir is not None else {})}
     process = await trio.lowlevel.open_process(
-        cli_command(config, "serve", "--bind", "127.0.0.1:0"),
+        cli_command(config, "serve", "--bind", bind),
         stderr=subprocess.PIPE,
         cwd=tmp_path,
         env=env,
@@ -132,6 +141,12 @@ def children(pid: int) -> list[int]:
         except FileNotFoundError:
             continue
     return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: children, theirs, and so on."""
+    found = children(pid)
+    return found + [d for child in found for d in descendants(child)]
 
 
 def _net(pid: int) -> str | None:

@@ -1,0 +1,286 @@
+"""`[server] processes = N`: one supervisor, N front-end processes on its sockets
+(runtime/processes.py), with real processes, real sockets and real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from runtime import processes
+from runtime.config import Config, ServerConfig, StoreConfig
+from runtime.errors import StartupError
+from runtime.processes import Supervisor, bind_sockets, serve_processes
+from runtime.store import Store
+from tests.helpers import TEST_LIMITS, python
+from tests.live import (
+    LiveValrun,
+    alive,
+    children,
+    cli_command,
+    descendants,
+    put_val,
+    start_live,
+    write_config,
+)
+
+
+#: A new connection for every request: which process accepts it is the kernel's choice each
+#: time, and a connection kept alive to a killed process would only show the kill.
+def fresh_client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_keepalive_connections=0))
+
+
+SLOW = "import time\ndef slow(req):\n    time.sleep(1.5)\n    return 'done'\n"
+
+
+async def answered_by(client: httpx.AsyncClient, base_url: str) -> int:
+    """The pid of the front-end process that answered a fresh connection's /healthz."""
+    response = await client.get(
+        f"{base_url}/healthz", headers={"host": "api.localhost", "connection": "close"}
+    )
+    assert response.status_code == 200, response.text
+    return int(response.json()["process"])
+
+
+async def wait_for(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    with trio.fail_after(timeout_s):
+        while not condition():
+            await trio.sleep(0.05)
+
+
+def front_ends(live: LiveValrun) -> list[int]:
+    """The supervisor's children that are running (a killed one may linger as a zombie)."""
+    return [pid for pid in children(live.process.pid) if alive(pid)]
+
+
+async def test_every_child_serves_on_the_one_port(nursery: trio.Nursery, tmp_path: Path) -> None:
+    live = await start_live(nursery, tmp_path, processes=2)
+    first, second = front_ends(live)
+    async with fresh_client() as client:
+        # With one child stopped, the other takes every connection: each in turn.
+        for stopped, serving in ((first, second), (second, first)):
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                for _ in range(3):
+                    assert await answered_by(client, live.base_url) == serving
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+    await stop(live)
+
+
+async def stop(live: LiveValrun) -> None:
+    """SIGTERM, as an operator stops it: a clean exit."""
+    live.process.terminate()
+    with trio.fail_after(60):
+        assert await live.process.wait() == 0
+
+
+async def test_a_killed_child_is_replaced_while_the_other_answers(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    live = await start_live(nursery, tmp_path, processes=2)
+    victim, survivor = front_ends(live)
+    victims_fork_servers = children(victim)
+    async with fresh_client() as client:
+        await put_val(client, live, "hello", "def hello(req):\n    return 'hi'\n")
+        os.kill(victim, signal.SIGKILL)
+        # Every request meanwhile is answered: by the survivor, then by either.
+        with trio.fail_after(60):
+            while len(pids := front_ends(live)) < 2 or victim in pids:
+                response = await client.get(live.base_url, headers=live.web_headers("hello"))
+                assert response.status_code == 200, response.text
+                await trio.sleep(0.05)
+        (replacement,) = set(pids) - {survivor}
+        os.kill(survivor, signal.SIGSTOP)
+        try:
+            with trio.fail_after(30):
+                assert await answered_by(client, live.base_url) == replacement
+                response = await client.get(live.base_url, headers=live.web_headers("hello"))
+                assert response.text == "hi"
+        finally:
+            os.kill(survivor, signal.SIGCONT)
+    # The dead front end's fork server and workers went with it.
+    await wait_for(lambda: not any(alive(pid) for pid in victims_fork_servers))
+    assert any("exited with status -9" in line for line in live.stderr)
+    await stop(live)
+
+
+async def test_sigterm_finishes_requests_then_stops_every_process(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    live = await start_live(nursery, tmp_path, processes=2)
+    async with fresh_client() as client:
+        await put_val(client, live, "slow", SLOW)
+        for _ in range(2):  # workers in both front ends, most likely
+            await client.get(live.base_url, headers=live.web_headers("slow"))
+        everything = descendants(live.process.pid)
+        assert len(everything) >= 4  # two front ends, their fork servers, workers
+        in_flight: list[httpx.Response] = []
+
+        async def slow_request() -> None:
+            in_flight.append(await client.get(live.base_url, headers=live.web_headers("slow")))
+
+        async with trio.open_nursery() as requests:
+            for _ in range(2):
+                requests.start_soon(slow_request)
+            await trio.sleep(0.5)  # sent; each takes 1.5 s to answer
+            live.process.send_signal(signal.SIGTERM)
+    assert [r.status_code for r in in_flight] == [200, 200]
+    assert [r.text for r in in_flight] == ["done", "done"]
+    with trio.fail_after(60):
+        assert await live.process.wait() == 0
+    await wait_for(lambda: not any(alive(pid) for pid in everything))
+
+
+async def test_children_stop_when_the_supervisor_is_killed(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    live = await start_live(nursery, tmp_path, processes=2)
+    everything = descendants(live.process.pid)
+    live.process.kill()
+    with trio.fail_after(30):
+        await live.process.wait()
+    await wait_for(lambda: not any(alive(pid) for pid in everything))
+
+
+@pytest.mark.parametrize("second_processes", [1, 2])
+async def test_a_second_valrun_on_the_port_is_refused(
+    nursery: trio.Nursery, tmp_path: Path, second_processes: int
+) -> None:
+    for folder in ("first", "second"):
+        (tmp_path / folder).mkdir()
+    live = await start_live(nursery, tmp_path / "first", processes=2)
+    config = write_config(tmp_path / "second", processes=second_processes)
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            cli_command(config, "serve", "--bind", f"127.0.0.1:{live.port}"),
+            capture_stderr=True,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert b"the address is already in use" in done.stderr
+    async with fresh_client() as client:
+        await answered_by(client, live.base_url)  # the first one is untouched
+    await stop(live)
+
+
+# The supervisor in this process, its children real (under coverage when this run is).
+
+
+def config_for(tmp_path: Path, processes_n: int, shutdown_timeout_s: float = 10.0) -> Config:
+    db_path = tmp_path / "valrun.db"
+    Store(db_path).close()
+    return Config(
+        server=ServerConfig(
+            bind=("127.0.0.1:0",), processes=processes_n, shutdown_timeout_s=shutdown_timeout_s
+        ),
+        store=StoreConfig(url=f"sqlite:///{db_path}"),
+        limits=TEST_LIMITS,
+    )
+
+
+async def test_supervisor_in_process_serves_restarts_and_stops(tmp_path: Path) -> None:
+    config = config_for(tmp_path, 2)
+    supervisor = Supervisor(config, bind_sockets(config), [*python(), "-m", "runtime.processes"])
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery, fresh_client() as client:
+        with trio.fail_after(60):
+            (url,) = await nursery.start(
+                lambda task_status: serve_processes(
+                    supervisor, shutdown_trigger=stop.wait, task_status=task_status
+                )
+            )
+        first = supervisor.pids()
+        assert len(first) == 2
+        assert await answered_by(client, url) in first
+        os.kill(first[0], signal.SIGTERM)  # a child that stops on its own is replaced too
+        await wait_for(lambda: len(supervisor.pids()) == 2 and first[0] not in supervisor.pids())
+        assert supervisor.children[0].restarts == 1
+        everything = [d for pid in supervisor.pids() for d in [pid, *descendants(pid)]]
+        stop.set()
+    assert supervisor.pids() == []
+    await wait_for(lambda: not any(alive(pid) for pid in everything))
+    assert all(sock.fileno() == -1 for sock in supervisor.sockets)  # closed
+
+
+def fake_child(code: str) -> list[str]:
+    """A child that speaks only the supervisor's side of the protocol: `ready`, then `code`."""
+    return [sys.executable, "-c", "import os, signal, sys, time\n" + code]
+
+
+async def test_a_child_that_fails_before_it_is_ready_fails_the_start(tmp_path: Path) -> None:
+    config = config_for(tmp_path, 2)
+    ready_then_wait = "os.write(1, b'ready\\n')\ntime.sleep(60)\n"
+    fails = "sys.exit(3) if sys.argv[1] == '1' else None\n" + ready_then_wait
+    supervisor = Supervisor(config, bind_sockets(config), fake_child(fails))
+    with trio.fail_after(30), pytest.raises(StartupError, match="process 1 exited with status 3"):
+        await serve_processes(supervisor, shutdown_trigger=trio.sleep_forever)
+    assert supervisor.pids() == []  # the one that was ready was stopped
+
+
+async def test_a_child_that_dies_at_once_is_restarted_with_growing_pauses(
+    tmp_path: Path,
+) -> None:
+    config = config_for(tmp_path, 1)
+    supervisor = Supervisor(config, bind_sockets(config), fake_child("os.write(1, b'ready\\n')\n"))
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        started = time.monotonic()
+        await nursery.start(
+            lambda task_status: serve_processes(
+                supervisor, shutdown_trigger=stop.wait, task_status=task_status
+            )
+        )
+        await wait_for(lambda: supervisor.children[0].restarts >= 3)
+        # Three restarts waited 0.5 + 1 + 2 s: a child that cannot live does not spin.
+        assert time.monotonic() - started >= 3.5
+        assert supervisor.children[0].backoff_s == 4.0
+        stop.set()
+
+
+async def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = config_for(tmp_path, 1, shutdown_timeout_s=0.0)
+    stubborn = "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nos.write(1, b'ready\\n')\n"
+    supervisor = Supervisor(config, bind_sockets(config), fake_child(stubborn + "time.sleep(60)"))
+    supervisor.kill_after_s = 0.5
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: serve_processes(
+                supervisor, shutdown_trigger=stop.wait, task_status=task_status
+            )
+        )
+        (pid,) = supervisor.pids()
+        stop.set()
+    await wait_for(lambda: not alive(pid))
+
+
+def test_bind_refuses_a_port_another_socket_listens_on(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = config_for(tmp_path, 2)
+        config = Config(
+            server=ServerConfig(bind=(f"127.0.0.1:{port}",), processes=2), store=config.store
+        )
+        with pytest.raises(OSError, match="Address already in use"):
+            bind_sockets(config)
+
+
+def test_a_child_refuses_to_bind_a_port_of_its_own() -> None:
+    done = subprocess.run(
+        [*processes.CHILD_COMMAND, "0"], input=b"{}\n", capture_output=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert b"serves only sockets its supervisor passes" in done.stderr
