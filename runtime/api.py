@@ -126,9 +126,10 @@ class Api:
             **self.pool.isolation,
         }
         problems = await self.health.problems()
+        status = "draining" if self.health.draining else "degraded" if problems else "ok"
         return HTTPResponse.json(
             {
-                "status": "degraded" if problems else "ok",
+                "status": status,
                 **({"problems": problems} if problems else {}),
                 "isolation": isolation,
                 "workers": self.pool.gauges(),
@@ -137,7 +138,7 @@ class Api:
                 # pool, so these figures are that process's (docs/deploy.md §3).
                 "process": os.getpid(),
             },
-            503 if problems else 200,
+            200 if status == "ok" else 503,
         )
 
     async def serve_metrics(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:

@@ -36,7 +36,7 @@ from runtime.config import (
 )
 from runtime.demo import seed_demo
 from runtime.errors import StartupError, ValrunError
-from runtime.processes import bind_sockets, serve_processes_until_signalled
+from runtime.processes import bind_sockets, preflight, serve_processes_until_signalled
 from runtime.sealing import Sealer
 from runtime.server import serve_until_signalled
 from runtime.startup import explain, store_problem
@@ -77,6 +77,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
                 urls = await nursery.start(serve_until_signalled, config)
                 logger.info("valrun is serving on %s", ", ".join(urls))
                 return
+            await trio.to_thread.run_sync(preflight, config)
             sockets = bind_sockets(config)
             urls = await nursery.start(serve_processes_until_signalled, config, sockets)
             logger.info("valrun is serving on %s (%d processes)", ", ".join(urls), processes)

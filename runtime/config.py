@@ -72,6 +72,10 @@ class ServerConfig:
     #: Front-end processes serving the listening sockets, each with its own worker pool,
     #: fork servers and store connections (docs/deploy.md §3). 1: one process, no supervisor.
     processes: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    #: After SIGTERM, /healthz answers 503 "draining" for this long while requests are served
+    #: as usual, so a load balancer's health check takes the node out before it stops
+    #: accepting (docs/deploy.md §4). 0: stop accepting at once.
+    drain_s: float = 0.0
 
     def __post_init__(self) -> None:
         if type(self.processes) is not int or not 1 <= self.processes <= MAX_PROCESSES:
@@ -112,6 +116,8 @@ class ServerConfig:
             raise ConfigError("server.public_scheme must be 'http' or 'https'")
         if not self.shutdown_timeout_s >= 0:
             raise ConfigError("server.shutdown_timeout_s must be zero or more")
+        if not 0 <= self.drain_s <= 600:
+            raise ConfigError("server.drain_s must be from 0 to 600 seconds")
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,8 +45,9 @@ from hypercorn.utils import repr_socket_addr
 
 from runtime.config import Config, parse_config, with_bind
 from runtime.errors import StartupError
+from runtime.isolation import check_required, probe_layers
 from runtime.server import serve_until_signalled
-from runtime.startup import explain
+from runtime.startup import explain, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,18 @@ MAX_BACKOFF_S = 30.0
 #: After a child's own graceful time, how long the supervisor waits before it kills it.
 KILL_AFTER_S = 15.0
 READY = b"ready\n"
+#: A child that cannot start says why on the same pipe, prefixed so: the supervisor's one line.
+FAILED = b"failed "
+#: The longest first line a child sends.
+MAX_LINE_BYTES = 4096
+
+
+def preflight(config: Config) -> None:
+    """What would stop every child, checked once here first: the store is writable and the
+    required sandbox layers exist. Its error is the one line the operator sees, as with one
+    process, and nothing was started."""
+    open_store(config.store.sqlite_path, config.store.secret_key).close()
+    check_required(probe_layers(config.sandbox.worker_uid), config.sandbox)
 
 
 def bind_sockets(config: Config) -> list[socket.socket]:
@@ -171,7 +184,8 @@ class Supervisor:
                 if self.stopping:  # started while stop() was signalling the others
                     process.send_signal(signal.SIGTERM)
                 assert process.stdout is not None
-                if await _read_line(process.stdout) == READY:
+                line = await _read_line(process.stdout)
+                if line == READY:
                     child.ready = True
                     if all(c.ready for c in self.children):
                         self.started.set()
@@ -188,7 +202,15 @@ class Supervisor:
             if self.stopping:
                 return
             if not self.started.is_set():
-                self.failed = f"front-end process {child.index} exited with status {status}"
+                # Its own one-line reason, when it said one; the first child's to fail wins.
+                said = line.removeprefix(FAILED).decode(errors="replace").strip()
+                if self.failed is None:
+                    self.failed = (
+                        said
+                        if line.startswith(FAILED) and said
+                        else f"front-end process {child.index} exited with status {status} "
+                        "before it was ready (its error is above)"
+                    )
                 self.started.set()
                 return
             lived_s = time.monotonic() - child.started_at
@@ -220,8 +242,8 @@ class Supervisor:
 
 async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
     line = b""
-    while not line.endswith(b"\n") and len(line) < len(READY):
-        chunk = await stream.receive_some(len(READY) - len(line))
+    while not line.endswith(b"\n") and len(line) < MAX_LINE_BYTES:
+        chunk = await stream.receive_some(MAX_LINE_BYTES - len(line))
         if not chunk:
             break
         line += chunk
@@ -254,7 +276,7 @@ async def serve_processes(
         await supervisor.stop()
         nursery.cancel_scope.cancel()
     if supervisor.failed is not None:
-        raise StartupError(f"{supervisor.failed} before it was ready (its error is above)")
+        raise StartupError(supervisor.failed)
 
 
 async def serve_processes_until_signalled(
@@ -290,11 +312,12 @@ async def serve_processes_until_signalled(
 # The child: `python -m runtime.processes INDEX`, config on stdin.
 
 
-async def serve_child(config: Config) -> None:
+async def serve_child(config: Config, ready: list[bool]) -> None:
     async with trio.open_nursery() as nursery:
         async with trio.open_nursery() as serving:
             await serving.start(serve_until_signalled, config)
             os.write(1, READY)
+            ready.append(True)
             os.dup2(2, 1)  # nobody reads stdout any more: what is printed goes to the log
             nursery.start_soon(stop_when_orphaned)
         nursery.cancel_scope.cancel()
@@ -322,13 +345,17 @@ def child_main(argv: list[str]) -> int:
             "valrun: runtime.processes serves only sockets its supervisor passes", file=sys.stderr
         )
         return 2
+    ready: list[bool] = []
     try:
-        trio.run(serve_child, config)
+        trio.run(serve_child, config, ready)
     except Exception as exc:
         message = explain(exc, config)
         if message is None:
             raise
-        print(f"valrun: {message}", file=sys.stderr)
+        if ready:
+            print(f"valrun: {message}", file=sys.stderr)
+        else:  # the supervisor says it, once, for all its children
+            os.write(1, FAILED + " ".join(message.split()).encode()[: MAX_LINE_BYTES - 16] + b"\n")
         return 1
     return 0
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,7 @@ from runtime import processes
 from runtime.config import Config, ServerConfig, StoreConfig
 from runtime.errors import StartupError
 from runtime.processes import Supervisor, bind_sockets, serve_processes
+from runtime.server import serve_valrun
 from runtime.store import Store
 from tests.helpers import TEST_LIMITS, python
 from tests.live import (
@@ -213,6 +215,35 @@ async def test_supervisor_in_process_serves_restarts_and_stops(tmp_path: Path) -
     assert all(sock.fileno() == -1 for sock in supervisor.sockets)  # closed
 
 
+async def test_draining_answers_healthz_503_while_requests_are_still_served(
+    tmp_path: Path,
+) -> None:
+    config = config_for(tmp_path, 1)
+    config = replace(config, server=replace(config.server, drain_s=60.0))
+    store = Store(tmp_path / "valrun.db")
+    store.create_user("alice")
+    store.put_val("alice", "hello", "def hello(req):\n    return 'hi'\n", None)
+    store.close()
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery, fresh_client() as client:
+        with trio.fail_after(60):
+            (url,) = await nursery.start(
+                lambda task_status: serve_valrun(
+                    config, shutdown_trigger=stop.wait, task_status=task_status
+                )
+            )
+        health = await client.get(f"{url}/healthz")
+        assert (health.status_code, health.json()["status"]) == (200, "ok")
+        stop.set()
+        with trio.fail_after(30):
+            while (health := await client.get(f"{url}/healthz")).status_code == 200:
+                await trio.sleep(0.05)
+        assert (health.status_code, health.json()["status"]) == (503, "draining")
+        answer = await client.get(url, headers={"host": "alice-hello.web.localhost"})
+        assert (answer.status_code, answer.text) == (200, "hi")
+        nursery.cancel_scope.cancel()
+
+
 def fake_child(code: str) -> list[str]:
     """A child that speaks only the supervisor's side of the protocol: `ready`, then `code`."""
     return [sys.executable, "-c", "import os, signal, sys, time\n" + code]
@@ -226,6 +257,15 @@ async def test_a_child_that_fails_before_it_is_ready_fails_the_start(tmp_path: P
     with trio.fail_after(30), pytest.raises(StartupError, match="process 1 exited with status 3"):
         await serve_processes(supervisor, shutdown_trigger=trio.sleep_forever)
     assert supervisor.pids() == []  # the one that was ready was stopped
+
+
+async def test_the_reason_a_child_gives_is_the_supervisors_one_line(tmp_path: Path) -> None:
+    config = config_for(tmp_path, 2)
+    says = "os.write(1, b'failed the store is on fire\\n')\nsys.exit(1)\n"
+    supervisor = Supervisor(config, bind_sockets(config), fake_child(says))
+    with trio.fail_after(30), pytest.raises(StartupError) as caught:
+        await serve_processes(supervisor, shutdown_trigger=trio.sleep_forever)
+    assert str(caught.value) == "the store is on fire"
 
 
 async def test_a_child_that_dies_at_once_is_restarted_with_growing_pauses(
