@@ -17,9 +17,10 @@ from runtime import dblock
 from runtime.app import App
 from runtime.broker import Broker
 from runtime.config import Config
+from runtime.feed import ChangeListener, follow_changes
 from runtime.fetch import open_fetcher
 from runtime.metrics import Metrics
-from runtime.pool import open_pool
+from runtime.pool import Pool, open_pool
 from runtime.records import open_recorder
 from runtime.scheduler import Scheduler, serve_scheduler
 from runtime.startup import open_store
@@ -55,6 +56,20 @@ def open_storage(config: Config) -> SqliteStorage:
         config.storage, max_value_bytes=min(config.storage.max_value_bytes, max_message)
     )
     return SqliteStorage(storage, data_dir, max_message)
+
+
+def retire_on_change(pool: Pool) -> ChangeListener:
+    """The pool's part of a change made elsewhere: the workers it made stale go."""
+
+    def retire(kind: str, user: str | None, val_id: int | None) -> None:
+        if kind == "val" and val_id is not None:
+            pool.retire(val_id)
+        elif kind == "env" and user is not None:
+            pool.retire_user(user)
+        elif kind == "all":
+            pool.retire_all()
+
+    return retire
 
 
 async def serve_valrun(
@@ -102,6 +117,9 @@ async def serve_valrun(
             ).answer
             app = App(config, async_store, pool, recorder, metrics, storage_api)
             async with trio.open_nursery() as nursery:
+                # What other processes and nodes change reaches this one's caches and pool.
+                async_store.on_change(retire_on_change(pool))
+                await nursery.start(follow_changes, async_store)
                 scheduler: Scheduler | None = None
                 if config.schedule.enabled:
                     scheduler = await nursery.start(
