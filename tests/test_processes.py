@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -173,6 +174,92 @@ async def test_a_second_valrun_on_the_port_is_refused(
     assert b"the address is already in use" in done.stderr
     async with fresh_client() as client:
         await answered_by(client, live.base_url)  # the first one is untouched
+    await stop(live)
+
+
+# What one process changes, every other one sees within a second (runtime/feed.py).
+
+
+@contextlib.contextmanager
+def only(live: LiveValrun, serving: int) -> Iterator[None]:
+    """Every other front end stopped (SIGSTOP): `serving` takes each new connection."""
+    others = [pid for pid in front_ends(live) if pid != serving]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+
+
+async def answers_after(
+    t0: float, ask: Callable[[], Awaitable[str]], samples_after_s: int = 3
+) -> list[tuple[float, str]]:
+    """(seconds after `t0` the request was sent, its answer), until three were sent more
+    than a second after `t0`; how long each took to answer does not matter."""
+    answers: list[tuple[float, str]] = []
+    with trio.fail_after(60):
+        while sum(1 for sent, _ in answers if sent >= 1.0) < samples_after_s:
+            sent = trio.current_time() - t0
+            answers.append((sent, await ask()))
+            await trio.sleep(0.05)
+    return answers
+
+
+async def test_a_save_through_one_process_is_answered_by_the_other_within_a_second(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    live = await start_live(nursery, tmp_path, processes=2)
+    a, b = front_ends(live)
+    version = "def hello(req):\n    return 'v{}'\n"
+    async with fresh_client() as client:
+
+        async def hello() -> str:
+            return (await client.get(live.base_url, headers=live.web_headers("hello"))).text
+
+        await put_val(client, live, "hello", version.format(1))
+        with only(live, b):  # b resolves it and keeps a warm worker of version 1
+            assert await answered_by(client, live.base_url) == b
+            assert await hello() == "v1"
+        with only(live, a):
+            await put_val(client, live, "hello", version.format(2))
+            t0 = trio.current_time()
+        with only(live, b):
+            assert await answered_by(client, live.base_url) == b
+            answers = await answers_after(t0, hello)
+    assert [text for sent, text in answers if sent >= 1.0] == ["v2"] * 3, answers
+    await stop(live)
+
+
+async def test_a_revoked_token_is_refused_by_every_process_within_a_second(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    live = await start_live(nursery, tmp_path, processes=2)
+    store = Store(tmp_path / "valrun.db")
+    token = store.create_token("alice")
+    (token_id,) = [t.id for t in store.tokens("alice") if t.revoked_at is None][-1:]
+    store.close()
+    headers = {"host": "api.localhost", "authorization": f"Bearer {token}"}
+    async with fresh_client() as client:
+
+        async def me() -> str:
+            return str((await client.get(f"{live.base_url}/v1/me", headers=headers)).status_code)
+
+        for pid in front_ends(live):
+            with only(live, pid):
+                assert await me() == "200"
+        # The operator revokes it on the machine, as `valrun token revoke` does.
+        with trio.fail_after(60):
+            await trio.run_process(
+                cli_command(tmp_path / "valrun.toml", "token", "revoke", str(token_id)),
+                capture_stdout=True,
+            )
+        t0 = trio.current_time()
+        for pid in front_ends(live):
+            with only(live, pid):
+                answers = await answers_after(t0, me)
+            assert [code for sent, code in answers if sent >= 1.0][-3:] == ["401"] * 3, answers
     await stop(live)
 
 
