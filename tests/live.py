@@ -49,15 +49,18 @@ class LiveValrun:
         return children(self.fork_server_pid())
 
 
-def write_config(tmp_path: Path, extra: str = "", *, processes: int = 1) -> Path:
+def write_config(
+    tmp_path: Path, extra: str = "", *, processes: int = 1, db: Path | None = None, server: str = ""
+) -> Path:
     """`processes`: 1 unless a test is about several (one front end, whose children these
-    tests inspect, is what most of them mean)."""
+    tests inspect, is what most of them mean). `db`: a store shared with other nodes (else
+    one in `tmp_path`); `server`: more lines of [server]."""
     config = tmp_path / "valrun.toml"
     # One shared fork server: these tests kill, stop and limit *the* fork server by its pid
     # (per-user fork servers are tested in tests/test_attacks_tenants.py).
     config.write_text(
-        f'[store]\nurl = "sqlite:///{tmp_path / "valrun.db"}"\n'
-        f"[server]\nshutdown_timeout_s = 10.0\nprocesses = {processes}\n"
+        f'[store]\nurl = "sqlite:///{db or tmp_path / "valrun.db"}"\n'
+        f"[server]\nshutdown_timeout_s = 10.0\nprocesses = {processes}\n{server}"
         "[sandbox]\nfork_server_per_user = false\n" + extra
     )
     return config
@@ -75,11 +78,14 @@ async def start_live(
     tmpdir: Path | None = None,
     processes: int = 1,
     bind: str = "127.0.0.1:0",
+    db: Path | None = None,
+    server: str = "",
 ) -> LiveValrun:
     """`tmpdir`: the front end's temporary folder (TMPDIR), where its workers' directory goes.
-    With `processes` > 1 the process is the supervisor and its children the front ends."""
-    config = write_config(tmp_path, extra_config, processes=processes)
-    store = Store(tmp_path / "valrun.db")
+    With `processes` > 1 the process is the supervisor and its children the front ends.
+    `db` and `server`: as `write_config` has them."""
+    config = write_config(tmp_path, extra_config, processes=processes, db=db, server=server)
+    store = Store(db or tmp_path / "valrun.db")
     exists = store.user_exists("alice")
     token = store.create_token("alice") if exists else store.create_user("alice")
     store.close()
