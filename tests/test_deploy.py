@@ -267,6 +267,8 @@ async def test_nginx_sends_everything_to_the_other_node_after_one_is_killed(
     before = [(what, s) for sent, what, s in load.results if sent <= killed_at[0]]
     assert all(s in (200, 201) or what == "save" for what, s in before), before
     await check_saves(load, survivor)
+    # nginx met the dead node and went on to the other one.
+    assert "Connection refused" in (tmp_path / "nginx" / "error.log").read_text()
     # The killed node's fork server and workers went with it.
     with trio.fail_after(30):
         while any(alive(pid) for pid in victims):
