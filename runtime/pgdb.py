@@ -32,7 +32,8 @@ import psycopg
 import psycopg.errors
 from psycopg import pq
 
-from runtime.errors import InvalidError, StorageFullError, StoreUnavailableError, ValrunError
+from runtime.dblock import InUseError
+from runtime.errors import InvalidError, StorageFullError, StoreUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +48,11 @@ CHANNEL = "valrun_changes"
 CONNECT_TIMEOUT_S = 10
 
 
-class InUseError(ValrunError):
-    pass
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def is_postgres(location: str) -> bool:
-    return location.startswith(("postgresql://", "postgres://"))
+    return location.startswith(POSTGRES_SCHEMES)
 
 
 def redact(url: str) -> str:

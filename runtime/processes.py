@@ -68,7 +68,7 @@ def preflight(config: Config) -> None:
     """What would stop every child, checked once here first: the store is writable and the
     required sandbox layers exist. Its error is the one line the operator sees, as with one
     process, and nothing was started."""
-    open_store(config.store.sqlite_path, config.store.secret_key).close()
+    open_store(config.store.location, config.store.secret_key).close()
     check_required(probe_layers(config.sandbox.worker_uid), config.sandbox)
 
 

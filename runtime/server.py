@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import replace
 
 import trio
@@ -48,7 +48,7 @@ def hypercorn_config(config: Config) -> HypercornConfig:
 
 
 def open_storage(config: Config) -> SqliteStorage:
-    data_dir = config.storage.data_path(config.store.sqlite_path)
+    data_dir = config.storage.data_path(config.store.location)
     # A value or a SQL result travels to the worker in one frame, and the worker reads at
     # most the response cap (the wire's own limit is 8 MiB).
     max_message = min(config.limits.max_response_body_bytes, DEFAULT_MAX_BODY_BYTES)
@@ -83,10 +83,11 @@ async def serve_valrun(
     # checks and val lookups that requests wait on; SQLite's WAL lets those read meanwhile.
     # A third for the scheduler: its claims and leases never queue behind either.
     metrics = Metrics()
-    db, key = config.store.sqlite_path, config.store.secret_key
+    db, key = config.store.location, config.store.secret_key
     with (
-        # Shared: restore and rotate-key refuse to run under a serving valrun.
-        dblock.hold(db, exclusive=False, what="serve"),
+        # Shared: restore and rotate-key refuse to run under a serving valrun. (PostgreSQL:
+        # the change feed's connection holds the same as an advisory lock, runtime/pgdb.py.)
+        nullcontext() if config.store.postgres else dblock.hold(db, exclusive=False, what="serve"),
         # The first connection proves the file usable and writable (startup.open_store); the
         # others open what it just migrated and wrote.
         closing(open_store(db, key)) as store,

@@ -1,6 +1,8 @@
 """The store: users, token hashes, vals, immutable versions, env, invocation records.
-SQLite in WAL mode; the schema and its migrations are in `runtime.schema`; env values are
-sealed at rest when a secret key is given (`runtime.sealing`).
+SQLite in WAL mode, or PostgreSQL through `runtime.pgdb` (docs/store.md): one SQL for both;
+the schema and its migrations are in `runtime.schema`; env values are sealed at rest when a
+secret key is given (`runtime.sealing`); writes that change what front ends cache append to
+the change feed (`runtime.feed`).
 
 `Store` is plain synchronous SQL (the CLI uses it directly). The front end goes through
 `AsyncStore.call(Store.method, ...)`, which makes the call in a worker thread so a slow disk
@@ -650,8 +652,8 @@ class Store:
         return [_record(row) for row in rows]
 
     # Schedules (docs/schedules.md). The interface a shared store keeps: claim_due is the one
-    # place a tick changes hands, in one transaction (PostgreSQL: SELECT ... FOR UPDATE SKIP
-    # LOCKED over the due rows).
+    # place a tick changes hands, in one write transaction (on PostgreSQL under the store's
+    # write lock, runtime/pgdb.py, which also keeps the per-user running cap across nodes).
 
     def _schedule_count(self, user_id: int) -> int:
         (count,) = self._db.execute(
@@ -853,9 +855,10 @@ class AsyncStore:
 
     `resolve`, on every val request's path, is cached: a trip to the store thread costs
     about a quarter of the front end's time per request. Writes made through `call` that
-    change what a val host resolves to empty the cache at once; entries also expire after
-    `RESOLVE_TTL_S`, which bounds how long a write made elsewhere (another front-end node
-    on a shared store) can go unseen.
+    change what a val host resolves to empty the cache at once; writes made elsewhere (another
+    process or node on a shared store) empty what they touch when the change feed brings
+    them (`apply_changes`, runtime/feed.py); entries also expire after `RESOLVE_TTL_S`, a
+    bound should the feed itself be down.
     """
 
     RESOLVE_TTL_S = 2.0

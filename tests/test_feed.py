@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -14,6 +15,7 @@ from runtime.feed import Change, follow_changes, open_reader, read_after
 from runtime.pool import Pool
 from runtime.server import retire_on_change
 from runtime.store import PRUNE_CHANGES_EVERY, AsyncStore, Store
+from tests.helpers import service_on
 
 CODE = "def hello(req):\n    return {}"
 Seen = list[tuple[str, str | None, int | None]]
@@ -184,3 +186,34 @@ def test_the_pool_retires_what_a_change_made_stale() -> None:
     ]:
         listener(*change)
     assert pool.calls == [("retire", 7), ("retire_user", "alice"), ("retire_all", None)]
+
+
+async def test_two_nodes_on_one_store_answer_each_others_saves_and_env(
+    store_location: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the feed can make a node forget what it resolved: not the cache's own expiry.
+    monkeypatch.setattr(AsyncStore, "RESOLVE_TTL_S", 3600.0)
+    with closing(Store(store_location)) as db:
+        tokens = {"alice": db.create_user("alice")}
+    data = tmp_path / "data"
+    async with (
+        service_on(store_location, data, tokens) as one,
+        service_on(store_location, data, tokens) as other,
+    ):
+        code = "def counter(req):\n    return {'v': VERSION, 'k': env.get('K')}"
+        await one.put_val("counter", "VERSION = 1\n" + code)
+        assert (await other.web("alice", "counter")).json() == {"v": 1, "k": None}
+        await one.put_val("counter", "VERSION = 2\n" + code)
+        with trio.fail_after(10):  # within 1 s on an idle machine; margin for a loaded one
+            while (await other.web("alice", "counter")).json()["v"] != 2:
+                await trio.sleep(0.02)
+        response = await one.api("PUT", "/v1/env/K", content=b"set on one")
+        assert response.status_code == 200, response.text
+        with trio.fail_after(10):
+            while (await other.web("alice", "counter")).json()["k"] != "set on one":
+                await trio.sleep(0.02)
+        response = await one.api("DELETE", "/v1/vals/alice/counter")
+        assert response.status_code == 200, response.text
+        with trio.fail_after(10):
+            while (await other.web("alice", "counter")).status_code != 404:
+                await trio.sleep(0.02)
