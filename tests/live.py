@@ -50,16 +50,22 @@ class LiveValrun:
 
 
 def write_config(
-    tmp_path: Path, extra: str = "", *, processes: int = 1, db: Path | None = None, server: str = ""
+    tmp_path: Path, extra: str = "", *, processes: int = 1, store: str = "", server: str = ""
 ) -> Path:
     """`processes`: 1 unless a test is about several (one front end, whose children these
-    tests inspect, is what most of them mean). `db`: a store shared with other nodes (else
-    one in `tmp_path`); `server`: more lines of [server]."""
+    tests inspect, is what most of them mean). `store`: one shared with other nodes, an
+    SQLite file's path or a postgresql:// URL (else a file in `tmp_path`); `server`: more
+    lines of [server]."""
     config = tmp_path / "valrun.toml"
+    url = (
+        store
+        if store.startswith("postgresql://")
+        else f"sqlite:///{store or tmp_path / 'valrun.db'}"
+    )
     # One shared fork server: these tests kill, stop and limit *the* fork server by its pid
     # (per-user fork servers are tested in tests/test_attacks_tenants.py).
     config.write_text(
-        f'[store]\nurl = "sqlite:///{db or tmp_path / "valrun.db"}"\n'
+        f'[store]\nurl = "{url}"\n'
         f"[server]\nshutdown_timeout_s = 10.0\nprocesses = {processes}\n{server}"
         "[sandbox]\nfork_server_per_user = false\n" + extra
     )
@@ -78,17 +84,17 @@ async def start_live(
     tmpdir: Path | None = None,
     processes: int = 1,
     bind: str = "127.0.0.1:0",
-    db: Path | None = None,
+    store: str = "",
     server: str = "",
 ) -> LiveValrun:
     """`tmpdir`: the front end's temporary folder (TMPDIR), where its workers' directory goes.
     With `processes` > 1 the process is the supervisor and its children the front ends.
-    `db` and `server`: as `write_config` has them."""
-    config = write_config(tmp_path, extra_config, processes=processes, db=db, server=server)
-    store = Store(db or tmp_path / "valrun.db")
-    exists = store.user_exists("alice")
-    token = store.create_token("alice") if exists else store.create_user("alice")
-    store.close()
+    `store` and `server`: as `write_config` has them."""
+    config = write_config(tmp_path, extra_config, processes=processes, store=store, server=server)
+    db = Store(store or tmp_path / "valrun.db")
+    exists = db.user_exists("alice")
+    token = db.create_token("alice") if exists else db.create_user("alice")
+    db.close()
     env = {**os.environ, **({"TMPDIR": str(tmpdir)} if tmpdir is not None else {})}
     process = await trio.lowlevel.open_process(
         cli_command(config, "serve", "--bind", bind),
