@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from runtime import processes
 from runtime.config import Config, ServerConfig, StoreConfig
 from runtime.errors import StartupError
 from runtime.processes import Supervisor, bind_sockets, serve_processes
+from runtime.schedule import Schedule
 from runtime.server import serve_valrun
 from runtime.store import Store
 from tests.helpers import TEST_LIMITS, python
@@ -261,6 +263,48 @@ async def test_a_revoked_token_is_refused_by_every_process_within_a_second(
                 answers = await answers_after(t0, me)
             assert [code for sent, code in answers if sent >= 1.0][-3:] == ["401"] * 3, answers
     await stop(live)
+
+
+TICK = "import json\ndef {name}(interval):\n    print(json.dumps(interval.scheduled_at))\n"
+
+
+def metric(text: str, name: str) -> float:
+    (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
+    return float(line.rpartition(" ")[2])
+
+
+async def test_every_process_runs_the_scheduler_and_each_tick_runs_once(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    db = tmp_path / "valrun.db"
+    store = Store(db)
+    store.create_user("alice")
+    for index in range(4):
+        val, _ = store.put_val("alice", f"t{index}", TICK.format(name=f"t{index}"), None)
+        store.put_schedule(val.val_id, Schedule("every", "1"), time.time(), 50)
+    store.close()
+    # One run at a time per process: four vals due each second need both processes.
+    schedule = "[schedule]\nmin_interval_s = 1\nmax_concurrent = 1\n"
+    live = await start_live(nursery, tmp_path, schedule, processes=2)
+
+    def ticks() -> list[tuple[int, str]]:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            rows = conn.execute(
+                "SELECT val_id, log FROM runs WHERE source = 'cron' AND error_type IS NULL"
+            ).fetchall()
+        return [(val_id, log.strip().splitlines()[-1]) for val_id, log in rows]
+
+    await wait_for(lambda: len(ticks()) >= 16, timeout_s=60)
+    async with fresh_client() as client:
+        for pid in front_ends(live):
+            with only(live, pid):
+                response = await client.get(
+                    f"{live.base_url}/metrics", headers={"host": "api.localhost"}
+                )
+            assert metric(response.text, 'valrun_scheduled_runs_total{outcome="ok"}') > 0, pid
+    await stop(live)
+    found = ticks()
+    assert len(found) == len(set(found)), found  # no (val, scheduled time) ran twice
 
 
 # The supervisor in this process, its children real (under coverage when this run is).
