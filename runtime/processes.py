@@ -28,6 +28,7 @@ child stops as if it had been sent SIGTERM, so no front end outlives its supervi
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -93,6 +94,7 @@ def _listen(address: str, backlog: int) -> socket.socket:
         path = address.removeprefix("unix:")
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.stat(path).st_mode):
+                _refuse_if_served(path)
                 os.remove(path)  # a socket file left by a stopped server, as hypercorn does
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     else:
@@ -111,6 +113,16 @@ def _listen(address: str, backlog: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _refuse_if_served(path: str) -> None:
+    """EADDRINUSE when a server answers on the socket file `path`: it is not left over."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return
+    raise OSError(errno.EADDRINUSE, f"{path} is being served", path)
 
 
 def urls_of(sockets: list[socket.socket]) -> list[str]:
@@ -189,6 +201,10 @@ class Supervisor:
                     child.ready = True
                     if all(c.ready for c in self.children):
                         self.started.set()
+                    if child.restarts:
+                        logger.info(
+                            "front-end process %d (pid %d) is serving", child.index, process.pid
+                        )
                 status = await process.wait()
             finally:
                 if process.returncode is None:  # cancelled: never leave a child behind
