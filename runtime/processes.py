@@ -247,7 +247,8 @@ class Supervisor:
         for sock in self.sockets:
             sock.close()
         self.signal_children(signal.SIGTERM)
-        with trio.move_on_after(self.config.server.shutdown_timeout_s + self.kill_after_s):
+        server = self.config.server
+        with trio.move_on_after(server.drain_s + server.shutdown_timeout_s + self.kill_after_s):
             for child in self.children:
                 if child.process is not None and child.process.returncode is None:
                     await child.gone.wait()
