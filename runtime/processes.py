@@ -191,7 +191,17 @@ class Supervisor:
     async def run_child(self, child: Child) -> None:
         """Keep `child`'s slot filled until the supervisor stops."""
         while not self.stopping:
-            process = await self._start(child)
+            try:
+                process = await self._start(child)
+            except OSError as exc:  # cannot exec (too many processes or files, a lost venv)
+                if not self.started.is_set():
+                    self.failed = self.failed or f"cannot start a front-end process: {exc}"
+                    self.started.set()
+                    return
+                logger.error("cannot start front-end process %d: %s", child.index, exc)
+                await trio.sleep(child.backoff_s)
+                child.backoff_s = min(child.backoff_s * 2, MAX_BACKOFF_S)
+                continue
             try:
                 if self.stopping:  # started while stop() was signalling the others
                     process.send_signal(signal.SIGTERM)

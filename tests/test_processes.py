@@ -405,6 +405,15 @@ async def test_the_reason_a_child_gives_is_the_supervisors_one_line(tmp_path: Pa
     assert str(caught.value) == "the store is on fire"
 
 
+async def test_a_child_that_cannot_be_started_fails_the_start(tmp_path: Path) -> None:
+    config = config_for(tmp_path, 2)
+    missing = tmp_path / "no-such-python"
+    supervisor = Supervisor(config, bind_sockets(config), [str(missing)])
+    with trio.fail_after(30), pytest.raises(StartupError, match="cannot start a front-end"):
+        await serve_processes(supervisor, shutdown_trigger=trio.sleep_forever)
+    assert supervisor.pids() == []
+
+
 async def test_a_child_that_dies_at_once_is_restarted_with_growing_pauses(
     tmp_path: Path,
 ) -> None:
