@@ -6,6 +6,7 @@ decided with `runtime.auth`.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -129,16 +130,20 @@ class Api:
             **self.pool.isolation,
         }
         problems = await self.health.problems()
+        status = "draining" if self.health.draining else "degraded" if problems else "ok"
         return HTTPResponse.json(
             {
-                "status": "degraded" if problems else "ok",
+                "status": status,
                 **({"problems": problems} if problems else {}),
                 "isolation": isolation,
                 "workers": self.pool.gauges(),
                 "log_followers": self.followers.waiting,
                 "connections": self.connections.gauges(),
+                # Which front-end process answered: with server.processes > 1 each has its own
+                # pool, so these figures are that process's (docs/deploy.md §3).
+                "process": os.getpid(),
             },
-            503 if problems else 200,
+            200 if status == "ok" else 503,
         )
 
     async def serve_metrics(self, request: HTTPRequest, params: dict[str, str]) -> HTTPResponse:

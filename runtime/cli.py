@@ -9,6 +9,7 @@ and `valrun val put --token T ...`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from runtime.config import (
 from runtime.demo import seed_demo
 from runtime.errors import StartupError, ValrunError
 from runtime.pgdb import redact
+from runtime.processes import bind_sockets, preflight, serve_processes_until_signalled
 from runtime.sealing import Sealer
 from runtime.server import serve_until_signalled
 from runtime.startup import explain, store_problem
@@ -71,11 +73,24 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            urls = await nursery.start(serve_until_signalled, config)
-            logger.info("valrun is serving on %s", ", ".join(urls))
+            processes = config.server.processes
+            if processes == 1:
+                urls = await nursery.start(serve_until_signalled, config)
+                logger.info("valrun is serving on %s", ", ".join(urls))
+                return
+            await trio.to_thread.run_sync(preflight, config)
+            sockets = bind_sockets(config)
+            urls = await nursery.start(serve_processes_until_signalled, config, sockets)
+            logger.info("valrun is serving on %s (%d processes)", ", ".join(urls), processes)
 
     try:
-        trio.run(main)
+        # The supervisor holds the shared lock too: no restore while it may start a child.
+        with (
+            dblock.hold(config.store.sqlite_path, exclusive=False, what="serve")
+            if config.server.processes > 1 and not config.store.postgres
+            else contextlib.nullcontext()
+        ):
+            trio.run(main)
     except Exception as exc:
         # What the operator must fix is one line; anything else is a bug, and its traceback
         # is what a bug report needs.

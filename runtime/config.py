@@ -26,6 +26,8 @@ from sandbox.wire import DEFAULT_MAX_BODY_BYTES
 MIB = 1024 * 1024
 MIN_SECRET_KEY_CHARS = 32
 SECRET_KEY_ENV = "VALRUN_SECRET_KEY"
+#: More front-end processes than this is a typo, not a machine.
+MAX_PROCESSES = 256
 
 
 def check_bind(address: str) -> None:
@@ -81,8 +83,17 @@ class ServerConfig:
     #: Cleartext HTTP/2 (prior knowledge, or `Upgrade: h2c`). Off: such a connection gets
     #: 400 h2c_refused; HTTP/2 negotiated over TLS (ALPN) is unaffected.
     h2c: bool = False
+    #: Front-end processes serving the listening sockets, each with its own worker pool,
+    #: fork servers and store connections (docs/deploy.md §3). 1: one process, no supervisor.
+    processes: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    #: After SIGTERM, /healthz answers 503 "draining" for this long while requests are served
+    #: as usual, so a load balancer's health check takes the node out before it stops
+    #: accepting (docs/deploy.md §4). 0: stop accepting at once.
+    drain_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if type(self.processes) is not int or not 1 <= self.processes <= MAX_PROCESSES:
+            raise ConfigError(f"server.processes must be a whole number from 1 to {MAX_PROCESSES}")
         for name in ("max_connections", "max_connections_per_address"):
             if type(getattr(self, name)) is not int or not getattr(self, name) > 0:
                 raise ConfigError(f"server.{name} must be a positive whole number")
@@ -129,6 +140,8 @@ class ServerConfig:
             raise ConfigError("server.public_scheme must be 'http' or 'https'")
         if not self.shutdown_timeout_s >= 0:
             raise ConfigError("server.shutdown_timeout_s must be zero or more")
+        if not 0 <= self.drain_s <= 600:
+            raise ConfigError("server.drain_s must be from 0 to 600 seconds")
 
 
 @dataclass(frozen=True, slots=True)

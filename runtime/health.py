@@ -35,6 +35,8 @@ class Health:
         self._probed_at = -STORE_PROBE_EVERY_S
         self._store_problem: str | None = None
         self._lock = trio.Lock()
+        #: Set when the node is stopping (runtime.server.drain): /healthz answers 503.
+        self.draining = False
 
     async def problems(self) -> list[str]:
         """Why valrun is degraded right now; empty when it is not."""

@@ -134,6 +134,7 @@ async def serve_valrun(
 
                 async def shut_down() -> None:
                     await (shutdown_trigger or trio.sleep_forever)()
+                    await drain(app, config.server.drain_s)
                     app.api.followers.stop()  # long polls answer now, not at their timeout
                     if scheduler is not None:
                         scheduler.stop()  # no new ticks; runs in progress go on meanwhile
@@ -149,6 +150,14 @@ async def serve_valrun(
                 # Scheduled runs had the requests' graceful time to end; the rest are
                 # cancelled (recorded as such).
                 nursery.cancel_scope.cancel()
+
+
+async def drain(app: App, drain_s: float) -> None:
+    """/healthz answers 503 "draining" from now on; requests are served as usual meanwhile."""
+    app.api.health.draining = True
+    if drain_s > 0:
+        logger.info("draining: /healthz answers 503 for %.1f s, then valrun stops", drain_s)
+        await trio.sleep(drain_s)
 
 
 async def serve_until_signalled(

@@ -1,11 +1,14 @@
 """The baseline for scripts/bench: a bare hypercorn-trio ASGI app that answers what the hello
 val answers, with the hypercorn settings valrun uses (runtime.server.hypercorn_config).
 
-    python scripts/hello_app.py --bind 127.0.0.1:8099 [--front-door]
+    python scripts/hello_app.py --bind 127.0.0.1:8099 [--front-door | --workers N]
 
 `--front-door` serves it through valrun's accept path (runtime.frontdoor: connections counted
 and capped, cleartext HTTP/2 refused) instead of hypercorn's own `serve`, to measure what that
 path costs (scripts/frontdoor_bench).
+
+With `--workers N` (N > 1) hypercorn's own worker model serves it: N processes, each binding
+the port with SO_REUSEPORT (scripts/bench_processes' baseline for valrun's processes).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Sequence
 
 import trio
 from hypercorn.config import Config
+from hypercorn.run import run as run_workers
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
@@ -46,11 +50,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bind", default="127.0.0.1:8099", metavar="HOST:PORT")
     parser.add_argument("--front-door", action="store_true", help="valrun's accept path")
+    parser.add_argument("--workers", type=int, default=1, metavar="N")
     args = parser.parse_args(argv)
     config = Config()
     config.bind = [args.bind]
     config.accesslog = None
     config.include_server_header = False
+    if args.workers > 1:
+        config.workers = args.workers
+        config.worker_class = "trio"
+        config.application_path = "hello_app:hello"
+        run_workers(config)
+        return
 
     async def run() -> None:
         if args.front_door:

@@ -49,14 +49,24 @@ class LiveValrun:
         return children(self.fork_server_pid())
 
 
-def write_config(tmp_path: Path, extra: str = "", server: str = "") -> Path:
-    """`server`: lines of more [server] keys; `extra`: more sections."""
+def write_config(
+    tmp_path: Path, extra: str = "", *, processes: int = 1, store: str = "", server: str = ""
+) -> Path:
+    """`processes`: 1 unless a test is about several (one front end, whose children these
+    tests inspect, is what most of them mean). `store`: one shared with other nodes, an
+    SQLite file's path or a postgresql:// URL (else a file in `tmp_path`); `server`: more
+    lines of [server]."""
     config = tmp_path / "valrun.toml"
+    url = (
+        store
+        if store.startswith("postgresql://")
+        else f"sqlite:///{store or tmp_path / 'valrun.db'}"
+    )
     # One shared fork server: these tests kill, stop and limit *the* fork server by its pid
     # (per-user fork servers are tested in tests/test_attacks_tenants.py).
     config.write_text(
-        f'[store]\nurl = "sqlite:///{tmp_path / "valrun.db"}"\n'
-        "[server]\nshutdown_timeout_s = 10.0\n" + server + "\n"
+        f'[store]\nurl = "{url}"\n'
+        f"[server]\nshutdown_timeout_s = 10.0\nprocesses = {processes}\n{server}\n"
         "[sandbox]\nfork_server_per_user = false\n" + extra
     )
     return config
@@ -72,18 +82,22 @@ async def start_live(
     extra_config: str = "",
     *,
     tmpdir: Path | None = None,
+    processes: int = 1,
+    bind: str = "127.0.0.1:0",
+    store: str = "",
     server: str = "",
 ) -> LiveValrun:
-    """`tmpdir`: the front end's temporary folder (TMPDIR), where its workers' directory goes;
-    `server`: more [server] keys, as TOML lines."""
-    config = write_config(tmp_path, extra_config, server)
-    store = Store(tmp_path / "valrun.db")
-    exists = store.user_exists("alice")
-    token = store.create_token("alice") if exists else store.create_user("alice")
-    store.close()
+    """`tmpdir`: the front end's temporary folder (TMPDIR), where its workers' directory goes.
+    With `processes` > 1 the process is the supervisor and its children the front ends.
+    `store` and `server`: as `write_config` has them."""
+    config = write_config(tmp_path, extra_config, processes=processes, store=store, server=server)
+    db = Store(store or tmp_path / "valrun.db")
+    exists = db.user_exists("alice")
+    token = db.create_token("alice") if exists else db.create_user("alice")
+    db.close()
     env = {**os.environ, **({"TMPDIR": str(tmpdir)} if tmpdir is not None else {})}
     process = await trio.lowlevel.open_process(
-        cli_command(config, "serve", "--bind", "127.0.0.1:0"),
+        cli_command(config, "serve", "--bind", bind),
         stderr=subprocess.PIPE,
         cwd=tmp_path,
         env=env,
@@ -139,6 +153,12 @@ def children(pid: int) -> list[int]:
         except FileNotFoundError:
             continue
     return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: children, theirs, and so on."""
+    found = children(pid)
+    return found + [d for child in found for d in descendants(child)]
 
 
 def _net(pid: int) -> str | None:

@@ -29,7 +29,10 @@ def imports(path: Path) -> Iterator[tuple[int, str]]:
 
 
 #: The modules of tests/ that hold no tests: pytest's, and the shared helpers (README, Layout).
-HELPERS = {"__init__", "conftest", "helpers", "attack_kit", "confine_kit", "live", "pg_kit"}
+HELPERS = {
+    *("__init__", "conftest", "helpers", "attack_kit", "confine_kit", "live", "pg_kit"),
+    "proxy_kit",
+}
 
 
 def normalized(distribution: str) -> str:

@@ -404,7 +404,8 @@ async def test_two_valrun_processes_on_one_store_run_each_tick_once(
     store.close()
     config = tmp_path / "valrun.toml"
     config.write_text(
-        '[server]\nbind = ["127.0.0.1:0"]\n'
+        # One process per node: each node's /metrics then counts all of its runs.
+        '[server]\nbind = ["127.0.0.1:0"]\nprocesses = 1\n'
         f'[store]\nurl = "{db_path if store.postgres else f"sqlite:///{db_path}"}"\n'
         f'[storage]\ndata_dir = "{tmp_path / "data"}"\n'
         "[schedule]\nmin_interval_s = 1\nmax_concurrent = 1\nmax_concurrent_per_user = 6\n"

@@ -98,7 +98,9 @@ async def test_data_survives_a_restart(tmp_path: Path) -> None:
 async def test_data_survives_kill_9_of_the_front_end(tmp_path: Path) -> None:
     config, token = make_config(tmp_path)
     toml = tmp_path / "valrun.toml"
-    toml.write_text(f'[store]\nurl = "{config.store.url}"\n')
+    # One process: the kill is of *the* front end (a supervisor's children stop on their own
+    # when it dies, finishing what they hold: tests/test_processes.py).
+    toml.write_text(f'[store]\nurl = "{config.store.url}"\n[server]\nprocesses = 1\n')
     command = [sys.executable, "-m", "runtime.cli", "--config", str(toml), "serve"]
     command += ["--bind", "127.0.0.1:0"]
     # Its own session: the kill takes the front end and the workers it started, at once.
