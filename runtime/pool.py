@@ -8,9 +8,11 @@ specializing one is sending it a `load` frame. Per val version:
     requests --(bounded queue: 503 beyond it)--> up to `max_workers_per_val` workers
                                                  each serving one request at a time
 
-Across vals, at most `max_workers` specialized workers live; the least recently used idle
-one makes room. A worker that timed out, crashed, broke the protocol, ran out of memory, or
-served `max_requests_per_worker` requests is retired and never reused.
+Across vals, at most `max_workers` specialized workers live, shared fairly between users
+(runtime.shares: a cap per user, a bounded wait per user, round-robin for a full pool, and
+eviction from the user most over their share). A worker that timed out, crashed, broke the
+protocol, ran out of memory, or served `max_requests_per_worker` requests is retired and never
+reused.
 """
 
 from __future__ import annotations
@@ -20,17 +22,16 @@ import functools
 import itertools
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import trio
 
 from runtime.config import Config
-from runtime.errors import HTTPError, OverloadedError, WorkerTimeoutError
+from runtime.errors import HTTPError, OverloadedError, WorkerError, WorkerTimeoutError
 from runtime.isolation import check_required, health, log_table, probe_layers
 from runtime.process import (
-    ForkServerError,
     ForkServerHandle,
     SpawnedWorker,
     SupervisedForkServer,
@@ -38,6 +39,7 @@ from runtime.process import (
     become_subreaper,
 )
 from runtime.reply import Reply, bounded_log, check_failure, check_reply, protocol_error
+from runtime.shares import Shares
 from runtime.supply import WorkerSupply
 from runtime.tenants import TenantForkServers
 from runtime.workdir import claim_workdir
@@ -47,8 +49,9 @@ from sandbox.wire import Frame
 logger = logging.getLogger(__name__)
 
 SlotKey = tuple[int, int, tuple[tuple[str, str], ...]]
-#: How often (in requests) a warm worker's memory is looked at.
-RSS_CHECK_EVERY = 32
+#: How often the memory of all workers together is looked at (`max_total_worker_mib`).
+MEMORY_SWEEP_S = 0.25
+MIB = 1024 * 1024
 #: Replies with bodies larger than this are checked in a thread.
 THREAD_CHECK_BYTES = 256 * 1024
 WorkerFactory = Callable[[], Awaitable[WorkerProcess]]
@@ -116,6 +119,19 @@ class Pool:
         )
         self._vals: dict[SlotKey, _ValPool] = {}
         self._warm_count = 0
+        pool = config.pool
+        self.shares = Shares(
+            max_workers=pool.max_workers,
+            max_per_user=pool.max_workers_per_user,
+            max_queued_per_user=pool.max_queued_per_user,
+        )
+        self._busy: set[_Warm] = set()
+        #: Workers used once (Eval, checks at save), while they run.
+        self._once: set[WorkerProcess] = set()
+        #: Workers stopped for being the largest over `max_total_worker_mib`.
+        self._overweight: set[WorkerProcess] = set()
+        #: The resident memory of all workers at the last look.
+        self.memory_bytes = 0
         # Woken whenever a warm worker becomes idle or goes away. A parking lot, not an
         # event each waiter replaces: every waiter is woken, none can be left asleep.
         self._room = trio.lowlevel.ParkingLot()
@@ -156,30 +172,43 @@ class Pool:
                 f"{spec.owner}/{spec.name} has {waiting} requests waiting; retry shortly",
                 headers=(("retry-after", "1"),),
             )
-        async with pool.capacity:
-            warm = self._idle_worker(pool) or await self._specialize(pool)
-            self.stats["invocations"] += 1
-            reply, failure = None, "cancelled"
-            try:
-                reply = await self._exchange(warm.worker, spec, request)
-                if warm.load_log:
-                    reply = dataclasses.replace(reply, log=warm.load_log + reply.log)
-                    warm.load_log = ""
-                return reply
-            except HTTPError as exc:
-                failure = exc.type
-                raise
-            finally:
-                self._release(warm, reply, failure)
+        self.shares.enqueue(spec.owner)  # 429 when too many of the user's wait already
+        waiting = True
+        try:
+            async with pool.capacity:
+                warm = self._idle_worker(pool) or await self._specialize(pool)
+                self.shares.dequeue(spec.owner)
+                waiting = False
+                self.stats["invocations"] += 1
+                self._busy.add(warm)
+                reply, failure = None, "cancelled"
+                try:
+                    reply = await self._exchange(warm.worker, spec, request)
+                    if warm.load_log:
+                        reply = dataclasses.replace(reply, log=warm.load_log + reply.log)
+                        warm.load_log = ""
+                    return reply
+                except HTTPError as exc:
+                    failure = exc.type
+                    raise
+                finally:
+                    self._busy.discard(warm)
+                    self._release(warm, reply, failure)
+        finally:
+            if waiting:
+                self.shares.dequeue(spec.owner)
 
     async def invoke_once(self, spec: ValSpec, request: Invocation) -> Reply:
         """Run one request in a fresh worker that serves nothing else (the Eval API)."""
+        self._check_total_memory()
         worker = await self._generic_worker(spec.owner)
+        self._once.add(worker)
         try:
             load_log = await self._load(worker, spec)
             reply = await self._exchange(worker, spec, request)
             return dataclasses.replace(reply, log=load_log + reply.log)
         finally:
+            self._once.discard(worker)
             self._close(worker)
             self._want_ready.set()
 
@@ -187,6 +216,7 @@ class Pool:
         """Compile a val's code in a fresh worker used once (checks at save); its raw reply,
         unchecked (runtime.savecheck checks it)."""
         worker = await self._generic_worker(owner)
+        self._once.add(worker)
         try:
             with trio.move_on_after(self.config.pool.load_timeout_s):
                 await worker.send(Load(name, code, "check", (), self.limits).to_frame())
@@ -195,6 +225,7 @@ class Pool:
                 f"compiling the code took over {self.config.pool.load_timeout_s} s"
             )
         finally:
+            self._once.discard(worker)
             self._close(worker)
             self._want_ready.set()
 
@@ -217,14 +248,10 @@ class Pool:
     # Workers: generic (prewarmed) -> specialized (warm, in a _ValPool) -> closed.
 
     async def _generic_worker(self, owner: str) -> WorkerProcess:
-        if self.tenants is not None:  # from the user's own fork server, with its own spares
-            try:
-                return await self.tenants.spawn(owner)
-            except (ForkServerError, OSError) as exc:  # the process limit, descriptors, ...
-                raise OverloadedError(
-                    f"no worker can be started right now ({exc}); retry shortly",
-                    headers=(("retry-after", "1"),),
-                ) from None
+        if self.tenants is not None:
+            # From the user's own fork server, with its own spares and its own supply: one
+            # user's broken fork server backs off on its own and stalls nobody else.
+            return await self.tenants.spawn(owner)
         # The refill (a fork plus ~2 ms of confinement) is asked for after this request, in
         # `_release`: started now, it would compete with this request for the CPU.
         while self._ready:
@@ -247,8 +274,11 @@ class Pool:
         return None
 
     async def _specialize(self, pool: _ValPool) -> _Warm:
-        await self._make_room()
+        owner = pool.spec.owner
+        self._check_total_memory()
+        await self._make_room(owner)
         self._warm_count += 1
+        self.shares.take(owner)
         try:
             worker = await self._generic_worker(pool.spec.owner)
             try:
@@ -258,35 +288,78 @@ class Pool:
                 raise
         except BaseException:
             self._warm_count -= 1
+            self.shares.give_back(owner)
             self._room.unpark_all()
             raise
         self.stats["cold_starts"] += 1
         return _Warm(worker, pool, trio.current_time(), load_log=load_log)
 
-    async def _make_room(self) -> None:
-        """Wait until one more warm worker fits under `max_workers`, evicting LRU idle ones."""
-        with trio.move_on_after(self.config.pool.load_timeout_s):
-            while self._warm_count >= self.config.pool.max_workers:
-                idle = [w for pool in self._vals.values() for w in pool.idle]
-                if idle:
-                    oldest = min(idle, key=lambda w: w.last_used)
-                    oldest.val_pool.idle.remove(oldest)
-                    self.stats["evicted_lru"] += 1
-                    self._drop(oldest)
-                    continue
+    async def _make_room(self, owner: str) -> None:
+        """Wait until one more warm worker of `owner` fits, under their cap and under
+        `max_workers`, evicting idle workers as runtime.shares decides; then return at once
+        (no checkpoint), so the caller takes the room it was given."""
+        shares = self.shares
+        with (
+            trio.move_on_after(self.config.pool.load_timeout_s),
+            self._leaving_wakes(),
+            shares.in_line(owner) as ticket,
+        ):
+            while True:
+                if shares.at_cap(owner):  # a swap within the user's own share
+                    if self._evict(owner):
+                        return
+                elif shares.first_in_line(owner, ticket):
+                    if self._warm_count < self.config.pool.max_workers:
+                        return
+                    victim = shares.evict_from(owner, self._oldest_idle())
+                    if victim is not None and self._evict(victim):
+                        continue
+                elif self._warm_count >= self.config.pool.max_workers and self._evict(owner):
+                    return  # not this user's turn, but a swap within their own share is
                 await self._room.park()
-            return
+        if shares.at_cap(owner):
+            raise shares.over_cap(owner)
         raise OverloadedError(
             f"all {self.config.pool.max_workers} workers are busy; retry shortly",
             headers=(("retry-after", "1"),),
         )
+
+    @contextmanager
+    def _leaving_wakes(self) -> Iterator[None]:
+        """Whoever leaves the line (served, timed out, cancelled) wakes the others: the
+        first in line may be someone else now."""
+        try:
+            yield
+        finally:
+            if self.shares.waiting:
+                self._room.unpark_all()
+
+    def _oldest_idle(self) -> dict[str, float]:
+        """User -> when their least recently used idle worker was last used."""
+        oldest: dict[str, float] = {}
+        for pool in self._vals.values():
+            for warm in pool.idle:
+                owner = pool.spec.owner
+                oldest[owner] = min(oldest.get(owner, warm.last_used), warm.last_used)
+        return oldest
+
+    def _evict(self, owner: str) -> bool:
+        """Stop `owner`'s least recently used idle worker; False if they have none."""
+        idle = [w for pool in self._vals.values() if pool.spec.owner == owner for w in pool.idle]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda w: w.last_used)
+        oldest.val_pool.idle.remove(oldest)
+        self.stats["evicted_lru"] += 1
+        self._drop(oldest)
+        return True
 
     async def _load(self, worker: WorkerProcess, spec: ValSpec) -> str:
         """Specialize a generic worker; what the module printed while it ran."""
         load = Load(spec.name, spec.code, spec.mode, spec.env, self.limits)
         with trio.move_on_after(self.config.pool.load_timeout_s):
             await worker.send(load.to_frame())
-            frame = await worker.receive()
+            frame = await self._receive_demoted(worker)
             try:
                 loaded = parse(frame, Loaded, Failure)
             except MessageError as exc:
@@ -302,12 +375,30 @@ class Pool:
             f"{spec.owner}/{spec.name} took over {self.config.pool.load_timeout_s} s to load"
         )
 
+    async def _receive_demoted(self, worker: WorkerProcess) -> Frame:
+        """The next frame; a module still loading after `demote_after_s` (spinning at module
+        level, say) runs at idle CPU priority until it answers, as a long request does."""
+        with trio.move_on_after(self.config.pool.demote_after_s):
+            return await worker.receive()  # a partly read frame stays in the decoder
+        demoted = worker.demote()
+        self.stats["demoted_loading"] += demoted
+        try:
+            return await worker.receive()
+        finally:
+            if demoted:
+                worker.promote()
+
     async def _exchange(self, worker: WorkerProcess, spec: ValSpec, request: Invocation) -> Reply:
         request = dataclasses.replace(request, id=next(self._request_ids))
         frame: Frame | None = None
         with trio.move_on_after(self.limits.wall_time_s):
             await worker.send(request.to_frame())
-            frame = await self._receive_reply(worker, spec, request.id)
+            try:
+                frame = await self._receive_reply(worker, spec, request.id)
+            except WorkerError:
+                if worker in self._overweight:
+                    raise self._stopped_for_memory() from None
+                raise
         if frame is not None:  # not timed out
             kind = type(request)
             if len(frame.body) <= THREAD_CHECK_BYTES:
@@ -385,17 +476,80 @@ class Pool:
             self._room.unpark_all()
 
     def _grown(self, warm: _Warm) -> bool:
-        """True when a worker's memory has grown past the limit (module state that leaks)."""
-        if warm.requests % RSS_CHECK_EVERY:
-            return False
+        """True when a worker's memory has grown past the limit (module state that leaks).
+        Looked at after every request: reading /proc/PID/statm costs microseconds."""
         rss = warm.worker.rss_bytes()
         if rss is None or rss <= self.config.pool.max_worker_rss_mb * 1024 * 1024:
             return False
         self.stats["killed_memory_growth"] += 1
         return True
 
+    # The memory of all workers together (`max_total_worker_mib`)
+
+    def _workers(self) -> list[tuple[WorkerProcess, _Warm | None]]:
+        """Every worker the pool holds, and its warm handle when it has one."""
+        warm = [(w.worker, w) for pool in self._vals.values() for w in pool.idle]
+        warm += [(w.worker, w) for w in self._busy]
+        spares = self.tenants.spare_workers() if self.tenants is not None else []
+        others = self._ready + list(self._once) + spares
+        return warm + [(worker, None) for worker in others]
+
+    def _measure(self) -> list[tuple[int, WorkerProcess, _Warm | None]]:
+        sizes = [(worker.rss_bytes() or 0, worker, warm) for worker, warm in self._workers()]
+        self.memory_bytes = sum(size for size, _worker, _warm in sizes)
+        return sizes
+
+    def _enforce_total_memory(self) -> None:
+        """Stop the largest workers until all together are under the ceiling. An idle one
+        simply goes; a busy one is killed, and its request answered 502 `memory_limit`."""
+        ceiling = self.config.pool.max_total_worker_mib * MIB
+        sizes = sorted(self._measure(), key=lambda entry: entry[0], reverse=True)
+        total = self.memory_bytes
+        for size, worker, warm in sizes:
+            if total <= ceiling:
+                break
+            total -= size
+            self.stats["killed_memory_total"] += 1
+            if warm is not None and warm in warm.val_pool.idle:
+                warm.val_pool.idle.remove(warm)
+                self._drop(warm)
+            else:
+                self._overweight.add(worker)
+                worker.kill()
+        self.memory_bytes = total
+
+    def _check_total_memory(self) -> None:
+        """Before a new worker: room under the ceiling, made from idle workers, or 503."""
+        ceiling = self.config.pool.max_total_worker_mib * MIB
+        if self.memory_bytes <= ceiling:
+            return
+        self._enforce_total_memory()
+        if self.memory_bytes > ceiling:
+            raise OverloadedError(
+                f"the workers together hold {self.memory_bytes // MIB} MiB, over "
+                f"pool.max_total_worker_mib ({self.config.pool.max_total_worker_mib}); "
+                "retry shortly",
+                headers=(("retry-after", "1"),),
+                details={"limit": "pool.max_total_worker_mib"},
+            )
+
+    def _stopped_for_memory(self) -> WorkerError:
+        return WorkerError(
+            "the worker was stopped: it was the largest when all workers together held more "
+            f"than pool.max_total_worker_mib ({self.config.pool.max_total_worker_mib} MiB)",
+            "memory_limit",
+        )
+
+    async def serve_memory_ceiling(self, *, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(MEMORY_SWEEP_S)
+            self._overweight = {w for w in self._overweight if w.still_running()}
+            self._enforce_total_memory()
+
     def _drop(self, warm: _Warm) -> None:
         self._warm_count -= 1
+        self.shares.give_back(warm.val_pool.spec.owner)
         self._room.unpark_all()
         self._close(warm.worker)
 
@@ -492,6 +646,7 @@ async def open_pool(
                     nursery,
                     max_spares=config.pool.prewarm_workers,
                     max_idle_servers=config.sandbox.max_idle_fork_servers,
+                    timeout_s=config.pool.load_timeout_s,
                 )
                 factory = _no_shared_workers
             elif worker_command is None:
@@ -525,6 +680,7 @@ async def open_pool(
                     if tenants is None:  # per user, spares are kept by `tenants`
                         await background.start(pool.serve_prewarm)
                     await background.start(pool.serve_idle_expiry)
+                    await background.start(pool.serve_memory_ceiling)
                     try:
                         yield pool
                     finally:
