@@ -157,7 +157,7 @@ class Pool:
         return {
             "ready": len(self._ready) + spares,
             "idle": idle,
-            "busy": self._warm_count - idle,
+            "busy": self._warm_count - idle + len(self._once),  # Evals are busy workers too
             "queued": sum(pool.capacity.statistics().tasks_waiting for pool in pools),
         }
 
@@ -314,7 +314,11 @@ class Pool:
                     victim = shares.evict_from(owner, self._oldest_idle())
                     if victim is not None and self._evict(victim):
                         continue
-                elif self._warm_count >= self.config.pool.max_workers and self._evict(owner):
+                elif (
+                    self._warm_count >= self.config.pool.max_workers
+                    and shares.may_swap(owner)
+                    and self._evict(owner)
+                ):
                     return  # not this user's turn, but a swap within their own share is
                 await self._room.park()
         if shares.at_cap(owner):

@@ -104,6 +104,14 @@ class Shares:
         _held, first, user = min(eligible)
         return user == owner and first == ticket
 
+    def may_swap(self, owner: str) -> bool:
+        """Whether `owner`, not first in line, may still replace an idle worker of their own:
+        only if they hold no more than whoever is first (who may have no idle worker to
+        give up, and must not hold up an equal), so a flood's own idle workers go to the
+        first in line instead."""
+        eligible = [self.held[u] for u in self._line if not self.at_cap(u)]
+        return not eligible or self.held[owner] <= min(eligible)
+
     def evict_from(self, owner: str, oldest_idle: Mapping[str, float]) -> str | None:
         """Whose idle worker makes room for `owner` in a full pool: the user holding the most
         workers (between equals, the one whose idle worker was used longest ago), if that
