@@ -503,31 +503,36 @@ class Pool:
         self.memory_bytes = sum(size for size, _worker, _warm in sizes)
         return sizes
 
-    def _enforce_total_memory(self) -> None:
+    def _enforce_total_memory(self, *, kill_busy: bool = True) -> None:
         """Stop the largest workers until all together are under the ceiling. An idle one
-        simply goes; a busy one is killed, and its request answered 502 `memory_limit`."""
+        simply goes; a busy one is killed, and its request answered 502 `memory_limit`
+        (unless `kill_busy` is False: then only idle ones go)."""
         ceiling = self.config.pool.max_total_worker_mib * MIB
         sizes = sorted(self._measure(), key=lambda entry: entry[0], reverse=True)
         total = self.memory_bytes
         for size, worker, warm in sizes:
             if total <= ceiling:
                 break
-            total -= size
-            self.stats["killed_memory_total"] += 1
-            if warm is not None and warm in warm.val_pool.idle:
+            idle = warm is not None and warm in warm.val_pool.idle
+            if warm is not None and idle:
                 warm.val_pool.idle.remove(warm)
                 self._drop(warm)
-            else:
+            elif kill_busy:
                 self._overweight.add(worker)
                 worker.kill()
+            else:
+                continue
+            total -= size
+            self.stats["killed_memory_total"] += 1
         self.memory_bytes = total
 
     def _check_total_memory(self) -> None:
-        """Before a new worker: room under the ceiling, made from idle workers, or 503."""
+        """Before a new worker: room under the ceiling, made from idle workers, or 503 (a
+        busy worker is not killed for a new one; the sweep does that to the largest)."""
         ceiling = self.config.pool.max_total_worker_mib * MIB
         if self.memory_bytes <= ceiling:
             return
-        self._enforce_total_memory()
+        self._enforce_total_memory(kill_busy=False)
         if self.memory_bytes > ceiling:
             raise OverloadedError(
                 f"the workers together hold {self.memory_bytes // MIB} MiB, over "
