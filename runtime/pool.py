@@ -305,9 +305,9 @@ class Pool:
             shares.in_line(owner) as ticket,
         ):
             while True:
-                if shares.at_cap(owner):  # a swap within the user's own share
-                    if self._evict(owner):
-                        return
+                if shares.at_cap(owner):  # a swap within the user's own share...
+                    if shares.may_swap(owner) and self._evict(owner):
+                        return  # ...unless one holding fewer waits: theirs, then
                 elif shares.first_in_line(owner, ticket):
                     if self._warm_count < self.config.pool.max_workers:
                         return

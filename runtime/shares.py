@@ -105,10 +105,10 @@ class Shares:
         return user == owner and first == ticket
 
     def may_swap(self, owner: str) -> bool:
-        """Whether `owner`, not first in line, may still replace an idle worker of their own:
-        only if they hold no more than whoever is first (who may have no idle worker to
-        give up, and must not hold up an equal), so a flood's own idle workers go to the
-        first in line instead."""
+        """Whether `owner` (at their cap, or not first in line) may replace an idle worker of
+        their own: only if they hold no more than any user in line below their cap. So a
+        flood's worker that comes free goes to a waiting user who holds fewer, not back to
+        the flood; and an equal with an idle worker of their own is not held up."""
         eligible = [self.held[u] for u in self._line if not self.at_cap(u)]
         return not eligible or self.held[owner] <= min(eligible)
 
