@@ -172,8 +172,12 @@ class PoolConfig:
     max_workers_per_user: int = 16
     #: ... their requests waiting for a worker, all their vals together (then 429) ...
     max_queued_per_user: int = 64
-    #: ... and their Evals running at once (then 429).
+    #: ... their Evals running at once (then 429) ...
     max_evals_per_user: int = 4
+    #: ... and the new workers their vals may start per second (a burst of as many at once):
+    #: more wait their turn, within load_timeout_s, or get 429. A cold start is CPU (fork,
+    #: confine, load), and a tenant cycling through vals must not spend it all.
+    cold_starts_per_user_per_s: float = 20.0
     #: The resident memory of all workers together; over it, the largest worker is stopped
     #: (looked at every quarter second, and before a new worker is made).
     max_total_worker_mib: int = 4096

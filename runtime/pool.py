@@ -124,6 +124,7 @@ class Pool:
             max_workers=pool.max_workers,
             max_per_user=pool.max_workers_per_user,
             max_queued_per_user=pool.max_queued_per_user,
+            cold_starts_per_s=pool.cold_starts_per_user_per_s,
         )
         self._busy: set[_Warm] = set()
         #: Workers used once (Eval, checks at save), while they run.
@@ -276,6 +277,7 @@ class Pool:
     async def _specialize(self, pool: _ValPool) -> _Warm:
         owner = pool.spec.owner
         self._check_total_memory()
+        await self._cold_start_turn(owner)
         await self._make_room(owner)
         self._warm_count += 1
         self.shares.take(owner)
@@ -293,6 +295,18 @@ class Pool:
             raise
         self.stats["cold_starts"] += 1
         return _Warm(worker, pool, trio.current_time(), load_log=load_log)
+
+    async def _cold_start_turn(self, owner: str) -> None:
+        """Wait for `owner`'s turn to start a worker (their rate of cold starts)."""
+        now = trio.current_time()
+        wait = self.shares.cold_start_wait(owner, now, self.config.pool.load_timeout_s)
+        if wait:
+            self.stats["cold_starts_delayed"] += 1
+            try:
+                await trio.sleep(wait)
+            except trio.Cancelled:
+                self.shares.cold_start_refund(owner)
+                raise
 
     async def _make_room(self, owner: str) -> None:
         """Wait until one more warm worker of `owner` fits, under their cap and under

@@ -9,6 +9,10 @@ waits, and whose idle worker makes room. Bookkeeping only; the pool does the I/O
 - **Fair queueing.** When the pool is full, a free slot goes to the waiting user who holds
   the fewest workers, and between equals to the one who has waited longest: with every user
   waiting, slots go round the users in turn, however many requests each one sends.
+- **A rate of cold starts per user.** A new worker is CPU (a fork, confinement, the val's
+  module run): one user's vals start at most `cold_starts_per_user_per_s` a second (a token
+  bucket, as deep as one second's worth); more wait their turn, or get 429 when their turn
+  is further off than `load_timeout_s`.
 - **Eviction from the user most over their share.** Making room stops an idle worker of the
   user holding the most workers (their least recently used one), and only if that user
   holds more than the one asking: a tenant cycling through many vals evicts their own workers,
@@ -26,9 +30,19 @@ from runtime.errors import TooManyRequestsError
 
 
 class Shares:
-    def __init__(self, *, max_workers: int, max_per_user: int, max_queued_per_user: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_workers: int,
+        max_per_user: int,
+        max_queued_per_user: int,
+        cold_starts_per_s: float = 20.0,
+    ) -> None:
         self.max_per_user = min(max_per_user, max_workers)
         self.max_queued_per_user = max_queued_per_user
+        self.cold_starts_per_s = cold_starts_per_s
+        #: Per user: (tokens, when counted). Tokens go negative: turns handed out ahead.
+        self._buckets: dict[str, tuple[float, float]] = {}
         #: Warm workers held (busy, idle, or being made) and requests waiting, by user.
         self.held: Counter[str] = Counter()
         self.queued: Counter[str] = Counter()
@@ -53,6 +67,35 @@ class Shares:
         self.queued[owner] -= 1
         if not self.queued[owner]:
             del self.queued[owner]
+
+    # --- cold starts ---------------------------------------------------------------------
+
+    def cold_start_wait(self, owner: str, now: float, max_wait_s: float) -> float:
+        """Seconds until `owner`'s next cold start may begin (0: now), its turn taken; or
+        429 if that is more than `max_wait_s` away (no turn taken)."""
+        rate = self.cold_starts_per_s
+        tokens, counted = self._buckets.get(owner, (rate, now))
+        tokens = min(rate, tokens + (now - counted) * rate)
+        wait = max(0.0, (1 - tokens) / rate)
+        if wait > max_wait_s:
+            raise TooManyRequestsError(
+                f"{owner or 'anonymous'}'s vals started {rate:g} new workers a second, the "
+                "most one user may (pool.cold_starts_per_user_per_s); retry shortly",
+                headers=(("retry-after", "1"),),
+                details={"limit": "pool.cold_starts_per_user_per_s"},
+            )
+        self._buckets[owner] = (tokens - 1, now)
+        if len(self._buckets) > 4096:  # full buckets say nothing: forget them
+            full = [u for u, (t, c) in self._buckets.items() if t + (now - c) * rate >= rate]
+            for user in full:
+                del self._buckets[user]
+        return wait
+
+    def cold_start_refund(self, owner: str) -> None:
+        """A turn taken but not used (the request went before its turn came)."""
+        if owner in self._buckets:
+            tokens, counted = self._buckets[owner]
+            self._buckets[owner] = (tokens + 1, counted)
 
     # --- workers held ---------------------------------------------------------------------
 

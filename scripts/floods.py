@@ -21,7 +21,8 @@ issue's list (docs/fairness.md §5):
     storage       16 clients on a val whose SQL counts to three million (2 s timeout)
 
 For each: the victim's p50 and p99 (ms), p99 over p99 alone (the goal: at most 2), the
-victim's errors (the goal: none), and what the flood's requests got (status: count). The
+victim's errors (the goal: none), the front end's CPU seconds per second meanwhile (`fe cpu`;
+1.00 is one core: the front end is one thread), and what the flood's requests got. The
 victim alone is measured right before each flood, for as long (the machine's other load
 changes by the minute), and the ratio is to that. The victim's val for the storage flood
 makes a storage call itself (`SELECT 1`). Exits 0 when every flood met both goals, 1
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
-from bench import MeasureError, free_port, open_server
+from bench import MeasureError, cpu_seconds, free_port, open_server
 from loadlib import HttpError, Target, ValrunClient, create_user, percentile
 
 API_HOST = "api.localhost"
@@ -63,7 +64,7 @@ LOAD_SPIN = (
     "def {name}(req):\n"
     "    return 'loaded'\n"
 )
-HOG = "kept = b'x' * (150 * 1024 * 1024)\n\ndef {name}(req):\n    return len(kept)\n"
+HOG = "kept = b'x' * (150 * 1024 * 1024)\n\ndef {name}(req):\n    return str(len(kept))\n"
 TICK = (
     "import time\n\n"
     "def {name}(interval):\n"
@@ -91,6 +92,10 @@ class Run:
     latencies_ms: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     flood: Counter[str] = field(default_factory=Counter)
+    #: The first body the flood got with each 5xx status, to say what it was.
+    samples: dict[str, bytes] = field(default_factory=dict)
+    #: CPU seconds per second the front end process used while the victim was measured.
+    front_end_cpu: float = 0.0
 
     def p(self, q: float) -> float:
         return percentile(self.latencies_ms, q)
@@ -98,6 +103,7 @@ class Run:
 
 @dataclass
 class Service:
+    pid: int  # the front end's
     target: Target
     victim: ValrunClient
     flood: ValrunClient
@@ -110,6 +116,7 @@ class Service:
 
 async def measure_victim(service: Service, val: str, seconds: float, run: Run) -> None:
     client = service.client()
+    cpu_before = cpu_seconds([service.pid])
     try:
         end = trio.current_time() + seconds
         while trio.current_time() < end:
@@ -125,6 +132,7 @@ async def measure_victim(service: Service, val: str, seconds: float, run: Run) -
                 else:
                     run.errors[str(answer.status)] += 1
             await trio.sleep_until(slot)
+        run.front_end_cpu = (cpu_seconds([service.pid]) - cpu_before) / seconds
     finally:
         await client.aclose()
 
@@ -140,6 +148,8 @@ async def loop_web(service: Service, run: Run, vals: list[str], clients: int) ->
                 try:
                     answer = await client.call("flood", vals[n % len(vals)])
                     run.flood[str(answer.status)] += 1
+                    if answer.status >= 500:
+                        run.samples.setdefault(str(answer.status), answer.body[:300])
                 except HttpError:
                     run.flood["no answer"] += 1
         finally:
@@ -307,9 +317,10 @@ async def measure(seconds: float, only: list[str], workdir: Path) -> list[tuple[
             functools.partial(trio.serve_tcp, serve_slowly, 0, host="127.0.0.1")
         )
         slow_port = listeners[0].socket.getsockname()[1]
-        async with open_server("valrun", command, port, workdir / "valrun.log"):
+        async with open_server("valrun", command, port, workdir / "valrun.log") as valrun:
             target = Target("127.0.0.1", port)
             service = Service(
+                valrun.process.pid,
                 target,
                 ValrunClient(target, API_HOST, WEB_DOMAIN, victim_token),
                 ValrunClient(target, API_HOST, WEB_DOMAIN, flood_token),
@@ -337,17 +348,30 @@ async def measure(seconds: float, only: list[str], workdir: Path) -> list[tuple[
     return results
 
 
+def load_average() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def report(results: list[tuple[str, Run, Run]]) -> bool:
-    print(f"{'flood':22} {'p50 ms':>8} {'p99 ms':>8} {'p99 x':>7} {'errors':>7}  flood got")
+    print(
+        f"{'flood':22} {'p50 ms':>8} {'p99 ms':>8} {'p99 x':>7} {'errors':>7} {'fe cpu':>6}"
+        "  flood got"
+    )
     ok = True
     for name, run, baseline in results:
         ratio = run.p(99) / baseline.p(99)
         errors = sum(run.errors.values())
         ok = ok and (ratio <= 2 or run is baseline) and not errors
         got = ", ".join(f"{k}: {v}" for k, v in sorted(run.flood.items()))
-        print(f"{name:22} {run.p(50):8.2f} {run.p(99):8.2f} {ratio:7.2f} {errors:7d}  {got}")
+        print(
+            f"{name:22} {run.p(50):8.2f} {run.p(99):8.2f} {ratio:7.2f} {errors:7d} "
+            f"{run.front_end_cpu:6.2f}  {got}"
+        )
         for error, count in run.errors.items():
             print(f"{'':22} victim error {error}: {count}")
+        for status, body in run.samples.items():
+            print(f"{'':22} the flood's first {status}: {body.decode(errors='replace')}")
     return ok
 
 
@@ -356,8 +380,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--only", nargs="*", default=[], help="flood names to run")
     args = parser.parse_args()
+    say(f"load average before: {load_average()}")
     with tempfile.TemporaryDirectory(prefix="valrun-floods-") as workdir:
         results = trio.run(measure, args.seconds, args.only, Path(workdir))
+    say(f"load average after: {load_average()}")
     return 0 if report(results) else 1
 
 

@@ -90,6 +90,26 @@ def test_too_many_waiting_requests_of_one_user_are_429_naming_the_limit() -> Non
     table.enqueue("flood")
 
 
+def test_cold_starts_take_turns_at_the_users_rate() -> None:
+    table = Shares(max_workers=8, max_per_user=4, max_queued_per_user=2, cold_starts_per_s=10)
+    # A burst of one second's worth at once, then one turn every 0.1 s.
+    assert [table.cold_start_wait("flood", 100.0, 5.0) for _ in range(10)] == [0.0] * 10
+    assert [round(table.cold_start_wait("flood", 100.0, 5.0), 3) for _ in range(3)] == [
+        0.1,
+        0.2,
+        0.3,
+    ]
+    assert table.cold_start_wait("victim", 100.0, 5.0) == 0.0  # another user's own bucket
+    table.cold_start_refund("flood")  # the request went before its turn came
+    assert round(table.cold_start_wait("flood", 100.0, 5.0), 3) == 0.3
+    # A second later, ten more turns have come, three of them taken ahead already.
+    waits = [round(table.cold_start_wait("flood", 101.0, 5.0), 3) for _ in range(8)]
+    assert waits == [0.0] * 7 + [0.1]
+    with pytest.raises(TooManyRequestsError) as refused:
+        table.cold_start_wait("flood", 101.0, 0.15)  # the next turn is 0.2 s off
+    assert refused.value.details == {"limit": "pool.cold_starts_per_user_per_s"}
+
+
 # --- the pool, with in-memory workers --------------------------------------------------------
 
 
@@ -181,6 +201,25 @@ async def test_a_user_at_their_cap_waits_for_their_own_workers_and_others_do_not
             await pool.aclose()
             nursery.cancel_scope.cancel()
     assert most_at_once == 2
+
+
+async def test_a_tenant_cycling_fast_through_vals_waits_for_cold_start_turns() -> None:
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            pool, _made = await in_memory_pool(
+                nursery, 0.0, max_workers=4, cold_starts_per_user_per_s=20.0
+            )
+            started = trio.current_time()
+            for val_id in range(30):  # 30 cold starts: 20 at once, then one each 50 ms
+                await pool.invoke(spec("flood", val_id), REQUEST)
+            # However slow the machine, 30 turns at 20 a second take half a second.
+            assert trio.current_time() - started >= 0.5
+            delayed = pool.stats["cold_starts_delayed"]
+            assert delayed >= 1
+            await pool.invoke(spec("victim", 1000), REQUEST)  # the victim's own bucket
+            assert pool.stats["cold_starts_delayed"] == delayed
+            await pool.aclose()
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_user_whose_workers_stay_busy_gets_429_naming_their_cap() -> None:

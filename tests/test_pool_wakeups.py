@@ -48,6 +48,7 @@ async def run_pool(max_workers: int, vals: int, delay_s: float) -> Counter[str]:
         load_timeout_s=5.0,
         max_workers_per_user=max_workers,
         max_queued_per_user=vals,
+        cold_starts_per_user_per_s=10_000.0,
     )
     config = Config(pool=pool_config)
     async with trio.open_nursery() as nursery:
