@@ -213,7 +213,7 @@ async def test_a_tenant_cycling_fast_through_vals_waits_for_cold_start_turns() -
             for val_id in range(30):  # 30 cold starts: 20 at once, then one each 50 ms
                 await pool.invoke(spec("flood", val_id), REQUEST)
             # However slow the machine, 30 turns at 20 a second take half a second.
-            assert trio.current_time() - started >= 0.5
+            assert trio.current_time() - started >= 0.45
             delayed = pool.stats["cold_starts_delayed"]
             assert delayed >= 1
             await pool.invoke(spec("victim", 1000), REQUEST)  # the victim's own bucket
