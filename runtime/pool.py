@@ -127,8 +127,10 @@ class Pool:
             cold_starts_per_s=pool.cold_starts_per_user_per_s,
         )
         self._busy: set[_Warm] = set()
-        #: Workers used once (Eval, checks at save), while they run.
+        #: Workers used once (Eval, checks at save), while they run; and workers loading
+        #: their val to become warm ones.
         self._once: set[WorkerProcess] = set()
+        self._loading: set[WorkerProcess] = set()
         #: Workers stopped for being the largest over `max_total_worker_mib`.
         self._overweight: set[WorkerProcess] = set()
         #: The resident memory of all workers at the last look.
@@ -283,11 +285,14 @@ class Pool:
         self.shares.take(owner)
         try:
             worker = await self._generic_worker(pool.spec.owner)
+            self._loading.add(worker)  # its module may allocate: the memory sweep sees it
             try:
                 load_log = await self._load(worker, pool.spec)
             except BaseException:
                 self._close(worker)
                 raise
+            finally:
+                self._loading.discard(worker)
         except BaseException:
             self._warm_count -= 1
             self.shares.give_back(owner)
@@ -377,7 +382,12 @@ class Pool:
         load = Load(spec.name, spec.code, spec.mode, spec.env, self.limits)
         with trio.move_on_after(self.config.pool.load_timeout_s):
             await worker.send(load.to_frame())
-            frame = await self._receive_demoted(worker)
+            try:
+                frame = await self._receive_demoted(worker)
+            except WorkerError:
+                if worker in self._overweight:
+                    raise self._stopped_for_memory() from None
+                raise
             try:
                 loaded = parse(frame, Loaded, Failure)
             except MessageError as exc:
@@ -509,7 +519,7 @@ class Pool:
         warm = [(w.worker, w) for pool in self._vals.values() for w in pool.idle]
         warm += [(w.worker, w) for w in self._busy]
         spares = self.tenants.spare_workers() if self.tenants is not None else []
-        others = self._ready + list(self._once) + spares
+        others = self._ready + list(self._once) + list(self._loading) + spares
         return warm + [(worker, None) for worker in others]
 
     def _measure(self) -> list[tuple[int, WorkerProcess, _Warm | None]]:

@@ -21,7 +21,7 @@ SHARED = SandboxConfig(fork_server_per_user=False)  # its workers are listed on 
 
 LOAD_SPIN = (
     "import time\n"
-    "end = time.monotonic() + 1.0\n"
+    "end = time.monotonic() + 3.0\n"
     "while time.monotonic() < end:\n"
     "    pass\n"
     "def c(req):\n"
@@ -68,10 +68,21 @@ GROWING = (
     "    return 'kept'\n"
 )
 
+GROWING_WHILE_LOADING = (
+    "import time\n"
+    "kept = []\n"
+    "for _ in range(40):\n"
+    "    kept.append(b'x' * (4 * 1024 * 1024))\n"
+    "    time.sleep(0.05)\n"
+    "def c(req):\n"
+    "    return 'kept'\n"
+)
 
-async def test_the_largest_worker_over_the_total_ceiling_is_stopped_mid_request() -> None:
+
+@pytest.mark.parametrize("code", [GROWING, GROWING_WHILE_LOADING], ids=["running", "loading"])
+async def test_the_largest_worker_over_the_total_ceiling_is_stopped_at_once(code: str) -> None:
     # 40 x 4 MiB would be 160 MiB, under the worker's own 256 MiB address space; all workers
-    # together may hold 120 MiB, so the growing one is stopped within one request.
+    # together may hold 120 MiB, so the growing one is stopped within one request or load.
     config = Config(
         limits=LimitsConfig(wall_time_s=20.0),
         pool=PoolConfig(prewarm_workers=1, max_total_worker_mib=120),
@@ -80,7 +91,7 @@ async def test_the_largest_worker_over_the_total_ceiling_is_stopped_mid_request(
     with trio.fail_after(40):
         async with open_pool(config) as pool:
             with pytest.raises(WorkerError) as stopped:
-                await counter_body(pool, counter_spec(code=GROWING))
+                await counter_body(pool, counter_spec(code=code))
             assert stopped.value.type == "memory_limit"
             assert "pool.max_total_worker_mib" in stopped.value.message
             assert pool.stats["killed_memory_total"] >= 1
