@@ -8,8 +8,11 @@ import h2.config
 import h2.connection
 import h2.events
 import httpx
+import pytest
 import trio
 
+from runtime.abandon import unless_abandoned
+from runtime.errors import ClientGoneError, NotFoundError
 from tests.helpers import Service, StartService
 
 SLEEPY = """
@@ -134,3 +137,29 @@ async def test_a_reset_http2_stream_frees_the_worker(start_service: StartService
         assert (status, body) == ("200", b"slept")
         await stream.aclose()
         assert await pool_counter(service, 'valrun_worker_kills_total{reason="cancelled"}') == 1
+
+
+# --- the mechanism alone, with a stand-in for the ASGI receive channel ---------------------
+
+
+async def test_the_work_is_cancelled_at_a_disconnect_and_its_errors_pass_unwrapped() -> None:
+    send, receive_channel = trio.open_memory_channel[dict[str, object]](2)
+
+    async def receive() -> dict[str, object]:
+        return await receive_channel.receive()
+
+    async def forever() -> str:
+        await trio.sleep_forever()
+        return "never"
+
+    async def refuse() -> str:
+        raise NotFoundError("no such val", "unknown_val")
+
+    with trio.fail_after(5):
+        assert await unless_abandoned(receive, trio.lowlevel.checkpoint) is None  # type: ignore[arg-type, func-returns-value]
+        with pytest.raises(NotFoundError):  # not an exception group
+            await unless_abandoned(receive, refuse)  # type: ignore[arg-type]
+        await send.send({"type": "http.request", "body": b"", "more_body": False})  # ignored
+        await send.send({"type": "http.disconnect"})
+        with pytest.raises(ClientGoneError):
+            await unless_abandoned(receive, forever)  # type: ignore[arg-type]
