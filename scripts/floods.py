@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 import tempfile
 import time
@@ -290,16 +291,53 @@ async def run_flood(service: Service, flood: Flood, seconds: float) -> Run:
             answer = await service.flood.api("PUT", path, {"every_s": 1})
             if answer.status not in (200, 201):
                 raise MeasureError(f"PUT {path} answered {answer.status}: {answer.body[:200]!r}")
+    # The flood runs in a process of its own: its clients must not slow the victim's.
+    command = [
+        sys.executable,
+        __file__,
+        "--attack",
+        flood.name,
+        f"--port={service.target.port}",
+        f"--token={service.flood_token}",
+        f"--slow-port={service.slow_port}",
+        f"--seconds={seconds + 1.5}",
+    ]
+    got: dict[str, dict[str, object]] = {}
+
+    async def attack() -> None:
+        done = await trio.run_process(command, capture_stdout=True, check=True)
+        got.update(json.loads(done.stdout))
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(flood.attack, service, run)
+        nursery.start_soon(attack)
         await trio.sleep(1)
         await measure_victim(service, flood.victim_val, seconds, run)
-        nursery.cancel_scope.cancel()
+    run.flood.update({status: int(str(count)) for status, count in got["flood"].items()})
+    run.samples = {status: str(body).encode() for status, body in got["samples"].items()}
     if flood.schedules:
         for name in flood.vals:
             await service.flood.api("DELETE", f"/v1/vals/flood/{name}/schedule")
     await settle(service)
     return run
+
+
+async def attack_alone(name: str, port: int, token: str, slow_port: int, seconds: float) -> None:
+    """The flood `name` for `seconds`, in this process; what it got, as JSON on stdout."""
+    target = Target("127.0.0.1", port)
+    service = Service(
+        0,
+        target,
+        ValrunClient(target, API_HOST, WEB_DOMAIN),
+        ValrunClient(target, API_HOST, WEB_DOMAIN, token),
+        token,
+        slow_port,
+    )
+    (flood,) = [f for f in floods(slow_port) if f.name == name]
+    run = Run()
+    with trio.move_on_after(seconds):
+        await flood.attack(service, run)
+    samples = {status: body.decode(errors="replace") for status, body in run.samples.items()}
+    print(json.dumps({"flood": dict(run.flood), "samples": samples}))
 
 
 async def measure(seconds: float, only: list[str], workdir: Path) -> list[tuple[str, Run, Run]]:
@@ -379,7 +417,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--only", nargs="*", default=[], help="flood names to run")
+    # The flood's own process (run_flood starts it): --attack NAME and where to aim.
+    parser.add_argument("--attack", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--token", help=argparse.SUPPRESS)
+    parser.add_argument("--slow-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.attack:
+        trio.run(attack_alone, args.attack, args.port, args.token, args.slow_port, args.seconds)
+        return 0
     say(f"load average before: {load_average()}")
     with tempfile.TemporaryDirectory(prefix="valrun-floods-") as workdir:
         results = trio.run(measure, args.seconds, args.only, Path(workdir))
