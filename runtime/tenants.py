@@ -117,7 +117,9 @@ class TenantForkServers:
         tenant = self._tenants.get(owner)
         if tenant is None:
             fork_server = SupervisedForkServer(self._start, spawn_timeout_s=self.timeout_s / 3)
-            supply = WorkerSupply(fork_server.spawn, timeout_s=self.timeout_s)
+            supply = WorkerSupply(
+                fork_server.spawn, timeout_s=self.timeout_s, what=f"workers for {owner!r}"
+            )
             tenant = self._tenants[owner] = _Tenant(fork_server, supply)
             self.stats["fork_servers_started"] += 1
         self._tenants.move_to_end(owner)
