@@ -12,6 +12,7 @@ import logging
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
+from runtime.abandon import unless_abandoned
 from runtime.accesslog import access_line
 from runtime.api import Api
 from runtime.auth import parse_version
@@ -154,9 +155,15 @@ class App:
                 headers=list(scope["headers"]),
                 body=body,
             )
+            # An invocation whose client leaves is stopped (runtime.abandon); management
+            # calls are short and run to the end.
             if isinstance(route, ValHost):
                 check_request_fields(request, self.config.limits)
-                response = await self.serve_val(route, request)
+                response = await unless_abandoned(receive, lambda: self.serve_val(route, request))
+            elif label in ("run", "eval"):
+                response = await unless_abandoned(
+                    receive, lambda: match.handler(request, match.params)
+                )
             else:
                 response = await match.handler(request, match.params)
         except HTTPError as exc:

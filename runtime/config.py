@@ -214,8 +214,22 @@ class PoolConfig:
     max_workers: int = 64
     #: A worker retires after this many requests (bounds slow leaks in module state)...
     max_requests_per_worker: int = 10000
-    #: ...or once its resident memory passes this (checked every 32 requests).
+    #: ...or once its resident memory passes this (looked at after every request).
     max_worker_rss_mb: int = 128
+    #: Fair shares between users (docs/fairness.md): warm workers one user's vals may hold
+    #: (busy, idle or loading; at most max_workers) ...
+    max_workers_per_user: int = 16
+    #: ... their requests waiting for a worker, all their vals together (then 429) ...
+    max_queued_per_user: int = 64
+    #: ... their Evals running at once (then 429) ...
+    max_evals_per_user: int = 4
+    #: ... and the new workers their vals may start per second (a burst of as many at once):
+    #: more wait their turn, within load_timeout_s, or get 429. A cold start is CPU (fork,
+    #: confine, load), and a tenant cycling through vals must not spend it all.
+    cold_starts_per_user_per_s: float = 20.0
+    #: The resident memory of all workers together; over it, the largest worker is stopped
+    #: (looked at every quarter second, and before a new worker is made).
+    max_total_worker_mib: int = 4096
     #: A request still running after this long runs at idle CPU priority until it answers,
     #: so a val spinning on CPU slows the others as little as possible.
     demote_after_s: float = 0.05

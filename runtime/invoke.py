@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from typing import TypeVar
 
 import trio
 
 from runtime.config import Config
-from runtime.errors import ClientGoneError, HTTPError, OverloadedError, WorkerError
+from runtime.errors import (
+    ClientGoneError,
+    HTTPError,
+    OverloadedError,
+    TooManyRequestsError,
+    WorkerError,
+)
 from runtime.fetch import FetchLog, fetch_log
 from runtime.hosts import val_host
 from runtime.http import JSON_HEADERS, HTTPRequest, HTTPResponse
@@ -65,8 +72,10 @@ class Invoker:
         self.config = config
         self.pool = pool
         self.recorder = recorder
-        # Each Eval takes a fresh worker; at most as many at once as the pool keeps warm.
+        # Each Eval takes a fresh worker; at most as many at once as the pool keeps warm,
+        # and at most `max_evals_per_user` of one user's (anonymous callers are one user).
         self._eval_slots = trio.Semaphore(config.pool.max_workers)
+        self._evals: Counter[str] = Counter()
 
     async def invoke(
         self,
@@ -116,8 +125,10 @@ class Invoker:
             error = _masked(exc, spec)
             record(error.status, error.log if isinstance(error, WorkerError) else "", error)
             raise (error if by_owner else shown_to_others(error, spec)) from None
-        except trio.Cancelled:  # the service is stopping under this request
-            gone = ClientGoneError("cancelled: valrun was shutting down", "cancelled")
+        except trio.Cancelled:  # the client went away (runtime.abandon), or valrun is stopping
+            gone = ClientGoneError(
+                "cancelled: the client went away, or valrun was shutting down", "cancelled"
+            )
             record(gone.status, error=gone)
             raise
         outcome = reply.outcome
@@ -135,6 +146,14 @@ class Invoker:
         return outcome
 
     async def _invoke_once(self, spec: ValSpec, request: Invocation) -> Reply:
+        owner = spec.owner
+        if self._evals[owner] >= self.config.pool.max_evals_per_user:
+            raise TooManyRequestsError(
+                f"{owner or 'anonymous'} has {self._evals[owner]} evals running, the most one "
+                "user may have (pool.max_evals_per_user); retry shortly",
+                headers=(("retry-after", "1"),),
+                details={"limit": "pool.max_evals_per_user"},
+            )
         try:
             self._eval_slots.acquire_nowait()
         except trio.WouldBlock:
@@ -142,10 +161,14 @@ class Invoker:
                 f"{self.config.pool.max_workers} evals are running; retry shortly",
                 headers=(("retry-after", "1"),),
             ) from None
+        self._evals[owner] += 1
         try:
             return await self.pool.invoke_once(spec, request)
         finally:
             self._eval_slots.release()
+            self._evals[owner] -= 1
+            if not self._evals[owner]:
+                del self._evals[owner]
 
     async def run(
         self,

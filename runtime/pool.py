@@ -10,9 +10,11 @@ specializing one is sending it a `load` frame. Per val version:
                                                  up to `pipeline_window` sent to it
                                                  (runtime/pipeline.py)
 
-Across vals, at most `max_workers` specialized workers live; the least recently used idle
-one makes room. A worker that timed out, crashed, broke the protocol, ran out of memory, or
-served `max_requests_per_worker` requests is retired and never reused.
+Across vals, at most `max_workers` specialized workers live, shared fairly between users
+(runtime.shares: a cap per user, a bounded wait per user, round-robin for a full pool, and
+eviction from the user most over their share). A worker that timed out, crashed, broke the
+protocol, ran out of memory, or served `max_requests_per_worker` requests is retired and never
+reused.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import functools
 import itertools
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -33,7 +35,6 @@ from runtime.errors import HTTPError, OverloadedError, WorkerError, WorkerTimeou
 from runtime.isolation import check_required, health, log_table, probe_layers
 from runtime.pipeline import Lane, NotStartedError, Turn
 from runtime.process import (
-    ForkServerError,
     ForkServerHandle,
     SpawnedWorker,
     SupervisedForkServer,
@@ -42,6 +43,7 @@ from runtime.process import (
 )
 from runtime.quotas import check_load_fits
 from runtime.reply import Reply, bounded_log, check_failure, check_reply, protocol_error
+from runtime.shares import Shares
 from runtime.supply import WorkerSupply
 from runtime.tenants import TenantForkServers
 from runtime.workdir import claim_workdir
@@ -64,8 +66,9 @@ from sandbox.wire import Frame
 logger = logging.getLogger(__name__)
 
 SlotKey = tuple[int, int, tuple[tuple[str, str], ...]]
-#: How often (in requests) a warm worker's memory is looked at.
-RSS_CHECK_EVERY = 32
+#: How often the memory of all workers together is looked at (`max_total_worker_mib`).
+MEMORY_SWEEP_S = 0.25
+MIB = 1024 * 1024
 #: Replies with bodies larger than this are checked in a thread.
 THREAD_CHECK_BYTES = 256 * 1024
 #: Only requests with bodies this small are pipelined: their frame fits in the socket's
@@ -111,9 +114,6 @@ class _Warm:
     load_log: str = ""
     #: Its requests in flight (runtime.pipeline): one, or more when pipelined.
     lane: Lane = field(default_factory=Lane)
-    #: Its memory is looked at once `requests` reaches this (pipelined requests are counted
-    #: several at a time, so not every multiple of RSS_CHECK_EVERY is seen).
-    rss_check_at: int = RSS_CHECK_EVERY
 
 
 class _ValPool:
@@ -161,6 +161,21 @@ class Pool:
         )
         self._vals: dict[SlotKey, _ValPool] = {}
         self._warm_count = 0
+        pool = config.pool
+        self.shares = Shares(
+            max_workers=pool.max_workers,
+            max_per_user=pool.max_workers_per_user,
+            max_queued_per_user=pool.max_queued_per_user,
+            cold_starts_per_s=pool.cold_starts_per_user_per_s,
+        )
+        #: Workers used once (Eval, checks at save), while they run; and workers loading
+        #: their val to become warm ones.
+        self._once: set[WorkerProcess] = set()
+        self._loading: set[WorkerProcess] = set()
+        #: Workers stopped for being the largest over `max_total_worker_mib`.
+        self._overweight: set[WorkerProcess] = set()
+        #: The resident memory of all workers at the last look.
+        self.memory_bytes = 0
         # Woken whenever a warm worker becomes idle or goes away. A parking lot, not an
         # event each waiter replaces: every waiter is woken, none can be left asleep.
         self._room = trio.lowlevel.ParkingLot()
@@ -188,7 +203,7 @@ class Pool:
         return {
             "ready": len(self._ready) + spares,
             "idle": idle,
-            "busy": self._warm_count - idle,
+            "busy": self._warm_count - idle + len(self._once),  # Evals are busy workers too
             "queued": sum(pool.queued for pool in pools),
         }
 
@@ -205,18 +220,28 @@ class Pool:
                 f"{spec.owner}/{spec.name} has {waiting} requests waiting; retry shortly",
                 headers=(("retry-after", "1"),),
             )
-        async with pool.capacity:
-            alone = False
-            while True:
-                warm = await self._worker_for(pool, request, alone=alone)
-                try:
-                    return await self._serve(warm, spec, request)
-                except NotStartedError:
-                    # Its worker went before its turn: it runs alone on another, as it would
-                    # have without pipelining (an idle worker's first request is its head).
-                    self.stats["pipelined_sent_again"] += 1
-                    self.stats["invocations"] -= 1  # counted once, when it is served
-                    alone = True
+        self.shares.enqueue(spec.owner)  # 429 when too many of the user's wait already
+        waiting = True
+        try:
+            async with pool.capacity:
+                alone = False
+                while True:
+                    warm = await self._worker_for(pool, request, alone=alone)
+                    if waiting:
+                        self.shares.dequeue(spec.owner)
+                        waiting = False
+                    try:
+                        return await self._serve(warm, spec, request)
+                    except NotStartedError:
+                        # Its worker went before its turn: it runs alone on another, as it
+                        # would have without pipelining (an idle worker's first request is
+                        # its head).
+                        self.stats["pipelined_sent_again"] += 1
+                        self.stats["invocations"] -= 1  # counted once, when it is served
+                        alone = True
+        finally:
+            if waiting:
+                self.shares.dequeue(spec.owner)
 
     async def _worker_for(self, pool: _ValPool, request: Invocation, *, alone: bool) -> _Warm:
         """A worker for `request`: an idle one, else a new one while the val has fewer than
@@ -331,12 +356,15 @@ class Pool:
 
     async def invoke_once(self, spec: ValSpec, request: Invocation) -> Reply:
         """Run one request in a fresh worker that serves nothing else (the Eval API)."""
+        self._check_total_memory()
         worker = await self._generic_worker(spec.owner)
+        self._once.add(worker)
         try:
             load_log = await self._load(worker, spec)
             reply = await self._exchange(worker, spec, request)
             return dataclasses.replace(reply, log=load_log + reply.log)
         finally:
+            self._once.discard(worker)
             self._close(worker)
             self._want_ready.set()
 
@@ -346,6 +374,7 @@ class Pool:
         `owner`'s."""
         worker = await self._generic_worker(owner)
         spec = ValSpec(0, 0, owner, name, code, (), "", mode="check")
+        self._once.add(worker)
         try:
             with trio.move_on_after(self.config.pool.load_timeout_s):
                 await worker.send(Load(name, code, "check", (), self.limits, owner).to_frame())
@@ -354,6 +383,7 @@ class Pool:
                 f"compiling the code took over {self.config.pool.load_timeout_s} s"
             )
         finally:
+            self._once.discard(worker)
             self._close(worker)
             self._want_ready.set()
 
@@ -399,14 +429,10 @@ class Pool:
     # Workers: generic (prewarmed) -> specialized (warm, in a _ValPool) -> closed.
 
     async def _generic_worker(self, owner: str) -> WorkerProcess:
-        if self.tenants is not None:  # from the user's own fork server, with its own spares
-            try:
-                return await self.tenants.spawn(owner)
-            except (ForkServerError, OSError) as exc:  # the process limit, descriptors, ...
-                raise OverloadedError(
-                    f"no worker can be started right now ({exc}); retry shortly",
-                    headers=(("retry-after", "1"),),
-                ) from None
+        if self.tenants is not None:
+            # From the user's own fork server, with its own spares and its own supply: one
+            # user's broken fork server backs off on its own and stalls nobody else.
+            return await self.tenants.spawn(owner)
         # The refill (a fork plus ~2 ms of confinement) is asked for after this request, in
         # `_release`: started now, it would compete with this request for the CPU.
         while self._ready:
@@ -429,39 +455,105 @@ class Pool:
         return None
 
     async def _specialize(self, pool: _ValPool) -> _Warm:
-        await self._make_room()
+        owner = pool.spec.owner
+        self._check_total_memory()
+        await self._cold_start_turn(owner)
+        await self._make_room(owner)
         self._warm_count += 1
+        self.shares.take(owner)
         try:
             worker = await self._generic_worker(pool.spec.owner)
+            self._loading.add(worker)  # its module may allocate: the memory sweep sees it
             try:
                 load_log = await self._load(worker, pool.spec)
             except BaseException:
                 self._close(worker)
                 raise
+            finally:
+                self._loading.discard(worker)
         except BaseException:
             self._warm_count -= 1
+            self.shares.give_back(owner)
             self._room.unpark_all()
             raise
         self.stats["cold_starts"] += 1
         return _Warm(worker, pool, trio.current_time(), load_log=load_log)
 
-    async def _make_room(self) -> None:
-        """Wait until one more warm worker fits under `max_workers`, evicting LRU idle ones."""
-        with trio.move_on_after(self.config.pool.load_timeout_s):
-            while self._warm_count >= self.config.pool.max_workers:
-                idle = [w for pool in self._vals.values() for w in pool.idle]
-                if idle:
-                    oldest = min(idle, key=lambda w: w.last_used)
-                    oldest.val_pool.idle.remove(oldest)
-                    self.stats["evicted_lru"] += 1
-                    self._drop(oldest)
-                    continue
+    async def _cold_start_turn(self, owner: str) -> None:
+        """Wait for `owner`'s turn to start a worker (their rate of cold starts)."""
+        now = trio.current_time()
+        wait = self.shares.cold_start_wait(owner, now, self.config.pool.load_timeout_s)
+        if wait:
+            self.stats["cold_starts_delayed"] += 1
+            try:
+                await trio.sleep(wait)
+            except trio.Cancelled:
+                self.shares.cold_start_refund(owner)
+                raise
+
+    async def _make_room(self, owner: str) -> None:
+        """Wait until one more warm worker of `owner` fits, under their cap and under
+        `max_workers`, evicting idle workers as runtime.shares decides; then return at once
+        (no checkpoint), so the caller takes the room it was given."""
+        shares = self.shares
+        with (
+            trio.move_on_after(self.config.pool.load_timeout_s),
+            self._leaving_wakes(),
+            shares.in_line(owner) as ticket,
+        ):
+            while True:
+                if shares.at_cap(owner):  # a swap within the user's own share...
+                    if shares.may_swap(owner) and self._evict(owner):
+                        return  # ...unless one holding fewer waits: theirs, then
+                elif shares.first_in_line(owner, ticket):
+                    if self._warm_count < self.config.pool.max_workers:
+                        return
+                    victim = shares.evict_from(owner, self._oldest_idle())
+                    if victim is not None and self._evict(victim):
+                        continue
+                elif (
+                    self._warm_count >= self.config.pool.max_workers
+                    and shares.may_swap(owner)
+                    and self._evict(owner)
+                ):
+                    return  # not this user's turn, but a swap within their own share is
                 await self._room.park()
-            return
+        if shares.at_cap(owner):
+            raise shares.over_cap(owner)
         raise OverloadedError(
             f"all {self.config.pool.max_workers} workers are busy; retry shortly",
             headers=(("retry-after", "1"),),
         )
+
+    @contextmanager
+    def _leaving_wakes(self) -> Iterator[None]:
+        """Whoever leaves the line (served, timed out, cancelled) wakes the others: the
+        first in line may be someone else now."""
+        try:
+            yield
+        finally:
+            if self.shares.waiting:
+                self._room.unpark_all()
+
+    def _oldest_idle(self) -> dict[str, float]:
+        """User -> when their least recently used idle worker was last used."""
+        oldest: dict[str, float] = {}
+        for pool in self._vals.values():
+            for warm in pool.idle:
+                owner = pool.spec.owner
+                oldest[owner] = min(oldest.get(owner, warm.last_used), warm.last_used)
+        return oldest
+
+    def _evict(self, owner: str) -> bool:
+        """Stop `owner`'s least recently used idle worker; False if they have none."""
+        idle = [w for pool in self._vals.values() if pool.spec.owner == owner for w in pool.idle]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda w: w.last_used)
+        oldest.val_pool.idle.remove(oldest)
+        self.stats["evicted_lru"] += 1
+        self._drop(oldest)
+        return True
 
     async def _load(self, worker: WorkerProcess, spec: ValSpec) -> str:
         """Specialize a generic worker; what the module printed while it ran."""
@@ -469,7 +561,12 @@ class Pool:
         check_load_fits(load)  # an env stored too large: a clear error, not a dead worker
         with trio.move_on_after(self.config.pool.load_timeout_s):
             await worker.send(load.to_frame())
-            frame = await self._receive_loaded(worker, spec)
+            try:
+                frame = await self._receive_loaded(worker, spec)
+            except WorkerError:
+                if worker in self._overweight:
+                    raise self._stopped_for_memory() from None
+                raise
             try:
                 loaded = parse(frame, Loaded, Failure)
             except MessageError as exc:
@@ -489,7 +586,7 @@ class Pool:
         """The answer to a `load`, answering the imports of vals the module makes on the way
         (with `LOAD_ASK_ID`); any other ask while it loads is a protocol error."""
         while True:
-            frame = await worker.receive()
+            frame = await self._receive_demoted(worker)
             if frame.op != ImportAsk.op:
                 return frame
             try:
@@ -499,6 +596,19 @@ class Pool:
             if ask.id != LOAD_ASK_ID or self.broker is None:
                 raise protocol_error(f"an unexpected {frame.op!r} ask while loading")
             await worker.send(await self.broker(spec, ask))
+
+    async def _receive_demoted(self, worker: WorkerProcess) -> Frame:
+        """The next frame; a module still loading after `demote_after_s` (spinning at module
+        level, say) runs at idle CPU priority until it answers, as a long request does."""
+        with trio.move_on_after(self.config.pool.demote_after_s):
+            return await worker.receive()  # a partly read frame stays in the decoder
+        demoted = worker.demote()
+        self.stats["demoted_loading"] += demoted
+        try:
+            return await worker.receive()
+        finally:
+            if demoted:
+                worker.promote()
 
     async def _exchange(
         self, worker: WorkerProcess, spec: ValSpec, request: Invocation, *, sent: bool = False
@@ -510,7 +620,12 @@ class Pool:
         with trio.move_on_after(self.limits.wall_time_s):
             if not sent:
                 await worker.send(request.to_frame())
-            frame = await self._receive_reply(worker, spec, request.id)
+            try:
+                frame = await self._receive_reply(worker, spec, request.id)
+            except WorkerError:
+                if worker in self._overweight:
+                    raise self._stopped_for_memory() from None
+                raise
         if frame is not None:  # not timed out
             kind = type(request)
             if len(frame.body) <= THREAD_CHECK_BYTES:
@@ -588,20 +703,87 @@ class Pool:
             self._room.unpark_all()
 
     def _grown(self, warm: _Warm) -> bool:
-        """True when a worker's memory has grown past the limit (module state that leaks)."""
-        if warm.requests < warm.rss_check_at:
-            return False
-        warm.rss_check_at = warm.requests + RSS_CHECK_EVERY
+        """True when a worker's memory has grown past the limit (module state that leaks).
+        Looked at after every request: reading /proc/PID/statm costs microseconds."""
         rss = warm.worker.rss_bytes()
         if rss is None or rss <= self.config.pool.max_worker_rss_mb * 1024 * 1024:
             return False
         self.stats["killed_memory_growth"] += 1
         return True
 
+    # The memory of all workers together (`max_total_worker_mib`)
+
+    def _workers(self) -> list[tuple[WorkerProcess, _Warm | None]]:
+        """Every worker the pool holds, and its warm handle when it has one."""
+        warm = [(w.worker, w) for pool in self._vals.values() for w in pool.idle]
+        warm += [(w.worker, w) for pool in self._vals.values() for w in pool.busy]
+        spares = self.tenants.spare_workers() if self.tenants is not None else []
+        others = self._ready + list(self._once) + list(self._loading) + spares
+        return warm + [(worker, None) for worker in others]
+
+    def _measure(self) -> list[tuple[int, WorkerProcess, _Warm | None]]:
+        sizes = [(worker.rss_bytes() or 0, worker, warm) for worker, warm in self._workers()]
+        self.memory_bytes = sum(size for size, _worker, _warm in sizes)
+        return sizes
+
+    def _enforce_total_memory(self, *, kill_busy: bool = True) -> None:
+        """Stop the largest workers until all together are under the ceiling. An idle one
+        simply goes; a busy one is killed, and its request answered 502 `memory_limit`
+        (unless `kill_busy` is False: then only idle ones go)."""
+        ceiling = self.config.pool.max_total_worker_mib * MIB
+        sizes = sorted(self._measure(), key=lambda entry: entry[0], reverse=True)
+        total = self.memory_bytes
+        for size, worker, warm in sizes:
+            if total <= ceiling:
+                break
+            idle = warm is not None and warm in warm.val_pool.idle
+            if warm is not None and idle:
+                warm.val_pool.idle.remove(warm)
+                self._drop(warm)
+            elif kill_busy:
+                self._overweight.add(worker)
+                worker.kill()
+            else:
+                continue
+            total -= size
+            self.stats["killed_memory_total"] += 1
+        self.memory_bytes = total
+
+    def _check_total_memory(self) -> None:
+        """Before a new worker: room under the ceiling, made from idle workers, or 503 (a
+        busy worker is not killed for a new one; the sweep does that to the largest)."""
+        ceiling = self.config.pool.max_total_worker_mib * MIB
+        if self.memory_bytes <= ceiling:
+            return
+        self._enforce_total_memory(kill_busy=False)
+        if self.memory_bytes > ceiling:
+            raise OverloadedError(
+                f"the workers together hold {self.memory_bytes // MIB} MiB, over "
+                f"pool.max_total_worker_mib ({self.config.pool.max_total_worker_mib}); "
+                "retry shortly",
+                headers=(("retry-after", "1"),),
+                details={"limit": "pool.max_total_worker_mib"},
+            )
+
+    def _stopped_for_memory(self) -> WorkerError:
+        return WorkerError(
+            "the worker was stopped: it was the largest when all workers together held more "
+            f"than pool.max_total_worker_mib ({self.config.pool.max_total_worker_mib} MiB)",
+            "memory_limit",
+        )
+
+    async def serve_memory_ceiling(self, *, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(MEMORY_SWEEP_S)
+            self._overweight = {w for w in self._overweight if w.still_running()}
+            self._enforce_total_memory()
+
     def _drop(self, warm: _Warm) -> None:
         warm.val_pool.workers -= 1
         warm.val_pool.freed.unpark_all()
         self._warm_count -= 1
+        self.shares.give_back(warm.val_pool.spec.owner)
         self._room.unpark_all()
         self._close(warm.worker)
 
@@ -698,6 +880,7 @@ async def open_pool(
                     nursery,
                     max_spares=config.pool.prewarm_workers,
                     max_idle_servers=config.sandbox.max_idle_fork_servers,
+                    timeout_s=config.pool.load_timeout_s,
                 )
                 factory = _no_shared_workers
             elif worker_command is None:
@@ -731,6 +914,7 @@ async def open_pool(
                     if tenants is None:  # per user, spares are kept by `tenants`
                         await background.start(pool.serve_prewarm)
                     await background.start(pool.serve_idle_expiry)
+                    await background.start(pool.serve_memory_ceiling)
                     try:
                         yield pool
                     finally:

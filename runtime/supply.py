@@ -38,8 +38,11 @@ class WorkerSupply:
         *,
         timeout_s: float,
         on_failure: Callable[[], None] = lambda: None,
+        what: str = "workers",
     ) -> None:
         self._make = make
+        #: What it makes, as its log lines say ("workers", "workers for 'alice'").
+        self.what = what
         self.timeout_s = timeout_s
         #: Called at each failure: whoever retries in the background must know.
         self._on_failure = on_failure
@@ -67,7 +70,8 @@ class WorkerSupply:
             raise self._unavailable() from None
         if self.failing:
             logger.warning(
-                "workers can be started again, after %.1f s and %d failed attempts",
+                "%s can be started again, after %.1f s and %d failed attempts",
+                self.what,
                 trio.current_time() - self._failing_since,
                 self.failures,
             )
@@ -82,8 +86,9 @@ class WorkerSupply:
         if not self.failing:
             self._failing_since = now
             logger.error(
-                "cannot start workers: %s; answering 503 to requests that need one and "
+                "cannot start %s: %s; answering 503 to requests that need one and "
                 "retrying with back-off",
+                self.what,
                 reason,
             )
         self.failures += 1

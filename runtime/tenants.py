@@ -13,6 +13,10 @@ waits for their fork server to start. Spare workers (one per recently active use
 `pool.prewarm_workers` of them) keep the following cold starts off the fork path, as the
 shared prewarmed workers do in the shared mode; a fork server whose workers have all gone is
 closed once more than `max_idle_servers` are idle.
+
+Each user's fork server has its own supply (runtime.supply): when it cannot make workers
+(wedged, dying at start, at a process limit), that user's requests for a new worker get 503
+at once while it backs off, and no other user waits on it.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from dataclasses import dataclass
 import trio
 import trio.lowlevel
 
+from runtime.errors import OverloadedError
 from runtime.process import (
-    ForkServerError,
     ForkServerHandle,
     SupervisedForkServer,
     WorkerProcess,
 )
+from runtime.supply import WorkerSupply
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,7 @@ logger = logging.getLogger(__name__)
 @dataclass(eq=False)
 class _Tenant:
     fork_server: SupervisedForkServer
+    supply: WorkerSupply
     spare: WorkerProcess | None = None
     #: Spawns in flight: a fork server is never closed under one.
     busy: int = 0
@@ -58,11 +64,15 @@ class TenantForkServers:
         *,
         max_spares: int,
         max_idle_servers: int = 8,
+        timeout_s: float = 10.0,
     ) -> None:
         self._start = start  # ForkServerHandle.start, its arguments bound
         self._nursery = nursery
         self.max_spares = max_spares
         self.max_idle_servers = max_idle_servers
+        #: A worker must come within this; two tries of the fork server fit in it, so a
+        #: wedged one is replaced, not merely given up on.
+        self.timeout_s = timeout_s
         self._tenants: OrderedDict[str, _Tenant] = OrderedDict()  # least recently used first
         self.stats: Counter[str] = Counter()
 
@@ -70,12 +80,20 @@ class TenantForkServers:
     def spares(self) -> int:
         return sum(t.spare is not None for t in self._tenants.values())
 
+    def spare_workers(self) -> list[WorkerProcess]:
+        return [t.spare for t in self._tenants.values() if t.spare is not None]
+
+    def supply(self, owner: str) -> WorkerSupply | None:
+        tenant = self._tenants.get(owner)
+        return None if tenant is None else tenant.supply
+
     def fork_server(self, owner: str) -> SupervisedForkServer | None:
         tenant = self._tenants.get(owner)
         return None if tenant is None else tenant.fork_server
 
     async def spawn(self, owner: str) -> WorkerProcess:
-        """A generic worker forked from `owner`'s fork server (started if need be)."""
+        """A generic worker forked from `owner`'s fork server (started if need be), or
+        OverloadedError (503) from that user's supply while it cannot make one."""
         tenant = self._tenant(owner)
         spare, tenant.spare = tenant.spare, None
         try:
@@ -86,7 +104,7 @@ class TenantForkServers:
                 self._nursery.start_soon(spare.aclose)
             tenant.busy += 1
             try:
-                worker = await tenant.fork_server.spawn()
+                worker = await tenant.supply.get()
             finally:
                 tenant.busy -= 1
             self.stats["forked_on_demand"] += 1
@@ -98,7 +116,11 @@ class TenantForkServers:
     def _tenant(self, owner: str) -> _Tenant:
         tenant = self._tenants.get(owner)
         if tenant is None:
-            tenant = self._tenants[owner] = _Tenant(SupervisedForkServer(self._start))
+            fork_server = SupervisedForkServer(self._start, spawn_timeout_s=self.timeout_s / 3)
+            supply = WorkerSupply(
+                fork_server.spawn, timeout_s=self.timeout_s, what=f"workers for {owner!r}"
+            )
+            tenant = self._tenants[owner] = _Tenant(fork_server, supply)
             self.stats["fork_servers_started"] += 1
         self._tenants.move_to_end(owner)
         return tenant
@@ -116,9 +138,8 @@ class TenantForkServers:
                 return
             tenant.busy += 1
             try:
-                worker = await tenant.fork_server.spawn()
-            except ForkServerError:  # a spare is an optimisation: log, go on
-                logger.exception("could not fork a spare worker for %r", owner)
+                worker = await tenant.supply.get()
+            except OverloadedError:  # a spare is an optimisation; the supply logged why
                 return
             finally:
                 tenant.busy -= 1

@@ -41,7 +41,16 @@ async def call_all(pool: Pool, vals: int) -> Counter[str]:
 
 
 async def run_pool(max_workers: int, vals: int, delay_s: float) -> Counter[str]:
-    config = Config(pool=PoolConfig(max_workers=max_workers, load_timeout_s=5.0))
+    # One user's vals, that user's limits lifted: the pool's own wake-ups are under test
+    # here (its fair shares between users: test_fairness.py).
+    pool_config = PoolConfig(
+        max_workers=max_workers,
+        load_timeout_s=5.0,
+        max_workers_per_user=max_workers,
+        max_queued_per_user=vals,
+        cold_starts_per_user_per_s=10_000.0,
+    )
+    config = Config(pool=pool_config)
     async with trio.open_nursery() as nursery:
 
         async def factory() -> WorkerProcess:

@@ -22,8 +22,13 @@ class MemoryWorker(WorkerProcess):
         ours, theirs = trio.testing.memory_stream_pair()
         super().__init__(next(_pids), ours, max_body_bytes=1 << 20)
         self.delay_s = delay_s
+        #: What `rss_bytes` says: set it to stand for a worker of that size.
+        self.rss: int | None = None
         self._cancel = trio.CancelScope()
         nursery.start_soon(self._serve, theirs)
+
+    def rss_bytes(self) -> int | None:
+        return self.rss
 
     def kill(self) -> None:
         self._cancel.cancel()
