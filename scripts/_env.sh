@@ -59,3 +59,12 @@ ensure_tzdata() {  # the zoneinfo facade serves the system's tz database (Debian
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq tzdata >/dev/null
 }
+
+ensure_postgres() {  # the store's tests run against a throwaway PostgreSQL (tests/pg_kit.py)
+  if compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then return; fi
+  echo "scripts: installing Debian's postgresql for the store's tests" >&2
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >/dev/null
+}

@@ -5,7 +5,7 @@ The handle they return, `Service`, and the other shared helpers are in tests/hel
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from runtime.config import (
 )
 from runtime.server import serve_valrun
 from runtime.store import Store
+from tests import pg_kit
 from tests.helpers import TEST_LIMITS, Service, StartService
 
 
@@ -72,3 +73,21 @@ async def start_service(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[
 @pytest.fixture
 async def service(start_service: StartService) -> Service:
     return await start_service()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[pg_kit.Cluster]:
+    """One throwaway PostgreSQL server for the session (tests/pg_kit.py), stopped at its end."""
+    cluster = pg_kit.start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: pg_kit.Cluster) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test: its postgresql:// URL."""
+    url = pg_cluster.create_database()
+    yield url
+    pg_cluster.drop_database(url)

@@ -28,6 +28,10 @@ def imports(path: Path) -> Iterator[tuple[int, str]]:
             yield from ((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
 
 
+#: The modules of tests/ that hold no tests: pytest's, and the shared helpers (README, Layout).
+HELPERS = {"__init__", "conftest", "helpers", "attack_kit", "confine_kit", "live", "pg_kit"}
+
+
 def normalized(distribution: str) -> str:
     return re.sub(r"[-_.]+", "-", distribution).lower()
 
@@ -58,6 +62,11 @@ def test_no_test_module_imports_another() -> None:
     # Shared helpers live in tests/helpers.py, fixtures in conftest.py (which pytest loads).
     found = [hit for path in sorted((ROOT / "tests").rglob("*.py")) for hit in cross_imports(path)]
     assert found == []
+
+
+def test_tests_holds_test_modules_and_the_named_helpers() -> None:
+    others = {p.stem for p in (ROOT / "tests").glob("*.py") if not p.stem.startswith("test_")}
+    assert others == HELPERS
 
 
 def test_every_imported_library_is_declared() -> None:
