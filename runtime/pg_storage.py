@@ -30,6 +30,7 @@ Bounds, as SqliteStorage's (per call, per user, in all):
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import math
@@ -404,7 +405,7 @@ class PgStorage:
         try:
             return _TenantConn(self._open_tenant(tenant))
         except psycopg.OperationalError as exc:
-            if _sqlstate(exc) == "53300":  # too_many_connections (the role's limit)
+            if "too many connections" in str(exc):  # the role's CONNECTION LIMIT
                 raise StorageRefusedError(
                     "your database has all the connections it may have; retry shortly", "busy"
                 ) from None
@@ -497,15 +498,17 @@ class PgStorage:
     ) -> bytes:
         pgconn = conn.pgconn
         timeout_ms = max(1, math.ceil(run_for * 1000))
+        vacuum = False
         try:
             # One round trip, the simple protocol: the call's transaction and its settings.
             # The lock waits at most the statement timeout (set above it in the same string).
-            _check(
+            before = _check(
                 pgconn,
                 f"BEGIN; SET LOCAL statement_timeout = {timeout_ms}; "
-                f"SELECT pg_advisory_xact_lock({CALL_LOCK})".encode(),
+                f"SELECT pg_advisory_xact_lock({CALL_LOCK}); {SIZE_QUERY}".encode(),
                 multiple=True,
             )
+            size_before = int(before.get_value(0, 0) or b"0")
             deadline = time.monotonic() + run_for
             answer = ResultWriter(self.max_result_bytes, self._too_large)
             for text, args in statements:
@@ -515,7 +518,9 @@ class PgStorage:
             body = answer.finish()
             size_row = _check(pgconn, SIZE_QUERY.encode())
             size = int(size_row.get_value(0, 0) or b"0")
-            if size > self.config.max_sql_bytes:
+            # Only growth is refused: space left by rolled-back writes (until VACUUM) and
+            # writes that reuse it do not make the database unusable.
+            if size > self.config.max_sql_bytes and size > size_before:
                 raise StorageRefusedError(
                     f"this would grow your SQL database to {size} bytes, past its "
                     f"{self.config.max_sql_bytes}-byte quota (storage.max_sql_bytes); "
@@ -526,6 +531,10 @@ class PgStorage:
             return body
         except _PgError as exc:
             raise self._refusal(exc, run_for) from None
+        except StorageRefusedError as exc:
+            if exc.type == "quota_exceeded":
+                vacuum = True
+            raise
         finally:
             status = pgconn.transaction_status
             if status == pq.TransactionStatus.ACTIVE:
@@ -538,6 +547,8 @@ class PgStorage:
                     conn.close()
             elif status != pq.TransactionStatus.IDLE:
                 conn.close()
+            if vacuum and not conn.closed:
+                _reclaim(pgconn, timeout_ms)
 
     def _statement(
         self, pgconn: pq.abc.PGconn, text: str, args: tuple[SqlValue, ...], answer: ResultWriter
@@ -625,6 +636,10 @@ class PgStorage:
             return StorageRefusedError(
                 f"{exc.message}: your SQL reaches only your own database's tables", "sql_refused"
             )
+        if code == "25001":  # active_sql_transaction: CREATE DATABASE, VACUUM, ...
+            return StorageRefusedError(
+                f"{exc.message}: every call is one transaction", "sql_refused"
+            )
         if code == "42601" and "multiple commands" in exc.message:
             return StorageRefusedError(
                 "one statement per string: send several as a batch", "sql_refused"
@@ -678,10 +693,6 @@ class _PgError(Exception):
         return cls(state, text or (res.error_message or b"").decode(errors="replace").strip())
 
 
-def _sqlstate(exc: psycopg.Error) -> str:
-    return exc.sqlstate or ""
-
-
 def _check(pgconn: pq.abc.PGconn, query: bytes, *, multiple: bool = False) -> pq.abc.PGresult:
     """Run the service's own statement(s); the last result, or _PgError."""
     if multiple:
@@ -702,6 +713,19 @@ def _check(pgconn: pq.abc.PGconn, query: bytes, *, multiple: bool = False) -> pq
             raise _PgError("08006", (pgconn.error_message or b"").decode(errors="replace"))
         raise _PgError("", "no result")
     return last
+
+
+def _reclaim(pgconn: pq.abc.PGconn, timeout_ms: int) -> None:
+    """After a write refused for the quota: VACUUM the tenant's tables (the only ones its
+    role owns), so that the space the rolled-back rows took counts no more."""
+    try:
+        _check(pgconn, f"SET statement_timeout = {timeout_ms}".encode())
+        _check(pgconn, b"VACUUM")
+    except _PgError as exc:
+        logger.info("VACUUM after a refused write: %s", exc.message)
+    finally:
+        with contextlib.suppress(_PgError):
+            _check(pgconn, b"RESET statement_timeout")
 
 
 def _cancel(pgconn: pq.abc.PGconn) -> None:
