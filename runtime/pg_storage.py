@@ -241,7 +241,9 @@ class PgStorage:
             try:
                 with self._service() as conn:
                     return fn(conn)
-            except psycopg.OperationalError as exc:
+            except psycopg.DataError as exc:  # a key or value PostgreSQL cannot hold
+                raise StorageRefusedError(f"{exc}", "bad_key") from None
+            except psycopg.Error as exc:
                 logger.error("the blob store failed: %s", exc)
                 raise StorageRefusedError(
                     "the storage failed; retry later", "storage_failed"
@@ -531,24 +533,18 @@ class PgStorage:
             return body
         except _PgError as exc:
             raise self._refusal(exc, run_for) from None
+        except psycopg.Error as exc:  # the connection broke (libpq's own errors)
+            logger.error("a user's SQL connection failed: %s", exc)
+            conn.close()
+            raise StorageRefusedError(
+                "the database failed; retry later", "storage_failed"
+            ) from None
         except StorageRefusedError as exc:
             if exc.type == "quota_exceeded":
                 vacuum = True
             raise
         finally:
-            status = pgconn.transaction_status
-            if status == pq.TransactionStatus.ACTIVE:
-                _cancel(pgconn)
-                status = pgconn.transaction_status
-            if status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
-                try:
-                    _check(pgconn, b"ROLLBACK")
-                except _PgError:
-                    conn.close()
-            elif status != pq.TransactionStatus.IDLE:
-                conn.close()
-            if vacuum and not conn.closed:
-                _reclaim(pgconn, timeout_ms)
+            _end_call(conn, reclaim_ms=timeout_ms if vacuum else 0)
 
     def _statement(
         self, pgconn: pq.abc.PGconn, text: str, args: tuple[SqlValue, ...], answer: ResultWriter
@@ -713,6 +709,24 @@ def _check(pgconn: pq.abc.PGconn, query: bytes, *, multiple: bool = False) -> pq
             raise _PgError("08006", (pgconn.error_message or b"").decode(errors="replace"))
         raise _PgError("", "no result")
     return last
+
+
+def _end_call(conn: Conn, reclaim_ms: int) -> None:
+    """Leave the tenant's connection idle, outside any transaction, or close it."""
+    pgconn = conn.pgconn
+    try:
+        status = pgconn.transaction_status
+        if status == pq.TransactionStatus.ACTIVE:
+            _cancel(pgconn)
+            status = pgconn.transaction_status
+        if status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
+            _check(pgconn, b"ROLLBACK")
+        elif status != pq.TransactionStatus.IDLE:
+            conn.close()
+        if reclaim_ms and not conn.closed:
+            _reclaim(pgconn, reclaim_ms)
+    except (_PgError, psycopg.Error):
+        conn.close()
 
 
 def _reclaim(pgconn: pq.abc.PGconn, timeout_ms: int) -> None:

@@ -98,6 +98,11 @@ class StorageBackend(Protocol):
     """Per-user blob and SQL storage. Every method refuses with StorageRefusedError (and
     then has changed nothing); a write that returned is committed."""
 
+    #: The `[storage]` limits in force (max_value_bytes already capped by the frame size).
+    config: StorageConfig
+    #: A SQL answer's cap: over it, the call is refused and rolled back.
+    max_result_bytes: int
+
     async def blob_get(self, user: str, key: str) -> bytes | None: ...
 
     async def blob_set(self, user: str, key: str, value: bytes) -> None: ...

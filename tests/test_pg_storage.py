@@ -16,10 +16,11 @@ import trio.testing
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from runtime import pg_storage
-from runtime.config import StorageConfig
+from runtime.config import Config, LimitsConfig, StorageConfig, StoreConfig
 from runtime.errors import StorageRefusedError
 from runtime.pg_storage import CONNECTIONS_PER_TENANT, PgStorage, Tenant
 from runtime.pgsql import first_words, number_placeholders, refusal
+from runtime.server import open_storage
 from runtime.storage import SqliteStorage, StorageBackend
 from sandbox.messages import SqlAnswer, SqlResult
 
@@ -418,7 +419,7 @@ async def test_another_tenants_tables_are_neither_seen_nor_reached(pg: PgStorage
 def tenant_conninfo(url: str, tenant: Tenant, database: str | None = None) -> str:
     params = conninfo_to_dict(url)
     params.update(user=tenant.role, password=tenant.password, dbname=database or tenant.database)
-    return make_conninfo("", **params)  # type: ignore[arg-type]
+    return make_conninfo("", **params)
 
 
 @pytest.mark.parametrize(
@@ -544,3 +545,14 @@ async def test_first_call_provisions_once_under_parallel_nodes(pg_url: str) -> N
     finally:
         for node in nodes:
             node.close()
+
+
+def test_a_postgresql_store_gets_postgresql_storage(pg_url: str) -> None:
+    store = StoreConfig(secret_key=secrets.token_hex(16))
+    object.__setattr__(store, "url", pg_url)  # the store's own parsing is not this test's
+    storage = open_storage(Config(store=store, limits=LimitsConfig(max_response_body_bytes=4096)))
+    try:
+        assert isinstance(storage, PgStorage)
+        assert storage.config.max_value_bytes == storage.max_result_bytes == 4096
+    finally:
+        storage.close()
