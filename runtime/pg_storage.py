@@ -34,6 +34,7 @@ import contextlib
 import hmac
 import logging
 import math
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -364,9 +365,9 @@ class PgStorage:
                 )
             if "\0" in text:
                 raise StorageRefusedError("a statement may not contain NUL", "sql_error")
-            why = refusal(text)
-            if why is not None:
-                raise StorageRefusedError(why, "sql_refused")
+            refused = refusal(text)
+            if refused is not None:
+                raise StorageRefusedError(refused[1], refused[0])
         async with self._turns.turn(user, sql=True) as slot:
             remaining = trio.current_effective_deadline() - trio.current_time()
             run_for = max(0.0, min(self.config.sql_timeout_s, remaining))
@@ -573,10 +574,11 @@ class PgStorage:
             formats.append(1 if isinstance(value, bytes) else 0)
         pgconn.send_query_params(query.encode(), values, types, formats, 0)
         pgconn.set_single_row_mode()
+        _flush(pgconn)
         columns: list[str] | None = None
         rows_affected = 0
         tag = b""
-        while (res := pgconn.get_result()) is not None:
+        while (res := _next_result(pgconn)) is not None:
             status = res.status
             if status == pq.ExecStatus.SINGLE_TUPLE:
                 if columns is None:
@@ -695,9 +697,10 @@ def _check(pgconn: pq.abc.PGconn, query: bytes, *, multiple: bool = False) -> pq
         pgconn.send_query(query)
     else:
         pgconn.send_query_params(query, None)
+    _flush(pgconn)
     last: pq.abc.PGresult | None = None
     error: _PgError | None = None
-    while (res := pgconn.get_result()) is not None:
+    while (res := _next_result(pgconn)) is not None:
         if res.status in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
             last = res
         elif error is None:
@@ -729,6 +732,31 @@ def _end_call(conn: Conn, reclaim_ms: int) -> None:
         conn.close()
 
 
+# libpq's calls hold the GIL while they block: wait for the socket here instead (poll
+# releases it), so that a long statement never freezes trio's thread. The connection is
+# non-blocking (psycopg makes it so): sending returns at once, and flush finishes it.
+
+
+def _wait(pgconn: pq.abc.PGconn, events: int) -> None:
+    poller = select.poll()
+    poller.register(pgconn.socket, events)
+    poller.poll()
+
+
+def _flush(pgconn: pq.abc.PGconn) -> None:
+    while pgconn.flush() == 1:
+        _wait(pgconn, select.POLLIN | select.POLLOUT)
+        pgconn.consume_input()
+
+
+def _next_result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
+    pgconn.consume_input()
+    while pgconn.is_busy():
+        _wait(pgconn, select.POLLIN)
+        pgconn.consume_input()
+    return pgconn.get_result()
+
+
 def _reclaim(pgconn: pq.abc.PGconn, timeout_ms: int) -> None:
     """After a write refused for the quota: VACUUM the tenant's tables (the only ones its
     role owns), so that the space the rolled-back rows took counts no more."""
@@ -745,7 +773,7 @@ def _reclaim(pgconn: pq.abc.PGconn, timeout_ms: int) -> None:
 def _cancel(pgconn: pq.abc.PGconn) -> None:
     """Stop a statement left running (a result over the cap) and read what remains."""
     pgconn.get_cancel().cancel()
-    while pgconn.get_result() is not None:
+    while _next_result(pgconn) is not None:
         pass
 
 

@@ -11,14 +11,25 @@ from __future__ import annotations
 
 import re
 
-#: Statements a val may send. Everything else (SET, RESET, BEGIN, COMMIT, SAVEPOINT, COPY,
-#: LISTEN, NOTIFY, PREPARE, DECLARE, DO, CALL, DISCARD, LOAD, VACUUM, ...) is refused before
-#: it reaches the server: they would change the session or end the call's transaction.
+#: Statements a val may send. Everything else is refused before it reaches the server.
 ALLOWED_FIRST = frozenset(
     {
         "SELECT", "WITH", "VALUES", "TABLE", "INSERT", "UPDATE", "DELETE", "MERGE",
         "CREATE", "ALTER", "DROP", "TRUNCATE", "COMMENT", "EXPLAIN", "SHOW", "ANALYZE",
         "REINDEX", "REFRESH", "LOCK", "GRANT", "REVOKE",
+    }
+)  # fmt: skip
+#: Commands PostgreSQL has and a val may not send (`sql_refused`): they would change the
+#: session, end the call's one transaction, or reach outside the database. A first word
+#: that is neither allowed nor here is no command at all (`sql_error`, as the server's
+#: syntax error would be). SQLite's ATTACH, DETACH and PRAGMA are here for a clear answer.
+REFUSED_FIRST = frozenset(
+    {
+        "SET", "RESET", "BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT",
+        "RELEASE", "PREPARE", "EXECUTE", "DEALLOCATE", "DECLARE", "FETCH", "MOVE", "CLOSE",
+        "COPY", "LISTEN", "UNLISTEN", "NOTIFY", "DO", "CALL", "DISCARD", "LOAD", "VACUUM",
+        "CHECKPOINT", "CLUSTER", "SECURITY", "IMPORT", "REASSIGN", "ATTACH", "DETACH",
+        "PRAGMA",
     }
 )  # fmt: skip
 #: `ALTER ROLE tenant SET work_mem = ...` is allowed to a role on itself in PostgreSQL, and
@@ -109,23 +120,22 @@ def first_words(sql: str, count: int = 2) -> list[str]:
     return words
 
 
-def refusal(sql: str) -> str | None:
-    """Why a val may not send this statement; None when it may."""
+def refusal(sql: str) -> tuple[str, str] | None:
+    """Why a val may not send this statement, as (error type, message); None if it may."""
     try:
         words = first_words(sql)
     except SqlTextError as exc:
-        return str(exc)
+        return "sql_error", str(exc)
     first = words[0] if words else ""
-    if first not in ALLOWED_FIRST:
-        shown = first or "an empty statement"
-        return (
-            f"{shown} is not available here: every call is one transaction in your own "
-            "database, and session settings, transaction control, COPY, LISTEN/NOTIFY and "
-            "cursors are the service's"
-        )
     second = words[1] if len(words) > 1 else ""
-    if second in REFUSED_SECOND.get(first, ()):
-        return f"{first} {second} is not available here: your role's settings are the service's"
+    if first in REFUSED_FIRST or second in REFUSED_SECOND.get(first, ()):
+        shown = f"{first} {second}" if first == "ALTER" else first
+        return "sql_refused", (
+            f"{shown} is not available here: every call is one transaction in your own "
+            "database, and the session, its settings and your role are the service's"
+        )
+    if first not in ALLOWED_FIRST:
+        return "sql_error", f"syntax error at or near {first or 'the end'!r}"
     return None
 
 
