@@ -11,8 +11,10 @@ A tenant's role is a login role with a password derived from the store's secret 
 the tenant, a member of no other role. Its database is a copy of a template in which the
 service revoked, once, what a tenant must not call (`set_config`, large objects,
 `pg_notify`, procedural languages, the cluster-wide catalogs); PUBLIC has no CONNECT on it.
-Role and database names are a keyed hash of the user's name, so the names a tenant can see
-in the shared catalogs say nothing about who the others are.
+Role and database names are random (kept in `valrun_sql_tenants`), so the names a tenant can
+see in the shared catalogs say nothing about who the others are. Every tenant role is a
+member of the NOLOGIN role `valrun_tenants`, which has no privileges: it is the name
+pg_hba.conf can match them by (`+valrun_tenants`) to demand their passwords.
 
 Bounds, as SqliteStorage's (per call, per user, in all):
 - every call is one transaction, started by the service (`BEGIN`, its settings `SET LOCAL`,
@@ -34,6 +36,7 @@ import contextlib
 import hmac
 import logging
 import math
+import secrets
 import select
 import threading
 import time
@@ -74,6 +77,8 @@ CONNECTIONS_PER_TENANT = 8
 #: Connections for blob calls and provisioning (the service's role).
 BLOB_CONNECTIONS = 4
 TEMPLATE = "valrun_tenant_template"
+#: The group of every tenant role, for pg_hba.conf; it is granted nothing.
+TENANTS_GROUP = "valrun_tenants"
 #: Bumped when the template's hardening changes: an older template is rebuilt.
 TEMPLATE_VERSION = "valrun tenant template 1"
 #: Any constant: the key of the transaction-level lock that serializes one user's calls.
@@ -110,6 +115,12 @@ CREATE TABLE IF NOT EXISTS valrun_blob_usage (
     owner text PRIMARY KEY,
     bytes bigint NOT NULL,
     keys bigint NOT NULL
+);
+-- Each user's SQL role and database: a random name, so that nothing a tenant can see in the
+-- cluster's shared catalogs (role and database names) says who the others are.
+CREATE TABLE IF NOT EXISTS valrun_sql_tenants (
+    owner text PRIMARY KEY,
+    name text NOT NULL UNIQUE
 )
 """
 
@@ -153,6 +164,13 @@ SIZE_QUERY = (
     "AND c.relkind IN ('r', 'm', 'S')"
 )
 
+#: After the call's statements: the size, or 0 when they wrote nothing (no transaction id was
+#: assigned: any write, DDL included, takes one), which spares reads the catalog scan.
+GROWN_SIZE_QUERY = (
+    "SELECT CASE WHEN pg_catalog.pg_current_xact_id_if_assigned() IS NULL THEN 0 "
+    f"ELSE ({SIZE_QUERY}) END"
+)
+
 # Type oids (pg_type.dat) and how their text form becomes a wire value.
 _INTS = frozenset({20, 21, 23, 26})  # int8, int2, int4, oid
 _FLOATS = frozenset({700, 701})  # float4, float8
@@ -166,20 +184,21 @@ def is_postgres_url(url: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Tenant:
-    """A user's role and database names, and its password: all keyed by the secret."""
+    """A user's role and database (one random name for both, kept in `valrun_sql_tenants`
+    so that it outlives a rotation of the secret key), and the role's password, derived
+    from the name and the secret key: every node computes it, none stores it."""
 
     role: str
-    database: str
     password: str
 
-    @classmethod
-    def of(cls, user: str, secret_key: str) -> Tenant:
-        def derive(what: str) -> str:
-            mac = hmac.new(secret_key.encode(), f"valrun pg {what}\0{user}".encode(), "sha256")
-            return mac.hexdigest()
+    @property
+    def database(self) -> str:
+        return self.role
 
-        name = "valrun_t_" + derive("name")[:24]
-        return cls(name, name, derive("password"))
+    @classmethod
+    def named(cls, name: str, secret_key: str) -> Tenant:
+        mac = hmac.new(secret_key.encode(), f"valrun pg password\0{name}".encode(), "sha256")
+        return cls(name, mac.hexdigest())
 
 
 @dataclass(eq=False)
@@ -403,18 +422,29 @@ class PgStorage:
         params.pop("options", None)
         return make_conninfo("", **params)
 
+    def tenant(self, user: str) -> Tenant | None:
+        """The user's role and database, if they have been made (blocking)."""
+        with self._service() as conn:
+            row = conn.execute(
+                "SELECT name FROM valrun_sql_tenants WHERE owner = %s", (user,)
+            ).fetchone()
+        return None if row is None else Tenant.named(str(row[0]), self.secret_key)
+
     def _connect_tenant(self, user: str) -> _TenantConn:
-        tenant = Tenant.of(user, self.secret_key)
+        tenant = self.tenant(user)
+        if tenant is not None:
+            try:
+                return _TenantConn(self._open_tenant(tenant))
+            except psycopg.OperationalError as exc:
+                if "too many connections" in str(exc):  # the role's CONNECTION LIMIT
+                    raise StorageRefusedError(
+                        "your database has all the connections it may have; retry shortly",
+                        "busy",
+                    ) from None
+        # No role or database yet (the first call), one half made (a node died while making
+        # it), or a password of an older secret key: (re)make what is missing.
         try:
-            return _TenantConn(self._open_tenant(tenant))
-        except psycopg.OperationalError as exc:
-            if "too many connections" in str(exc):  # the role's CONNECTION LIMIT
-                raise StorageRefusedError(
-                    "your database has all the connections it may have; retry shortly", "busy"
-                ) from None
-        # No role or database yet (the first call), or a password of an older secret key.
-        try:
-            self._provision(tenant)
+            tenant = self._provision(user)
             return _TenantConn(self._open_tenant(tenant))
         except psycopg.Error as exc:
             logger.error("could not provision a user's SQL database: %s", exc)
@@ -425,13 +455,21 @@ class PgStorage:
     def _open_tenant(self, tenant: Tenant) -> Conn:
         return psycopg.connect(self._tenant_conninfo(tenant), autocommit=True, connect_timeout=10)
 
-    def _provision(self, tenant: Tenant) -> None:
-        """Create (or repair) the tenant's role and database. Idempotent, and serialized
+    def _provision(self, user: str) -> Tenant:
+        """Create (or repair) the user's role and database. Idempotent, and serialized
         across nodes by an advisory lock of the service's database."""
         with self._service() as conn:
             conn.execute("SELECT pg_advisory_lock(%s)", (PROVISION_LOCK,))
             try:
                 self._ensure_template(conn)
+                conn.execute(
+                    "INSERT INTO valrun_sql_tenants (owner, name) VALUES (%s, %s) "
+                    "ON CONFLICT (owner) DO NOTHING",
+                    (user, "valrun_t_" + secrets.token_hex(12)),
+                )
+                tenant = self.tenant(user)
+                if tenant is None:  # pragma: no cover - inserted above, under the lock
+                    raise RuntimeError(f"no SQL tenant row for {user}")
                 role = sql.Identifier(tenant.role)
                 exists = conn.execute(
                     "SELECT 1 FROM pg_roles WHERE rolname = %s", (tenant.role,)
@@ -442,6 +480,7 @@ class PgStorage:
                 ).format(sql.Literal(CONNECTIONS_PER_TENANT), sql.Literal(tenant.password))
                 verb = "ALTER" if exists else "CREATE"
                 conn.execute(sql.SQL(verb + " ROLE {} ").format(role) + attributes)
+                conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(TENANTS_GROUP), role))
                 for name, value in ROLE_SETTINGS.items():
                     conn.execute(
                         sql.SQL("ALTER ROLE {} SET {} = {}").format(
@@ -452,6 +491,7 @@ class PgStorage:
                     "SELECT 1 FROM pg_database WHERE datname = %s", (tenant.database,)
                 ).fetchone():
                     self._create_database(conn, tenant)
+                return tenant
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (PROVISION_LOCK,))
 
@@ -475,6 +515,10 @@ class PgStorage:
     def _ensure_template(self, conn: Conn) -> None:
         if self._template_ready:
             return
+        if not conn.execute(
+            "SELECT 1 FROM pg_roles WHERE rolname = %s", (TENANTS_GROUP,)
+        ).fetchone():
+            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(TENANTS_GROUP)))
         row = conn.execute(
             "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
             (TEMPLATE,),
@@ -514,12 +558,13 @@ class PgStorage:
             size_before = int(before.get_value(0, 0) or b"0")
             deadline = time.monotonic() + run_for
             answer = ResultWriter(self.max_result_bytes, self._too_large)
-            for text, args in statements:
-                left_ms = max(1, math.ceil((deadline - time.monotonic()) * 1000))
-                _check(pgconn, f"SET LOCAL statement_timeout = {left_ms}".encode())
+            for i, (text, args) in enumerate(statements):
+                if i:  # the first runs under the BEGIN's timeout; the others, what is left
+                    left_ms = max(1, math.ceil((deadline - time.monotonic()) * 1000))
+                    _check(pgconn, f"SET LOCAL statement_timeout = {left_ms}".encode())
                 self._statement(pgconn, text, args, answer)
             body = answer.finish()
-            size_row = _check(pgconn, SIZE_QUERY.encode())
+            size_row = _check(pgconn, GROWN_SIZE_QUERY.encode())
             size = int(size_row.get_value(0, 0) or b"0")
             # Only growth is refused: space left by rolled-back writes (until VACUUM) and
             # writes that reuse it do not make the database unusable.
@@ -658,9 +703,11 @@ class PgStorage:
             )
         blob_bytes, blob_keys = (0, 0) if row is None else (int(row[0]), int(row[1]))
         sql_bytes = 0
-        tenant = Tenant.of(user, self.secret_key)
         async with self._turns.turn(user, sql=True):
-            if await self._blob(lambda db: _database_exists(db, tenant.database)):
+            tenant = await trio.to_thread.run_sync(self.tenant, user, limiter=self._blob_threads)
+            if tenant is not None and await self._blob(
+                lambda db: _database_exists(db, tenant.database)
+            ):
                 sql_bytes = await trio.to_thread.run_sync(
                     lambda: self._size_of(tenant), limiter=self._sql_threads
                 )

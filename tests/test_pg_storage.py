@@ -18,11 +18,12 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from runtime import pg_storage
 from runtime.config import Config, LimitsConfig, StorageConfig, StoreConfig
 from runtime.errors import StorageRefusedError
-from runtime.pg_storage import CONNECTIONS_PER_TENANT, PgStorage, Tenant
+from runtime.pg_storage import CONNECTIONS_PER_TENANT, TENANTS_GROUP, PgStorage, Tenant
 from runtime.pgsql import first_words, number_placeholders, refusal
 from runtime.server import open_storage
 from runtime.storage import SqliteStorage, StorageBackend
 from sandbox.messages import SqlAnswer, SqlResult
+from tests import pg_kit
 
 MiB = 1024 * 1024
 Make = Callable[..., StorageBackend]
@@ -48,6 +49,25 @@ async def make(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
     yield build
     for backend in made:
         backend.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tenants_need_passwords(pg_cluster: pg_kit.Cluster) -> None:
+    """The session's PostgreSQL trusts loopback (tests/pg_kit.py); here tenant roles must give
+    their passwords, as docs/storage.md §5 has production's pg_hba.conf say."""
+    hba = pg_cluster.data_dir / "pg_hba.conf"
+    line = f"host all +{TENANTS_GROUP} 127.0.0.1/32 scram-sha-256\n"
+    text = hba.read_text()
+    if line not in text:
+        hba.write_text(line + text)
+        with psycopg.connect(pg_cluster.url(), autocommit=True) as admin:
+            admin.execute("SELECT pg_reload_conf()")
+
+
+def known(storage: PgStorage, user: str) -> Tenant:
+    tenant = storage.tenant(user)
+    assert tenant is not None
+    return tenant
 
 
 @pytest.fixture
@@ -412,11 +432,11 @@ async def test_another_tenants_tables_are_neither_seen_nor_reached(pg: PgStorage
     tables = "SELECT count(*) FROM information_schema.tables WHERE table_name LIKE 'alice%'"
     assert await rows(pg, "bob", tables) == [[0]]
     assert await refused(pg, "bob", "SELECT * FROM alice_secret") == "sql_error"
-    alice = Tenant.of("alice", pg.secret_key)
+    alice = known(pg, "alice")
     assert await refused(pg, "bob", f"SELECT * FROM {alice.database}.main.alice_secret") == (
         "sql_error"  # cross-database references are not implemented
     )
-    # Role names are a keyed hash: nothing in them names alice.
+    # Role and database names are random: nothing in them names alice.
     assert "alice" not in alice.role
     assert await rows(pg, "alice", "SELECT s FROM main.alice_secret") == [["x"]]
 
@@ -449,7 +469,7 @@ async def test_privileges_refuse_without_the_statement_check(
 ) -> None:
     """Connected as the tenant itself, past runtime.pgsql: PostgreSQL refuses on its own."""
     await rows(pg, "mallory", "SELECT 1")
-    info = tenant_conninfo(pg_url, Tenant.of("mallory", pg.secret_key))
+    info = tenant_conninfo(pg_url, known(pg, "mallory"))
     with psycopg.connect(info, autocommit=True) as conn:
         assert conn.execute("SELECT session_user = current_user").fetchone() == (True,)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -461,15 +481,15 @@ async def test_a_tenant_cannot_connect_to_another_tenants_database(
 ) -> None:
     await rows(pg, "alice", "SELECT 1")
     await rows(pg, "bob", "SELECT 1")
-    alice = Tenant.of("alice", pg.secret_key)
-    bob = Tenant.of("bob", pg.secret_key)
+    alice = known(pg, "alice")
+    bob = known(pg, "bob")
     with pytest.raises(psycopg.OperationalError, match="permission denied"):
         psycopg.connect(tenant_conninfo(pg_url, bob, alice.database))
 
 
 async def test_tenant_roles_are_bounded_by_their_settings(pg: PgStorage, pg_url: str) -> None:
     await rows(pg, "mallory", "SELECT 1")
-    tenant = Tenant.of("mallory", pg.secret_key)
+    tenant = known(pg, "mallory")
     with psycopg.connect(pg_url, autocommit=True) as admin:
         role = admin.execute(
             "SELECT rolsuper, rolcreatedb, rolcreaterole, rolinherit, rolconnlimit, "
@@ -511,7 +531,7 @@ async def test_the_tenants_connection_limit_is_busy_not_a_failure(
     pg: PgStorage, pg_url: str
 ) -> None:
     await rows(pg, "mallory", "SELECT 1")
-    tenant = Tenant.of("mallory", pg.secret_key)
+    tenant = known(pg, "mallory")
     held = [
         psycopg.connect(tenant_conninfo(pg_url, tenant)) for _ in range(CONNECTIONS_PER_TENANT - 1)
     ]
@@ -561,3 +581,26 @@ def test_a_postgresql_store_gets_postgresql_storage(pg_url: str) -> None:
         assert storage.config.max_value_bytes == storage.max_result_bytes == 4096
     finally:
         storage.close()
+
+
+async def test_tenants_log_in_with_their_own_password_only(pg: PgStorage, pg_url: str) -> None:
+    await rows(pg, "alice", "SELECT 1")
+    alice = known(pg, "alice")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(tenant_conninfo(pg_url, Tenant(alice.role, "guessed")))
+    with psycopg.connect(tenant_conninfo(pg_url, alice)) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (alice.role,)
+
+
+async def test_a_rotated_secret_key_keeps_the_data_and_repairs_the_password(
+    pg: PgStorage, pg_url: str
+) -> None:
+    await pg.sql("alice", [("CREATE TABLE kept (a int)", ())], batch=False)
+    await pg.sql("alice", [("INSERT INTO kept VALUES (7)", ())], batch=False)
+    rotated = PgStorage(StorageConfig(), pg_url, secrets.token_hex(16), MiB)
+    try:
+        assert await rows(rotated, "alice", "SELECT a FROM kept") == [[7]]
+        assert known(rotated, "alice").role == known(pg, "alice").role
+        assert known(rotated, "alice").password != known(pg, "alice").password
+    finally:
+        rotated.close()
