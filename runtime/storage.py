@@ -6,8 +6,8 @@
     <data dir>/blob.sqlite       one table of (user, key) -> value, and each user's usage
     <data dir>/sql/<user>.sqlite one database per user
 
-A PostgreSQL backend (docs/storage.md) puts the blob table in the store and gives each user a
-schema and a role; nothing outside this module changes.
+`runtime.pg_storage.PgStorage` is the same interface on PostgreSQL (docs/storage.md §5): blob
+tables in the store's database, and a login role and a database per user.
 
 Bounds, all per call or per user, so one tenant's storage cannot starve another's:
 - every call is one transaction; a write over a quota is refused before it changes anything
