@@ -23,7 +23,7 @@ from pathlib import Path
 
 import trio
 
-from runtime import backup, client, dblock
+from runtime import backup, client, dblock, pgdb, storecopy
 from runtime.config import (
     SECRET_KEY_ENV,
     Config,
@@ -35,6 +35,7 @@ from runtime.config import (
 )
 from runtime.demo import seed_demo
 from runtime.errors import StartupError, ValrunError
+from runtime.pgdb import redact
 from runtime.sealing import Sealer
 from runtime.server import serve_until_signalled
 from runtime.startup import explain, store_problem
@@ -86,7 +87,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
 
 
 def open_store(config: Config) -> Store:
-    return Store(config.store.sqlite_path, secret_key=config.store.secret_key)
+    return Store(config.store.location, secret_key=config.store.secret_key)
 
 
 def cmd_user_create(config: Config, args: argparse.Namespace) -> int:
@@ -123,19 +124,29 @@ def cmd_config_check(config: Config, args: argparse.Namespace) -> int:
         settings["store"]["secret_key"] = "(set)"
     found = {
         "config_file": str(args.config_file) if args.config_file else None,
-        "database": config.store.sqlite_path,
+        "database": redact(config.store.location),
     }
     print(json.dumps({**found, **settings}, indent=2))
     return 0
 
 
+def refuse_postgres(config: Config, verb: str) -> None:
+    if config.store.postgres:
+        raise SystemExit(
+            f"valrun: {verb} copies SQLite files; a PostgreSQL store is backed up and restored "
+            "with PostgreSQL's own tools: pg_dump -Fc, pg_restore (docs/store.md)"
+        )
+
+
 def cmd_backup(config: Config, args: argparse.Namespace) -> int:
+    refuse_postgres(config, "backup")
     version = backup.backup(config.store.sqlite_path, args.file)
     print(f"backed up {config.store.sqlite_path} (schema {version}) to {Path(args.file).resolve()}")
     return 0
 
 
 def cmd_restore(config: Config, args: argparse.Namespace) -> int:
+    refuse_postgres(config, "restore")
     with dblock.hold(config.store.sqlite_path, exclusive=True, what="restore"):
         saved = backup.restore(config.store.sqlite_path, args.file)
         if saved is not None:
@@ -154,16 +165,28 @@ def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
             f"[store] secret_key or ${SECRET_KEY_ENV}); --decrypt stores the values plain"
         )
     new = Sealer(new_key) if new_key else None
-    with (
-        dblock.hold(config.store.sqlite_path, exclusive=True, what="rotate-key"),
-        closing(open_store(config)) as store,
-    ):
+    lock = (
+        pgdb.hold_exclusive(config.store.location, "rotate-key")
+        if config.store.postgres
+        else dblock.hold(config.store.sqlite_path, exclusive=True, what="rotate-key")
+    )
+    with lock, closing(open_store(config)) as store:
         changed = store.reseal(new)
     print(f"{changed} env values re-stored {'with the new key' if new else 'as plain text'}.")
     if new:
         print(f"Now set [store] secret_key (or ${SECRET_KEY_ENV}) to the new key and restart.")
     else:
         print(f"Now remove [store] secret_key (and ${SECRET_KEY_ENV}) and restart.")
+    return 0
+
+
+def cmd_store_copy(config: Config, args: argparse.Namespace) -> int:
+    if config.store.postgres:
+        raise SystemExit("valrun: store copy copies an SQLite store; [store] url is PostgreSQL")
+    counts = storecopy.copy_store(config.store.sqlite_path, args.to, config.store.secret_key)
+    copied = ", ".join(f"{n} {table}" for table, n in counts.items())
+    print(f"copied {config.store.sqlite_path} to {redact(args.to)}: {copied}")
+    print("Now set [store] url to that URL and start valrun (blob and SQL storage stay here).")
     return 0
 
 
@@ -264,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--decrypt", action="store_true", help="store the env values plain (no new key)"
     )
     rotate.set_defaults(func=cmd_rotate_key)
+    store = commands.add_parser("store", parents=store_options, help="the store itself")
+    store_commands = store.add_subparsers(dest="store_command", required=True)
+    copy = store_commands.add_parser(
+        "copy",
+        parents=store_options,
+        help="copy this SQLite store into an empty PostgreSQL database (service stopped)",
+    )
+    copy.add_argument("--to", required=True, metavar="URL", help="postgresql://...")
+    copy.set_defaults(func=cmd_store_copy)
 
     val = commands.add_parser("val", parents=api_options, help="vals, through the API")
     val_commands = val.add_subparsers(dest="val_command", required=True)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from runtime.egress import EgressPolicy
 from runtime.errors import ConfigError
 from runtime.hosts import is_hostname
+from runtime.pgdb import POSTGRES_SCHEMES, redact
 from sandbox.confine import LAYERS
 from sandbox.limits import WorkerLimits
 from sandbox.wire import DEFAULT_MAX_BODY_BYTES
@@ -125,12 +126,24 @@ class StoreConfig:
         check_secret_key(self.secret_key, "store.secret_key")
         if not self.max_runs_bytes > 0:
             raise ConfigError("store.max_runs_bytes must be positive")
-        if not self.url.startswith("sqlite:///"):
-            raise ConfigError(f"store.url {self.url!r}: only sqlite:///PATH is supported so far")
+        if not self.url.startswith(("sqlite:///", *POSTGRES_SCHEMES)):
+            raise ConfigError(
+                f"store.url {redact(self.url)!r}: use sqlite:///PATH or "
+                "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+            )
+
+    @property
+    def postgres(self) -> bool:
+        return self.url.startswith(POSTGRES_SCHEMES)
 
     @property
     def sqlite_path(self) -> str:
         return self.url.removeprefix("sqlite:///")
+
+    @property
+    def location(self) -> str:
+        """What `Store` opens: the SQLite file's path, or the PostgreSQL URL."""
+        return self.url if self.postgres else self.sqlite_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +329,8 @@ class Config:
     pool: PoolConfig = field(default_factory=PoolConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
+    #: With a PostgreSQL store, the storage is there too (runtime.pg_storage): data_dir is
+    #: SQLite's only.
     storage: StorageConfig = field(default_factory=StorageConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
@@ -392,7 +407,7 @@ def load_config(path: str | Path | None) -> Config:
 def resolve_store_path(config: Config, base: Path) -> Config:
     """`config` with its SQLite path made absolute against `base`."""
     path = Path(config.store.sqlite_path)
-    if path.is_absolute():
+    if config.store.postgres or path.is_absolute():
         return config
     url = "sqlite:///" + str((base / path).resolve())
     return replace(config, store=replace(config.store, url=url))

@@ -6,7 +6,8 @@ that share one PostgreSQL (docs/storage.md §5).
             connection: what a tenant may do is decided by PostgreSQL's privileges, not by
             parsing, with `runtime.pgsql`'s statement check on top
 
-A tenant's role is a login role with a password derived from the store's secret key, so
+A tenant's role is a login role with a password derived from a random key the service keeps
+in the store's database (`valrun_sql_secret`, which no tenant can read), so
 `SET ROLE`, `RESET ROLE` and `SET SESSION AUTHORIZATION` lead nowhere: the session user is
 the tenant, a member of no other role. Its database is a copy of a template in which the
 service revoked, once, what a tenant must not call (`set_config`, large objects,
@@ -121,6 +122,11 @@ CREATE TABLE IF NOT EXISTS valrun_blob_usage (
 CREATE TABLE IF NOT EXISTS valrun_sql_tenants (
     owner text PRIMARY KEY,
     name text NOT NULL UNIQUE
+);
+-- The key the tenants' passwords are derived from: made once, the same for every node.
+CREATE TABLE IF NOT EXISTS valrun_sql_secret (
+    id integer PRIMARY KEY CHECK (id = 1),
+    key text NOT NULL
 )
 """
 
@@ -178,15 +184,11 @@ _BOOL, _BYTEA, _NUMERIC = 16, 17, 1700
 _PARAM_TYPES: dict[type, int] = {int: 20, float: 701, bytes: 17}
 
 
-def is_postgres_url(url: str) -> bool:
-    return url.startswith(("postgresql://", "postgres://"))
-
-
 @dataclass(frozen=True, slots=True)
 class Tenant:
     """A user's role and database (one random name for both, kept in `valrun_sql_tenants`
-    so that it outlives a rotation of the secret key), and the role's password, derived
-    from the name and the secret key: every node computes it, none stores it."""
+    so that nothing in it names the user), and the role's password, derived from the name
+    and the service's key (`valrun_sql_secret`): every node computes it, none stores it."""
 
     role: str
     password: str
@@ -196,8 +198,8 @@ class Tenant:
         return self.role
 
     @classmethod
-    def named(cls, name: str, secret_key: str) -> Tenant:
-        mac = hmac.new(secret_key.encode(), f"valrun pg password\0{name}".encode(), "sha256")
+    def named(cls, name: str, key: str) -> Tenant:
+        mac = hmac.new(key.encode(), f"valrun pg password\0{name}".encode(), "sha256")
         return cls(name, mac.hexdigest())
 
 
@@ -207,14 +209,9 @@ class _TenantConn:
 
 
 class PgStorage:
-    def __init__(
-        self, config: StorageConfig, url: str, secret_key: str, max_result_bytes: int
-    ) -> None:
-        if not secret_key:
-            raise ValueError("PgStorage needs the store's secret key")
+    def __init__(self, config: StorageConfig, url: str, max_result_bytes: int) -> None:
         self.config = config
         self.url = url
-        self.secret_key = secret_key
         self.max_result_bytes = max_result_bytes
         self._idle: list[Conn] = []
         self._idle_lock = threading.Lock()
@@ -226,6 +223,12 @@ class PgStorage:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (PROVISION_LOCK,))
             for statement in BLOB_SCHEMA.split(";"):
                 conn.execute(statement.encode())
+            conn.execute(
+                "INSERT INTO valrun_sql_secret (id, key) VALUES (1, %s) ON CONFLICT DO NOTHING",
+                (secrets.token_hex(32),),
+            )
+            row = conn.execute("SELECT key FROM valrun_sql_secret").fetchone()
+        self._key = str(row[0]) if row else ""
 
     def close(self) -> None:
         for slot in self._turns.users.values():
@@ -428,7 +431,7 @@ class PgStorage:
             row = conn.execute(
                 "SELECT name FROM valrun_sql_tenants WHERE owner = %s", (user,)
             ).fetchone()
-        return None if row is None else Tenant.named(str(row[0]), self.secret_key)
+        return None if row is None else Tenant.named(str(row[0]), self._key)
 
     def _connect_tenant(self, user: str) -> _TenantConn:
         tenant = self.tenant(user)
@@ -442,7 +445,7 @@ class PgStorage:
                         "busy",
                     ) from None
         # No role or database yet (the first call), one half made (a node died while making
-        # it), or a password of an older secret key: (re)make what is missing.
+        # it), or a password changed by hand: (re)make what is missing.
         try:
             tenant = self._provision(user)
             return _TenantConn(self._open_tenant(tenant))

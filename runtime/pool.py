@@ -206,6 +206,10 @@ class Pool:
         """Retire every worker of a user's vals (their env changed)."""
         self._retire_where(lambda pool: pool.spec.owner == user)
 
+    def retire_all(self) -> None:
+        """Retire every worker (the change feed was lost: anything may have changed)."""
+        self._retire_where(lambda pool: True)
+
     def _retire_where(self, doomed: Callable[[_ValPool], bool]) -> None:
         for key in [key for key, pool in self._vals.items() if doomed(pool)]:
             pool = self._vals.pop(key)

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import psycopg
 import trio
 
 from runtime.errors import StorageFullError, StoreUnavailableError
@@ -139,7 +140,7 @@ class Recorder:
                     self.failing_since = trio.current_time()
                 self.failures += 1
                 return
-            except sqlite3.Error:
+            except (sqlite3.Error, psycopg.Error):
                 # Records are worth less than serving: log and go on.
                 logger.exception("could not write %d invocation records", len(batch))
             if self.failing_since:

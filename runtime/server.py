@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import replace
 
 import trio
@@ -17,10 +17,11 @@ from runtime import dblock
 from runtime.app import App
 from runtime.broker import Broker
 from runtime.config import Config
+from runtime.feed import ChangeListener, follow_changes
 from runtime.fetch import open_fetcher
 from runtime.metrics import Metrics
-from runtime.pg_storage import PgStorage, is_postgres_url
-from runtime.pool import open_pool
+from runtime.pg_storage import PgStorage
+from runtime.pool import Pool, open_pool
 from runtime.records import open_recorder
 from runtime.scheduler import Scheduler, serve_scheduler
 from runtime.startup import open_store
@@ -56,10 +57,24 @@ def open_storage(config: Config) -> StorageBackend:
     storage = replace(
         config.storage, max_value_bytes=min(config.storage.max_value_bytes, max_message)
     )
-    if is_postgres_url(config.store.url):
-        return PgStorage(storage, config.store.url, config.store.secret_key, max_message)
+    if config.store.postgres:
+        return PgStorage(storage, config.store.url, max_message)
     data_dir = config.storage.data_path(config.store.sqlite_path)
     return SqliteStorage(storage, data_dir, max_message)
+
+
+def retire_on_change(pool: Pool) -> ChangeListener:
+    """The pool's part of a change made elsewhere: the workers it made stale go."""
+
+    def retire(kind: str, user: str | None, val_id: int | None) -> None:
+        if kind == "val" and val_id is not None:
+            pool.retire(val_id)
+        elif kind == "env" and user is not None:
+            pool.retire_user(user)
+        elif kind == "all":
+            pool.retire_all()
+
+    return retire
 
 
 async def serve_valrun(
@@ -73,10 +88,11 @@ async def serve_valrun(
     # checks and val lookups that requests wait on; SQLite's WAL lets those read meanwhile.
     # A third for the scheduler: its claims and leases never queue behind either.
     metrics = Metrics()
-    db, key = config.store.sqlite_path, config.store.secret_key
+    db, key = config.store.location, config.store.secret_key
     with (
-        # Shared: restore and rotate-key refuse to run under a serving valrun.
-        dblock.hold(db, exclusive=False, what="serve"),
+        # Shared: restore and rotate-key refuse to run under a serving valrun. (PostgreSQL:
+        # the change feed's connection holds the same as an advisory lock, runtime/pgdb.py.)
+        nullcontext() if config.store.postgres else dblock.hold(db, exclusive=False, what="serve"),
         # The first connection proves the file usable and writable (startup.open_store); the
         # others open what it just migrated and wrote.
         closing(open_store(db, key)) as store,
@@ -107,6 +123,9 @@ async def serve_valrun(
             ).answer
             app = App(config, async_store, pool, recorder, metrics, storage_api)
             async with trio.open_nursery() as nursery:
+                # What other processes and nodes change reaches this one's caches and pool.
+                async_store.on_change(retire_on_change(pool))
+                await nursery.start(follow_changes, async_store)
                 scheduler: Scheduler | None = None
                 if config.schedule.enabled:
                     scheduler = await nursery.start(

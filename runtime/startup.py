@@ -17,7 +17,7 @@ from pathlib import Path
 import trio
 
 from runtime.config import Config
-from runtime.errors import ConfigError, StartupError
+from runtime.errors import ConfigError, StartupError, StoreError
 from runtime.store import Store
 
 BIND_ERRORS = {
@@ -33,8 +33,13 @@ def open_store(path: str, secret_key: str = "") -> Store:
         store = Store(path, secret_key=secret_key)
     except sqlite3.Error as exc:
         raise StartupError(f"cannot use the database {path}: {store_problem(path, exc)}") from exc
+    except StoreError as exc:  # PostgreSQL's (runtime.pgdb): the message names the server
+        raise StartupError(f"cannot use the store: {exc}") from exc
     try:
         store.check_writable()
+    except StoreError as exc:
+        store.close()
+        raise StartupError(f"cannot write to the store: {exc}") from exc
     except sqlite3.Error as exc:
         store.close()
         raise StartupError(

@@ -1,6 +1,8 @@
 """The store: users, token hashes, vals, immutable versions, env, invocation records.
-SQLite in WAL mode; the schema and its migrations are in `runtime.schema`; env values are
-sealed at rest when a secret key is given (`runtime.sealing`).
+SQLite in WAL mode, or PostgreSQL through `runtime.pgdb` (docs/store.md): one SQL for both;
+the schema and its migrations are in `runtime.schema`; env values are sealed at rest when a
+secret key is given (`runtime.sealing`); writes that change what front ends cache append to
+the change feed (`runtime.feed`).
 
 `Store` is plain synchronous SQL (the CLI uses it directly). The front end goes through
 `AsyncStore.call(Store.method, ...)`, which makes the call in a worker thread so a slow disk
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, get_args
 
+import psycopg
 import trio
 
 from runtime.errors import (
@@ -34,9 +37,11 @@ from runtime.errors import (
     StorageFullError,
     StoreUnavailableError,
 )
+from runtime.feed import Change, ChangeListener
 from runtime.hosts import USER_RE
+from runtime.pgdb import CHANNEL, PgConnection, PgCursor, is_postgres, redact
 from runtime.schedule import Due, Schedule, Tick, next_tick, plan_claims
-from runtime.schema import create_private, migrate
+from runtime.schema import create_private, migrate, migrate_postgres
 from runtime.sealing import Sealer
 
 logger = logging.getLogger(__name__)
@@ -148,20 +153,40 @@ class ScheduleInfo:
         }
 
 
+ChangeKind = Literal["val", "env", "token", "user"]
+#: Feed rows are kept this long (a front end that lost the feed longer drops all it cached),
+#: pruned by every PRUNE_CHANGES_EVERY-th write.
+KEEP_CHANGES_S = 3600.0
+PRUNE_CHANGES_EVERY = 100
+
+
 def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
 class Store:
-    def __init__(self, path: str | Path, *, secret_key: str = "") -> None:
+    def __init__(self, path: str | Path, *, secret_key: str = "", origin: str = "") -> None:
+        #: The SQLite file's path, or the PostgreSQL URL (docs/store.md).
         self.path = str(path)
-        create_private(self.path)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self.postgres = is_postgres(self.path)
+        #: Where, for messages: the path, or the URL without its password.
+        self.where = redact(self.path)
+        #: Names this writer in the change feed: a process skips the changes it made itself.
+        self.origin = origin or secrets.token_hex(8)
+        self._db: sqlite3.Connection | PgConnection
+        if self.postgres:
+            self._db = PgConnection(self.path)
+        else:
+            create_private(self.path)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            migrate(self._db, self.path)
+            if isinstance(self._db, PgConnection):
+                migrate_postgres(self._db)
+            else:
+                self._db.execute("PRAGMA busy_timeout=5000")
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA foreign_keys=ON")
+                migrate(self._db, self.path)
             self._sealer = Sealer(secret_key) if secret_key else None
             self._check_secret_key()
         except BaseException:
@@ -179,13 +204,39 @@ class Store:
     def check_writable(self) -> None:
         """Commit one small write, or raise the sqlite3.Error that says why it cannot be."""
         self._write(
-            [("INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)", (time.time(),))]
+            [
+                (
+                    "INSERT INTO health (id, checked_at) VALUES (1, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+                    (time.time(),),
+                )
+            ]
         )
 
-    def _write(self, sql_and_params: list[tuple[str, tuple[object, ...]]]) -> list[sqlite3.Cursor]:
+    def _write(
+        self, sql_and_params: list[tuple[str, tuple[object, ...]]]
+    ) -> list[sqlite3.Cursor | PgCursor]:
         with self._db:  # one transaction: all or nothing
             self._db.execute("BEGIN IMMEDIATE")
             return [self._db.execute(sql, params) for sql, params in sql_and_params]
+
+    # The change feed (runtime/feed.py)
+
+    def _note(self, kind: ChangeKind, user: str | None, val_id: int | None) -> None:
+        """Append a change to the feed, in the caller's write transaction: it is seen by
+        the other front ends exactly when the write is."""
+        now = time.time()
+        (seq,) = self._db.execute(
+            "INSERT INTO changes (at, origin, kind, user_name, val_id) VALUES (?, ?, ?, ?, ?) "
+            "RETURNING seq",
+            (now, self.origin, kind, user, val_id),
+        ).fetchone()
+        if self.postgres:  # delivered to the LISTENing front ends at commit
+            self._db.execute(f"NOTIFY {CHANNEL}")
+        if seq % PRUNE_CHANGES_EVERY == 0:
+            self._db.execute(
+                "DELETE FROM changes WHERE at < ? AND seq < ?", (now - KEEP_CHANGES_S, seq)
+            )
 
     # Users and tokens
 
@@ -201,14 +252,15 @@ class Store:
         try:
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
-                cur = self._db.execute(
-                    "INSERT INTO users (name, created_at) VALUES (?, ?)", (name, now)
-                )
+                (user_id,) = self._db.execute(
+                    "INSERT INTO users (name, created_at) VALUES (?, ?) RETURNING id", (name, now)
+                ).fetchone()
                 self._db.execute(
                     "INSERT INTO tokens (user_id, hash, created_at) VALUES (?, ?, ?)",
-                    (cur.lastrowid, hash_token(token), now),
+                    (user_id, hash_token(token), now),
                 )
-        except sqlite3.IntegrityError:
+                self._note("user", name, None)
+        except (sqlite3.IntegrityError, psycopg.IntegrityError):
             raise ExistsError(f"user {name!r} already exists", "user_exists") from None
         return token
 
@@ -234,16 +286,19 @@ class Store:
         return [TokenInfo(*row) for row in rows]
 
     def revoke_token(self, token_id: int) -> None:
-        (cur,) = self._write(
-            [
-                (
-                    "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                    (time.time(), token_id),
-                )
-            ]
-        )
-        if cur.rowcount == 0:
-            raise MissingError(f"no active token with id {token_id}", "not_found")
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute(
+                "SELECT u.name FROM tokens t JOIN users u ON u.id = t.user_id "
+                "WHERE t.id = ? AND t.revoked_at IS NULL",
+                (token_id,),
+            ).fetchone()
+            if row is None:
+                raise MissingError(f"no active token with id {token_id}", "not_found")
+            self._db.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE id = ?", (time.time(), token_id)
+            )
+            self._note("token", row[0], None)
 
     def user(self, name: str) -> User:
         row = self._db.execute("SELECT id, name FROM users WHERE name = ?", (name,)).fetchone()
@@ -304,12 +359,12 @@ class Store:
             ).fetchone()
             created = row is None
             if created:
-                cur = self._db.execute(
+                (val_id,) = self._db.execute(
                     "INSERT INTO vals (user_id, name, name_key, privacy, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?) RETURNING id",
                     (user.id, name, name.lower(), privacy or "public", now),
-                )
-                val_id, version = cur.lastrowid, 1
+                ).fetchone()
+                version = 1
             else:
                 val_id, name = row
                 if privacy is not None:
@@ -322,6 +377,7 @@ class Store:
                 "INSERT INTO versions (val_id, version, code, created_at) VALUES (?, ?, ?, ?)",
                 (val_id, version, code, now),
             )
+            self._note("val", user.name, val_id)
         saved = self.get_val(owner, name, version)
         assert saved is not None
         return saved, created
@@ -350,7 +406,10 @@ class Store:
                 "AND user_id = (SELECT id FROM users WHERE name = ?)",
                 (privacy, name.lower(), owner),
             )
-            return self.get_val(owner, name, None)
+            val = self.get_val(owner, name, None)
+            if val is not None:
+                self._note("val", owner, val.val_id)
+            return val
 
     def delete_val(self, owner: str, name: str) -> int | None:
         with self._db:
@@ -363,6 +422,7 @@ class Store:
             if row is None:
                 return None
             self._db.execute("DELETE FROM vals WHERE id = ?", (row[0],))
+            self._note("val", owner, row[0])
             return int(row[0])
 
     def delete_version(self, owner: str, name: str, version: int) -> int:
@@ -395,6 +455,7 @@ class Store:
             if cur.rowcount == 0:
                 raise MissingError(f"{owner}/{name} has no version {version}", "not_found")
             self._db.execute("DELETE FROM runs WHERE val_id = ? AND version = ?", (val_id, version))
+            self._note("val", owner, val_id)
             return int(val_id)
 
     # Env
@@ -421,16 +482,15 @@ class Store:
         sealed = 0
         if self._sealer is not None:
             value, sealed = self._sealer.seal(user.id, key, value), 1
-        self._write(
-            [
-                (
-                    "INSERT INTO env (user_id, key, value, sealed) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (user_id, key) DO UPDATE "
-                    "SET value = excluded.value, sealed = excluded.sealed",
-                    (user.id, key, value, sealed),
-                )
-            ]
-        )
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO env (user_id, key, value, sealed) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (user_id, key) DO UPDATE "
+                "SET value = excluded.value, sealed = excluded.sealed",
+                (user.id, key, value, sealed),
+            )
+            self._note("env", owner, None)
 
     # Sealing env values at rest
 
@@ -442,14 +502,14 @@ class Store:
         key_id = rows[0][0] if rows else None
         if sealed and self._sealer is None:
             raise ConfigError(
-                f"the env values in {self.path} are encrypted: set [store] secret_key or "
+                f"the env values in {self.where} are encrypted: set [store] secret_key or "
                 "$VALRUN_SECRET_KEY to the key they were sealed with"
             )
         if self._sealer is None:
             return
         if sealed and key_id != self._sealer.key_id:
             raise ConfigError(
-                f"the secret key is not the one the env values in {self.path} were sealed "
+                f"the secret key is not the one the env values in {self.where} were sealed "
                 "with; to change keys, run `valrun rotate-key` with the old key set and the "
                 "new one in $VALRUN_NEW_SECRET_KEY"
             )
@@ -489,8 +549,13 @@ class Store:
 
     def delete_env(self, owner: str, key: str) -> bool:
         user = self.user(owner)
-        (cur,) = self._write([("DELETE FROM env WHERE user_id = ? AND key = ?", (user.id, key))])
-        return cur.rowcount > 0
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.execute("DELETE FROM env WHERE user_id = ? AND key = ?", (user.id, key))
+            if cur.rowcount == 0:
+                return False
+            self._note("env", owner, None)
+            return True
 
     # Invocation records
 
@@ -529,11 +594,13 @@ class Store:
                     )
                     buckets.add((None, user_id))
             for val_id, user_id in buckets:
+                # `= ?` or `IS NULL`, never `IS ?`: PostgreSQL's null-safe equality cannot
+                # use the bucket index.
+                where, params = _bucket(val_id, user_id)
                 self._db.execute(
-                    "DELETE FROM runs WHERE val_id IS ? AND user_id IS ? AND id <= ("
-                    "  SELECT id FROM runs WHERE val_id IS ? AND user_id IS ? "
-                    "  ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                    (val_id, user_id, val_id, user_id, keep),
+                    f"DELETE FROM runs WHERE {where} AND id <= ("
+                    f"  SELECT id FROM runs WHERE {where} ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    (*params, *params, keep),
                 )
             if max_bytes is not None:
                 self._trim_runs_to(max_bytes)
@@ -542,13 +609,14 @@ class Store:
         (total,) = self._db.execute("SELECT coalesce(sum(bytes), 0) FROM runs").fetchone()
         if total <= max_bytes:
             return
-        # Down to 90 %, so a store at its ceiling is not trimmed on every batch.
-        excess, last = total - max_bytes * 9 // 10, None
-        for run_id, size in self._db.execute("SELECT id, bytes FROM runs ORDER BY id"):
-            excess -= size
-            last = run_id
-            if excess <= 0:
-                break
+        # Down to 90 %, so a store at its ceiling is not trimmed on every batch: the oldest
+        # records up to the first whose running total reaches the excess.
+        excess = total - max_bytes * 9 // 10
+        (last,) = self._db.execute(
+            "SELECT id FROM (SELECT id, SUM(bytes) OVER (ORDER BY id) AS upto FROM runs) AS r "
+            "WHERE upto >= ? ORDER BY id LIMIT 1",
+            (excess,),
+        ).fetchone()
         self._db.execute("DELETE FROM runs WHERE id <= ?", (last,))
 
     def _user_id(self, name: str) -> int | None:
@@ -584,8 +652,8 @@ class Store:
         return [_record(row) for row in rows]
 
     # Schedules (docs/schedules.md). The interface a shared store keeps: claim_due is the one
-    # place a tick changes hands, in one transaction (PostgreSQL: SELECT ... FOR UPDATE SKIP
-    # LOCKED over the due rows).
+    # place a tick changes hands, in one write transaction (on PostgreSQL under the store's
+    # write lock, runtime/pgdb.py, which also keeps the per-user running cap across nodes).
 
     def _schedule_count(self, user_id: int) -> int:
         (count,) = self._db.execute(
@@ -729,6 +797,15 @@ class Store:
         )
 
 
+def _bucket(val_id: int | None, user_id: int | None) -> tuple[str, tuple[int, ...]]:
+    """The WHERE clause of one bucket of records, and its parameters."""
+    if val_id is not None:
+        return "val_id = ? AND user_id IS NULL", (val_id,)
+    if user_id is not None:
+        return "val_id IS NULL AND user_id = ?", (user_id,)
+    return "val_id IS NULL AND user_id IS NULL", ()
+
+
 def _record(row: tuple[Any, ...]) -> Record:
     (val_id, owner, source, version, started_at, duration_ms, status, log) = row[:8]
     (error_type, error_message, traceback, method, path, run_id, fetches) = row[8:]
@@ -778,9 +855,10 @@ class AsyncStore:
 
     `resolve`, on every val request's path, is cached: a trip to the store thread costs
     about a quarter of the front end's time per request. Writes made through `call` that
-    change what a val host resolves to empty the cache at once; entries also expire after
-    `RESOLVE_TTL_S`, which bounds how long a write made elsewhere (another front-end node
-    on a shared store) can go unseen.
+    change what a val host resolves to empty the cache at once; writes made elsewhere (another
+    process or node on a shared store) empty what they touch when the change feed brings
+    them (`apply_changes`, runtime/feed.py); entries also expire after `RESOLVE_TTL_S`, a
+    bound should the feed itself be down.
     """
 
     RESOLVE_TTL_S = 2.0
@@ -803,6 +881,26 @@ class AsyncStore:
         # Bumped by every invalidating write: a resolve that started before the write must
         # not put what it read into the cache after the write emptied it.
         self._generation = 0
+        self._listeners: list[ChangeListener] = []
+
+    def on_change(self, listener: ChangeListener) -> None:
+        """Call `listener(kind, user, val_id)` for each change another process or node makes
+        (runtime/feed.py), after the cached resolutions it affects are dropped."""
+        self._listeners.append(listener)
+
+    def apply_changes(self, changes: Sequence[Change]) -> None:
+        """Drop what `changes` (made elsewhere, read from the feed) make stale; tell the
+        listeners."""
+        self._generation += 1
+        users = {change.user for change in changes}
+        if None in users or any(change.kind == "all" for change in changes):
+            self._resolved.clear()
+        else:
+            for key in [key for key in self._resolved if key[0] in users]:
+                del self._resolved[key]
+        for change in changes:
+            for listener in self._listeners:
+                listener(change.kind, change.user, change.val_id)
 
     async def call(
         self, method: Callable[Concatenate[Store, P], R], *args: P.args, **kwargs: P.kwargs
@@ -818,6 +916,9 @@ class AsyncStore:
                 raise
             self.write_failure = (trio.current_time(), str(error))
             raise error from exc
+        except (StorageFullError, StoreUnavailableError) as exc:  # PostgreSQL's (runtime.pgdb)
+            self.write_failure = (trio.current_time(), str(exc))
+            raise
         finally:
             if method in self.INVALIDATES:
                 self._generation += 1

@@ -17,7 +17,6 @@ on, the default) to compare writes; the script prints which it measured.
 from __future__ import annotations
 
 import argparse
-import secrets
 import sys
 import tempfile
 import time
@@ -85,7 +84,7 @@ def backend_pss_kib(url: str, storage: PgStorage, user: str) -> int:
 
 
 async def first_calls(url: str, tenants: int) -> tuple[list[float], list[float], int]:
-    storage = PgStorage(StorageConfig(), url, secrets.token_hex(16), MIB)
+    storage = PgStorage(StorageConfig(), url, MIB)
     first: list[float] = []
     second: list[float] = []
     try:
@@ -120,7 +119,7 @@ async def main(options: argparse.Namespace) -> int:
             results["SQLite"] = await measure(sqlite, options.calls)
         finally:
             sqlite.close()
-        pg = PgStorage(StorageConfig(), url, secrets.token_hex(16), MIB)
+        pg = PgStorage(StorageConfig(), url, MIB)
         try:
             results["PostgreSQL"] = await measure(pg, options.calls)
         finally:

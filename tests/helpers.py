@@ -22,7 +22,14 @@ import coverage
 import httpx
 import trio
 
-from runtime.config import Config, LimitsConfig, PoolConfig, ServerConfig, StoreConfig
+from runtime.config import (
+    Config,
+    LimitsConfig,
+    PoolConfig,
+    ServerConfig,
+    StorageConfig,
+    StoreConfig,
+)
 from runtime.pool import Pool, ValSpec
 from runtime.reply import ValResponse
 from runtime.server import serve_valrun
@@ -129,6 +136,30 @@ async def configured_service(
         port = int(urls[0].rpartition(":")[2])
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             yield Service(config, port, client, tokens, db_path)
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def service_on(
+    location: str, data_dir: Path, tokens: dict[str, str]
+) -> AsyncIterator[Service]:
+    """A valrun on an existing store (an SQLite path or a postgresql:// URL), e.g. one of
+    several nodes sharing it; it stops when the block ends."""
+    url = location if location.startswith("postgresql://") else f"sqlite:///{location}"
+    config = Config(
+        server=ServerConfig(bind=("127.0.0.1:0",)),
+        store=StoreConfig(url=url),
+        limits=TEST_LIMITS,
+        storage=StorageConfig(data_dir=str(data_dir)),
+    )
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(20):
+            urls: list[str] = await nursery.start(
+                lambda task_status: serve_valrun(config, task_status=task_status)
+            )
+        port = int(urls[0].rpartition(":")[2])
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield Service(config, port, client, tokens, Path(location))
         nursery.cancel_scope.cancel()
 
 

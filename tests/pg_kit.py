@@ -86,6 +86,7 @@ class Cluster:
     port: int
     bin: Path
     _prefix: Sequence[str] = field(default_factory=tuple)
+    durable: bool = False
     _running: bool = False
 
     @property
@@ -117,7 +118,7 @@ class Cluster:
                 f"-p {self.port}",
                 "-c listen_addresses=127.0.0.1",
                 f"-c unix_socket_directories={self.socket_dir}",
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+                "" if self.durable else "-c fsync=off -c synchronous_commit=off",
                 "-c max_connections=200",
             )
         )
@@ -175,9 +176,10 @@ def _wait_gone(pid: int, timeout_s: float = 30.0) -> None:
     raise RuntimeError(f"PostgreSQL ({pid}) still runs {timeout_s:.0f} s after pg_ctl stop")
 
 
-def start_cluster() -> Cluster:
+def start_cluster(*, durable: bool = False) -> Cluster:
     """Start a new cluster in a new temporary directory (in /tmp, which the unprivileged
-    user can reach: pytest's own tmp directories are private to the runner)."""
+    user can reach: pytest's own tmp directories are private to the runner). `durable`
+    keeps PostgreSQL's default fsync and synchronous commit (for measurements)."""
     root = Path(tempfile.mkdtemp(prefix="valrun-pg-"))
     prefix: tuple[str, ...] = ()
     if os.geteuid() == 0:
@@ -195,7 +197,7 @@ def start_cluster() -> Cluster:
         os.chown(root / "socket", user.pw_uid, user.pw_gid)
     for attempt in range(3):
         # The free port may be taken between its probe and the server's bind: try another.
-        cluster = Cluster(root, _free_port(), bin_dir(), prefix)
+        cluster = Cluster(root, _free_port(), bin_dir(), prefix, durable)
         try:
             cluster.start()
         except RuntimeError:

@@ -15,6 +15,7 @@ from runtime.config import (
     StoreConfig,
     load_config,
     parse_config,
+    resolve_store_path,
 )
 from runtime.errors import ConfigError
 
@@ -258,10 +259,22 @@ def test_host_names_that_no_host_header_can_match_are_refused(key: str, value: s
         parse_config({"server": {key: value}})
 
 
-@pytest.mark.parametrize("url", ["postgres://x", "sqlite://relative.db", "valrun.db"])
+@pytest.mark.parametrize(
+    "url", ["mysql://x", "sqlite://relative.db", "valrun.db", "postgresql:/x", "pg://u:pw@h/d"]
+)
 def test_store_url_that_is_not_supported_is_refused(url: str) -> None:
-    with pytest.raises(ConfigError, match=re.escape("store.url")):
+    with pytest.raises(ConfigError, match=re.escape("store.url")) as caught:
         parse_config({"store": {"url": url}})
+    assert ":pw@" not in str(caught.value)
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_a_postgres_store_needs_no_storage_directory(scheme: str, tmp_path: Path) -> None:
+    url = f"{scheme}://valrun:pw@db.internal:5432/valrun"
+    config = parse_config({"store": {"url": url}})  # the storage lives in PostgreSQL too
+    assert config.store.postgres
+    assert config.store.location == url
+    assert resolve_store_path(config, tmp_path) == config  # a URL is not a relative path
 
 
 def test_load_config_reads_a_toml_file(tmp_path: Path) -> None:

@@ -45,8 +45,8 @@ def test_env_values_are_masked(text: str, env: list[tuple[str, str]], masked: st
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store(tmp_path / "records.db")
+def store(store_location: str) -> Iterator[Store]:
+    store = Store(store_location)
     store.create_user("alice")
     yield store
     store.close()

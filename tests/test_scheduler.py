@@ -12,10 +12,10 @@ import itertools
 import json
 import re
 import signal
-import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -392,9 +392,9 @@ async def start_process(nursery: trio.Nursery, config: Path) -> tuple[trio.Proce
 
 
 async def test_two_valrun_processes_on_one_store_run_each_tick_once(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, store_location: str
 ) -> None:
-    db_path = tmp_path / "shared.db"
+    db_path = store_location  # an SQLite file, then a PostgreSQL database
     store = Store(db_path)
     store.create_user("alice")
     names = [f"v{i}" for i in range(6)]
@@ -405,7 +405,8 @@ async def test_two_valrun_processes_on_one_store_run_each_tick_once(
     config = tmp_path / "valrun.toml"
     config.write_text(
         '[server]\nbind = ["127.0.0.1:0"]\n'
-        f'[store]\nurl = "sqlite:///{db_path}"\n'
+        f'[store]\nurl = "{db_path if store.postgres else f"sqlite:///{db_path}"}"\n'
+        f'[storage]\ndata_dir = "{tmp_path / "data"}"\n'
         "[schedule]\nmin_interval_s = 1\nmax_concurrent = 1\nmax_concurrent_per_user = 6\n"
     )
     nodes: list[tuple[trio.Process, int]] = []
@@ -434,12 +435,12 @@ async def test_two_valrun_processes_on_one_store_run_each_tick_once(
     assert len(ticks) == len(set(ticks))  # no tick ran twice
 
 
-def _cron_rows(db_path: Path) -> list[tuple[int, str]]:
-    with sqlite3.connect(db_path) as db:
-        return db.execute(
+def _cron_rows(db_path: str) -> list[tuple[int, str]]:
+    with closing(Store(db_path)) as store:
+        return store._db.execute(
             "SELECT val_id, log FROM runs WHERE source = 'cron' AND error_type IS NULL"
         ).fetchall()
 
 
-def _cron_count(db_path: Path) -> int:
+def _cron_count(db_path: str) -> int:
     return len(_cron_rows(db_path))

@@ -7,7 +7,6 @@ backend: SQLite files, and PostgreSQL (a tenant database per user, tests/pg_kit.
 from __future__ import annotations
 
 import json
-import secrets
 import textwrap
 from dataclasses import replace
 from pathlib import Path
@@ -33,13 +32,10 @@ def storage_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     a fresh database of the session's PostgreSQL (the store itself stays SQLite here)."""
     if request.param == "postgresql":
         url = request.getfixturevalue("pg_url")
-        key = secrets.token_hex(16)
         open_storage = server.open_storage
 
         def open_pg_storage(config: Config) -> StorageBackend:
-            store = replace(StoreConfig(), secret_key=key)
-            object.__setattr__(store, "url", url)  # the store's URL parsing is not tested here
-            return open_storage(replace(config, store=store))
+            return open_storage(replace(config, store=StoreConfig(url=url)))
 
         monkeypatch.setattr(server, "open_storage", open_pg_storage)
     return "sqlite" if request.param == "sqlite" else "postgresql"

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import closing
+
+import pytest
 
 from runtime.store import AsyncStore, Store
 
+Made = tuple[Store, AsyncStore]
 
-def make(tmp_path: Path) -> tuple[Store, AsyncStore]:
-    store = Store(tmp_path / "s.db")
-    store.create_user("alice")
-    store.put_val("alice", "hello", "def hello(req):\n    return 1", "public")
-    return store, AsyncStore(store)
+
+@pytest.fixture
+def made(store_location: str) -> Iterator[Made]:
+    with closing(Store(store_location)) as store:
+        store.create_user("alice")
+        store.put_val("alice", "hello", "def hello(req):\n    return 1", "public")
+        yield store, AsyncStore(store)
 
 
 async def version(cached: AsyncStore, name: str = "hello") -> int | None:
@@ -19,8 +25,10 @@ async def version(cached: AsyncStore, name: str = "hello") -> int | None:
     return None if resolved is None else resolved[0].version
 
 
-async def test_a_cached_resolve_does_not_see_writes_made_behind_its_back(tmp_path: Path) -> None:
-    store, cached = make(tmp_path)
+async def test_a_cached_resolve_does_not_see_writes_made_behind_its_back(
+    made: tuple[Store, AsyncStore],
+) -> None:
+    store, cached = made
     assert await version(cached) == 1
     store.put_val("alice", "hello", "def hello(req):\n    return 2", None)  # not through `cached`
     assert await version(cached, "HELLO") == 1  # a hit, whatever the case of the name
@@ -28,8 +36,10 @@ async def test_a_cached_resolve_does_not_see_writes_made_behind_its_back(tmp_pat
     assert await version(cached) == 2
 
 
-async def test_writes_through_the_front_end_are_seen_at_once(tmp_path: Path) -> None:
-    _, cached = make(tmp_path)
+async def test_writes_through_the_front_end_are_seen_at_once(
+    made: tuple[Store, AsyncStore],
+) -> None:
+    _, cached = made
     assert await version(cached) == 1
     await cached.call(Store.put_val, "alice", "hello", "def hello(req):\n    return 2", None)
     assert await version(cached) == 2
@@ -41,8 +51,8 @@ async def test_writes_through_the_front_end_are_seen_at_once(tmp_path: Path) -> 
     assert await version(cached) is None
 
 
-async def test_unknown_vals_are_cached_too_until_created(tmp_path: Path) -> None:
-    store, cached = make(tmp_path)
+async def test_unknown_vals_are_cached_too_until_created(made: Made) -> None:
+    store, cached = made
     assert await version(cached, "later") is None
     store.put_val("alice", "later", "def later(req):\n    return 1", None)
     assert await version(cached, "later") is None  # a 404 flood costs no store trips
