@@ -122,6 +122,7 @@ def cmd_config_check(config: Config, args: argparse.Namespace) -> int:
     settings = asdict(config)
     if config.store.secret_key:  # never printed: say only that it is set
         settings["store"]["secret_key"] = "(set)"
+    settings["store"]["url"] = redact(config.store.url)  # a PostgreSQL URL's password
     found = {
         "config_file": str(args.config_file) if args.config_file else None,
         "database": redact(config.store.location),

@@ -29,6 +29,7 @@ from runtime.schedule import Schedule
 from runtime.schema import SCHEMA_VERSION, SchemaError
 from runtime.sealing import Sealer
 from runtime.store import AsyncStore, Record, Store
+from runtime.storecopy import CopyError, copy_store
 from tests.helpers import cli
 
 KEY = "k" * 32
@@ -391,3 +392,24 @@ async def test_store_copy_moves_an_sqlite_store_to_postgres_whole(
     refused = await cli(*args, cwd=tmp_path, env={"VALRUN_SECRET_KEY": KEY})
     assert refused.returncode != 0
     assert b"already holds users" in refused.stderr
+
+
+def test_store_copy_in_process_counts_rows_and_wants_a_postgres_target(
+    pg_url: str, tmp_path: Path
+) -> None:
+    source = str(tmp_path / "old.db")
+    with closing(Store(source)) as old:
+        old.create_user("alice")
+        old.put_val("alice", "hello", code(1), None)
+    with pytest.raises(CopyError, match="postgresql://"):
+        copy_store(source, str(tmp_path / "other.db"))
+    counts = copy_store(source, pg_url)
+    assert (counts["users"], counts["tokens"], counts["vals"], counts["runs"]) == (1, 1, 1, 0)
+
+
+async def test_config_check_names_a_postgres_store_without_its_password(tmp_path: Path) -> None:
+    config = pg_config(tmp_path, "postgresql://valrun:hunter2@db.internal:5432/valrun")
+    done = await cli("--config", str(config), "config", "check", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert b"hunter2" not in done.stdout
+    assert b"postgresql://valrun:***@db.internal:5432/valrun" in done.stdout
