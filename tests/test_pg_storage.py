@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -78,6 +78,15 @@ async def pg(pg_url: str) -> AsyncIterator[PgStorage]:
     storage = PgStorage(StorageConfig(), pg_url, MiB)
     yield storage
     storage.close()
+
+
+@pytest.fixture(autouse=True)
+def drop_tenants(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test on PostgreSQL, its users' roles and databases go (tests/pg_kit.py)."""
+    url = request.getfixturevalue("pg_url") if "pg_url" in request.fixturenames else ""
+    yield
+    if url:
+        pg_kit.drop_storage_tenants(url)
 
 
 async def rows(backend: StorageBackend, user: str, sql: str, *args: object) -> list[list[object]]:

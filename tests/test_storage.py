@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,7 @@ from runtime import server
 from runtime.config import Config, StoreConfig
 from runtime.demo import DEMO_VALS
 from runtime.storage import StorageBackend
+from tests import pg_kit
 from tests.helpers import Service, StartService, assert_json_error, valrun
 
 PRELUDE = "from std import blob, sqlite, StorageError\n"
@@ -27,18 +29,21 @@ Kind = Literal["sqlite", "postgresql"]
 
 
 @pytest.fixture(autouse=True, params=["sqlite", "postgresql"])
-def storage_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Kind:
+def storage_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Kind]:
     """Every test once per backend: for PostgreSQL, the service's storage is PgStorage on
     a fresh database of the session's PostgreSQL (the store itself stays SQLite here)."""
-    if request.param == "postgresql":
-        url = request.getfixturevalue("pg_url")
-        open_storage = server.open_storage
+    if request.param == "sqlite":
+        yield "sqlite"
+        return
+    url = request.getfixturevalue("pg_url")
+    open_storage = server.open_storage
 
-        def open_pg_storage(config: Config) -> StorageBackend:
-            return open_storage(replace(config, store=StoreConfig(url=url)))
+    def open_pg_storage(config: Config) -> StorageBackend:
+        return open_storage(replace(config, store=StoreConfig(url=url)))
 
-        monkeypatch.setattr(server, "open_storage", open_pg_storage)
-    return "sqlite" if request.param == "sqlite" else "postgresql"
+    monkeypatch.setattr(server, "open_storage", open_pg_storage)
+    yield "postgresql"
+    pg_kit.drop_storage_tenants(url)
 
 
 async def evaluate(service: Service, code: str, *, user: str = "alice") -> object:
