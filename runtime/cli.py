@@ -202,7 +202,7 @@ def cmd_store_copy(config: Config, args: argparse.Namespace) -> int:
     counts = storecopy.copy_store(config.store.sqlite_path, args.to, config.store.secret_key)
     copied = ", ".join(f"{n} {table}" for table, n in counts.items())
     print(f"copied {config.store.sqlite_path} to {redact(args.to)}: {copied}")
-    print("Now set [store] url to that URL (and [storage] data_dir) and start valrun.")
+    print("Now set [store] url to that URL and start valrun (blob and SQL storage stay here).")
     return 0
 
 

@@ -407,16 +407,11 @@ class Config:
     pool: PoolConfig = field(default_factory=PoolConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
+    #: With a PostgreSQL store, the storage is there too (runtime.pg_storage): data_dir is
+    #: SQLite's only.
     storage: StorageConfig = field(default_factory=StorageConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     quotas: QuotasConfig = field(default_factory=QuotasConfig)
-
-    def __post_init__(self) -> None:
-        if self.store.postgres and not self.storage.data_dir:
-            raise ConfigError(
-                "storage.data_dir must be set when the store is on PostgreSQL: the default "
-                "is beside the SQLite file, and there is none"
-            )
 
 
 T = TypeVar("T")

@@ -25,7 +25,8 @@ def page(req):
 """,
     "counter": """\
 # The count lives in the owner's SQL database, not in the worker: every warm worker of
-# every version sees the same one, and it survives restarts.
+# every version sees the same one, and it survives restarts. (The SQL reads the same on
+# SQLite and PostgreSQL: `visits.n`, not `n`, which PostgreSQL finds ambiguous here.)
 from std import sqlite
 
 def counter(req):
@@ -33,7 +34,7 @@ def counter(req):
         "CREATE TABLE IF NOT EXISTS visits "
         "(id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL)",
         "INSERT INTO visits (id, n) VALUES (1, 1) "
-        "ON CONFLICT (id) DO UPDATE SET n = n + 1 RETURNING n",
+        "ON CONFLICT (id) DO UPDATE SET n = visits.n + 1 RETURNING n",
     ])[1].rows[0][0]
     print("visit", visits)
     return {"visits": visits}
@@ -46,7 +47,7 @@ from std import sqlite
 def guestbook(req):
     sqlite.execute(
         "CREATE TABLE IF NOT EXISTS entries (id INTEGER PRIMARY KEY, name TEXT NOT NULL, "
-        "message TEXT NOT NULL, at TEXT NOT NULL DEFAULT (datetime('now')))"
+        "message TEXT NOT NULL, at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
     )
     if req.method == "POST":
         form = req.form()
@@ -54,7 +55,13 @@ def guestbook(req):
         message = (form.get("message") or "").strip()[:1000]
         if not message:
             return Response("a message is needed", 400)
-        sqlite.execute("INSERT INTO entries (name, message) VALUES (?, ?)", (name, message))
+        # The next id spelled out: the same SQL on SQLite and PostgreSQL (one call is one
+        # transaction, and one user's calls run one at a time).
+        sqlite.execute(
+            "INSERT INTO entries (id, name, message) "
+            "VALUES ((SELECT coalesce(max(id), 0) + 1 FROM entries), ?, ?)",
+            (name, message),
+        )
         return Response.redirect("/", 303)
     rows = sqlite.execute(
         "SELECT name, message, at FROM entries ORDER BY id DESC LIMIT 50"

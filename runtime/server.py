@@ -21,11 +21,12 @@ from runtime.fetch import open_fetcher
 from runtime.frontdoor import raise_fd_limit, serve_app
 from runtime.imports import Imports
 from runtime.metrics import Metrics
+from runtime.pg_storage import PgStorage
 from runtime.pool import Pool, open_pool
 from runtime.records import open_recorder
 from runtime.scheduler import Scheduler, serve_scheduler
 from runtime.startup import open_store
-from runtime.storage import SqliteStorage
+from runtime.storage import SqliteStorage, StorageBackend
 from runtime.storage_api import StorageApi
 from runtime.store import AsyncStore, Store
 from sandbox.messages import BlobAsk, FetchAsk, ImportAsk, SqlAsk
@@ -50,14 +51,18 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     return hconfig
 
 
-def open_storage(config: Config) -> SqliteStorage:
-    data_dir = config.storage.data_path(config.store.location)
+def open_storage(config: Config) -> StorageBackend:
+    """The storage of the store's kind: PostgreSQL's (runtime.pg_storage) beside a
+    PostgreSQL store, else SQLite files beside the store's file."""
     # A value or a SQL result travels to the worker in one frame, and the worker reads at
     # most the response cap (the wire's own limit is 8 MiB).
     max_message = min(config.limits.max_response_body_bytes, DEFAULT_MAX_BODY_BYTES)
     storage = replace(
         config.storage, max_value_bytes=min(config.storage.max_value_bytes, max_message)
     )
+    if config.store.postgres:
+        return PgStorage(storage, config.store.url, max_message)
+    data_dir = config.storage.data_path(config.store.sqlite_path)
     return SqliteStorage(storage, data_dir, max_message)
 
 

@@ -6,8 +6,8 @@
     <data dir>/blob.sqlite       one table of (user, key) -> value, and each user's usage
     <data dir>/sql/<user>.sqlite one database per user
 
-A PostgreSQL backend (docs/storage.md) puts the blob table in the store and gives each user a
-schema and a role; nothing outside this module changes.
+`runtime.pg_storage.PgStorage` is the same interface on PostgreSQL (docs/storage.md §5): blob
+tables in the store's database, and a login role and a database per user.
 
 Bounds, all per call or per user, so one tenant's storage cannot starve another's:
 - every call is one transaction; a write over a quota is refused before it changes anything
@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import trio
 
@@ -46,6 +46,7 @@ from sandbox.messages import SqlValue, Statement, encode_sql_results, sql_value_
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+D = TypeVar("D")
 
 MAX_KEY_BYTES = 512
 MAX_LIST = 1000
@@ -97,6 +98,11 @@ class StorageBackend(Protocol):
     """Per-user blob and SQL storage. Every method refuses with StorageRefusedError (and
     then has changed nothing); a write that returned is committed."""
 
+    #: The `[storage]` limits in force (max_value_bytes already capped by the frame size).
+    config: StorageConfig
+    #: A SQL answer's cap: over it, the call is refused and rolled back.
+    max_result_bytes: int
+
     async def blob_get(self, user: str, key: str) -> bytes | None: ...
 
     async def blob_set(self, user: str, key: str, value: bytes) -> None: ...
@@ -140,49 +146,32 @@ class _UserDb:
 
 
 @dataclass(eq=False)
-class _UserSlot:
+class UserSlot(Generic[D]):
     """One user's turn-taking: SQL one call at a time, blob a few; the open database."""
 
     sql_turn: trio.Lock = field(default_factory=trio.Lock)
     blob_turn: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(BLOB_CALLS_PER_USER))
     waiting: int = 0
-    db: _UserDb | None = None
+    db: D | None = None
     last_used: float = 0.0
 
 
-class SqliteStorage:
-    def __init__(self, config: StorageConfig, data_dir: Path, max_result_bytes: int) -> None:
-        self.config = config
-        self.max_result_bytes = max_result_bytes
-        self.sql_dir = data_dir / "sql"
-        self.sql_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        blob_path = data_dir / "blob.sqlite"
-        # Two connections: reads (WAL) never wait behind a write's fsync.
-        self._writer = _open_blob_db(blob_path)
-        self._reader = _open_blob_db(blob_path)
-        self._write_turn = trio.CapacityLimiter(1)
-        self._read_turn = trio.CapacityLimiter(1)
-        self._sql_threads = trio.CapacityLimiter(config.sql_threads)
-        self._users: dict[str, _UserSlot] = {}
+class Turns(Generic[D]):
+    """Each user's turn-taking, shared by the backends: SQL one call at a time, blob a few,
+    at most `max_waiting_per_user` running or waiting (more are refused, `busy`)."""
 
-    def close(self) -> None:
-        for slot in self._users.values():
-            if slot.db is not None:
-                slot.db.conn.close()
-                slot.db = None
-        self._writer.close()
-        self._reader.close()
-
-    # Turns
+    def __init__(self, max_waiting_per_user: int) -> None:
+        self.max_waiting = max_waiting_per_user
+        self.users: dict[str, UserSlot[D]] = {}
 
     @asynccontextmanager
-    async def _turn(self, user: str, sql: bool) -> AsyncIterator[_UserSlot]:
-        if not USER_RE.fullmatch(user):  # it names a file: never trust it blindly
+    async def turn(self, user: str, sql: bool) -> AsyncIterator[UserSlot[D]]:
+        if not USER_RE.fullmatch(user):  # it names a file or a role: never trust it blindly
             raise StorageRefusedError(f"{user!r} is not a user", "no_owner")
-        slot = self._users.get(user)
+        slot = self.users.get(user)
         if slot is None:
-            slot = self._users[user] = _UserSlot()
-        if slot.waiting >= self.config.max_waiting_per_user:
+            slot = self.users[user] = UserSlot()
+        if slot.waiting >= self.max_waiting:
             raise StorageRefusedError(
                 f"{slot.waiting} storage calls of yours are running or waiting already; "
                 "retry shortly",
@@ -200,7 +189,49 @@ class SqliteStorage:
             slot.waiting -= 1
             slot.last_used = trio.current_time()
             if slot.waiting == 0 and slot.db is None:
-                del self._users[user]
+                del self.users[user]
+
+    def evict_idle(self, max_open: int) -> list[D]:
+        """Make room for one more open database: forget the least recently used idle ones'
+        handles and return them, for the caller to close off trio's thread."""
+        open_slots = [s for s in self.users.values() if s.db is not None]
+        surplus = len(open_slots) - (max_open - 1)
+        if surplus <= 0:
+            return []
+        idle = sorted((s for s in open_slots if s.waiting == 0), key=lambda s: s.last_used)
+        closing = []
+        for slot in idle[:surplus]:
+            if slot.db is not None:
+                closing.append(slot.db)
+                slot.db = None
+        for user in [u for u, s in self.users.items() if s.waiting == 0 and s.db is None]:
+            del self.users[user]
+        return closing
+
+
+class SqliteStorage:
+    def __init__(self, config: StorageConfig, data_dir: Path, max_result_bytes: int) -> None:
+        self.config = config
+        self.max_result_bytes = max_result_bytes
+        self.sql_dir = data_dir / "sql"
+        self.sql_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        blob_path = data_dir / "blob.sqlite"
+        # Two connections: reads (WAL) never wait behind a write's fsync.
+        self._writer = _open_blob_db(blob_path)
+        self._reader = _open_blob_db(blob_path)
+        self._write_turn = trio.CapacityLimiter(1)
+        self._read_turn = trio.CapacityLimiter(1)
+        self._sql_threads = trio.CapacityLimiter(config.sql_threads)
+        self._turns: Turns[_UserDb] = Turns(config.max_waiting_per_user)
+        self._turn = self._turns.turn
+
+    def close(self) -> None:
+        for slot in self._turns.users.values():
+            if slot.db is not None:
+                slot.db.conn.close()
+                slot.db = None
+        self._writer.close()
+        self._reader.close()
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await trio.to_thread.run_sync(lambda: fn(self._writer), limiter=self._write_turn)
@@ -316,24 +347,14 @@ class SqliteStorage:
 
     async def _close_idle_databases(self) -> None:
         """Make room for one more open database: close the least recently used idle ones."""
-        open_slots = [s for s in self._users.values() if s.db is not None]
-        surplus = len(open_slots) - (MAX_OPEN_DATABASES - 1)
-        if surplus <= 0:
-            return
-        idle = sorted((s for s in open_slots if s.waiting == 0), key=lambda s: s.last_used)
-        closing = []
-        for slot in idle[:surplus]:
-            if slot.db is not None:
-                closing.append(slot.db.conn)
-                slot.db = None
-        for user in [u for u, s in self._users.items() if s.waiting == 0 and s.db is None]:
-            del self._users[user]
+        closing = self._turns.evict_idle(MAX_OPEN_DATABASES)
 
         def close_all() -> None:
-            for conn in closing:
-                conn.close()
+            for db in closing:
+                db.conn.close()
 
-        await trio.to_thread.run_sync(close_all, limiter=self._sql_threads)
+        if closing:
+            await trio.to_thread.run_sync(close_all, limiter=self._sql_threads)
 
     def _open_user_db(self, path: Path) -> _UserDb:
         conn = sqlite3.connect(
@@ -364,7 +385,7 @@ class SqliteStorage:
         conn.set_progress_handler(lambda: time.monotonic() > deadline, PROGRESS_STEPS)
         try:
             _trusted(db, "BEGIN IMMEDIATE")
-            answer = _ResultWriter(self.max_result_bytes, self._too_large)
+            answer = ResultWriter(self.max_result_bytes, self._too_large)
             for text, args in statements:
                 guard.refused = None
                 if first_keyword(text) == "VACUUM":  # it would fail inside BEGIN, less clearly
@@ -433,7 +454,7 @@ class SqliteStorage:
             )
         return Usage(blob_bytes, blob_keys, sql_bytes)
 
-    def _sql_bytes(self, user: str, slot: _UserSlot) -> int:
+    def _sql_bytes(self, user: str, slot: UserSlot[_UserDb]) -> int:
         if slot.db is None:
             path = self.sql_dir / f"{user}.sqlite"
             if not path.exists():
@@ -444,7 +465,7 @@ class SqliteStorage:
         return int(pages) * int(size)
 
 
-class _ResultWriter:
+class ResultWriter:
     """The results' wire JSON (`encode_sql_results`'s shape), written as rows are fetched:
     a call holds at most the answer's bytes, never the rows as Python objects, and stops at
     the cap."""

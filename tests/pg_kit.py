@@ -211,3 +211,16 @@ def start_cluster(*, durable: bool = False) -> Cluster:
             raise
         return cluster
     raise AssertionError("unreachable")
+
+
+def drop_storage_tenants(store_url: str) -> None:
+    """Drop the per-user SQL roles and databases that runtime.pg_storage made for the store at
+    `store_url` (each is a copy of a ~7 MiB template: a session's tests would pile them up)."""
+    with psycopg.connect(store_url, autocommit=True) as db:
+        exists = db.execute("SELECT to_regclass('valrun_sql_tenants') IS NOT NULL").fetchone()
+        if not exists or not exists[0]:
+            return
+        names = [str(row[0]) for row in db.execute("SELECT name FROM valrun_sql_tenants")]
+        for name in names:
+            db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+            db.execute(f'DROP ROLE IF EXISTS "{name}"'.encode())

@@ -269,11 +269,9 @@ def test_store_url_that_is_not_supported_is_refused(url: str) -> None:
 
 
 @pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
-def test_a_postgres_store_needs_a_storage_directory(scheme: str, tmp_path: Path) -> None:
+def test_a_postgres_store_needs_no_storage_directory(scheme: str, tmp_path: Path) -> None:
     url = f"{scheme}://valrun:pw@db.internal:5432/valrun"
-    with pytest.raises(ConfigError, match=re.escape("storage.data_dir")):
-        parse_config({"store": {"url": url}})
-    config = parse_config({"store": {"url": url}, "storage": {"data_dir": str(tmp_path)}})
+    config = parse_config({"store": {"url": url}})  # the storage lives in PostgreSQL too
     assert config.store.postgres
     assert config.store.location == url
     assert resolve_store_path(config, tmp_path) == config  # a URL is not a relative path
