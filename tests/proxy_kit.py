@@ -27,7 +27,7 @@ import trio
 
 #: The node addresses the guide names, in order; a test puts its nodes' ports in their place.
 GUIDE_NODES = ("10.0.0.11:8080", "10.0.0.12:8080")
-CERT_DIR = "/etc/letsencrypt/live/api.example.com"
+LETSENCRYPT = "/etc/letsencrypt/live"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +68,10 @@ class Certificate:
     key: Path
 
     def put_in(self, text: str) -> str:
-        """`text` with the guide's certificate paths replaced by this certificate's."""
-        text = text.replace(f"{CERT_DIR}/fullchain.pem", str(self.cert))
-        return text.replace(f"{CERT_DIR}/privkey.pem", str(self.key))
+        """`text` with the certificate paths of a config written for Let's Encrypt (the
+        guide's, the README's) replaced by this certificate's."""
+        text = re.sub(rf"{LETSENCRYPT}/[^ ;\n]+/fullchain\.pem", str(self.cert), text)
+        return re.sub(rf"{LETSENCRYPT}/[^ ;\n]+/privkey\.pem", str(self.key), text)
 
 
 async def certificate(folder: Path, names: tuple[str, ...]) -> Certificate:
@@ -101,10 +102,11 @@ def with_nodes(text: str, ports: list[int]) -> str:
 async def run_nginx(
     folder: Path, site: str, nodes: list[int], cert: Certificate
 ) -> AsyncIterator[int]:
-    """nginx with `site` (an `upstream` and a `server` block), its port."""
+    """nginx with `site` (its `upstream` and `server` blocks), its port. `nodes`: the ports
+    that take the place of the guide's nodes (none: `site` names its upstreams itself)."""
     folder.mkdir(parents=True, exist_ok=True)
     listen = free_port()
-    site = cert.put_in(with_nodes(site, nodes))
+    site = cert.put_in(with_nodes(site, nodes) if nodes else site)
     site = site.replace("listen 443 ssl;", f"listen 127.0.0.1:{listen} ssl;")
     temp = "\n".join(
         f"    {kind}_temp_path {folder / kind};"
@@ -138,7 +140,8 @@ async def run_caddy(
         f"{{\n\tadmin off\n\thttps_port {listen}\n\thttp_port {free_port()}\n"
         f"\tdefault_bind 127.0.0.1\n\tstorage file_system {folder / 'data'}\n}}\n\n"
     )
-    (folder / "Caddyfile").write_text(options + cert.put_in(with_nodes(caddyfile, nodes)))
+    sites = with_nodes(caddyfile, nodes) if nodes else caddyfile
+    (folder / "Caddyfile").write_text(options + cert.put_in(sites))
     env = {
         **os.environ,
         "HOME": str(folder),

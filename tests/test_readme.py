@@ -19,13 +19,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import tomllib
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, closing
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from runtime.server import serve_valrun
 from runtime.store import Store
 from sandbox.policy import LogBuffer, make_globals
 from tests.helpers import AccessLines, capture_access_lines
+from tests.proxy_kit import Certificate, certificate, run_caddy, run_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -115,12 +114,6 @@ class Running:
     port: int
     token: str
     work: Path  # the scratch folder the examples run in
-
-
-def free_port() -> int:
-    with closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def localize(text: str, port: int, token: str) -> str:
@@ -250,104 +243,26 @@ async def check_val_block(client: httpx.AsyncClient, block: Block, running: Runn
 # The proxy section, through real nginx and Caddy
 
 
-async def certificate(folder: Path) -> tuple[Path, Path, Path]:
-    """A CA, and a certificate it signed for api.example.com and *.example-vals.net."""
-    (folder / "san.ext").write_text("subjectAltName=DNS:api.example.com,DNS:*.example-vals.net\n")
-    new_key = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes"
-    for command in (
-        f"req -x509 {new_key} -keyout ca.key -out ca.pem -days 2 -subj /CN=readme-test-CA",
-        f"req {new_key} -keyout key.pem -out cert.csr -subj /CN=api.example.com",
-        "x509 -req -in cert.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem "
-        "-days 2 -extfile san.ext",
-    ):
-        with trio.fail_after(30):
-            await trio.run_process(
-                ["openssl", *command.split()], cwd=folder, capture_stdout=True, capture_stderr=True
-            )
-    return folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
-
-
-def with_certificate(text: str, cert: Path, key: Path) -> str:
-    text = re.sub(r"/etc/letsencrypt/live/[^ ;\n]+/fullchain\.pem", str(cert), text)
-    return re.sub(r"/etc/letsencrypt/live/[^ ;\n]+/privkey\.pem", str(key), text)
-
-
-def nginx_conf(folder: Path, listen: int, upstream: int, cert: Path, key: Path) -> Path:
+def nginx_site(folder: Path, upstream: int) -> str:
+    """The README's nginx server blocks, with the file they include written beside them."""
     sites, proxy = of("nginx")
     (folder / "valrun-proxy.conf").write_text(proxy.text.replace("8080", str(upstream)))
-    server = with_certificate(sites.text, cert, key)
-    server = server.replace("listen 443 ssl;", f"listen 127.0.0.1:{listen} ssl;")
-    server = server.replace("/etc/nginx/valrun-proxy.conf", str(folder / "valrun-proxy.conf"))
-    temp = "\n".join(
-        f"    {kind}_temp_path {folder / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    conf = folder / "nginx.conf"
-    conf.write_text(
-        ("user root;\n" if os.getuid() == 0 else "")
-        + f"pid {folder / 'nginx.pid'};\nerror_log {folder / 'error.log'};\n"
-        + "events {}\nhttp {\n"
-        + f"    access_log {folder / 'access.log'};\n{temp}\n{server}}}\n"
-    )
-    return conf
+    return sites.text.replace("/etc/nginx/valrun-proxy.conf", str(folder / "valrun-proxy.conf"))
 
 
 @asynccontextmanager
-async def run_nginx(folder: Path, upstream: int, cert: Path, key: Path) -> AsyncIterator[int]:
-    listen = free_port()
-    conf = nginx_conf(folder, listen, upstream, cert, key)
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    # Daemon mode: the command returns once the master has bound its port.
-    with trio.fail_after(30):
-        await trio.run_process([nginx, "-c", str(conf), "-e", str(folder / "error.log")])
-    try:
-        yield listen
-    finally:
-        pid = int((folder / "nginx.pid").read_text())
-        os.kill(pid, signal.SIGTERM)
-
-
-@asynccontextmanager
-async def run_caddy(folder: Path, upstream: int, cert: Path, key: Path) -> AsyncIterator[int]:
-    listen = free_port()
-    (caddyfile,) = of("caddyfile")
-    sites = with_certificate(caddyfile.text, cert, key).replace("8080", str(upstream))
-    options = (
-        f"{{\n\tadmin off\n\thttps_port {listen}\n\thttp_port {free_port()}\n"
-        f"\tdefault_bind 127.0.0.1\n\tstorage file_system {folder / 'data'}\n}}\n\n"
-    )
-    (folder / "Caddyfile").write_text(options + sites)
-    env = {
-        **os.environ,
-        "HOME": str(folder),
-        "XDG_DATA_HOME": str(folder / "data"),
-        "XDG_CONFIG_HOME": str(folder / "config"),
-    }
-    caddy = shutil.which("caddy") or "/usr/bin/caddy"
-    pidfile = folder / "caddy.pid"
-    # `caddy start` returns once the server it started has loaded its config and listens.
-    # That server keeps its output: a file, not a pipe that would stay open after us.
-    try:
-        with open(folder / "caddy.log", "wb") as log, trio.fail_after(30):
-            await trio.run_process(
-                [
-                    caddy,
-                    "start",
-                    "--config",
-                    str(folder / "Caddyfile"),
-                    "--adapter",
-                    "caddyfile",
-                    "--pidfile",
-                    str(pidfile),
-                ],
-                env=env,
-                stdout=log,
-                stderr=log,
-            )
-        yield listen
-    finally:
-        if pidfile.exists():  # also when `caddy start` failed after its server began
-            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+async def run_proxy(
+    proxy: str, folder: Path, upstream: int, cert: Certificate
+) -> AsyncIterator[int]:
+    """The README's nginx or Caddy config, run for real in front of `upstream`."""
+    if proxy == "nginx":
+        async with run_nginx(folder, nginx_site(folder, upstream), [], cert) as port:
+            yield port
+    else:
+        (caddyfile,) = of("caddyfile")
+        sites = caddyfile.text.replace("8080", str(upstream))
+        async with run_caddy(folder, sites, [], cert) as port:
+            yield port
 
 
 @pytest.fixture
@@ -371,19 +286,18 @@ async def test_readme_proxy_section_runs_through_nginx_and_caddy(
     store = Store(db)
     token = seed_demo(store)
     store.close()
-    run_proxy = run_nginx if proxy == "nginx" else run_caddy
-    ca, cert, key = await certificate(tmp_path)
+    cert = await certificate(tmp_path, ("api.example.com", "*.example-vals.net"))
     async with trio.open_nursery() as nursery:
         with trio.fail_after(30):
             urls = await nursery.start(
                 lambda task_status: serve_valrun(config, task_status=task_status)
             )
         upstream = int(urls[0].rpartition(":")[2])
-        async with run_proxy(tmp_path, upstream, cert, key) as listen:
+        async with run_proxy(proxy, tmp_path, upstream, cert) as listen:
             (block,) = of("sh", THROUGH_PROXY)
             # The URL's host and port stay as written (SNI, Host); curl connects to the
             # proxy on loopback, from 127.0.0.2 so the client differs from the proxy.
-            curl = f"curl -fsS --connect-to ::127.0.0.1:{listen} --cacert {ca} "
+            curl = f"curl -fsS --connect-to ::127.0.0.1:{listen} --cacert {cert.ca} "
             through = block.text.replace("curl -fsS ", curl + "--interface 127.0.0.2 ")
             await run_sh(replace(block, text=through), tmp_path, example_env(token), 0)
             # The client's address (127.0.0.2), from the proxy's X-Forwarded-For.
