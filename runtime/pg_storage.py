@@ -62,6 +62,7 @@ from runtime.storage import (
     Turns,
     Usage,
     check_key,
+    check_value,
 )
 from sandbox.messages import SqlValue, Statement, encode_sql_results
 
@@ -288,13 +289,7 @@ class PgStorage:
 
     async def blob_set(self, user: str, key: str, value: bytes) -> None:
         check_key(key)
-        limit = self.config.max_value_bytes
-        if len(value) > limit:
-            raise StorageRefusedError(
-                f"the value of {len(value)} bytes is over the {limit}-byte limit "
-                "(storage.max_value_bytes)",
-                "value_too_large",
-            )
+        check_value(value, self.config.max_value_bytes)
         async with self._turns.turn(user, sql=False):
             await self._blob(lambda db: self._blob_set(db, user, key, value))
 

@@ -139,6 +139,15 @@ def check_key(key: str, what: str = "a blob key", *, empty: bool = False) -> str
     return key
 
 
+def check_value(value: bytes, limit: int) -> None:
+    if len(value) > limit:
+        raise StorageRefusedError(
+            f"the value of {len(value)} bytes is over the {limit}-byte limit "
+            "(storage.max_value_bytes)",
+            "value_too_large",
+        )
+
+
 @dataclass(eq=False)
 class _UserDb:
     conn: sqlite3.Connection
@@ -253,13 +262,7 @@ class SqliteStorage:
 
     async def blob_set(self, user: str, key: str, value: bytes) -> None:
         check_key(key)
-        limit = self.config.max_value_bytes
-        if len(value) > limit:
-            raise StorageRefusedError(
-                f"the value of {len(value)} bytes is over the {limit}-byte limit "
-                "(storage.max_value_bytes)",
-                "value_too_large",
-            )
+        check_value(value, self.config.max_value_bytes)
         async with self._turn(user, sql=False):
             await self._write(lambda db: self._blob_set(db, user, key, value))
 
