@@ -145,8 +145,10 @@ class Invoker:
         record(outcome.status if isinstance(outcome, ValResponse) else 200, reply.log)
         return outcome
 
-    async def _invoke_once(self, spec: ValSpec, request: Invocation) -> Reply:
-        owner = spec.owner
+    def check_eval_room(self, owner: str) -> None:
+        """Refuse (429) an Eval of `owner` ("": anonymous) who has their most running. The Eval
+        API asks this first, before it parses the body or reads the env: a flood of refused
+        Evals then costs no store trip but the (cached) token lookup."""
         if self._evals[owner] >= self.config.pool.max_evals_per_user:
             raise TooManyRequestsError(
                 f"{owner or 'anonymous'} has {self._evals[owner]} evals running, the most one "
@@ -154,6 +156,10 @@ class Invoker:
                 headers=(("retry-after", "1"),),
                 details={"limit": "pool.max_evals_per_user"},
             )
+
+    async def _invoke_once(self, spec: ValSpec, request: Invocation) -> Reply:
+        owner = spec.owner
+        self.check_eval_room(owner)
         try:
             self._eval_slots.acquire_nowait()
         except trio.WouldBlock:
