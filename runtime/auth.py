@@ -20,7 +20,7 @@ from urllib.parse import parse_qs
 from runtime.errors import BadRequestError, ForbiddenError, UnauthorizedError
 from runtime.hosts import USER_RE, VAL_RE
 from runtime.http import HTTPRequest
-from runtime.store import AsyncStore, Store, User, ValVersion
+from runtime.store import AsyncStore, User, ValVersion
 
 DEFAULT_RUNS_LIMIT = 100
 MAX_RUNS_LIMIT = 1000
@@ -34,7 +34,7 @@ async def authenticate(store: AsyncStore, request: HTTPRequest) -> User:
     scheme, _, token = header.partition(" ")
     user = None
     if scheme.lower() == "bearer" and token.strip():
-        user = await store.call(Store.user_for_token, token.strip())
+        user = await store.user_for_token(token.strip())
     if user is None:
         raise UnauthorizedError("the token is not valid (revoked, mistyped or expired)")
     return user

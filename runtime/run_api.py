@@ -52,6 +52,7 @@ class RunApi:
             raise UnauthorizedError(
                 "the Eval API needs a token: send 'Authorization: Bearer <token>'"
             )
+        await self.invoker.refuse_eval_if_full(caller.name if caller else "")
         code, args = eval_input(request, params.get("code"), self.config.limits)
         check_code_size(code, self.config.limits.max_source_bytes)
         env = await self.store.call(Store.env, caller.name) if caller else {}

@@ -40,6 +40,7 @@ import trio
 from runtime.config import StorageConfig
 from runtime.errors import StorageRefusedError
 from runtime.hosts import USER_RE
+from runtime.idle_threads import IdleThreads
 from runtime.sqlguard import ATTACH_REFUSAL, SqlGuard, first_keyword
 from sandbox.messages import SqlValue, Statement, encode_sql_results, sql_value_to_json
 
@@ -231,10 +232,14 @@ class SqliteStorage:
         self._write_turn = trio.CapacityLimiter(1)
         self._read_turn = trio.CapacityLimiter(1)
         self._sql_threads = trio.CapacityLimiter(config.sql_threads)
+        # Users' SQL may compute for seconds: at idle CPU priority, never on the event
+        # loop's core when it wants it (runtime/idle_threads.py, docs/fairness.md §5).
+        self._idle = IdleThreads(config.sql_threads, "valrun-sql")
         self._turns: Turns[_UserDb] = Turns(config.max_waiting_per_user)
         self._turn = self._turns.turn
 
     def close(self) -> None:
+        self._idle.close()
         for slot in self._turns.users.values():
             if slot.db is not None:
                 slot.db.conn.close()
@@ -340,11 +345,11 @@ class SqliteStorage:
             if slot.db is None:
                 await self._close_idle_databases()
                 path = self.sql_dir / f"{user}.sqlite"
-                slot.db = await trio.to_thread.run_sync(
+                slot.db = await self._idle.run(
                     lambda: self._open_user_db(path), limiter=self._sql_threads
                 )
             db = slot.db
-            return await trio.to_thread.run_sync(
+            return await self._idle.run(
                 lambda: self._run_sql(db, statements, run_for), limiter=self._sql_threads
             )
 
@@ -357,7 +362,7 @@ class SqliteStorage:
                 db.conn.close()
 
         if closing:
-            await trio.to_thread.run_sync(close_all, limiter=self._sql_threads)
+            await self._idle.run(close_all, limiter=self._sql_threads)
 
     def _open_user_db(self, path: Path) -> _UserDb:
         conn = sqlite3.connect(
@@ -452,7 +457,7 @@ class SqliteStorage:
             blob_bytes, blob_keys = await self._read(lambda db: _blob_usage(db, user))
         async with self._turn(user, sql=True) as slot:
             # What the quota counts: the database's pages (its WAL is checkpointed into them).
-            sql_bytes = await trio.to_thread.run_sync(
+            sql_bytes = await self._idle.run(
                 lambda: self._sql_bytes(user, slot), limiter=self._sql_threads
             )
         return Usage(blob_bytes, blob_keys, sql_bytes)

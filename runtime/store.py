@@ -45,6 +45,7 @@ from runtime.quotas import check_env, quota_error
 from runtime.schedule import Due, Schedule, Tick, next_tick, plan_claims
 from runtime.schema import create_private, migrate, migrate_postgres
 from runtime.sealing import Sealer
+from runtime.tokens import TokenCache
 from sandbox.limits import WorkerLimits
 
 logger = logging.getLogger(__name__)
@@ -957,8 +958,22 @@ class AsyncStore:
         }
     )
 
+    #: The token lookup cache (runtime/tokens.py): an entry's life, and its two bounds.
+    TOKEN_TTL_S = 1.0
+    TOKEN_CACHE_KNOWN = 10_000
+    TOKEN_CACHE_UNKNOWN = 10_000
+    #: Store methods after which cached token lookups may be wrong.
+    TOKEN_INVALIDATES: frozenset[Callable[..., object]] = frozenset(
+        {Store.create_user, Store.create_token, Store.revoke_token}
+    )
+
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.tokens: TokenCache[User] = TokenCache(
+            ttl_s=self.TOKEN_TTL_S,
+            max_known=self.TOKEN_CACHE_KNOWN,
+            max_unknown=self.TOKEN_CACHE_UNKNOWN,
+        )
         #: When and why a write last failed for want of a writable disk; None once a write
         #: has succeeded since. For /healthz.
         self.write_failure: tuple[float, str] | None = None
@@ -984,6 +999,8 @@ class AsyncStore:
         """Drop what `changes` (made elsewhere, read from the feed) make stale; tell the
         listeners."""
         self._generation += 1
+        if any(change.kind in ("token", "user", "all") for change in changes):
+            self.tokens.clear()
         users = {change.user for change in changes}
         if None in users or any(change.kind == "all" for change in changes):
             self._clear_resolved()
@@ -1017,9 +1034,22 @@ class AsyncStore:
             if method in self.INVALIDATES:
                 self._generation += 1
                 self._clear_resolved()
+            if method in self.TOKEN_INVALIDATES:
+                self.tokens.clear()
         if self.store.changes != changes and method is not Store.check_writable:
             self.write_failure = None  # a real write went through: there is room again
         return result
+
+    async def user_for_token(self, token: str) -> User | None:
+        """`Store.user_for_token`, cached (runtime/tokens.py)."""
+        digest, now = hash_token(token), trio.current_time()
+        hit, user = self.tokens.get(digest, now)
+        if hit:
+            return user
+        generation = self.tokens.generation
+        user = await self.call(Store.user_for_token, token)
+        self.tokens.put(digest, user, now, generation)
+        return user
 
     async def resolve(self, owner: str, name: str, version: int | None) -> Resolved | None:
         """`Store.resolve`, cached."""

@@ -6,6 +6,7 @@ still succeeds."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 from collections import Counter
@@ -15,6 +16,7 @@ import trio
 
 from runtime.config import Config, PoolConfig
 from runtime.errors import TooManyRequestsError
+from runtime.invoke import REFUSAL_HOLD_S
 from runtime.pool import Pool, ValSpec, open_pool
 from runtime.process import WorkerProcess
 from runtime.shares import Shares
@@ -320,6 +322,36 @@ async def test_one_user_cannot_take_every_eval_slot(start_service: StartService)
             assert other.json() == 2
     assert statuses == Counter({200: 2, 429: 4})
     assert all(error.get("limit") == "pool.max_evals_per_user" for error in refusals)
+
+
+async def test_an_eval_over_the_cap_is_refused_before_its_body_is_read(
+    start_service: StartService,
+) -> None:
+    # The cap is checked right after the token, before the body is parsed and the env read
+    # (a trip to the store): a flood of refused Evals costs no store trips. A body that is
+    # not even JSON shows the order: 429, not 400.
+    service = await start_service(wall_time_s=30.0, max_evals_per_user=1)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(service.api, "POST", "/v1/eval", json={"code": EVAL_SLEEP})
+            )
+            while True:  # ASYNC110: polled until alice's one Eval runs, under fail_after
+                asked = trio.current_time()
+                bad = await service.api("POST", "/v1/eval", content=b"{not json")
+                if bad.status_code == 429:
+                    # Held as long as Retry-After says: a client that ignores it and asks
+                    # again at once gets one refusal a second per connection.
+                    assert trio.current_time() - asked >= REFUSAL_HOLD_S * 0.9
+                    break
+                assert bad.status_code == 400, bad.text
+                await trio.sleep(0.02)
+            error = assert_json_error(bad, 429, "too_many_requests")
+            assert error.get("limit") == "pool.max_evals_per_user"
+            assert bad.headers["retry-after"] == "1"
+            # bob is not alice: his bad body is judged as a body.
+            other = await service.api("POST", "/v1/eval", user="bob", content=b"{not json")
+            assert_json_error(other, 400, "bad_json")
 
 
 # --- each user's fork server has its own supply ----------------------------------------------

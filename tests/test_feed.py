@@ -117,6 +117,22 @@ async def test_an_env_change_elsewhere_reaches_the_cached_env(
             await trio.sleep(0.01)
 
 
+async def test_a_token_revoked_elsewhere_is_refused_through_the_feed(
+    writer: Store, follower: tuple[AsyncStore, Seen]
+) -> None:
+    front, _ = follower
+    front.tokens.ttl_s = 3600.0  # only the feed can make the token cache forget
+    token, kept = writer.create_token("alice"), writer.create_token("alice")
+    assert (await front.user_for_token(token) or writer.user("nobody")).name == "alice"
+    assert await front.user_for_token("vr_made_up") is None
+    revoked = [t.id for t in writer.tokens("alice")][-2]
+    writer.revoke_token(revoked)
+    with trio.fail_after(10):  # the claim is 1 s; the margin is for a loaded machine
+        while await front.user_for_token(token) is not None:
+            await trio.sleep(0.01)
+    assert (await front.user_for_token(kept) or writer.user("nobody")).name == "alice"
+
+
 async def test_a_process_does_not_hear_its_own_changes(
     writer: Store, follower: tuple[AsyncStore, Seen]
 ) -> None:
