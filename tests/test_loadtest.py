@@ -279,6 +279,28 @@ def test_workers_are_sandbox_processes_below_valrun_with_none_below_them(
     assert bench.pick_workers(10, parents, cmdlines) == workers
 
 
+PROCESS = "python -m runtime.processes 0"
+
+
+@pytest.mark.parametrize(
+    ("parents", "cmdlines", "front"),
+    [
+        # One process serves: valrun (10) alone, its fork server's processes are not counted.
+        ({10: 1, 11: 10, 12: 11}, {10: "valrun serve", 11: FORK, 12: FORK}, [10]),
+        # `[server] processes = 2`: the supervisor (10) and the two that serve (11, 12).
+        (
+            {10: 1, 11: 10, 12: 10, 13: 11, 14: 13, 15: 12, 20: 1},
+            {10: "valrun", 11: PROCESS, 12: PROCESS, 13: FORK, 14: FORK, 15: FORK, 20: PROCESS},
+            [10, 11, 12],
+        ),
+    ],
+)
+def test_front_end_cpu_counts_every_serving_process_and_no_worker(
+    parents: dict[int, int], cmdlines: dict[int, str], front: list[int]
+) -> None:
+    assert bench.front_processes(10, parents, cmdlines) == front
+
+
 @pytest.mark.parametrize(
     ("value", "limit", "at_least", "passed", "margin"),
     [
