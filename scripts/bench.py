@@ -658,7 +658,15 @@ def valrun_config(port: int, db: Path, options: Options) -> str:
         # A spinning val is stopped at this limit; shorter than the default 10 s so the
         # noisy-neighbour phase ends sooner.
         f"[limits]\nwall_time_s = {options.wall_time_s}\n"
+        # One user saves every val of every round (hello, spin, the cold ones, the many
+        # ones): more than the default quota of 1,000 vals per user.
+        f"[quotas]\nmax_vals = {max_vals(options)}\n"
     )
+
+
+def max_vals(options: Options) -> int:
+    """Room for every val a run of the bench saves, with the user's quota left alone else."""
+    return max(1000, 2 + options.rounds * options.cold_vals + options.many_vals + 100)
 
 
 async def attempt(report: Report, section: str, measure: Callable[[], Awaitable[None]]) -> None:

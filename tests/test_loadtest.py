@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import tomllib
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from runtime.config import parse_config
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -323,3 +326,13 @@ def test_nothing_measured_reports_no_verdict() -> None:
     options = bench.parse_options(["--quick"])
     assert (options.rounds, options.duration_s) == (1, 2)
     assert bench.checks(bench.Report(options)) == []
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["--rounds", "5"], ["--many-vals", "3000", "--cold-vals", "80"]]
+)
+def test_bench_config_leaves_room_for_every_val_the_bench_saves(argv: list[str]) -> None:
+    options = bench.parse_options(argv)
+    config = parse_config(tomllib.loads(bench.valrun_config(8000, Path("/tmp/x.db"), options)))
+    saved = 2 + options.rounds * options.cold_vals + options.many_vals
+    assert config.quotas.max_vals >= saved
