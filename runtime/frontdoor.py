@@ -52,6 +52,9 @@ SWITCHING = b"HTTP/1.1 101 "
 SWITCHING_TO_H2C = b"\r\nupgrade: h2c\r\n"
 #: A request asking for it (RFC 7540 §3.2), as a line of what the client sent.
 ASKS_FOR_H2C = re.compile(rb"\nupgrade:[ \t]*h2c[ \t]*\r?\n", re.IGNORECASE)
+#: A held response head is sent together with a following write up to this size, and
+#: before a larger one (which would otherwise be copied for it).
+COALESCE_MAX_BYTES = 64 * 1024
 
 
 def refusal(status: str, error_type: str, message: str) -> bytes:
@@ -164,7 +167,11 @@ class CountedStream(trio.abc.HalfCloseableStream):
             await self._refuse()
             return
         if self._held:
-            data, self._held = self._held + data, b""
+            head, self._held = self._held, b""
+            if len(data) > COALESCE_MAX_BYTES:  # not worth a copy of a large body
+                await self.inner.send_all(head)
+            else:
+                data = head + data
         elif is_final_head(data):
             # hypercorn writes a response as its head, its body, then its end (h11's end
             # of a Content-Length body is empty, yet still written): each write a send(2)

@@ -12,7 +12,12 @@ from hypercorn.typing import ASGIReceiveEvent, HTTPScope
 from runtime.accesslog import escape
 from runtime.auth import parse_version
 from runtime.errors import RequestTimeoutError
-from runtime.frontdoor import ConnectionCaps, CountedStream, is_final_head
+from runtime.frontdoor import (
+    COALESCE_MAX_BYTES,
+    ConnectionCaps,
+    CountedStream,
+    is_final_head,
+)
 from runtime.http import read_body
 
 HEAD_200 = b"HTTP/1.1 200 \r\ncontent-type: application/json\r\ncontent-length: 5\r\n\r\n"
@@ -20,6 +25,7 @@ HEAD_404 = b"HTTP/1.0 404 \r\ncontent-length: 0\r\n\r\n"
 CONTINUE = b"HTTP/1.1 100 \r\n\r\n"
 SWITCH = b"HTTP/1.1 101 \r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n"
 EOF_MARK = b"<eof>"
+BIG = b"x" * (COALESCE_MAX_BYTES + 1)
 
 # --- the access line's escaping ------------------------------------------------------------
 
@@ -172,6 +178,8 @@ class SentLog:
         ([HEAD_200, b"5\r\nhello\r\n", b"0\r\n\r\n"], [HEAD_200 + b"5\r\nhello\r\n", b"0\r\n\r\n"]),
         # A body that looks like a head is sent with the head before it, never held.
         ([HEAD_200, HEAD_404, b""], [HEAD_200 + HEAD_404, b""]),
+        # A large body is not copied to join its head: two sends, as hypercorn writes them.
+        ([HEAD_200, BIG, b""], [HEAD_200, BIG, b""]),
         # Interim responses leave at once: the client waits for them.
         ([CONTINUE, HEAD_200, b"hello", b""], [CONTINUE, HEAD_200 + b"hello", b""]),
         # Two responses on one connection: each head leaves with its own response's bytes.
