@@ -20,6 +20,10 @@ def _escaped(match: re.Match[str]) -> str:
 
 
 def escape(text: str) -> str:
+    # Every character _UNSAFE names but the backslash is one str.isprintable refuses (Cc, Cf,
+    # Zl, Zp): a line with neither is returned as it is, without a regex pass.
+    if text.isprintable() and "\\" not in text:
+        return text
     return _UNSAFE.sub(_escaped, text)
 
 

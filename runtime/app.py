@@ -89,6 +89,8 @@ class App:
         await send_response(send, response, method)
         elapsed = trio.current_time() - started
         self.metrics.observe(response.label, response.status, elapsed)
+        if not access_logger.isEnabledFor(logging.INFO):
+            return
         client = scope.get("client")
         address = client_address(
             client[0] if client else None,

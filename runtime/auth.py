@@ -78,6 +78,8 @@ def may_read(val: ValVersion, caller: User | None) -> bool:
 def query_int(query_string: str, key: str, high: int) -> int | None:
     """`?key=N` with 1 <= N <= high; None when absent; ValueError when anything else.
     `isascii` first: str.isdigit accepts '²', which int() refuses."""
+    if not query_string:  # most requests: nothing to parse
+        return None
     values = parse_qs(query_string).get(key)
     if not values:
         return None

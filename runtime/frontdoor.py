@@ -52,6 +52,9 @@ SWITCHING = b"HTTP/1.1 101 "
 SWITCHING_TO_H2C = b"\r\nupgrade: h2c\r\n"
 #: A request asking for it (RFC 7540 §3.2), as a line of what the client sent.
 ASKS_FOR_H2C = re.compile(rb"\nupgrade:[ \t]*h2c[ \t]*\r?\n", re.IGNORECASE)
+#: A held response head is sent together with a following write up to this size, and
+#: before a larger one (which would otherwise be copied for it).
+COALESCE_MAX_BYTES = 64 * 1024
 
 
 def refusal(status: str, error_type: str, message: str) -> bytes:
@@ -135,6 +138,8 @@ class CountedStream(trio.abc.HalfCloseableStream):
         self._tail = b""  # the end of what the client last sent, for a line cut in two
         self._asked_for_h2c = False
         self._refused = False
+        #: A final response head, sent together with the write that follows it (`send_all`).
+        self._held = b""
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._refused:
@@ -161,6 +166,19 @@ class CountedStream(trio.abc.HalfCloseableStream):
         if self._asked_for_h2c and is_h2c_switch(bytes(data[:4096])):
             await self._refuse()
             return
+        if self._held:
+            head, self._held = self._held, b""
+            if len(data) > COALESCE_MAX_BYTES:  # not worth a copy of a large body
+                await self.inner.send_all(head)
+            else:
+                data = head + data
+        elif is_final_head(data):
+            # hypercorn writes a response as its head, its body, then its end (h11's end
+            # of a Content-Length body is empty, yet still written): each write a send(2)
+            # of its own, and a TCP segment of its own (TCP_NODELAY). The head waits for the
+            # next write, whatever it is, so the response leaves in one.
+            self._held = bytes(data)
+            return
         await self.inner.send_all(data)
 
     async def _refuse(self) -> None:
@@ -173,6 +191,9 @@ class CountedStream(trio.abc.HalfCloseableStream):
         await self.inner.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
+        if self._held:
+            data, self._held = self._held, b""
+            await self.inner.send_all(data)
         await self.inner.send_eof()
 
     async def aclose(self) -> None:
@@ -180,6 +201,17 @@ class CountedStream(trio.abc.HalfCloseableStream):
             self._released = True
             self._caps.release(self._address)
         await self.inner.aclose()
+
+
+def is_final_head(data: bytes | bytearray | memoryview) -> bool:
+    """Whether a write is a whole HTTP/1.x final response head (status 2xx-5xx). An interim
+    one (`100 Continue`, `101`) is never held: the client waits for it before sending more."""
+    return (
+        len(data) >= 16
+        and data[:9] in (b"HTTP/1.1 ", b"HTTP/1.0 ")
+        and data[9:10] in (b"2", b"3", b"4", b"5")
+        and data[-4:] == b"\r\n\r\n"
+    )
 
 
 def is_h2c_switch(data: bytes) -> bool:

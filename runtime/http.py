@@ -95,9 +95,21 @@ async def read_body(
     """The whole request body, refused with 413 as soon as it is known to be over the limit,
     and with 408 (closing the connection) when it has not all arrived within `timeout_s`: a
     client trickling a body would otherwise hold its connection for ever."""
+    declares_body = False
     for name, value in scope["headers"]:
-        if name.lower() == b"content-length" and value.isdigit() and int(value) > max_bytes:
-            raise _too_large(max_bytes)
+        name = name.lower()
+        if name == b"content-length":
+            declares_body = True
+            if value.isdigit() and int(value) > max_bytes:
+                raise _too_large(max_bytes)
+        elif name == b"transfer-encoding":
+            declares_body = True
+    if not declares_body and scope["http_version"] in ("1.0", "1.1"):
+        # RFC 9112 §6.3: in HTTP/1.x, no Content-Length and no Transfer-Encoding is a
+        # request without a body; hypercorn has queued its (empty) end with the head, so
+        # there is nothing to wait for and nothing to time. (HTTP/2 frames a body without
+        # either header: it keeps the deadline.)
+        return await _read_all(receive, max_bytes)
     with trio.move_on_after(timeout_s):
         return await _read_all(receive, max_bytes)
     raise RequestTimeoutError(

@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import tomllib
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from runtime.config import parse_config
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -279,6 +282,28 @@ def test_workers_are_sandbox_processes_below_valrun_with_none_below_them(
     assert bench.pick_workers(10, parents, cmdlines) == workers
 
 
+PROCESS = "python -m runtime.processes 0"
+
+
+@pytest.mark.parametrize(
+    ("parents", "cmdlines", "front"),
+    [
+        # One process serves: valrun (10) alone, its fork server's processes are not counted.
+        ({10: 1, 11: 10, 12: 11}, {10: "valrun serve", 11: FORK, 12: FORK}, [10]),
+        # `[server] processes = 2`: the supervisor (10) and the two that serve (11, 12).
+        (
+            {10: 1, 11: 10, 12: 10, 13: 11, 14: 13, 15: 12, 20: 1},
+            {10: "valrun", 11: PROCESS, 12: PROCESS, 13: FORK, 14: FORK, 15: FORK, 20: PROCESS},
+            [10, 11, 12],
+        ),
+    ],
+)
+def test_front_end_cpu_counts_every_serving_process_and_no_worker(
+    parents: dict[int, int], cmdlines: dict[int, str], front: list[int]
+) -> None:
+    assert bench.front_processes(10, parents, cmdlines) == front
+
+
 @pytest.mark.parametrize(
     ("value", "limit", "at_least", "passed", "margin"),
     [
@@ -301,3 +326,13 @@ def test_nothing_measured_reports_no_verdict() -> None:
     options = bench.parse_options(["--quick"])
     assert (options.rounds, options.duration_s) == (1, 2)
     assert bench.checks(bench.Report(options)) == []
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["--rounds", "5"], ["--many-vals", "3000", "--cold-vals", "80"]]
+)
+def test_bench_config_leaves_room_for_every_val_the_bench_saves(argv: list[str]) -> None:
+    options = bench.parse_options(argv)
+    config = parse_config(tomllib.loads(bench.valrun_config(8000, Path("/tmp/x.db"), options)))
+    saved = 2 + options.rounds * options.cold_vals + options.many_vals
+    assert config.quotas.max_vals >= saved
