@@ -1,7 +1,7 @@
 """Real nginx and Caddy in front of real valrun nodes, on loopback, configured by the blocks
 of a document (docs/deploy.md): what the guide tells an operator to write is what runs.
 
-- `doc_blocks`: a Markdown file's fenced blocks, with their language and line;
+- `doc_blocks`: a Markdown file's fenced blocks, with their language, line and mark;
 - `certificate`: a CA and a certificate it signed for the guide's names (openssl);
 - `run_nginx`, `run_caddy`: the proxy as a daemon of its own, with the guide's config, the
   node addresses, the listening port and the certificate paths put in; stopped at the end;
@@ -35,6 +35,7 @@ class Block:
     language: str
     text: str
     line: int  # of the opening fence, 1-based
+    mark: str = ""  # the HTML comment just above the fence, or ""
 
 
 def doc_blocks(path: Path) -> list[Block]:
@@ -50,7 +51,9 @@ def doc_blocks(path: Path) -> list[Block]:
         while not lines[index].startswith("```"):
             body.append(lines[index])
             index += 1
-        blocks.append(Block(fence.group(1), "\n".join(body) + "\n", start + 1))
+        above = lines[start - 1].strip() if start else ""
+        mark = above if above.startswith("<!--") else ""
+        blocks.append(Block(fence.group(1), "\n".join(body) + "\n", start + 1, mark))
         index += 1
     return blocks
 

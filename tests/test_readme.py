@@ -37,7 +37,7 @@ from runtime.server import serve_valrun
 from runtime.store import Store
 from sandbox.policy import LogBuffer, make_globals
 from tests.helpers import AccessLines, capture_access_lines
-from tests.proxy_kit import Certificate, certificate, run_caddy, run_nginx
+from tests.proxy_kit import Block, Certificate, certificate, doc_blocks, run_caddy, run_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -46,36 +46,7 @@ STOPPED = "<!-- run with the service stopped -->"
 THROUGH_PROXY = "<!-- run through each proxy -->"
 
 
-@dataclass(frozen=True, slots=True)
-class Block:
-    language: str
-    text: str
-    line: int  # of the opening fence, 1-based
-    mark: str  # the HTML comment just above the fence, or ""
-
-
-def readme_blocks(markdown: str) -> list[Block]:
-    blocks, lines = [], markdown.splitlines()
-    index = 0
-    while index < len(lines):
-        fence = re.fullmatch(r"```(\S*)\s*", lines[index])
-        if fence is None:
-            index += 1
-            continue
-        start = index
-        index += 1
-        body = []
-        while not lines[index].startswith("```"):
-            body.append(lines[index])
-            index += 1
-        above = lines[start - 1].strip() if start else ""
-        mark = above if above.startswith("<!--") else ""
-        blocks.append(Block(fence.group(1), "\n".join(body) + "\n", start + 1, mark))
-        index += 1
-    return blocks
-
-
-BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
+BLOCKS = doc_blocks(README)
 
 
 def of(language: str, mark: str = "") -> list[Block]:
