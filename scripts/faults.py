@@ -31,17 +31,18 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
 import trio
 
+from tests.live import pids_cgroup  # scripts/faults puts the repo on the path
+
 REPO = Path(__file__).resolve().parent.parent
 HELLO = "def hello(req):\n    return 'hi'\n"
 SLOW = "import time\ndef slow(req):\n    time.sleep(20)\n    return 'done'\n"
-PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")
 
 
 @dataclass
@@ -90,7 +91,10 @@ class Valrun:
         config = self.root / "valrun.toml"
         config.write_text(
             f'[store]\nurl = "sqlite:///{self.db}"\n'
-            f'[server]\nbind = ["127.0.0.1:{self.port}"]\n' + self.extra_config
+            # One front end and one shared fork server: the faults kill "the" front end and
+            # "the" fork server (the defaults are a process per core and one per user).
+            f'[server]\nbind = ["127.0.0.1:{self.port}"]\nprocesses = 1\n'
+            "[sandbox]\nfork_server_per_user = false\n" + self.extra_config
         )
         if not self.token:
             command = [*self._cli(config), "user", "create", "alice"]
@@ -397,34 +401,13 @@ async def process_limit() -> Result:
     result = Result("process_limit")
     async with running(result.fault) as (valrun, traffic):
         (fork_server,) = valrun.fork_servers()
-        with _pids_cgroup(fork_server) as group:
+        with pids_cgroup(fork_server) as group:
             (group / "pids.max").write_text("1")
             result.notes.append(await cold_starts(valrun, traffic.client, 0, 20))
             (group / "pids.max").write_text("max")
             result.recovery_s = await recovery(valrun, traffic.client)
         result.notes.append(f"same fork server: {valrun.fork_servers() == [fork_server]}")
         return await finish(result, valrun, traffic)
-
-
-@contextlib.contextmanager
-def _pids_cgroup(pid: int) -> Iterator[Path]:
-    group = PIDS_CGROUPS / f"valrun-faults-{os.getpid()}"
-    group.mkdir()
-    try:
-        (group / "cgroup.procs").write_text(str(pid))
-        yield group
-    finally:
-        # It and the workers it forked meanwhile; a worker forked during the move (or a
-        # zombie not yet reaped) needs another round.
-        for _round in range(200):
-            members = (group / "cgroup.procs").read_text().split()
-            if not members:
-                break
-            for member in members:
-                with contextlib.suppress(OSError):
-                    (PIDS_CGROUPS / "cgroup.procs").write_text(member)
-            time.sleep(0.01)
-        group.rmdir()
 
 
 async def full_disk() -> Result:
