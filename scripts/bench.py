@@ -376,6 +376,7 @@ class Options:
     many_concurrency: int
     neighbour_connections: int
     wall_time_s: float
+    processes: int
     json_out: Path | None
     keep: bool
 
@@ -653,8 +654,13 @@ async def _spin(target: Target, token: str, stop: trio.Event, answers: Counter[s
 
 def valrun_config(port: int, db: Path, options: Options) -> str:
     return (
-        f'[server]\nbind = ["127.0.0.1:{port}"]\n'
+        # One front-end process, like the bare app it is compared with (--processes).
+        f'[server]\nbind = ["127.0.0.1:{port}"]\nprocesses = {options.processes}\n'
         f'[store]\nurl = "sqlite:///{db}"\n'
+        # The bench is one user, so it may have the whole pool: the per-user shares are for
+        # many tenants (docs/fairness.md) and would measure the caps here, not the warm path.
+        "[pool]\nmax_workers_per_user = 64\nmax_queued_per_user = 4096\n"
+        "cold_starts_per_user_per_s = 1000\n"
         # A spinning val is stopped at this limit; shorter than the default 10 s so the
         # noisy-neighbour phase ends sooner.
         f"[limits]\nwall_time_s = {options.wall_time_s}\n"
@@ -944,6 +950,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--many-concurrency", type=int, default=8, help="clients (default: 8)")
     add("--neighbour-connections", type=int, default=4, help="wrk connections (default: 4)")
     add("--wall-time", type=float, default=5.0, help="valrun's limits.wall_time_s (default: 5)")
+    add(
+        "--processes",
+        type=int,
+        default=1,
+        help="valrun's server.processes; the bare app runs one (default: 1)",
+    )
     add("--quick", action="store_true", help="one round, 2 s runs, 15 new vals: a smoke test")
     add("--json", dest="json_out", help="also write the results here")
     add("--keep", action="store_true", help="keep the temporary directory (database, logs)")
@@ -955,7 +967,7 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     if args.quick:
         args.rounds, args.duration, args.cold_vals = 1, 2, 15
     positive = ("rounds", "duration", "connections", "cold_vals", "many_vals", "many_passes")
-    for name in (*positive, "many_concurrency", "neighbour_connections", "wall_time"):
+    for name in (*positive, "processes", "many_concurrency", "neighbour_connections", "wall_time"):
         if not getattr(args, name) > 0:
             raise SystemExit(f"bench: --{name.replace('_', '-')} must be positive")
     if args.wide_connections < 0:
@@ -972,6 +984,7 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         many_concurrency=args.many_concurrency,
         neighbour_connections=args.neighbour_connections,
         wall_time_s=args.wall_time,
+        processes=args.processes,
         json_out=Path(args.json_out) if args.json_out else None,
         keep=args.keep,
     )
