@@ -12,8 +12,8 @@ import logging
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
-from runtime.abandon import unless_abandoned
-from runtime.accesslog import access_line
+from runtime.abandon import Abandonment
+from runtime.accesslog import access_line, access_logger, log_access
 from runtime.api import Api
 from runtime.auth import parse_version
 from runtime.bounds import check_request_fields
@@ -45,7 +45,6 @@ from runtime.target import decoded_path, origin_form
 from sandbox.messages import HttpRequest
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger("valrun.access")
 
 
 class App:
@@ -66,6 +65,8 @@ class App:
         self.api = Api(config, store, pool, recorder, metrics, storage.usage)
         self.routes = api_routes(self.api, RunApi(config, store, self.invoker), storage)
         self.proxies = parse_networks(config.server.trusted_proxies)
+        #: Stops the work of requests whose clients leave; its `serve` runs beside the app.
+        self.abandonment = Abandonment()
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -98,8 +99,7 @@ class App:
             self.proxies,
             self.config.server.forwarded_header,
         )
-        access_logger.info(
-            "%s",
+        log_access(
             access_line(
                 address,
                 method,
@@ -161,9 +161,11 @@ class App:
             # calls are short and run to the end.
             if isinstance(route, ValHost):
                 check_request_fields(request, self.config.limits)
-                response = await unless_abandoned(receive, lambda: self.serve_val(route, request))
+                response = await self.abandonment.unless_abandoned(
+                    receive, lambda: self.serve_val(route, request)
+                )
             elif label in ("run", "eval"):
-                response = await unless_abandoned(
+                response = await self.abandonment.unless_abandoned(
                     receive, lambda: match.handler(request, match.params)
                 )
             else:

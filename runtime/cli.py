@@ -25,6 +25,7 @@ from pathlib import Path
 import trio
 
 from runtime import backup, client, dblock, pgdb, storecopy
+from runtime.accesslog import batch_access_lines
 from runtime.config import (
     SECRET_KEY_ENV,
     Config,
@@ -439,9 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("config", "server", "token"):
         setattr(args, name, getattr(args, name, None))
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=log_format)
+    batch_access_lines(sys.stderr, logging.Formatter(log_format))
     try:
         path = find_config(args.config)
         args.config_file = path.resolve() if path else None

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 import trio
 from hypercorn.utils import repr_socket_addr
 
+from runtime.accesslog import batch_access_lines
 from runtime.config import Config, parse_config, with_bind
 from runtime.errors import StartupError
 from runtime.isolation import check_required, probe_layers
@@ -361,10 +362,9 @@ async def stop_when_orphaned() -> None:
 
 def child_main(argv: list[str]) -> int:
     index = int(argv[0])
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s %(levelname)s %(name)s [{index}]: %(message)s",
-    )
+    log_format = f"%(asctime)s %(levelname)s %(name)s [{index}]: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=log_format)
+    batch_access_lines(sys.stderr, logging.Formatter(log_format))
     config = parse_config(json.loads(sys.stdin.buffer.readline()))
     if not all(bind.startswith("fd://") for bind in config.server.bind):
         # A child binds nothing itself: that would take a port the supervisor does not hold.

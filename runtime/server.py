@@ -13,6 +13,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from runtime import dblock
+from runtime.accesslog import flush_access_lines
 from runtime.app import App
 from runtime.broker import Broker
 from runtime.config import Config
@@ -131,6 +132,8 @@ async def serve_valrun(
                 # What other processes and nodes change reaches this one's caches and pool.
                 async_store.on_change(retire_on_change(pool))
                 await nursery.start(follow_changes, async_store)
+                await nursery.start(app.abandonment.serve)
+                nursery.start_soon(flush_access_lines)
                 scheduler: Scheduler | None = None
                 if config.schedule.enabled:
                     scheduler = await nursery.start(

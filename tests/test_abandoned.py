@@ -10,8 +10,10 @@ import h2.events
 import httpx
 import pytest
 import trio
+import trio.testing
+from hypercorn.typing import ASGIReceiveEvent
 
-from runtime.abandon import unless_abandoned
+from runtime.abandon import Abandonment
 from runtime.errors import ClientGoneError, NotFoundError
 from tests.helpers import Service, StartService
 
@@ -144,9 +146,12 @@ async def test_a_reset_http2_stream_frees_the_worker(start_service: StartService
 
 
 async def test_the_work_is_cancelled_at_a_disconnect_and_its_errors_pass_unwrapped() -> None:
-    send, receive_channel = trio.open_memory_channel[dict[str, object]](2)
+    send, receive_channel = trio.open_memory_channel[ASGIReceiveEvent](2)
+    read = 0
 
-    async def receive() -> dict[str, object]:
+    async def receive() -> ASGIReceiveEvent:
+        nonlocal read
+        read += 1
         return await receive_channel.receive()
 
     async def forever() -> str:
@@ -156,11 +161,73 @@ async def test_the_work_is_cancelled_at_a_disconnect_and_its_errors_pass_unwrapp
     async def refuse() -> str:
         raise NotFoundError("no such val", "unknown_val")
 
+    async def quick() -> str:
+        await trio.sleep(0.001)
+        return "quick"
+
+    abandonment = Abandonment(watch_after_s=0.05)
     with trio.fail_after(5):
-        assert await unless_abandoned(receive, trio.lowlevel.checkpoint) is None  # type: ignore[arg-type, func-returns-value]
-        with pytest.raises(NotFoundError):  # not an exception group
-            await unless_abandoned(receive, refuse)  # type: ignore[arg-type]
-        await send.send({"type": "http.request", "body": b"", "more_body": False})  # ignored
-        await send.send({"type": "http.disconnect"})
-        with pytest.raises(ClientGoneError):
-            await unless_abandoned(receive, forever)  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(abandonment.serve)
+            # Quick work is not watched: no task reads its client's messages.
+            assert [await abandonment.unless_abandoned(receive, quick) for _ in range(5)] == [
+                "quick"
+            ] * 5
+            await trio.sleep(0.1)
+            assert read == 0
+            with pytest.raises(NotFoundError):  # not an exception group
+                await abandonment.unless_abandoned(receive, refuse)
+            # A disconnect that came before the watch began is read when it begins.
+            await send.send({"type": "http.request", "body": b"", "more_body": False})  # ignored
+            await send.send({"type": "http.disconnect"})
+            started = trio.current_time()
+            with pytest.raises(ClientGoneError):
+                await abandonment.unless_abandoned(receive, forever)
+            assert trio.current_time() - started >= 0.05
+            assert read == 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_watch_ends_with_its_request() -> None:
+    """Work that outlives the watch delay is watched; when it answers, its watching task
+    ends too, and reads nothing more from the finished request's queue."""
+    send, receive_channel = trio.open_memory_channel[ASGIReceiveEvent](2)
+    waiting = 0
+
+    async def receive() -> ASGIReceiveEvent:
+        nonlocal waiting
+        waiting += 1
+        try:
+            return await receive_channel.receive()
+        finally:
+            waiting -= 1
+
+    release = trio.Event()
+
+    async def slow() -> str:
+        await release.wait()
+        return "slow"
+
+    abandonment = Abandonment(watch_after_s=0.05)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(abandonment.serve)
+            results = []
+
+            async def run() -> None:
+                results.append(await abandonment.unless_abandoned(receive, slow))
+
+            nursery.start_soon(run)
+            nursery.start_soon(run)
+            while waiting < 2:  # both watched, once they have run for 50 ms
+                await trio.sleep(0.01)
+            release.set()
+            while len(results) < 2:
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # the watches' cancellations land
+            assert results == ["slow", "slow"]
+            assert waiting == 0  # both watches ended with their requests
+            await send.send({"type": "http.disconnect"})  # nobody reads it now
+            await trio.testing.wait_all_tasks_blocked()
+            assert receive_channel.statistics().current_buffer_used == 1
+            nursery.cancel_scope.cancel()

@@ -4,15 +4,19 @@ backups of a live database, schema versions, and env values sealed at rest."""
 from __future__ import annotations
 
 import base64
+import io
+import logging
 import sqlite3
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
-from runtime.accesslog import access_line, escape
+from runtime import accesslog
+from runtime.accesslog import PIPE_BUF, LineBatchHandler, access_line, escape
 from runtime.config import ServerConfig
 from runtime.errors import ConfigError
 from runtime.forwarded import client_address, parse_networks
@@ -118,6 +122,59 @@ def test_a_trusted_proxy_that_is_no_address_is_a_config_error(proxy: str) -> Non
 def access_lines() -> Iterator[AccessLines]:
     with capture_access_lines() as lines:
         yield lines
+
+
+class Writes(io.StringIO):
+    """A stream that keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+
+def batch_handler(
+    monkeypatch: pytest.MonkeyPatch, max_lines: int = 256
+) -> tuple[LineBatchHandler, Writes, list[float]]:
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])  # the one the handler reads
+    stream = Writes()
+    handler = LineBatchHandler(stream, max_lines=max_lines)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    return handler, stream, clock
+
+
+def emit(handler: LineBatchHandler, message: str) -> None:
+    handler.handle(logging.LogRecord("valrun.access", logging.INFO, "", 0, message, (), None))
+
+
+def test_access_lines_are_written_in_batches_of_whole_lines_under_pipe_buf(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handler, stream, clock = batch_handler(monkeypatch, max_lines=100)
+    lines = [f"line {i} " + "x" * (i % 97) for i in range(99)]
+    for line in lines:
+        emit(handler, line)
+    assert stream.writes == []  # held: fewer than max_lines, and none due yet
+    handler.flush_due()
+    assert stream.writes == []
+    clock[0] += accesslog.FLUSH_AFTER_S
+    handler.flush_due()
+    assert "".join(stream.writes) == "".join(f"valrun.access: {line}\n" for line in lines)
+    assert len(stream.writes) > 1
+    assert all(len(w) <= PIPE_BUF and w.endswith("\n") for w in stream.writes)
+    # A line longer than PIPE_BUF is written alone; max_lines waiting are written at once.
+    stream.writes.clear()
+    emit(handler, "y" * (PIPE_BUF + 10))
+    for i in range(99):
+        emit(handler, f"after {i}")
+    assert stream.writes[0] == "valrun.access: " + "y" * (PIPE_BUF + 10) + "\n"
+    assert "".join(stream.writes[1:]) == "".join(f"valrun.access: after {i}\n" for i in range(99))
+    handler.flush_due()  # nothing left: nothing written
+    assert len("".join(stream.writes).splitlines()) == 100
 
 
 def test_access_line_escapes_control_characters() -> None:

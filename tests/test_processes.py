@@ -498,3 +498,39 @@ def test_a_child_refuses_to_bind_a_port_of_its_own() -> None:
     )
     assert done.returncode == 2
     assert b"serves only sockets its supervisor passes" in done.stderr
+
+
+async def test_both_processes_write_whole_access_lines_soon_after_each_request(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The access lines of two front ends share the supervisor's stderr, written in batches
+    (runtime.accesslog.LineBatchHandler): every request's line arrives whole, not cut into
+    by the other process's, and soon after its answer even when no request follows."""
+    live = await start_live(nursery, tmp_path, processes=2)
+    host = {"host": f"api.localhost:{live.port}"}
+    paths = [f"/v1/no-such-route-{i:04d}-{'x' * 200}" for i in range(400)]
+    async with fresh_client() as client:
+
+        async def ask(chunk: list[str]) -> None:
+            async with fresh_client() as own:  # its own connection: both children serve
+                for path in chunk:
+                    assert (await own.get(live.base_url + path, headers=host)).status_code == 404
+
+        async with trio.open_nursery() as clients:
+            for start in range(0, len(paths), 50):
+                clients.start_soon(ask, paths[start : start + 50])
+        last = "/v1/the-last-one"
+        assert (await client.get(live.base_url + last, headers=host)).status_code == 404
+        await wait_for(
+            lambda: any(
+                f" GET api.localhost:{live.port} {last} 404 " in line for line in live.stderr
+            ),
+            5,
+        )
+    access = [line for line in live.stderr if "valrun.access" in line]
+    for path in paths:
+        (line,) = [line for line in access if f" {path} " in line]
+        assert line.endswith("B"), line
+        assert " 404 " in line, line
+    assert {line.split("valrun.access [")[1][0] for line in access} == {"0", "1"}
+    await stop(live)
