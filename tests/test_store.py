@@ -179,6 +179,36 @@ def test_records_of_a_deleted_val_are_dropped_and_nul_is_kept_out(store: Store) 
     assert store.records(val, 3) == []
 
 
+def test_a_large_mixed_batch_of_records_keeps_its_order_and_drops_a_deleted_vals(
+    store: Store,
+) -> None:
+    """Records go in multi-row statements of 256, 128, ... rows (Store.add_records): 300 of
+    vals, a user's Evals and anonymous Evals, in one batch, come back in the order added,
+    each in its own bucket; one of a val deleted before the batch is written is dropped."""
+    val, _ = store.put_val("alice", "hello", code(1), None)
+    gone, _ = store.put_val("alice", "gone", code(1), None)
+    store.delete_val("alice", "gone")
+    kinds = [(val.val_id, "alice", "run"), (None, "alice", "eval"), (None, None, "eval")]
+    batch = [record(*kinds[n % 3][:2], f"r{n}", kinds[n % 3][2]) for n in range(300)]
+    batch.insert(150, record(gone.val_id, "alice", "gone"))
+    store.add_records(batch, keep=1000)
+    stored = store.records(val, 1000)[::-1]  # oldest first
+    assert [r.log for r in stored] == [f"r{n}" for n in range(0, 300, 3)]
+    ids = [r.id for r in stored]
+    assert ids == sorted(i or 0 for i in ids)
+    assert None not in ids
+    assert [r.log for r in store.eval_records("alice", 1000)[::-1]] == [
+        f"r{n}" for n in range(1, 300, 3)
+    ]
+    assert store.records(gone, 10) == []
+    (anonymous,) = store._db.execute(
+        "SELECT count(*) FROM runs WHERE val_id IS NULL AND user_id IS NULL"
+    ).fetchall()
+    assert anonymous == (100,)
+    store.add_records([record(val.val_id, "alice", f"s{n}") for n in range(7)], keep=5)
+    assert [r.log for r in store.records(val, 1000)] == ["s6", "s5", "s4", "s3", "s2"]
+
+
 def test_schedules_quota_and_claims(store: Store) -> None:
     val, _ = store.put_val("alice", "hello", code(1), None)
     other, _ = store.put_val("alice", "other", code(1), None)
