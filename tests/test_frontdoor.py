@@ -184,6 +184,41 @@ async def test_attack_stalled_request_head_is_closed(
     await stream.aclose()
 
 
+SLEEPY = "import time\ndef sleepy(req):\n    time.sleep(1.5)\n    return 'slept'\n"
+
+
+async def test_keep_alive_deadline_moves_with_each_request_and_a_long_one_is_not_cut(
+    start_service: StartService,
+) -> None:
+    """runtime.frontdoor.IdleTimer: one timer per connection whose deadline moves. A
+    connection asked again within the timeout stays open however long it lives, a request
+    that runs longer than the timeout is answered, and once idle past it, it is closed."""
+    service = await start_service(keep_alive_timeout_s=1.0)
+    await service.put_val("hello", HELLO)
+    await service.put_val("sleepy", SLEEPY)
+    stream = await raw_connect(service.port)
+
+    async def ask(val: str) -> int:
+        host = service.web_host("alice", val)
+        await stream.send_all(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        answer = await read_answer(stream)
+        assert answer is not None, "the connection was closed"
+        return answer.status
+
+    with trio.fail_after(30):
+        started = trio.current_time()
+        while trio.current_time() - started < 2.5:  # 2.5 timeouts on one connection
+            assert await ask("hello") == 200
+            await trio.sleep(0.3)
+        assert await ask("sleepy") == 200  # 1.5 s: longer than the timeout
+        assert await ask("hello") == 200
+        idle_since = trio.current_time()
+        with contextlib.suppress(trio.BrokenResourceError):  # reset: closed too
+            assert await stream.receive_some(100) == b""
+        assert trio.current_time() - idle_since >= 0.9
+    await stream.aclose()
+
+
 async def open_slow_clients(
     port: int, count: int, sources: list[str], host: str
 ) -> tuple[list[trio.SocketStream], int]:
