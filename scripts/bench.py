@@ -228,14 +228,27 @@ def read_process_table() -> tuple[dict[int, int], dict[int, str]]:
 
 def cpu_seconds(pids: Sequence[int]) -> float:
     """User + system CPU time of these processes (all their threads), in seconds."""
-    ticks = 0
+    return sum(cpu_by_pid(pids).values())
+
+
+def cpu_by_pid(pids: Sequence[int]) -> dict[int, float]:
+    """User + system CPU time of each of these processes still running, in seconds."""
+    seconds = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:  # gone: its time is lost, which a warm worker's never is
+        except OSError:  # gone: its time is lost
             continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
-    return ticks / os.sysconf("SC_CLK_TCK")
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+        seconds[pid] = ticks / os.sysconf("SC_CLK_TCK")
+    return seconds
+
+
+def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two `cpu_by_pid` readings: by the processes running at the
+    second, those started meanwhile counted whole. One that exited meanwhile is not
+    counted at all (its time went with it), rather than counted negative."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
 
 def read_memory(pid: int) -> dict[str, int]:
@@ -468,10 +481,12 @@ async def measure_throughput(
         parents, cmdlines = read_process_table()
         workers = sandbox_processes(server.process.pid, parents, cmdlines)
         front = front_processes(server.process.pid, parents, cmdlines)
-        front_before, workers_before = cpu_seconds(front), cpu_seconds(workers)
+        front_before, workers_before = cpu_seconds(front), cpu_by_pid(workers)
         run = await run_wrk(server.port, host, c, options.duration_s)
         front_us = (cpu_seconds(front) - front_before) / run.requests * 1e6
-        workers_us = (cpu_seconds(workers) - workers_before) / run.requests * 1e6
+        parents, cmdlines = read_process_table()
+        workers_after = cpu_by_pid(sandbox_processes(server.process.pid, parents, cmdlines))
+        workers_us = cpu_spent(workers_before, workers_after) / run.requests * 1e6
         (result.bare if server is bare else result.valrun).append(run)
         result.cpu_us.setdefault(server.name, []).append(front_us)
         if server is valrun:

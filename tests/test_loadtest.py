@@ -336,3 +336,10 @@ def test_bench_config_leaves_room_for_every_val_the_bench_saves(argv: list[str])
     config = parse_config(tomllib.loads(bench.valrun_config(8000, Path("/tmp/x.db"), options)))
     saved = 2 + options.rounds * options.cold_vals + options.many_vals
     assert config.quotas.max_vals >= saved
+
+
+def test_bench_cpu_spent_counts_new_processes_whole_and_never_goes_negative() -> None:
+    before = {10: 5.0, 11: 2.0}  # 11 exits during the run, with its 2 s
+    after = {10: 5.5, 12: 0.25}  # 12 started during the run
+    assert bench.cpu_spent(before, after) == 0.75
+    assert bench.cpu_spent(before, {}) == 0.0
