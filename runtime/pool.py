@@ -321,6 +321,8 @@ class Pool:
         """Send a request's frame whole, whatever happens to its task meanwhile: a frame cut
         short would garble the socket for the requests in flight with it."""
         lane = warm.lane
+        if warm.worker.send_nowait(frame):
+            return
         with trio.CancelScope(shield=True):
             with trio.move_on_after(self.limits.wall_time_s) as sending:
                 try:

@@ -19,14 +19,16 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from runtime.config import Config, LimitsConfig, PoolConfig
 from runtime.errors import HTTPError
 from runtime.pool import Pool, ValSpec, open_pool
+from runtime.process import WorkerProcess
 from runtime.reply import ValResponse
 from sandbox.messages import MAX_PIPELINE_WINDOW, BlobAnswer, BlobAsk, HttpRequest
 from sandbox.tether import UNTETHERED
-from sandbox.wire import Frame, ProtocolError, encode_frame
+from sandbox.wire import Frame, FrameDecoder, ProtocolError, encode_frame
 from sandbox.worker import Channel
 from tests.helpers import HOSTILE_SPEC as SPEC
 from tests.helpers import HOSTILE_WORKER as FAKE
@@ -333,3 +335,59 @@ async def test_requests_arriving_while_a_val_runs_do_not_end_its_worker_but_a_ha
             ours.shutdown(socket.SHUT_WR)
             assert await process.wait() == 0
             assert trio.current_time() - started < 10
+
+
+# --- WorkerProcess.send_nowait: a warm request's frame sent without a wait -------------------
+
+
+async def test_send_nowait_sends_whole_frames_or_leaves_the_rest_to_send_in_order() -> None:
+    """A frame the socket takes at once goes whole; one it takes only part of is finished by
+    the same task's `send`, and another task's frame waits behind it: the worker reads
+    every frame whole and in order. While a send is in progress, nothing goes."""
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    worker = WorkerProcess(0, trio.SocketStream(trio.socket.from_stdlib_socket(ours)), 1 << 24)
+    worker.raw_socket = ours
+    decoder = FrameDecoder(max_body_bytes=1 << 24)
+    small = Frame({"op": "http", "id": 1}, b"x" * 100)
+    big = Frame({"op": "http", "id": 2}, b"y" * (1 << 20))  # far over the socket's buffer
+    behind = Frame({"op": "http", "id": 3}, b"z" * 10)
+
+    assert worker.send_nowait(small)
+    assert worker.send_nowait(big) is False  # part of it went; this task holds the lock
+    assert worker.send_nowait(behind) is False  # a send is in progress: nothing goes
+    theirs.setblocking(False)
+    frames: list[Frame] = []
+
+    async def read() -> None:
+        while len(frames) < 3:
+            await trio.lowlevel.wait_readable(theirs)
+            decoder.feed(theirs.recv(1 << 16))
+            while (frame := decoder.next_frame()) is not None:
+                frames.append(frame)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            nursery.start_soon(worker.send, behind)  # another task's: waits for the lock
+            await trio.testing.wait_all_tasks_blocked()
+            await worker.send(big)  # the rest of it, in the task that began it
+    assert frames == [small, big, behind]
+    theirs.close()
+    ours.close()
+
+
+def test_send_nowait_declines_without_a_socket_or_when_the_buffer_is_full() -> None:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    frame = Frame({"op": "http", "id": 1}, b"x" * 100)
+    worker = WorkerProcess(0, trio.SocketStream(trio.socket.from_stdlib_socket(ours)), 1 << 20)
+    assert worker.send_nowait(frame) is False  # no raw socket (a spawned worker's pipes)
+    worker.raw_socket = ours
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            ours.send(b"\0" * 65536)
+    assert worker.send_nowait(frame) is False  # full: nothing sent, no lock held
+    assert not worker._sending.locked()
+    theirs.close()
+    ours.close()
