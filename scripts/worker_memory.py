@@ -28,6 +28,7 @@ import os
 import re
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -136,35 +137,10 @@ def kpagecount(pfns: list[int]) -> list[int]:
     return counts
 
 
-def writable_pfns(pid: int) -> set[int]:
-    """The page frames of `pid`'s writable mappings now."""
-    pfns: set[int] = set()
-    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        fields = line.split()
-        if "w" in fields[1]:
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            pfns.update(read_pfns(pid, start, end))
-    pfns.discard(0)
-    return pfns
-
-
-async def watch_pfns(pid: int, seen: set[int], interval_s: float = 0.01) -> None:
-    """Collect every page frame the fork server holds, until cancelled."""
-    while True:
-        try:
-            seen |= writable_pfns(pid)
-        except OSError:
-            return
-        await trio.sleep(interval_s)
-
-
-def cow_split(
-    worker: int, server: int, mappings: list[Mapping], server_history: set[int]
-) -> dict[str, Counter[str]]:
-    """Per mapping label: the worker's private writable pages, as `orphaned` (a page the
-    fork server held once: it wrote a copy of its own after this worker was forked, and left
-    the worker the only holder of the old one), `copied` (the fork server has a page at the
-    same address: a copy-on-write fault in the worker made this one) or `new`."""
+def cow_split(worker: int, server: int, mappings: list[Mapping]) -> dict[str, Counter[str]]:
+    """Per mapping label: the worker's private writable pages, as `copied` (the fork server
+    has a page at the same address: a copy-on-write fault made this one, or the fork server
+    wrote its own copy after this worker was forked) or `new`."""
     split: dict[str, Counter[str]] = {}
     for m in mappings:
         if "w" not in m.perms or not private_kib(m.kib):
@@ -177,13 +153,10 @@ def cow_split(
         present = [(i, pfn) for i, pfn in enumerate(mine) if pfn]
         counts = kpagecount([pfn for _, pfn in present])
         tally = split.setdefault(m.label, Counter())
-        for (i, pfn), count in zip(present, counts, strict=True):
+        for (i, _), count in zip(present, counts, strict=True):
             if count != 1:
                 continue  # shared with the fork server or a sibling
-            if pfn in server_history:
-                tally["orphaned"] += 1
-            else:
-                tally["copied" if i < len(theirs) and theirs[i] else "new"] += 1
+            tally["copied" if i < len(theirs) and theirs[i] else "new"] += 1
     return split
 
 
@@ -247,21 +220,23 @@ POOL_SIZE = 16 * 1024  # CPython 3.10+ pymalloc: 16 KiB pools in 1 MiB arenas
 POOL_HEADER = 48
 
 
-def explain(
-    worker: int, server: int, mappings: list[Mapping], server_history: set[int]
-) -> dict[str, Counter[str]]:
+def explain(worker: int, server: int, mappings: list[Mapping]) -> dict[str, Counter[str]]:
     """Why each copied page was copied: its changed 8-byte words, compared with the fork
     server's page at the same address, named by what sits there in the fork server.
 
     A changed word at A is the reference count of an object when A + 8 holds a pointer to a
     type (ob_refcnt, ob_type); a GC link when A + 16 or A + 24 does (the two words before a
-    tracked object); a pool header in the first 48 bytes of a 16 KiB pool. Returns
-    "pages" (page count by cause: the kind of all its changed words, or "mixed"), "words"
-    (changed words by kind) and "types" (reference counts written, by type)."""
+    tracked object); a pool header in the first 48 bytes of a 16 KiB pool. A page written
+    and then restored (a reference count taken and given back) is "same". Returns "pages"
+    (by mapping and cause: the kind of all its changed words, or "mixed"), "words" (changed
+    words by kind), "types" (reference counts changed, by the object's type) and
+    "containers" (other changed words, by the type of the object they lie in, "?" when no
+    object header precedes them on the page)."""
     mine, theirs = ProcessMemory(worker), ProcessMemory(server)
     pages: Counter[str] = Counter()
     words: Counter[str] = Counter()
     types: Counter[str] = Counter()
+    containers: Counter[str] = Counter()
     try:
         for m in mappings:
             if "w" not in m.perms or not private_kib(m.kib):
@@ -276,9 +251,6 @@ def explain(
             counts = kpagecount([my_pfns[i] for i in present])
             for i, count in zip(present, counts, strict=True):
                 if count != 1 or i >= len(their_pfns) or not their_pfns[i]:
-                    continue
-                if my_pfns[i] in server_history:
-                    pages["orphaned by the fork server"] += 1
                     continue
                 base = m.start + i * PAGE
                 a, b = mine.read(base, PAGE), theirs.read(base, PAGE)
@@ -296,14 +268,13 @@ def explain(
                     elif (name := theirs.type_name(theirs.word(address + 8))) is not None:
                         kind = "refcount"
                         types[name] += 1
-                    elif theirs.type_name(theirs.word(address + 16)) is not None:
-                        kind = "gc link"
-                    elif theirs.type_name(theirs.word(address + 24)) is not None:
+                    elif any(
+                        theirs.type_name(theirs.word(address + offset)) is not None
+                        for offset in (16, 24)
+                    ):
                         kind = "gc link"
                     if kind == "other":
-                        where_ = "arena" if arena else m.label.split(" ")[0][:8]
-                        zero = "0" if wb[k] == 0 else "x"
-                        types[f"in {theirs.container(address, b)} {where_} {zero}"] += 1
+                        containers[theirs.container(address, b)] += 1
                     words[kind] += 1
                     kinds.add(kind)
                 cause = kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "same")
@@ -312,7 +283,7 @@ def explain(
     finally:
         mine.close()
         theirs.close()
-    return {"pages": pages, "words": words, "types": types}
+    return {"pages": pages, "words": words, "types": types, "containers": containers}
 
 
 # --- one run ---------------------------------------------------------------------------------
@@ -348,7 +319,7 @@ def valrun_config(port: int, db: Path, vals: int) -> str:
     )
 
 
-def read_worker(pid: int, server: int, server_history: set[int]) -> WorkerMemory:
+def read_worker(pid: int, server: int) -> WorkerMemory:
     rollup = parse_smaps_rollup(Path(f"/proc/{pid}/smaps_rollup").read_text())
     mappings = parse_smaps(Path(f"/proc/{pid}/smaps").read_text())
     by_mapping: dict[str, dict[str, int]] = {}
@@ -358,7 +329,7 @@ def read_worker(pid: int, server: int, server_history: set[int]) -> WorkerMemory
             row[key] += m.kib.get(key, 0)
     pages: dict[str, dict[str, int]] = {}
     if os.geteuid() == 0:
-        pages = {k: dict(v) for k, v in cow_split(pid, server, mappings, server_history).items()}
+        pages = {k: dict(v) for k, v in cow_split(pid, server, mappings).items()}
     return WorkerMemory(pid, rollup, {k: dict(v) for k, v in by_mapping.items()}, pages)
 
 
@@ -369,7 +340,6 @@ async def measure(report: Report, workdir: Path, gap_s: float, explain_n: int) -
     config.write_text(valrun_config(port, db, report.vals))
     token = await create_user(config, USER)
     command = [str(valrun_bin), "--config", str(config), "serve"]
-    history: set[int] = set()
     async with open_server("valrun", command, port, workdir / "valrun.log") as valrun:
         client = ValrunClient(Target("127.0.0.1", port), API_HOST, WEB_DOMAIN, token)
         try:
@@ -377,35 +347,36 @@ async def measure(report: Report, workdir: Path, gap_s: float, explain_n: int) -
             for name in names:
                 await client.put_val(USER, name, HELLO.format(name=name))
             server = await find_fork_server(valrun.process.pid)
-            async with trio.open_nursery() as nursery:
-                if os.geteuid() == 0:
-                    nursery.start_soon(watch_pfns, server, history)
-                for name in names:
-                    await trio.sleep(gap_s)
-                    cold = await timed_call(client, name)
-                    await trio.sleep(gap_s)
-                    warm = await timed_call(client, name)
-                    report.cold_minus_warm_ms.append(cold - warm)
-                await trio.sleep(1)  # idle
-                nursery.cancel_scope.cancel()
+            for name in names:
+                await trio.sleep(gap_s)
+                cold = await timed_call(client, name)
+                await trio.sleep(gap_s)
+                warm = await timed_call(client, name)
+                report.cold_minus_warm_ms.append(cold - warm)
+            await trio.sleep(1)  # idle
         finally:
             await client.aclose()
-        parents, cmdlines = read_process_table()
-        workers = [p for p in pick_workers(valrun.process.pid, parents, cmdlines) if p != server]
-        report.fork_server = parse_smaps_rollup(Path(f"/proc/{server}/smaps_rollup").read_text())
-        say(f"{len(workers)} workers under fork server {server}")
-        for pid in workers:
-            try:
-                report.workers.append(read_worker(pid, server, history))
-            except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
-                continue
-        totals: dict[str, Counter[str]] = {}
-        for worker in report.workers[:explain_n]:
-            mappings = parse_smaps(Path(f"/proc/{worker.pid}/smaps").read_text())
-            for key, counter in explain(worker.pid, server, mappings, history).items():
-                totals.setdefault(key, Counter()).update(counter)
-            report.explained += 1
-        report.causes = {key: dict(counter) for key, counter in totals.items()}
+        collect(report, valrun.process.pid, server, explain_n)
+
+
+def collect(report: Report, root: int, server: int, explain_n: int) -> None:
+    """Read every worker's memory (and explain the first `explain_n`) into `report`."""
+    parents, cmdlines = read_process_table()
+    workers = [pid for pid in pick_workers(root, parents, cmdlines) if pid != server]
+    report.fork_server = parse_smaps_rollup(Path(f"/proc/{server}/smaps_rollup").read_text())
+    say(f"{len(workers)} workers under fork server {server}")
+    for pid in workers:
+        try:
+            report.workers.append(read_worker(pid, server))
+        except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
+            continue
+    totals: dict[str, Counter[str]] = {}
+    for worker in report.workers[:explain_n]:
+        mappings = parse_smaps(Path(f"/proc/{worker.pid}/smaps").read_text())
+        for key, counter in explain(worker.pid, server, mappings).items():
+            totals.setdefault(key, Counter()).update(counter)
+        report.explained += 1
+    report.causes = {key: dict(counter) for key, counter in totals.items()}
 
 
 async def find_fork_server(root: int) -> int:
@@ -413,12 +384,11 @@ async def find_fork_server(root: int) -> int:
     with trio.fail_after(30):
         while True:
             parents, cmdlines = read_process_table()
+            # Workers are forked, so they share its command line; its parent is valrun.
             servers = [
                 pid
                 for pid in sandbox_processes(root, parents, cmdlines)
-                if "sandbox.forkserver" in cmdlines[pid] and parents[pid] not in parents
-                or "sandbox.forkserver" in cmdlines[pid]
-                and "sandbox" not in cmdlines.get(parents[pid], "")
+                if "sandbox" not in cmdlines.get(parents[pid], "")
             ]
             if len(servers) == 1:
                 return servers[0]
@@ -459,19 +429,21 @@ def print_report(report: Report) -> None:
         values = [w.rollup.get(key, 0) for w in workers]
         print(f"  {key:22} {mib(statistics.median(values)):>6} {mib(max(values)):>6}")
     labels = {label for w in workers for label in w.by_mapping}
-    rows = []
+
+    def median_of(values: list[int]) -> float:
+        return float(statistics.median(values))
+
+    rows: list[tuple[float, str, float, float, float]] = []
     for label in labels:
-        private = [private_kib(w.by_mapping.get(label, {})) for w in workers]
-        pss = [w.by_mapping.get(label, {}).get("Pss", 0) for w in workers]
-        copied = [w.pages.get(label, {}).get("copied", 0) * PAGE // 1024 for w in workers]
-        new = [w.pages.get(label, {}).get("new", 0) * PAGE // 1024 for w in workers]
+        mapping = [w.by_mapping.get(label, {}) for w in workers]
+        pages = [w.pages.get(label, {}) for w in workers]
         rows.append(
             (
-                statistics.median(private),
+                median_of([private_kib(m) for m in mapping]),
                 label,
-                statistics.median(pss),
-                statistics.median(copied),
-                statistics.median(new),
+                median_of([m.get("Pss", 0) for m in mapping]),
+                median_of([p.get("copied", 0) * PAGE // 1024 for p in pages]),
+                median_of([p.get("new", 0) * PAGE // 1024 for p in pages]),
             )
         )
     rows.sort(reverse=True)
@@ -482,18 +454,28 @@ def print_report(report: Report) -> None:
     if report.explained:
         n = report.explained
         kib = PAGE // 1024
-        pages = Counter(report.causes.get("pages", {}))
-        print(f"copied pages by what changed on them, mean KiB over {n} workers:")
-        for cause, count in pages.most_common():
-            print(f"  {cause:24} {count * kib / n:8.0f}")
-        words = Counter(report.causes.get("words", {}))
+        print(f"copied pages by mapping and by what changed on them, mean KiB over {n} workers:")
+        for cause, count in Counter(report.causes.get("pages", {})).most_common(12):
+            print(f"  {cause[:40]:40} {count * kib / n:6.0f}")
         print("changed 8-byte words by kind, mean per worker:")
-        for kind, count in words.most_common():
-            print(f"  {kind:24} {count / n:8.0f}")
-        types = Counter(report.causes.get("types", {}))
-        print("reference counts written, by type, mean per worker:")
-        for name, count in types.most_common(40):
-            print(f"  {name[:24]:24} {count / n:8.0f}")
+        for kind, count in Counter(report.causes.get("words", {})).most_common():
+            print(f"  {kind:40} {count / n:6.0f}")
+        print("reference counts changed, by type, mean per worker:")
+        for name, count in Counter(report.causes.get("types", {})).most_common(12):
+            print(f"  {name[:40]:40} {count / n:6.0f}")
+        print("other changed words, by the object they lie in, mean per worker:")
+        for name, count in Counter(report.causes.get("containers", {})).most_common(12):
+            print(f"  {name[:40]:40} {count / n:6.0f}")
+
+
+def run_phases() -> int:
+    """scripts/worker_phases.py (in a clean `python -I`), whole and without each phase."""
+    phases = str(Path(__file__).resolve().with_name("worker_phases.py"))
+    for skip in ([], ["--skip", "confine"], ["--skip", "warm_up"]):
+        done = subprocess.run([sys.executable, "-I", phases, *skip], check=False)
+        if done.returncode != 0:
+            return 1
+    return 0
 
 
 def main() -> int:
@@ -503,10 +485,18 @@ def main() -> int:
     parser.add_argument(
         "--explain", type=int, default=3, help="workers whose copied pages to diff (default: 3)"
     )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="instead: a worker's private memory after each phase of its start, in a fork "
+        "server in miniature (scripts/worker_phases.py)",
+    )
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     args = parser.parse_args()
     if args.vals <= 0:
         parser.error("--vals must be positive")
+    if args.phases:
+        return run_phases()
     report = Report(args.vals)
     with tempfile.TemporaryDirectory(prefix="valrun-memory-") as workdir:
         try:
