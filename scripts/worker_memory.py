@@ -1,20 +1,25 @@
-"""Measure an idle warm worker's memory, mapping by mapping, and the cold start it buys.
+"""Measure an idle warm worker's memory, mapping by mapping and by cause, and the cold start.
 
-    scripts/worker_memory [--vals 30] [--gap-ms 100] [--json FILE]
+    scripts/worker_memory [--vals 30] [--gap-ms 100] [--explain 3] [--json FILE]
+    scripts/worker_memory --phases
 
 One valrun (`valrun --config TMP serve`, a real subprocess on 127.0.0.1 over a temporary
 SQLite file, one front-end process, one user: so one fork server), no wrk. User `bench` saves
 --vals hello vals; each gets a cold request (a new worker is loaded for it) and then a warm
 one, with a pause before each (as scripts/bench does), so the run also gives the cold minus
 warm first request, client-side. After a second idle, for every worker (the fork server's
-children: the warm ones and the generic spares):
+children: the warm ones and any generic spares):
 
 - /proc/PID/smaps_rollup: PSS, private clean and private dirty (what scripts/bench reads);
 - /proc/PID/smaps, summed per mapping ([heap], anonymous, [stack], each file by name and
   permissions): where the private pages are;
-- /proc/PID/pagemap against the fork server's (root only: page frame numbers): of the
-  worker's private anonymous pages, how many are copies of a page the fork server has at the
-  same address (copy-on-write broken by a write after the fork) and how many are new.
+- as root, /proc/PID/pagemap and /proc/kpagecount against the fork server's pagemap: of the
+  worker's private pages, how many are copies of a page the fork server has at the same
+  address and how many are new; and for the first --explain workers, each copied page read
+  from both processes (/proc/PID/mem) and its changed words named (explain()).
+
+`--phases` runs scripts/worker_phases.py instead: a worker's private memory after each phase
+of its start, whole and without the confinement or the warm-up.
 
 Prints medians over the workers (and the max); exits 0 when everything was measured, 1 when
 something could not be.
