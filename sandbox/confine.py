@@ -42,7 +42,6 @@ import errno
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -374,6 +373,11 @@ def probe(*, drop_to_uid: int = NOBODY, timeout_s: float = 30.0) -> dict[str, La
     confined and may have threads. Blocking (~0.1-0.3 s): call it before the event loop or
     from a worker thread.
     """
+    # Imported here, in the front end that probes: subprocess imports threading, whose
+    # after-fork hook would run (and copy ~0.4 MiB of the fork server's pages) in every worker
+    # the fork server forks (docs/design.md §7.3).
+    import subprocess
+
     command = [sys.executable, "-I", "-m", "sandbox.confine", "probe"]
     command += ["--drop-to-uid", str(drop_to_uid)]
     try:

@@ -326,3 +326,25 @@ def test_sandbox_imports_nothing_from_runtime_trio_or_hypercorn() -> None:
     assert "forbidden: []" in proc.stdout.splitlines(), proc.stdout
     # docs/architecture.md §1: sandbox uses only the standard library and RestrictedPython.
     assert "third-party: []" in proc.stdout.splitlines(), proc.stdout
+
+
+FORK_SERVER_PRELOAD = """
+import sys
+import sandbox.forkserver
+sandbox.forkserver._warm_up()  # what main() runs before it forks
+print("threading:", "threading" in sys.modules, "subprocess:", "subprocess" in sys.modules)
+"""
+
+
+def test_the_preloaded_fork_server_has_no_threading_module() -> None:
+    # threading registers an after-fork hook: it would run Python in every forked worker
+    # before its first line and copy ~0.4 MiB of the fork server's pages into each of them
+    # (docs/design.md §7.3). subprocess imports threading.
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", FORK_SERVER_PRELOAD],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=True,
+    )
+    assert proc.stdout.split() == ["threading:", "False", "subprocess:", "False"], proc.stdout
