@@ -33,8 +33,9 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed, RawData
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import TrioSingleTask, WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState, LifespanState, TaskGroup
 from hypercorn.typing import Event as HypercornEvent
@@ -313,6 +314,23 @@ class LeanTCPServer(TCPServer):
 
     async def _idle_timeout(self) -> None:
         await self._initiate_server_close()
+
+    async def _read_data(self) -> None:
+        """hypercorn's read loop, without the cancel scope it opens around every read for
+        `read_timeout`, which valrun leaves unset: an idle connection has `IdleTimer`, a
+        request's head `keep_alive_timeout`, a body `read_body`'s deadline."""
+        if self.config.read_timeout is not None:
+            await super()._read_data()
+            return
+        while True:
+            try:
+                data = await self.stream.receive_some(MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                break
+            await self.protocol.handle(RawData(bytes(data)))
+            if not data:
+                break
+        await self.protocol.handle(Closed())
 
 
 def raise_fd_limit(config: ServerConfig) -> int:
