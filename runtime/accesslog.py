@@ -53,33 +53,59 @@ PIPE_BUF = 4096
 
 
 def log_access(line: str) -> None:
-    """Hand one access line to the `valrun.access` logger's handlers (whose level the caller
-    checked): a record made directly, without the caller lookup `Logger.info` makes, which
-    walks the event loop's stack for every request."""
+    """Hand one access line to the `valrun.access` logger (whose level the caller checked).
+
+    As the CLI sets it up, its one handler is a `LineBatchHandler` and nothing filters: the
+    line goes to it directly, without a `LogRecord` and its formatting. Otherwise (a test's
+    handler, an operator's logging setup) a record is made, without the caller lookup
+    `Logger.info` makes, which walks the event loop's stack for every request."""
+    handlers = access_logger.handlers
+    if (
+        len(handlers) == 1
+        and type(handler := handlers[0]) is LineBatchHandler
+        and not access_logger.propagate
+        and not access_logger.filters
+        and not handler.filters
+    ):
+        handler.add(line, time.time())
+        return
     access_logger.handle(
         access_logger.makeRecord(access_logger.name, logging.INFO, "", 0, line, (), None)
     )
 
 
-class LineBatchHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler that writes its lines in batches, not with a write per line: a line is
-    written once `max_lines` wait, or by `flush_due`, which the server calls ten times a
-    second (`flush_access_lines`), once the oldest has waited `FLUSH_AFTER_S`. Each write
-    is whole lines of at most `PIPE_BUF` bytes (a longer line alone)."""
+class LineBatchHandler(logging.Handler):
+    """Writes access lines to a stream in batches, not with a write per line, formatted as
+    the CLI's log lines are (`2026-11-30 18:02:18,952 INFO valrun.access: ...`, with `tag`
+    after the logger's name). A line is written once `max_lines` wait, or by `flush_due`,
+    which the server calls ten times a second (`flush_access_lines`), once the oldest has
+    waited `FLUSH_AFTER_S`. Each write is whole lines of at most `PIPE_BUF` bytes (a longer
+    line alone)."""
 
-    def __init__(self, stream: TextIO, max_lines: int = 256) -> None:
-        super().__init__(stream)
+    def __init__(self, stream: TextIO, tag: str = "", max_lines: int = 256) -> None:
+        super().__init__()
+        self.stream = stream
         self.max_lines = max_lines
+        self._prefix = f" INFO {access_logger.name}{tag}: "
         self._lines: list[str] = []
         self._first = 0.0
+        self._second = -1
+        self._stamp = ""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record) + self.terminator
+            self.add(record.getMessage(), record.created)
         except Exception:
             self.handleError(record)
-            return
-        self._lines.append(line)
+
+    def add(self, message: str, created: float) -> None:
+        """Queue one line, logged at `created` (Unix time)."""
+        second = int(created)
+        if second != self._second:  # the date and time change once a second
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        millis = int((created - second) * 1000)
+        self._lines.append(f"{self._stamp},{millis:03d}{self._prefix}{message}\n")
         if len(self._lines) == 1:
             self._first = time.monotonic()
         elif len(self._lines) >= self.max_lines:
@@ -96,24 +122,24 @@ class LineBatchHandler(logging.StreamHandler):  # type: ignore[type-arg]
             chunk: list[str] = []
             size = 0
             for line in lines:
-                if chunk and size + len(line) > PIPE_BUF:
+                length = len(line) if line.isascii() else len(line.encode())
+                if chunk and size + length > PIPE_BUF:
                     self.stream.write("".join(chunk))
                     chunk, size = [], 0
                 chunk.append(line)
-                size += len(line)
+                size += length
             if chunk:
                 self.stream.write("".join(chunk))
-            super().flush()
+            self.stream.flush()
         finally:
             self.release()
 
 
-def batch_access_lines(stream: TextIO, formatter: logging.Formatter) -> None:
+def batch_access_lines(stream: TextIO, tag: str = "") -> None:
     """Write the access log to `stream` through a `LineBatchHandler` (the CLI's setup; other
-    loggers keep their handlers, and a test's own handler still sees every line)."""
-    handler = LineBatchHandler(stream)
-    handler.setFormatter(formatter)
-    access_logger.addHandler(handler)
+    loggers keep their handlers). `tag`: after the logger's name, as the CLI's other lines
+    have it (a front-end process's index)."""
+    access_logger.addHandler(LineBatchHandler(stream, tag))
     access_logger.propagate = False
 
 

@@ -442,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setattr(args, name, getattr(args, name, None))
     log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO, format=log_format)
-    batch_access_lines(sys.stderr, logging.Formatter(log_format))
+    batch_access_lines(sys.stderr)
     try:
         path = find_config(args.config)
         args.config_file = path.resolve() if path else None

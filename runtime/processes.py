@@ -364,7 +364,7 @@ def child_main(argv: list[str]) -> int:
     index = int(argv[0])
     log_format = f"%(asctime)s %(levelname)s %(name)s [{index}]: %(message)s"
     logging.basicConfig(level=logging.INFO, format=log_format)
-    batch_access_lines(sys.stderr, logging.Formatter(log_format))
+    batch_access_lines(sys.stderr, f" [{index}]")
     config = parse_config(json.loads(sys.stdin.buffer.readline()))
     if not all(bind.startswith("fd://") for bind in config.server.bind):
         # A child binds nothing itself: that would take a port the supervisor does not hold.

@@ -142,39 +142,82 @@ def batch_handler(
     clock = [100.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])  # the one the handler reads
     stream = Writes()
-    handler = LineBatchHandler(stream, max_lines=max_lines)
-    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-    return handler, stream, clock
+    return LineBatchHandler(stream, max_lines=max_lines), stream, clock
 
 
-def emit(handler: LineBatchHandler, message: str) -> None:
-    handler.handle(logging.LogRecord("valrun.access", logging.INFO, "", 0, message, (), None))
+def record(message: str) -> logging.LogRecord:
+    return logging.LogRecord("valrun.access", logging.INFO, "", 0, message, (), None)
+
+
+def messages(text: str) -> list[str]:
+    return [line.split(" INFO valrun.access: ", 1)[1] for line in text.splitlines()]
 
 
 def test_access_lines_are_written_in_batches_of_whole_lines_under_pipe_buf(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     handler, stream, clock = batch_handler(monkeypatch, max_lines=100)
-    lines = [f"line {i} " + "x" * (i % 97) for i in range(99)]
+    lines = [f"line {i} " + "x" * (i % 97) + "é" * (i % 5) for i in range(99)]
     for line in lines:
-        emit(handler, line)
+        handler.handle(record(line))
     assert stream.writes == []  # held: fewer than max_lines, and none due yet
     handler.flush_due()
     assert stream.writes == []
     clock[0] += accesslog.FLUSH_AFTER_S
     handler.flush_due()
-    assert "".join(stream.writes) == "".join(f"valrun.access: {line}\n" for line in lines)
+    assert messages("".join(stream.writes)) == lines
     assert len(stream.writes) > 1
-    assert all(len(w) <= PIPE_BUF and w.endswith("\n") for w in stream.writes)
+    assert all(len(w.encode()) <= PIPE_BUF and w.endswith("\n") for w in stream.writes)
     # A line longer than PIPE_BUF is written alone; max_lines waiting are written at once.
     stream.writes.clear()
-    emit(handler, "y" * (PIPE_BUF + 10))
+    handler.handle(record("y" * (PIPE_BUF + 10)))
     for i in range(99):
-        emit(handler, f"after {i}")
-    assert stream.writes[0] == "valrun.access: " + "y" * (PIPE_BUF + 10) + "\n"
-    assert "".join(stream.writes[1:]) == "".join(f"valrun.access: after {i}\n" for i in range(99))
+        handler.handle(record(f"after {i}"))
+    assert messages(stream.writes[0]) == ["y" * (PIPE_BUF + 10)]
+    assert messages("".join(stream.writes[1:])) == [f"after {i}" for i in range(99)]
     handler.flush_due()  # nothing left: nothing written
     assert len("".join(stream.writes).splitlines()) == 100
+
+
+@pytest.mark.parametrize("tag", ["", " [1]"])
+def test_a_batched_access_line_reads_as_the_clis_log_lines_do(tag: str) -> None:
+    """The handler formats its lines itself, as the CLI's logging format would."""
+    cli_format = logging.Formatter(f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
+    stream = Writes()
+    handler = LineBatchHandler(stream, tag)
+    for created in (1796061242.0, 1796061242.9996, 1796061243.25):
+        line = record("127.0.0.1 GET h / 200 1.0ms 5B")
+        line.created, line.msecs = created, int((created - int(created)) * 1000)
+        handler.handle(line)
+        handler.flush()
+        assert stream.writes.pop() == cli_format.format(line) + "\n"
+
+
+def test_log_access_goes_straight_to_the_clis_handler_else_through_logging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = Writes()
+    logger = accesslog.access_logger
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+    accesslog.batch_access_lines(stream)
+    made: list[str] = []
+
+    def make_record(*args: object) -> logging.LogRecord:
+        made.append(str(args[4]))
+        return record(str(args[4]))
+
+    monkeypatch.setattr(logger, "makeRecord", make_record)
+    accesslog.log_access("direct")
+    logger.handlers[0].flush()
+    assert messages("".join(stream.writes)) == ["direct"]
+    assert made == []  # no LogRecord
+    with capture_access_lines() as seen:  # a second handler: each gets a record
+        accesslog.log_access("recorded")
+    logger.handlers[0].flush()
+    assert messages("".join(stream.writes)) == ["direct", "recorded"]
+    assert seen.lines == ["recorded"]
+    assert made == ["recorded"]
 
 
 def test_access_line_escapes_control_characters() -> None:

@@ -509,24 +509,17 @@ async def test_both_processes_write_whole_access_lines_soon_after_each_request(
     live = await start_live(nursery, tmp_path, processes=2)
     host = {"host": f"api.localhost:{live.port}"}
     paths = [f"/v1/no-such-route-{i:04d}-{'x' * 200}" for i in range(400)]
-    async with fresh_client() as client:
 
-        async def ask(chunk: list[str]) -> None:
-            async with fresh_client() as own:  # its own connection: both children serve
-                for path in chunk:
-                    assert (await own.get(live.base_url + path, headers=host)).status_code == 404
+    async def ask(chunk: list[str]) -> None:
+        async with fresh_client() as client:  # its own connection: both children serve
+            for path in chunk:
+                assert (await client.get(live.base_url + path, headers=host)).status_code == 404
 
-        async with trio.open_nursery() as clients:
-            for start in range(0, len(paths), 50):
-                clients.start_soon(ask, paths[start : start + 50])
-        last = "/v1/the-last-one"
-        assert (await client.get(live.base_url + last, headers=host)).status_code == 404
-        await wait_for(
-            lambda: any(
-                f" GET api.localhost:{live.port} {last} 404 " in line for line in live.stderr
-            ),
-            5,
-        )
+    async with trio.open_nursery() as clients:
+        for start in range(0, len(paths), 50):
+            clients.start_soon(ask, paths[start : start + 50])
+    # Each process writes its batch within about 0.3 s of its last request, quiet or not.
+    await wait_for(lambda: sum(" valrun.access [" in line for line in live.stderr) >= 400, 5)
     access = [line for line in live.stderr if "valrun.access" in line]
     for path in paths:
         (line,) = [line for line in access if f" {path} " in line]
