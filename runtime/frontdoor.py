@@ -56,6 +56,8 @@ SWITCHING = b"HTTP/1.1 101 "
 SWITCHING_TO_H2C = b"\r\nupgrade: h2c\r\n"
 #: A request asking for it (RFC 7540 §3.2), as a line of what the client sent.
 ASKS_FOR_H2C = re.compile(rb"\nupgrade:[ \t]*h2c[ \t]*\r?\n", re.IGNORECASE)
+#: How long a refused connection's late bytes are read and dropped before it is closed.
+LINGER_S = 2.0
 #: A held response head is sent together with a following write up to this size, and
 #: before a larger one (which would otherwise be copied for it).
 COALESCE_MAX_BYTES = 64 * 1024
@@ -142,6 +144,7 @@ class CountedStream(trio.abc.HalfCloseableStream):
         self._tail = b""  # the end of what the client last sent, for a line cut in two
         self._asked_for_h2c = False
         self._refused = False
+        self._lingered = False
         #: A final response head, sent together with the write that follows it (`send_all`).
         self._held = b""
 
@@ -204,7 +207,23 @@ class CountedStream(trio.abc.HalfCloseableStream):
         if not self._released:
             self._released = True
             self._caps.release(self._address)
-        await self.inner.aclose()
+        try:
+            if self._refused and not self._lingered:
+                self._lingered = True
+                await self._linger()
+        finally:
+            await self.inner.aclose()
+
+    async def _linger(self) -> None:
+        """After a refusal, read and drop what the client still sends, for a moment: a
+        socket closed with unread bytes is reset, and a reset can cost the client the
+        refusal it has not read yet (an HTTP/2 client sends its settings and first request
+        right behind the preface)."""
+        with trio.move_on_after(LINGER_S):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.inner.send_eof()
+                while await self.inner.receive_some(65536):
+                    pass
 
 
 def is_final_head(data: bytes | bytearray | memoryview) -> bool:
@@ -270,6 +289,7 @@ class IdleTimer(TrioSingleTask):
         self.timeout_s = timeout_s
         self.terminated = terminated
         self.idle = False
+        self._finished = False
         self._scope: trio.CancelScope | None = None
 
     async def restart(self, task_group: TaskGroup, action: Callable[[], Awaitable[None]]) -> None:
@@ -288,8 +308,14 @@ class IdleTimer(TrioSingleTask):
         if self._scope is not None:
             self._scope.deadline = math.inf
 
+    def finish(self) -> None:
+        """The connection is read to its end: the timer closes it now, not at its deadline."""
+        self._finished = True
+        if self._scope is not None:
+            self._scope.cancel()
+
     async def _run(self, close: Callable[[], Awaitable[None]]) -> None:
-        while True:
+        while not self._finished:
             assert self._scope is not None
             with self._scope:
                 await self.terminated.wait()
@@ -298,7 +324,7 @@ class IdleTimer(TrioSingleTask):
                 self._scope.deadline = math.inf  # stopping: close after this response
                 self.timeout_s = 0.0
                 await trio.sleep_forever()
-            if self.idle and trio.current_time() >= self._scope.deadline:
+            if self._finished or (self.idle and trio.current_time() >= self._scope.deadline):
                 break
             self._scope = trio.CancelScope(deadline=self._scope.deadline)
         with trio.CancelScope(shield=True):
@@ -318,19 +344,26 @@ class LeanTCPServer(TCPServer):
     async def _read_data(self) -> None:
         """hypercorn's read loop, without the cancel scope it opens around every read for
         `read_timeout`, which valrun leaves unset: an idle connection has `IdleTimer`, a
-        request's head `keep_alive_timeout`, a body `read_body`'s deadline."""
-        if self.config.read_timeout is not None:
-            await super()._read_data()
-            return
-        while True:
-            try:
-                data = await self.stream.receive_some(MAX_RECV)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                break
-            await self.protocol.handle(RawData(bytes(data)))
-            if not data:
-                break
-        await self.protocol.handle(Closed())
+        request's head `keep_alive_timeout`, a body `read_body`'s deadline. When the reading
+        ends (the client closed, or the server did), so does the timer."""
+        try:
+            if self.config.read_timeout is not None:
+                await super()._read_data()
+                return
+            while True:
+                try:
+                    data = await self.stream.receive_some(MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    break
+                await self.protocol.handle(RawData(bytes(data)))
+                if not data:
+                    break
+            await self.protocol.handle(Closed())
+        finally:
+            # hypercorn's timer would go on until its deadline and hold the connection's
+            # task (and its place in `server.max_connections`) that long.
+            assert isinstance(self.idle_task, IdleTimer)
+            self.idle_task.finish()
 
 
 def raise_fd_limit(config: ServerConfig) -> int:

@@ -219,6 +219,36 @@ async def test_keep_alive_deadline_moves_with_each_request_and_a_long_one_is_not
     await stream.aclose()
 
 
+async def test_a_connection_its_client_closed_gives_its_place_back_at_once(
+    start_service: StartService,
+) -> None:
+    """Closed after its requests or before any, a connection's task and its place in the
+    caps end when the close is read, not when the keep-alive timeout (here 60 s) would."""
+    service = await start_service(keep_alive_timeout_s=60.0, max_connections_per_address=4)
+    await service.put_val("hello", HELLO)
+    host = service.web_host("alice", "hello")
+
+    async def open_connections() -> int:
+        health = (await service.api("GET", "/healthz", user=None)).json()
+        return int(health["connections"]["open"])
+
+    held = await open_connections()  # the test client's own
+    with trio.fail_after(30):
+        for _ in range(3):  # three rounds of four: the per-address cap would refuse a fifth
+            streams = [await raw_connect(service.port, "127.0.3.1") for _ in range(4)]
+            for stream in streams[:2]:  # two ask first; two close without a word
+                await stream.send_all(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                answer = await read_answer(stream)
+                assert answer is not None
+                assert answer.status == 200
+            for stream in streams:
+                await stream.aclose()
+            started = trio.current_time()
+            while await open_connections() > held:
+                await trio.sleep(0.05)
+            assert trio.current_time() - started < 5
+
+
 async def open_slow_clients(
     port: int, count: int, sources: list[str], host: str
 ) -> tuple[list[trio.SocketStream], int]:
@@ -304,8 +334,8 @@ async def test_attack_a_thousand_slow_clients_leave_the_service_answering(
 async def test_attack_connections_over_the_total_cap_are_closed_and_the_service_lives(
     start_service: StartService,
 ) -> None:
-    # A connection its client closed before sending anything keeps its place until
-    # hypercorn's keep-alive timer ends it (its socket is open until then).
+    # A connection its client closed gives its place back as soon as the front end reads
+    # the close (runtime.frontdoor.IdleTimer.finish).
     service = await start_service(
         max_connections=50, max_connections_per_address=50, keep_alive_timeout_s=10.0
     )
