@@ -4,16 +4,19 @@ transactions."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing
+from functools import partial
 from pathlib import Path
 
 import psycopg
 import pytest
 import trio
 
+from runtime import store as store_module
 from runtime.errors import (
     ConfigError,
     ExistsError,
@@ -27,6 +30,7 @@ from runtime.errors import (
 from runtime.feed import open_reader
 from runtime.schedule import Schedule
 from runtime.schema import SCHEMA_VERSION, SchemaError
+from runtime.schema import migrate as schema_migrate
 from runtime.sealing import Sealer
 from runtime.store import AsyncStore, Record, Store
 from runtime.storecopy import CopyError, copy_store
@@ -443,3 +447,42 @@ async def test_config_check_names_a_postgres_store_without_its_password(tmp_path
     assert done.returncode == 0, done.stderr
     assert b"hunter2" not in done.stdout
     assert b"postgresql://valrun:***@db.internal:5432/valrun" in done.stdout
+
+
+def test_opening_an_sqlite_store_is_tried_again_while_it_is_locked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """runtime.store._open_sqlite: "database is locked" at start (a lock SQLite refuses at
+    once rather than waits for) is tried again with growing pauses; another error is not."""
+    path = tmp_path / "valrun.db"
+    Store(path).close()
+    real_migrate = schema_migrate
+    calls: list[str] = []
+    pauses: list[float] = []
+
+    def migrate(db: sqlite3.Connection, where: str, error: str, failures: int) -> int:
+        calls.append(where)
+        if len(calls) <= failures:
+            raise sqlite3.OperationalError(error)
+        return real_migrate(db, where)
+
+    monkeypatch.setattr(time, "sleep", pauses.append)  # the one the store calls
+    monkeypatch.setattr(
+        store_module, "migrate", partial(migrate, error="database is locked", failures=3)
+    )
+    Store(path).close()
+    assert (len(calls), pauses) == (4, [0.05, 0.1, 0.2])
+    calls.clear()
+    monkeypatch.setattr(
+        store_module, "migrate", partial(migrate, error="database is locked", failures=99)
+    )
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        Store(path)
+    assert len(calls) == store_module.OPEN_ATTEMPTS
+    calls.clear()
+    monkeypatch.setattr(
+        store_module, "migrate", partial(migrate, error="disk I/O error", failures=99)
+    )
+    with pytest.raises(sqlite3.OperationalError, match="disk"):
+        Store(path)
+    assert len(calls) == 1
