@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 from typing import TextIO
 
@@ -45,6 +46,8 @@ def access_line(
 
 access_logger = logging.getLogger("valrun.access")
 
+#: The CLI's log lines; `{tag}` is a front-end process's index, or nothing.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s{tag}: %(message)s"
 #: A line waits at most this long in `LineBatchHandler` before it is written.
 FLUSH_AFTER_S = 0.2
 #: Writes of at most this many bytes to a pipe are not interleaved with other processes'
@@ -135,11 +138,12 @@ class LineBatchHandler(logging.Handler):
             self.release()
 
 
-def batch_access_lines(stream: TextIO, tag: str = "") -> None:
-    """Write the access log to `stream` through a `LineBatchHandler` (the CLI's setup; other
-    loggers keep their handlers). `tag`: after the logger's name, as the CLI's other lines
-    have it (a front-end process's index)."""
-    access_logger.addHandler(LineBatchHandler(stream, tag))
+def configure_logging(tag: str = "") -> None:
+    """The CLI's logging: every line to stderr as `DATE TIME,MS LEVEL LOGGER{tag}: MESSAGE`
+    (`tag`: a front-end process's index), the access log through a `LineBatchHandler`,
+    which writes that same format itself."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT.format(tag=tag))
+    access_logger.addHandler(LineBatchHandler(sys.stderr, tag))
     access_logger.propagate = False
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import trio
 
 from runtime import backup, client, dblock, pgdb, storecopy
-from runtime.accesslog import batch_access_lines
+from runtime.accesslog import configure_logging
 from runtime.config import (
     SECRET_KEY_ENV,
     Config,
@@ -440,9 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("config", "server", "token"):
         setattr(args, name, getattr(args, name, None))
-    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.INFO, format=log_format)
-    batch_access_lines(sys.stderr)
+    configure_logging()
     try:
         path = find_config(args.config)
         args.config_file = path.resolve() if path else None

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 import trio
 from hypercorn.utils import repr_socket_addr
 
-from runtime.accesslog import batch_access_lines
+from runtime.accesslog import configure_logging
 from runtime.config import Config, parse_config, with_bind
 from runtime.errors import StartupError
 from runtime.isolation import check_required, probe_layers
@@ -362,9 +362,7 @@ async def stop_when_orphaned() -> None:
 
 def child_main(argv: list[str]) -> int:
     index = int(argv[0])
-    log_format = f"%(asctime)s %(levelname)s %(name)s [{index}]: %(message)s"
-    logging.basicConfig(level=logging.INFO, format=log_format)
-    batch_access_lines(sys.stderr, f" [{index}]")
+    configure_logging(f" [{index}]")
     config = parse_config(json.loads(sys.stdin.buffer.readline()))
     if not all(bind.startswith("fd://") for bind in config.server.bind):
         # A child binds nothing itself: that would take a port the supervisor does not hold.

@@ -650,7 +650,7 @@ class Store:
 
         The rows go in a few multi-row statements (`_RUNS_INSERT`), not one statement per
         record: the writer is a thread beside the event loop, and each statement hands the
-        GIL back and forth with it (measured: a tenth of the front end's CPU per request)."""
+        GIL back and forth with it (measured: about 30 µs of the front end's 560 per request)."""
         user_ids: dict[str, int | None] = {}
         buckets: set[tuple[int | None, int | None]] = set()
         rows: list[tuple[object, ...]] = []

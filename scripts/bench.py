@@ -63,6 +63,12 @@ def spin(req):
         pass
 """
 NAMED = "def {name}(req):\n    return {name!r}\n"
+#: The bench is one user, so it may have the whole pool: the per-user shares are for many
+#: tenants (docs/fairness.md) and would measure the caps here, not the warm path.
+ONE_USER_POOL = (
+    "[pool]\nmax_workers_per_user = 64\nmax_queued_per_user = 4096\n"
+    "cold_starts_per_user_per_s = 1000\n"
+)
 
 
 class MeasureError(Exception):
@@ -672,16 +678,13 @@ def valrun_config(port: int, db: Path, options: Options) -> str:
         # One front-end process, like the bare app it is compared with (--processes).
         f'[server]\nbind = ["127.0.0.1:{port}"]\nprocesses = {options.processes}\n'
         f'[store]\nurl = "sqlite:///{db}"\n'
-        # The bench is one user, so it may have the whole pool: the per-user shares are for
-        # many tenants (docs/fairness.md) and would measure the caps here, not the warm path.
-        "[pool]\nmax_workers_per_user = 64\nmax_queued_per_user = 4096\n"
-        "cold_starts_per_user_per_s = 1000\n"
         # A spinning val is stopped at this limit; shorter than the default 10 s so the
         # noisy-neighbour phase ends sooner.
         f"[limits]\nwall_time_s = {options.wall_time_s}\n"
+        + ONE_USER_POOL
         # One user saves every val of every round (hello, spin, the cold ones, the many
         # ones): more than the default quota of 1,000 vals per user.
-        f"[quotas]\nmax_vals = {max_vals(options)}\n"
+        + f"[quotas]\nmax_vals = {max_vals(options)}\n"
     )
 
 

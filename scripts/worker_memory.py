@@ -36,13 +36,17 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import trio
 from bench import (
+    API_HOST,
+    HELLO,
+    ONE_USER_POOL,
+    USER,
+    WEB_DOMAIN,
     MeasureError,
     free_port,
     open_server,
@@ -50,17 +54,10 @@ from bench import (
     pick_workers,
     read_process_table,
     sandbox_processes,
+    timed_call,
 )
 from loadlib import HttpError, SetupError, Target, ValrunClient, create_user, percentile
 
-API_HOST = "api.localhost"
-WEB_DOMAIN = "web.localhost"
-USER = "bench"
-HELLO = """\
-def {name}(req):
-    name = req.query.get("name", "world")
-    return Response.json({{"greeting": "hi " + name}})
-"""
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PFN_MASK = (1 << 55) - 1
 PRESENT = 1 << 63
@@ -318,9 +315,8 @@ def valrun_config(port: int, db: Path, vals: int) -> str:
     return (
         f'[server]\nbind = ["127.0.0.1:{port}"]\nprocesses = 1\n'
         f'[store]\nurl = "sqlite:///{db}"\n'
-        "[pool]\nmax_workers_per_user = 64\nmax_queued_per_user = 4096\n"
-        "cold_starts_per_user_per_s = 1000\n"
-        f"[quotas]\nmax_vals = {max(1000, vals + 10)}\n"
+        + ONE_USER_POOL
+        + f"[quotas]\nmax_vals = {max(1000, vals + 10)}\n"
     )
 
 
@@ -400,15 +396,6 @@ async def find_fork_server(root: int) -> int:
             if len(servers) > 1:
                 raise MeasureError(f"expected one fork server, found {sorted(servers)}")
             await trio.sleep(0.05)
-
-
-async def timed_call(client: ValrunClient, val: str) -> float:
-    started = time.perf_counter()
-    answer = await client.call(USER, val)
-    elapsed_ms = (time.perf_counter() - started) * 1000
-    if answer.status != 200:
-        raise MeasureError(f"{USER}/{val} answered {answer.status}: {answer.body[:300]!r}")
-    return elapsed_ms
 
 
 # --- the printout ------------------------------------------------------------------------------

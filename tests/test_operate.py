@@ -182,7 +182,7 @@ def test_access_lines_are_written_in_batches_of_whole_lines_under_pipe_buf(
 @pytest.mark.parametrize("tag", ["", " [1]"])
 def test_a_batched_access_line_reads_as_the_clis_log_lines_do(tag: str) -> None:
     """The handler formats its lines itself, as the CLI's logging format would."""
-    cli_format = logging.Formatter(f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
+    cli_format = logging.Formatter(accesslog.LOG_FORMAT.format(tag=tag))
     stream = Writes()
     handler = LineBatchHandler(stream, tag)
     for created in (1796061242.0, 1796061242.9996, 1796061243.25):
@@ -200,7 +200,8 @@ def test_log_access_goes_straight_to_the_clis_handler_else_through_logging(
     logger = accesslog.access_logger
     monkeypatch.setattr(logger, "handlers", [])
     monkeypatch.setattr(logger, "propagate", logger.propagate)
-    accesslog.batch_access_lines(stream)
+    logger.addHandler(LineBatchHandler(stream))  # as configure_logging adds it
+    logger.propagate = False
     made: list[str] = []
 
     def make_record(*args: object) -> logging.LogRecord:

@@ -315,17 +315,22 @@ print("third-party:", sorted(r for r in new_roots if not stdlib(r)))
 """
 
 
-def test_sandbox_imports_nothing_from_runtime_trio_or_hypercorn() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", SANDBOX_IMPORT_CHECK],
+def isolated_python(code: str) -> str:
+    """What `code` prints, run by a fresh `python -I` (no site, no environment)."""
+    return subprocess.run(
+        [sys.executable, "-I", "-c", code],
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
         check=True,
-    )
-    assert "forbidden: []" in proc.stdout.splitlines(), proc.stdout
+    ).stdout
+
+
+def test_sandbox_imports_nothing_from_runtime_trio_or_hypercorn() -> None:
+    out = isolated_python(SANDBOX_IMPORT_CHECK)
+    assert "forbidden: []" in out.splitlines(), out
     # docs/architecture.md §1: sandbox uses only the standard library and RestrictedPython.
-    assert "third-party: []" in proc.stdout.splitlines(), proc.stdout
+    assert "third-party: []" in out.splitlines(), out
 
 
 FORK_SERVER_PRELOAD = """
@@ -340,11 +345,5 @@ def test_the_preloaded_fork_server_has_no_threading_module() -> None:
     # threading registers an after-fork hook: it would run Python in every forked worker
     # before its first line and copy ~0.4 MiB of the fork server's pages into each of them
     # (docs/design.md §7.3). subprocess imports threading.
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", FORK_SERVER_PRELOAD],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=True,
-    )
-    assert proc.stdout.split() == ["threading:", "False", "subprocess:", "False"], proc.stdout
+    out = isolated_python(FORK_SERVER_PRELOAD)
+    assert out.split() == ["threading:", "False", "subprocess:", "False"], out
