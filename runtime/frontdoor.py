@@ -295,7 +295,9 @@ class IdleTimer(TrioSingleTask):
     async def restart(self, task_group: TaskGroup, action: Callable[[], Awaitable[None]]) -> None:
         """The connection is idle from now: closed (`close`) unless a request comes first."""
         self.idle = True
-        deadline = trio.current_time() + self.timeout_s
+        # The server is stopping: an idle connection closes at once.
+        wait_s = 0.0 if self.terminated.is_set() else self.timeout_s
+        deadline = trio.current_time() + wait_s
         if self._scope is None:
             self._scope = trio.CancelScope(deadline=deadline)
             task_group.spawn(self._run, action)
@@ -321,9 +323,7 @@ class IdleTimer(TrioSingleTask):
                 await self.terminated.wait()
                 if self.idle:
                     break
-                self._scope.deadline = math.inf  # stopping: close after this response
-                self.timeout_s = 0.0
-                await trio.sleep_forever()
+                await trio.sleep_forever()  # busy: `restart` after its response closes it
             if self._finished or (self.idle and trio.current_time() >= self._scope.deadline):
                 break
             self._scope = trio.CancelScope(deadline=self._scope.deadline)
