@@ -122,8 +122,13 @@ async def start_live(
                         port.set()
         finally:  # the test is over (or failed): no valrun of its outlives it
             port.set()  # exited before serving: the caller sees no port
-            if process.returncode is None:
-                process.kill()
+            with trio.CancelScope(shield=True):
+                if process.returncode is None:
+                    process.kill()
+                # Reaped and its pipe closed here, not by the garbage collector in some later
+                # test (as a ResourceWarning that fails that test).
+                await process.wait()
+                await process.stderr.aclose()
 
     nursery.start_soon(read_stderr)
     with trio.fail_after(30):

@@ -271,7 +271,13 @@ async def test_a_revoked_token_is_refused_by_every_process_within_a_second(
     await stop(live)
 
 
-TICK = "import json\ndef {name}(interval):\n    print(json.dumps(interval.scheduled_at))\n"
+#: A run that takes 0.4 s without using the CPU.
+TICK = (
+    "import json, time\n"
+    "def {name}(interval):\n"
+    "    time.sleep(0.4)\n"
+    "    print(json.dumps(interval.scheduled_at))\n"
+)
 
 
 def metric(text: str, name: str) -> float:
@@ -289,8 +295,12 @@ async def test_every_process_runs_the_scheduler_and_each_tick_runs_once(
         val, _ = store.put_val("alice", f"t{index}", TICK.format(name=f"t{index}"), None)
         store.put_schedule(val.val_id, Schedule("every", "1"), time.time(), 50)
     store.close()
-    # One run at a time per process: four vals due each second need both processes.
-    schedule = "[schedule]\nmin_interval_s = 1\nmax_concurrent = 1\n"
+    # One run at a time per process, each 0.4 s long: one process runs at most 2.5 a second,
+    # so four vals due each second need both. (With quick runs one process may well run them
+    # all: SQLite's busy handler backs off, and the process that holds the lock keeps winning.)
+    # alice may have all four going: with the default two, the tick one process claims ahead
+    # and holds, waiting for its slot, takes her second share, and the other may only skip.
+    schedule = "[schedule]\nmin_interval_s = 1\nmax_concurrent = 1\nmax_concurrent_per_user = 4\n"
     live = await start_live(nursery, tmp_path, schedule, processes=2)
 
     def ticks() -> list[tuple[int, str]]:
