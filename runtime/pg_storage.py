@@ -55,14 +55,12 @@ from runtime.config import StorageConfig
 from runtime.errors import StorageRefusedError
 from runtime.pgsql import number_placeholders, refusal
 from runtime.storage import (
-    MAX_LIST,
     MAX_SQL_TEXT_BYTES,
-    BlobEntry,
+    BlobCalls,
     ResultWriter,
     Turns,
     Usage,
-    check_key,
-    check_value,
+    blob_write_delta,
 )
 from sandbox.messages import SqlValue, Statement, encode_sql_results
 
@@ -209,7 +207,7 @@ class _TenantConn:
     conn: Conn
 
 
-class PgStorage:
+class PgStorage(BlobCalls[Conn, _TenantConn]):
     def __init__(self, config: StorageConfig, url: str, max_result_bytes: int) -> None:
         self.config = config
         self.url = url
@@ -260,7 +258,7 @@ class PgStorage:
                 with self._idle_lock:
                     self._idle.append(conn)
 
-    async def _blob(self, fn: Callable[[Conn], T]) -> T:
+    async def _blob_call(self, fn: Callable[[Conn], T], *, write: bool) -> T:
         def run() -> T:
             try:
                 with self._service() as conn:
@@ -277,23 +275,13 @@ class PgStorage:
 
     # Blob
 
-    async def blob_get(self, user: str, key: str) -> bytes | None:
-        check_key(key)
-        async with self._turns.turn(user, sql=False):
-            row = await self._blob(
-                lambda db: db.execute(
-                    "SELECT value FROM valrun_blobs WHERE owner = %s AND key = %s", (user, key)
-                ).fetchone()
-            )
+    def _get(self, db: Conn, user: str, key: str) -> bytes | None:
+        row = db.execute(
+            "SELECT value FROM valrun_blobs WHERE owner = %s AND key = %s", (user, key)
+        ).fetchone()
         return None if row is None else bytes(row[0])
 
-    async def blob_set(self, user: str, key: str, value: bytes) -> None:
-        check_key(key)
-        check_value(value, self.config.max_value_bytes)
-        async with self._turns.turn(user, sql=False):
-            await self._blob(lambda db: self._blob_set(db, user, key, value))
-
-    def _blob_set(self, db: Conn, user: str, key: str, value: bytes) -> None:
+    def _set(self, db: Conn, user: str, key: str, value: bytes) -> None:
         with db.transaction():
             # The usage row, locked: one user's writes are serialized across every node.
             db.execute(
@@ -309,15 +297,8 @@ class PgStorage:
                 "SELECT octet_length(value) FROM valrun_blobs WHERE owner = %s AND key = %s",
                 (user, key),
             ).fetchone()
-            old_size = int(old[0]) if old else 0
-            delta = len(value) - old_size if old else len(key.encode()) + len(value)
-            quota = self.config.max_user_bytes
-            if used + delta > quota:
-                raise StorageRefusedError(
-                    f"this write would bring your blob storage to {used + delta} bytes, over "
-                    f"its {quota}-byte quota (storage.max_user_bytes); nothing was written",
-                    "quota_exceeded",
-                )
+            old_size = None if old is None else int(old[0])
+            delta = blob_write_delta(key, value, old_size, used, self.config.max_user_bytes)
             db.execute(
                 "INSERT INTO valrun_blobs (owner, key, value, updated_at) "
                 "VALUES (%s, %s, %s, %s) ON CONFLICT (owner, key) DO UPDATE "
@@ -330,12 +311,7 @@ class PgStorage:
                 (delta, 0 if old else 1, user),
             )
 
-    async def blob_delete(self, user: str, key: str) -> bool:
-        check_key(key)
-        async with self._turns.turn(user, sql=False):
-            return await self._blob(lambda db: self._blob_delete(db, user, key))
-
-    def _blob_delete(self, db: Conn, user: str, key: str) -> bool:
+    def _delete(self, db: Conn, user: str, key: str) -> bool:
         with db.transaction():
             old = db.execute(
                 "DELETE FROM valrun_blobs WHERE owner = %s AND key = %s "
@@ -350,23 +326,17 @@ class PgStorage:
             )
             return True
 
-    async def blob_list(self, user: str, prefix: str, after: str, limit: int) -> list[BlobEntry]:
-        check_key(prefix, "a prefix", empty=True)
-        check_key(after, "after", empty=True)
-        if not 1 <= limit <= MAX_LIST:
-            raise StorageRefusedError(f"limit must be from 1 to {MAX_LIST}", "bad_value")
-        async with self._turns.turn(user, sql=False):
-            rows = await self._blob(
-                lambda db: db.execute(
-                    # COLLATE "C": keys sort by code point, as SQLite's do.
-                    "SELECT key, octet_length(value), updated_at FROM valrun_blobs "
-                    'WHERE owner = %(user)s AND key COLLATE "C" > %(after)s '
-                    "AND left(key, char_length(%(prefix)s)) = %(prefix)s "
-                    'ORDER BY key COLLATE "C" LIMIT %(limit)s',
-                    {"user": user, "after": after, "prefix": prefix, "limit": limit},
-                ).fetchall()
-            )
-        return [BlobEntry(str(k), int(s), float(u)) for k, s, u in rows]
+    def _list(
+        self, db: Conn, user: str, prefix: str, after: str, limit: int
+    ) -> list[tuple[str, int, float]]:
+        return db.execute(
+            # COLLATE "C": keys sort by code point, as SQLite's do.
+            "SELECT key, octet_length(value), updated_at FROM valrun_blobs "
+            'WHERE owner = %(user)s AND key COLLATE "C" > %(after)s '
+            "AND left(key, char_length(%(prefix)s)) = %(prefix)s "
+            'ORDER BY key COLLATE "C" LIMIT %(limit)s',
+            {"user": user, "after": after, "prefix": prefix, "limit": limit},
+        ).fetchall()
 
     # SQL
 
@@ -694,17 +664,18 @@ class PgStorage:
 
     async def usage(self, user: str) -> Usage:
         async with self._turns.turn(user, sql=False):
-            row = await self._blob(
+            row = await self._blob_call(
                 lambda db: db.execute(
                     "SELECT bytes, keys FROM valrun_blob_usage WHERE owner = %s", (user,)
-                ).fetchone()
+                ).fetchone(),
+                write=False,
             )
         blob_bytes, blob_keys = (0, 0) if row is None else (int(row[0]), int(row[1]))
         sql_bytes = 0
         async with self._turns.turn(user, sql=True):
             tenant = await trio.to_thread.run_sync(self.tenant, user, limiter=self._blob_threads)
-            if tenant is not None and await self._blob(
-                lambda db: _database_exists(db, tenant.database)
+            if tenant is not None and await self._blob_call(
+                lambda db: _database_exists(db, tenant.database), write=False
             ):
                 sql_bytes = await trio.to_thread.run_sync(
                     lambda: self._size_of(tenant), limiter=self._sql_threads

@@ -219,7 +219,77 @@ class Turns(Generic[D]):
         return closing
 
 
-class SqliteStorage:
+C = TypeVar("C")
+
+
+def blob_write_delta(key: str, value: bytes, old_size: int | None, used: int, quota: int) -> int:
+    """What writing `value` at `key` adds to its user's blob usage (`used` bytes now; a new
+    key counts its own bytes too, `old_size` is None); refused if it would pass `quota`."""
+    delta = len(value) - old_size if old_size is not None else len(key.encode()) + len(value)
+    if used + delta > quota:
+        raise StorageRefusedError(
+            f"this write would bring your blob storage to {used + delta} bytes, over "
+            f"its {quota}-byte quota (storage.max_user_bytes); nothing was written",
+            "quota_exceeded",
+        )
+    return delta
+
+
+class BlobCalls(Generic[C, D]):
+    """The blob half of `StorageBackend`, the same on each engine: what a val sent is
+    checked, and the call waits for one of its user's turns; the engine gives the
+    statements (`_get`, `_set`, `_delete`, `_list`, each one transaction on connection C)
+    and runs them on a thread of its own (`_blob_call`)."""
+
+    config: StorageConfig
+    _turns: Turns[D]
+
+    async def _blob_call(self, fn: Callable[[C], T], *, write: bool) -> T:
+        raise NotImplementedError
+
+    def _get(self, db: C, user: str, key: str) -> bytes | None:
+        raise NotImplementedError
+
+    def _set(self, db: C, user: str, key: str, value: bytes) -> None:
+        raise NotImplementedError
+
+    def _delete(self, db: C, user: str, key: str) -> bool:
+        raise NotImplementedError
+
+    def _list(
+        self, db: C, user: str, prefix: str, after: str, limit: int
+    ) -> list[tuple[str, int, float]]:
+        raise NotImplementedError
+
+    async def blob_get(self, user: str, key: str) -> bytes | None:
+        check_key(key)
+        async with self._turns.turn(user, sql=False):
+            return await self._blob_call(lambda db: self._get(db, user, key), write=False)
+
+    async def blob_set(self, user: str, key: str, value: bytes) -> None:
+        check_key(key)
+        check_value(value, self.config.max_value_bytes)
+        async with self._turns.turn(user, sql=False):
+            await self._blob_call(lambda db: self._set(db, user, key, value), write=True)
+
+    async def blob_delete(self, user: str, key: str) -> bool:
+        check_key(key)
+        async with self._turns.turn(user, sql=False):
+            return await self._blob_call(lambda db: self._delete(db, user, key), write=True)
+
+    async def blob_list(self, user: str, prefix: str, after: str, limit: int) -> list[BlobEntry]:
+        check_key(prefix, "a prefix", empty=True)
+        check_key(after, "after", empty=True)
+        if not 1 <= limit <= MAX_LIST:
+            raise StorageRefusedError(f"limit must be from 1 to {MAX_LIST}", "bad_value")
+        async with self._turns.turn(user, sql=False):
+            rows = await self._blob_call(
+                lambda db: self._list(db, user, prefix, after, limit), write=False
+            )
+        return [BlobEntry(str(key), int(size), float(at)) for key, size, at in rows]
+
+
+class SqliteStorage(BlobCalls[sqlite3.Connection, _UserDb]):
     def __init__(self, config: StorageConfig, data_dir: Path, max_result_bytes: int) -> None:
         self.config = config
         self.max_result_bytes = max_result_bytes
@@ -236,7 +306,6 @@ class SqliteStorage:
         # loop's core when it wants it (runtime/idle_threads.py, docs/fairness.md §5).
         self._idle = IdleThreads(config.sql_threads, "valrun-sql")
         self._turns: Turns[_UserDb] = Turns(config.max_waiting_per_user)
-        self._turn = self._turns.turn
 
     def close(self) -> None:
         self._idle.close()
@@ -255,37 +324,23 @@ class SqliteStorage:
 
     # Blob
 
-    async def blob_get(self, user: str, key: str) -> bytes | None:
-        check_key(key)
-        async with self._turn(user, sql=False):
-            row = await self._read(
-                lambda db: db.execute(
-                    "SELECT value FROM blobs WHERE user = ? AND key = ?", (user, key)
-                ).fetchone()
-            )
+    async def _blob_call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
+        return await (self._write(fn) if write else self._read(fn))
+
+    def _get(self, db: sqlite3.Connection, user: str, key: str) -> bytes | None:
+        row = db.execute(
+            "SELECT value FROM blobs WHERE user = ? AND key = ?", (user, key)
+        ).fetchone()
         return None if row is None else bytes(row[0])
 
-    async def blob_set(self, user: str, key: str, value: bytes) -> None:
-        check_key(key)
-        check_value(value, self.config.max_value_bytes)
-        async with self._turn(user, sql=False):
-            await self._write(lambda db: self._blob_set(db, user, key, value))
-
-    def _blob_set(self, db: sqlite3.Connection, user: str, key: str, value: bytes) -> None:
-        key_bytes = len(key.encode())
+    def _set(self, db: sqlite3.Connection, user: str, key: str, value: bytes) -> None:
         with _transaction(db):
             old = db.execute(
                 "SELECT length(value) FROM blobs WHERE user = ? AND key = ?", (user, key)
             ).fetchone()
             used = _blob_usage(db, user)[0]
-            delta = len(value) - old[0] if old else key_bytes + len(value)
-            quota = self.config.max_user_bytes
-            if used + delta > quota:
-                raise StorageRefusedError(
-                    f"this write would bring your blob storage to {used + delta} bytes, over "
-                    f"its {quota}-byte quota (storage.max_user_bytes); nothing was written",
-                    "quota_exceeded",
-                )
+            old_size = None if old is None else int(old[0])
+            delta = blob_write_delta(key, value, old_size, used, self.config.max_user_bytes)
             db.execute(
                 "INSERT INTO blobs (user, key, value, updated_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (user, key) DO UPDATE SET value = excluded.value, "
@@ -294,12 +349,7 @@ class SqliteStorage:
             )
             _add_usage(db, user, delta, 0 if old else 1)
 
-    async def blob_delete(self, user: str, key: str) -> bool:
-        check_key(key)
-        async with self._turn(user, sql=False):
-            return await self._write(lambda db: self._blob_delete(db, user, key))
-
-    def _blob_delete(self, db: sqlite3.Connection, user: str, key: str) -> bool:
+    def _delete(self, db: sqlite3.Connection, user: str, key: str) -> bool:
         with _transaction(db):
             old = db.execute(
                 "DELETE FROM blobs WHERE user = ? AND key = ? RETURNING length(value)",
@@ -310,21 +360,15 @@ class SqliteStorage:
             _add_usage(db, user, -(old[0] + len(key.encode())), -1)
             return True
 
-    async def blob_list(self, user: str, prefix: str, after: str, limit: int) -> list[BlobEntry]:
-        check_key(prefix, "a prefix", empty=True)
-        check_key(after, "after", empty=True)
-        if not 1 <= limit <= MAX_LIST:
-            raise StorageRefusedError(f"limit must be from 1 to {MAX_LIST}", "bad_value")
-        async with self._turn(user, sql=False):
-            rows = await self._read(
-                lambda db: db.execute(
-                    "SELECT key, length(value), updated_at FROM blobs "
-                    "WHERE user = :user AND key > :after "
-                    "AND substr(key, 1, length(:prefix)) = :prefix ORDER BY key LIMIT :limit",
-                    {"user": user, "after": after, "prefix": prefix, "limit": limit},
-                ).fetchall()
-            )
-        return [BlobEntry(*row) for row in rows]
+    def _list(
+        self, db: sqlite3.Connection, user: str, prefix: str, after: str, limit: int
+    ) -> list[tuple[str, int, float]]:
+        return db.execute(
+            "SELECT key, length(value), updated_at FROM blobs "
+            "WHERE user = :user AND key > :after "
+            "AND substr(key, 1, length(:prefix)) = :prefix ORDER BY key LIMIT :limit",
+            {"user": user, "after": after, "prefix": prefix, "limit": limit},
+        ).fetchall()
 
     # SQL
 
@@ -338,7 +382,7 @@ class SqliteStorage:
                 raise StorageRefusedError(
                     f"a statement is over {MAX_SQL_TEXT_BYTES} bytes long", "sql_error"
                 )
-        async with self._turn(user, sql=True) as slot:
+        async with self._turns.turn(user, sql=True) as slot:
             # Never past the caller's deadline: the val's remaining wall time.
             remaining = trio.current_effective_deadline() - trio.current_time()
             run_for = max(0.0, min(self.config.sql_timeout_s, remaining))
@@ -453,9 +497,9 @@ class SqliteStorage:
     # Usage
 
     async def usage(self, user: str) -> Usage:
-        async with self._turn(user, sql=False):
+        async with self._turns.turn(user, sql=False):
             blob_bytes, blob_keys = await self._read(lambda db: _blob_usage(db, user))
-        async with self._turn(user, sql=True) as slot:
+        async with self._turns.turn(user, sql=True) as slot:
             # What the quota counts: the database's pages (its WAL is checkpointed into them).
             sql_bytes = await self._idle.run(
                 lambda: self._sql_bytes(user, slot), limiter=self._sql_threads
