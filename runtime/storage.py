@@ -42,6 +42,7 @@ from runtime.errors import StorageRefusedError
 from runtime.hosts import USER_RE
 from runtime.idle_threads import IdleThreads
 from runtime.sqlguard import ATTACH_REFUSAL, SqlGuard, first_keyword
+from runtime.sqlitefile import prepare
 from sandbox.messages import SqlValue, Statement, encode_sql_results, sql_value_to_json
 
 logger = logging.getLogger(__name__)
@@ -413,8 +414,8 @@ class SqliteStorage(BlobCalls[sqlite3.Connection, _UserDb]):
             path, isolation_level=None, check_same_thread=False, cached_statements=0
         )
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA busy_timeout=5000")
+            # Another front-end process may be opening it too (its first use in each).
+            prepare(conn, lambda db: None)
             conn.execute("PRAGMA trusted_schema=OFF")
             conn.execute("PRAGMA cache_size=-2048")  # 2 MiB of page cache at most
             conn.execute(f"PRAGMA journal_size_limit={4 * 1024 * 1024}")
@@ -584,9 +585,11 @@ def _trusted(db: _UserDb, sql: str) -> None:
 
 def _open_blob_db(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA busy_timeout=5000")
-    conn.executescript(BLOB_SCHEMA)
+    try:
+        prepare(conn, lambda db: db.executescript(BLOB_SCHEMA))
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 

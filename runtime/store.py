@@ -46,6 +46,7 @@ from runtime.quotas import check_env, quota_error
 from runtime.schedule import Due, Schedule, Tick, next_tick, plan_claims
 from runtime.schema import create_private, migrate, migrate_postgres
 from runtime.sealing import Sealer
+from runtime.sqlitefile import prepare
 from runtime.tokens import TokenCache
 from sandbox.limits import WorkerLimits
 
@@ -188,9 +189,8 @@ class Store:
             if isinstance(self._db, PgConnection):
                 migrate_postgres(self._db)
             else:
-                self._db.execute("PRAGMA busy_timeout=5000")
                 self._db.execute("PRAGMA foreign_keys=ON")
-                _open_sqlite(self._db, self.path)
+                prepare(self._db, lambda db: migrate(db, self.path))
             self._sealer = Sealer(secret_key) if secret_key else None
             self._check_secret_key()
         except BaseException:
@@ -882,31 +882,6 @@ class Store:
         self._db.executemany(
             "UPDATE schedules SET running_until = NULL WHERE val_id = ? AND claim = ?", finished
         )
-
-
-#: Opening an SQLite store is tried this many times while another connection holds a lock.
-OPEN_ATTEMPTS = 8
-
-
-def _open_sqlite(db: sqlite3.Connection, path: str) -> None:
-    """WAL mode, then the migrations, tried again for a while on "database is locked".
-
-    The front-end processes, and each one's connections, open the file at the same moment
-    at start. Some of SQLite's locks on the way are refused at once rather than waited for
-    with `busy_timeout` (switching the journal mode; the WAL index being rebuilt by another
-    connection): a two-process start in CI failed with "database is locked" within a second.
-    The journal mode is only set when it is not WAL already (a file keeps it)."""
-    for attempt in range(OPEN_ATTEMPTS):
-        try:
-            (mode,) = db.execute("PRAGMA journal_mode").fetchone()
-            if str(mode).lower() != "wal":
-                db.execute("PRAGMA journal_mode=WAL")
-            migrate(db, path)
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or attempt == OPEN_ATTEMPTS - 1:
-                raise
-            time.sleep(0.05 * 2**attempt)  # 0.05 s, doubling: 6.35 s in all
 
 
 #: Rows of invocation records one INSERT statement takes at most (16 parameters each).

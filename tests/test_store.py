@@ -16,6 +16,7 @@ import psycopg
 import pytest
 import trio
 
+from runtime import sqlitefile
 from runtime import store as store_module
 from runtime.errors import (
     ConfigError,
@@ -452,7 +453,7 @@ async def test_config_check_names_a_postgres_store_without_its_password(tmp_path
 def test_opening_an_sqlite_store_is_tried_again_while_it_is_locked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """runtime.store._open_sqlite: "database is locked" at start (a lock SQLite refuses at
+    """runtime.sqlitefile.prepare: "database is locked" at start (a lock SQLite refuses at
     once rather than waits for) is tried again with growing pauses; another error is not."""
     path = tmp_path / "valrun.db"
     Store(path).close()
@@ -478,7 +479,7 @@ def test_opening_an_sqlite_store_is_tried_again_while_it_is_locked(
     )
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         Store(path)
-    assert len(calls) == store_module.OPEN_ATTEMPTS
+    assert len(calls) == sqlitefile.OPEN_ATTEMPTS
     calls.clear()
     monkeypatch.setattr(
         store_module, "migrate", partial(migrate, error="disk I/O error", failures=99)
