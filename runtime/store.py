@@ -958,13 +958,20 @@ def _record(row: tuple[Any, ...]) -> Record:
 
 # Result codes (sqlite3 sqlite_errorcode & 0xFF, https://sqlite.org/rescode.html) that mean
 # the disk, not valrun nor the request, is at fault.
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6
 SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = 8, 10, 13, 14
 
 
 def store_error(exc: sqlite3.Error) -> Exception:
     """An sqlite3 error as the HTTP error a client should see: 507 for a full disk, 503 for
-    a store that cannot be written; anything else stays what it was (a bug: 500)."""
+    a store that cannot be written or whose lock another process held past `busy_timeout`
+    (a process stopped mid-write); anything else stays what it was (a bug: 500)."""
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code in (SQLITE_BUSY, SQLITE_LOCKED):
+        return StoreUnavailableError(
+            f"valrun's store is busy: another process held its lock too long ({exc}); "
+            "nothing was saved; retry shortly",
+        )
     if code == SQLITE_FULL:
         return StorageFullError(
             f"the disk that holds valrun's store is full ({exc}): nothing was saved; "

@@ -329,6 +329,26 @@ async def test_a_lost_postgres_connection_is_a_503_then_reconnects(pg_url: str) 
         assert store.env("alice") == {"K": "v"}
 
 
+async def test_a_lock_held_past_the_busy_timeout_is_a_503_and_nothing_is_saved(
+    tmp_path: Path,
+) -> None:
+    """Another process holds the SQLite store's write lock (stopped mid-write, say)."""
+    path = tmp_path / "valrun.db"
+    with closing(Store(path)) as store:
+        store.create_user("alice")
+        store._db.execute("PRAGMA busy_timeout=100")
+        front = AsyncStore(store)
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            with pytest.raises(StoreUnavailableError, match="busy") as caught:
+                await front.call(Store.set_env, "alice", "K", "v")
+            assert http_error(caught.value).status == 503
+            other.execute("ROLLBACK")
+        assert store.env("alice") == {}
+        await front.call(Store.set_env, "alice", "K", "v")  # the lock is free again
+        assert store.env("alice") == {"K": "v"}
+
+
 def test_postgres_refuses_nul_text_with_a_400(pg_url: str) -> None:
     with closing(Store(pg_url)) as store:
         store.create_user("alice")
