@@ -27,6 +27,8 @@ class LiveValrun:
     port: int
     token: str
     stderr: list[str] = field(default_factory=list)
+    #: The store: an SQLite file's path, or a PostgreSQL URL.
+    store: str = ""
 
     @property
     def base_url(self) -> str:
@@ -134,7 +136,7 @@ async def start_live(
     with trio.fail_after(30):
         await port.wait()
     assert found, "valrun did not start:\n" + "\n".join(lines)
-    return LiveValrun(process, found[0], token, lines)
+    return LiveValrun(process, found[0], token, lines, str(store or tmp_path / "valrun.db"))
 
 
 async def put_val(client: httpx.AsyncClient, live: LiveValrun, name: str, code: str) -> None:
