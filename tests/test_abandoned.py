@@ -145,7 +145,11 @@ async def test_a_reset_http2_stream_frees_the_worker(start_service: StartService
 # --- the mechanism alone, with a stand-in for the ASGI receive channel ---------------------
 
 
-async def test_the_work_is_cancelled_at_a_disconnect_and_its_errors_pass_unwrapped() -> None:
+async def test_the_work_is_cancelled_at_a_disconnect_and_its_errors_pass_unwrapped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Trio's virtual clock (it jumps when every task waits): a stall of this process cannot
+    # make quick work look like 50 ms.
     send, receive_channel = trio.open_memory_channel[ASGIReceiveEvent](2)
     read = 0
 

@@ -34,6 +34,7 @@ from tests.live import (
     cli_command,
     descendants,
     put_val,
+    sleeping,
     start_live,
     write_config,
 )
@@ -133,7 +134,9 @@ async def test_sigterm_finishes_requests_then_stops_every_process(
         async with trio.open_nursery() as requests:
             for _ in range(2):
                 requests.start_soon(slow_request)
-            await trio.sleep(0.5)  # sent; each takes 1.5 s to answer
+            with trio.fail_after(30):  # both in their vals' 1.5 s sleep: sent and read
+                while sum(sleeping(pid) for pid in descendants(live.process.pid)) < 2:
+                    await trio.sleep(0.02)
             live.process.send_signal(signal.SIGTERM)
     assert [r.status_code for r in in_flight] == [200, 200]
     assert [r.text for r in in_flight] == ["done", "done"]
