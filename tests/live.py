@@ -151,13 +151,13 @@ def children(pid: int) -> list[int]:
     found: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return []
     for tid in tasks:
         try:
             with open(f"/proc/{pid}/task/{tid}/children") as f:
                 found += [int(child) for child in f.read().split()]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile
             continue
     return found
 
@@ -180,7 +180,7 @@ def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before the open, or the read
         return False
     return state != "Z"
 
