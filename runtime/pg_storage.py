@@ -259,6 +259,7 @@ class PgStorage(BlobCalls[Conn, _TenantConn]):
                     self._idle.append(conn)
 
     async def _blob_call(self, fn: Callable[[Conn], T], *, write: bool) -> T:
+        # Reads and writes alike on the service's connections (PostgreSQL has no one writer).
         def run() -> T:
             try:
                 with self._service() as conn:

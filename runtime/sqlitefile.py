@@ -2,10 +2,10 @@
 
 valrun's front-end processes open the same files as they start (the store, the blob store),
 and the same user's SQL database on its first use in each. Most of SQLite's locks are waited
-for (`busy_timeout`), but some are refused at once with "database is locked": switching the
-journal mode, or reading the schema while another connection rebuilds the WAL index. Four
-processes opening a new blob store at once failed 6 starts in 60 that way, and a two-process
-start failed in CI. So each file is prepared by `prepare`, which tries again for a while.
+for (`busy_timeout`), but some are refused at once with "database is locked" (as while
+another connection switches the file to WAL). Four processes opening a new blob store at
+once failed in 6 rounds of 60 that way, and a two-process start failed in CI. So each file
+is prepared by `prepare`, which tries again for a while.
 """
 
 from __future__ import annotations

@@ -648,7 +648,7 @@ class Store:
         transaction; with `max_bytes`, trim the oldest of all records too, to keep their
         logs and messages under it.
 
-        The rows go in a few multi-row statements (`_RUNS_INSERT`), not one statement per
+        The rows go in a few multi-row statements (`_runs_insert`), not one statement per
         record: the writer is a thread beside the event loop, and each statement hands the
         GIL back and forth with it (measured: about 30 µs of the front end's 560 per request)."""
         user_ids: dict[str, int | None] = {}
@@ -957,7 +957,7 @@ def _record(row: tuple[Any, ...]) -> Record:
 
 
 # Result codes (sqlite3 sqlite_errorcode & 0xFF, https://sqlite.org/rescode.html) that mean
-# the disk, not valrun nor the request, is at fault.
+# another process (its lock) or the disk, not valrun nor the request, is at fault.
 SQLITE_BUSY, SQLITE_LOCKED = 5, 6
 SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = 8, 10, 13, 14
 

@@ -260,8 +260,8 @@ def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
 def read_memory(pid: int) -> dict[str, int]:
     try:
         return parse_smaps_rollup(Path(f"/proc/{pid}/smaps_rollup").read_text())
-    except FileNotFoundError:
-        return {}  # exited meanwhile
+    except (FileNotFoundError, ProcessLookupError):
+        return {}  # exited meanwhile (before the open, or before the read)
     except PermissionError:
         raise MeasureError(
             f"cannot read /proc/{pid}/smaps_rollup (a confined worker under another user?): "

@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.live import pids_cgroup  # scripts/faults puts the repo on the path
+from tests.live import alive, children, pids_cgroup  # scripts/faults puts the repo on the path
 
 REPO = Path(__file__).resolve().parent.parent
 HELLO = "def hello(req):\n    return 'hi'\n"
@@ -143,23 +143,6 @@ class Valrun:
 
     def left_behind(self) -> int:
         return sum(alive(pid) for pid in self.seen)
-
-
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    with contextlib.suppress(FileNotFoundError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(FileNotFoundError):
-                found += map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 def free_port() -> int:

@@ -93,7 +93,8 @@ async def start_live(
     With `processes` > 1 the process is the supervisor and its children the front ends.
     `store` and `server`: as `write_config` has them."""
     config = write_config(tmp_path, extra_config, processes=processes, store=store, server=server)
-    db = Store(store or tmp_path / "valrun.db")
+    location = store or str(tmp_path / "valrun.db")
+    db = Store(location)
     exists = db.user_exists("alice")
     token = db.create_token("alice") if exists else db.create_user("alice")
     db.close()
@@ -136,7 +137,7 @@ async def start_live(
     with trio.fail_after(30):
         await port.wait()
     assert found, "valrun did not start:\n" + "\n".join(lines)
-    return LiveValrun(process, found[0], token, lines, str(store or tmp_path / "valrun.db"))
+    return LiveValrun(process, found[0], token, lines, location)
 
 
 async def put_val(client: httpx.AsyncClient, live: LiveValrun, name: str, code: str) -> None:

@@ -188,6 +188,7 @@ def only(live: LiveValrun, serving: int) -> Iterator[None]:
     `serving` could then write nothing (a 503 after its busy timeout). So they are stopped
     again, a moment later, until the test can take the lock itself: a stopped process then
     holds none."""
+    assert "://" not in live.store, "an SQLite store: its lock is what is checked"
     others = [pid for pid in front_ends(live) if pid != serving]
     with contextlib.closing(sqlite3.connect(live.store, timeout=0)) as db:
         for attempt in range(100):
